@@ -1,0 +1,31 @@
+#include "tests/test_support.h"
+
+#include <filesystem>
+#include <random>
+#include <stdexcept>
+
+namespace kvserve::testing {
+
+std::string source_path(const std::string& relative) {
+  return std::string(KVSERVE_SOURCE_DIR) + "/" + relative;
+}
+
+std::string shared_model_dir() {
+  const std::string dir = source_path("../shared/models/gpt2-tiny-docs");
+  if (!std::filesystem::exists(dir + "/model.safetensors")) {
+    throw std::runtime_error("test model missing: " + dir + " (../shared must sit beside the checkout)");
+  }
+  return dir;
+}
+
+std::string shared_eval_text() { return source_path("../shared/data/docs-val.txt.xz"); }
+
+std::string make_temp_dir(const std::string& prefix) {
+  std::random_device entropy;
+  const auto dir = std::filesystem::temp_directory_path() /
+                   (prefix + "-" + std::to_string(entropy()) + std::to_string(entropy()));
+  std::filesystem::create_directories(dir);
+  return dir.string();
+}
+
+}  // namespace kvserve::testing

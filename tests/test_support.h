@@ -1,0 +1,18 @@
+// Paths the tests share: the source tree's fixtures and ../shared beside the checkout.
+#pragma once
+
+#include <string>
+
+namespace kvserve::testing {
+
+// An absolute path inside the source tree, e.g. source_path("tests/fixtures/ppl.json").
+std::string source_path(const std::string& relative);
+// The trained test model ../shared/models/gpt2-tiny-docs (tests that need it fail, not skip,
+// when it is missing: CI always has ../shared).
+std::string shared_model_dir();
+// ../shared/data/docs-val.txt.xz
+std::string shared_eval_text();
+// A fresh empty directory under the system temp dir, removed by the OS / test runner at will.
+std::string make_temp_dir(const std::string& prefix);
+
+}  // namespace kvserve::testing
