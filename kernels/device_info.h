@@ -1,0 +1,22 @@
+// What GPUs the process can see; `--device auto` asks this before choosing a backend.
+#pragma once
+
+#include <cstddef>
+#include <string>
+
+namespace kvserve::cuda {
+
+struct DeviceInfo {
+  std::string name;
+  int compute_capability_major = 0;
+  int compute_capability_minor = 0;
+  size_t total_memory_bytes = 0;
+  size_t free_memory_bytes = 0;
+};
+
+// Number of usable CUDA devices; 0 when there is no driver or no GPU (never throws).
+int visible_device_count();
+// Properties and free memory of device `index`; throws with file and line on a CUDA error.
+DeviceInfo device_info(int index);
+
+}  // namespace kvserve::cuda
