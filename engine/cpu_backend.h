@@ -1,0 +1,34 @@
+// The CPU reference backend: GPT-2 in fp32 (OpenBLAS GEMMs) over the paged KV cache of
+// cpu_kv_cache.h. It serves --device cpu, runs every CI test and is the CUDA backend's oracle.
+#pragma once
+
+#include <vector>
+
+#include "engine/backend.h"
+#include "engine/cpu_kv_cache.h"
+#include "engine/kv_cache_manager.h"
+#include "engine/model_weights.h"
+
+namespace kvserve {
+
+class CpuBackend : public Backend {
+ public:
+  // Reads block tables from `manager`, which must outlive the backend.
+  CpuBackend(ModelWeights weights, const KvCacheManager& manager);
+
+  std::string name() const override { return "cpu"; }
+  void forward(const std::vector<ForwardItem>& items, std::vector<float>& logits) override;
+
+ private:
+  ModelWeights weights_;
+  const KvCacheManager& manager_;
+  CpuKvCache cache_;
+  // Activations, reused across steps; T = tokens in the step.
+  std::vector<float> x_;    // [T][C] residual stream
+  std::vector<float> h_;    // [T][C] layer-norm output
+  std::vector<float> qkv_;  // [T][3C]
+  std::vector<float> att_;  // [T][C]
+  std::vector<float> fc_;   // [T][F]
+};
+
+}  // namespace kvserve

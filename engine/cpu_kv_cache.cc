@@ -1,0 +1,268 @@
+#include "engine/cpu_kv_cache.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+
+#include "engine/fp16.h"
+#include "engine/kv_quant.h"
+
+namespace kvserve {
+namespace {
+
+// Online-softmax state of one query: running max, running sum and the unnormalised output.
+struct SoftmaxState {
+  float max = -std::numeric_limits<float>::infinity();
+  float sum = 0.0f;
+};
+
+float dot(const float* a, const float* b, int n) {
+  float s = 0.0f;
+  for (int i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Folds keys/values [0, count) (rows of `dim`, row stride `key_stride`/`value_stride`) into the
+// state and accumulator of one query.
+void attend_block(const float* query, const float* keys, int key_stride, const float* values,
+                  int value_stride, int count, int dim, float* scores, SoftmaxState& state,
+                  float* acc) {
+  if (count <= 0) return;
+  float block_max = -std::numeric_limits<float>::infinity();
+  for (int j = 0; j < count; ++j) {
+    scores[j] = dot(query, keys + j * key_stride, dim);
+    block_max = std::max(block_max, scores[j]);
+  }
+  const float new_max = std::max(state.max, block_max);
+  const float rescale = std::exp(state.max - new_max);
+  state.sum *= rescale;
+  for (int d = 0; d < dim; ++d) acc[d] *= rescale;
+  for (int j = 0; j < count; ++j) {
+    const float p = std::exp(scores[j] - new_max);
+    state.sum += p;
+    const float* v = values + j * value_stride;
+    for (int d = 0; d < dim; ++d) acc[d] += p * v[d];
+  }
+  state.max = new_max;
+}
+
+}  // namespace
+
+CpuKvCache::CpuKvCache(const KvCacheManager& manager, const ModelConfig& model)
+    : manager_(manager),
+      config_(manager.config()),
+      layout_(manager.layout()),
+      n_head_(model.n_head),
+      head_dim_(model.head_dim()),
+      n_embd_(model.n_embd),
+      num_blocks_(manager.num_blocks()),
+      storage_(static_cast<size_t>(model.n_layer) * manager.num_blocks() * layout_.block_bytes) {}
+
+void CpuKvCache::write_pages(int layer, int head, const SequenceCache& seq, int first, int last,
+                             int window_start, const float* window_k, const float* window_v) {
+  const int D = head_dim_, P = config_.page_tokens, G = config_.key_group;
+  const int GV = config_.value_group, bits = kv_bits(config_.format);
+  uint8_t codes[256];
+  auto row_k = [&](int pos) { return window_k + static_cast<size_t>(pos - window_start) * D; };
+  auto row_v = [&](int pos) { return window_v + static_cast<size_t>(pos - window_start) * D; };
+
+  // Per-token formats (fp16, int8, and the values of kivi) write each token on its own.
+  for (int pos = first; pos < last; ++pos) {
+    uint8_t* page = block(layer, seq.pages[pos / P]);
+    const int slot = pos % P;
+    if (config_.format == KvFormat::kFp16) {
+      auto* k = reinterpret_cast<uint16_t*>(page + layout_.key_codes) + (head * P + slot) * D;
+      auto* v = reinterpret_cast<uint16_t*>(page + layout_.value_codes) + (head * P + slot) * D;
+      for (int d = 0; d < D; ++d) {
+        k[d] = float_to_half(row_k(pos)[d]);
+        v[d] = float_to_half(row_v(pos)[d]);
+      }
+    } else if (config_.format == KvFormat::kInt8) {
+      auto* params_k = reinterpret_cast<QuantParams*>(page + layout_.key_params);
+      auto* params_v = reinterpret_cast<QuantParams*>(page + layout_.value_params);
+      params_k[head * P + slot] =
+          quantize_group(row_k(pos), D, 1, 8, page + layout_.key_codes + (head * P + slot) * D);
+      params_v[head * P + slot] =
+          quantize_group(row_v(pos), D, 1, 8, page + layout_.value_codes + (head * P + slot) * D);
+    } else {
+      const int words = D * bits / 32;
+      auto quantize_token = [&](const float* row, size_t codes_offset, size_t params_offset) {
+        auto* w = reinterpret_cast<uint32_t*>(page + codes_offset) + (head * P + slot) * words;
+        auto* params = reinterpret_cast<QuantParams*>(page + params_offset) +
+                       (head * P + slot) * (D / GV);
+        for (int g = 0; g < D / GV; ++g) {
+          params[g] = quantize_group(row + g * GV, GV, 1, bits, codes);
+          for (int i = 0; i < GV; ++i) set_code(w, g * GV + i, bits, codes[i]);
+        }
+      };
+      quantize_token(row_v(pos), layout_.value_codes, layout_.value_params);
+      if (config_.per_token_keys) quantize_token(row_k(pos), layout_.key_codes, layout_.key_params);
+    }
+  }
+  if (!is_kivi(config_.format) || config_.per_token_keys) return;
+
+  // KIVI keys: per channel over each group of G tokens, packed along tokens.
+  const int words_per_channel = P * bits / 32;
+  for (int group_start = first; group_start < last; group_start += G) {
+    uint8_t* page = block(layer, seq.pages[group_start / P]);
+    const int slot = group_start % P;
+    auto* words = reinterpret_cast<uint32_t*>(page + layout_.key_codes);
+    auto* params = reinterpret_cast<QuantParams*>(page + layout_.key_params);
+    for (int d = 0; d < D; ++d) {
+      const QuantParams p = quantize_group(row_k(group_start) + d, G, D, bits, codes);
+      params[(head * D + d) * (P / G) + slot / G] = p;
+      uint32_t* channel = words + (head * D + d) * words_per_channel;
+      for (int i = 0; i < G; ++i) set_code(channel, slot + i, bits, codes[i]);
+    }
+  }
+}
+
+void CpuKvCache::dequantize_page(int layer, int head, int32_t id, int valid, float* keys,
+                                 float* values) {
+  const int D = head_dim_, P = config_.page_tokens, G = config_.key_group;
+  const int GV = config_.value_group, bits = kv_bits(config_.format);
+  const uint8_t* page = block(layer, id);
+  if (config_.format == KvFormat::kFp16) {
+    const auto* k = reinterpret_cast<const uint16_t*>(page + layout_.key_codes) + head * P * D;
+    const auto* v = reinterpret_cast<const uint16_t*>(page + layout_.value_codes) + head * P * D;
+    for (int i = 0; i < valid * D; ++i) {
+      keys[i] = half_to_float(k[i]);
+      values[i] = half_to_float(v[i]);
+    }
+    return;
+  }
+  if (config_.format == KvFormat::kInt8) {
+    auto dequant = [&](size_t codes_offset, size_t params_offset, float* out) {
+      const uint8_t* codes = page + codes_offset + head * P * D;
+      const auto* params = reinterpret_cast<const QuantParams*>(page + params_offset) + head * P;
+      for (int t = 0; t < valid; ++t) {
+        const float scale = half_to_float(params[t].scale), zero = half_to_float(params[t].zero);
+        for (int d = 0; d < D; ++d) out[t * D + d] = dequantize(codes[t * D + d], scale, zero);
+      }
+    };
+    dequant(layout_.key_codes, layout_.key_params, keys);
+    dequant(layout_.value_codes, layout_.value_params, values);
+    return;
+  }
+  const int words_per_token = D * bits / 32;
+  auto dequant_per_token = [&](size_t codes_offset, size_t params_offset, float* out) {
+    const auto* words =
+        reinterpret_cast<const uint32_t*>(page + codes_offset) + head * P * words_per_token;
+    const auto* params =
+        reinterpret_cast<const QuantParams*>(page + params_offset) + head * P * (D / GV);
+    for (int t = 0; t < valid; ++t) {
+      for (int g = 0; g < D / GV; ++g) {
+        const QuantParams p = params[t * (D / GV) + g];
+        const float scale = half_to_float(p.scale), zero = half_to_float(p.zero);
+        for (int i = 0; i < GV; ++i) {
+          const int d = g * GV + i;
+          out[t * D + d] = dequantize(get_code(words + t * words_per_token, d, bits), scale, zero);
+        }
+      }
+    }
+  };
+  dequant_per_token(layout_.value_codes, layout_.value_params, values);
+  if (config_.per_token_keys) {
+    dequant_per_token(layout_.key_codes, layout_.key_params, keys);
+    return;
+  }
+  const int words_per_channel = P * bits / 32;
+  const auto* words =
+      reinterpret_cast<const uint32_t*>(page + layout_.key_codes) + head * D * words_per_channel;
+  const auto* params =
+      reinterpret_cast<const QuantParams*>(page + layout_.key_params) + head * D * (P / G);
+  for (int d = 0; d < D; ++d) {
+    for (int t = 0; t < valid; ++t) {
+      const QuantParams p = params[d * (P / G) + t / G];
+      keys[t * D + d] = dequantize(get_code(words + d * words_per_channel, t, bits),
+                                   half_to_float(p.scale), half_to_float(p.zero));
+    }
+  }
+}
+
+void CpuKvCache::append_and_attend(int layer, int head, const SequenceCache& seq, int start,
+                                   int count, const float* qkv, int qkv_stride, float* out,
+                                   int out_stride) {
+  const int D = head_dim_, C = n_embd_, P = config_.page_tokens;
+  const int end = start + count;
+  if (end > seq.length) {
+    throw std::logic_error("KV cache: append beyond the reserved length of the sequence");
+  }
+  const int paged_before = paged_token_count(config_, start);
+  const int paged_after = paged_token_count(config_, end);
+
+  // The window: fp16 keys/values of positions [paged_before, end), i.e. the old residual and the
+  // new tokens. Copying the old residual first makes the in-place flush and compaction safe.
+  const int window_start = paged_before;
+  const int window_len = end - window_start;
+  std::vector<float> window_k(static_cast<size_t>(window_len) * D);  // [window_len][D]
+  std::vector<float> window_v(static_cast<size_t>(window_len) * D);  // [window_len][D]
+  const int per_block = layout_.residual_tokens_per_block;
+  auto residual_row = [&](int slot, int kind) {  // kind 0: keys, 1: values
+    const int32_t id = seq.residual_blocks[2 * (slot / per_block) + kind];
+    return reinterpret_cast<uint16_t*>(block(layer, id)) +
+           (static_cast<size_t>(head) * per_block + slot % per_block) * D;
+  };
+  for (int pos = window_start; pos < start; ++pos) {
+    const uint16_t* k = residual_row(pos - window_start, 0);
+    const uint16_t* v = residual_row(pos - window_start, 1);
+    for (int d = 0; d < D; ++d) {
+      window_k[(pos - window_start) * D + d] = half_to_float(k[d]);
+      window_v[(pos - window_start) * D + d] = half_to_float(v[d]);
+    }
+  }
+  for (int pos = start; pos < end; ++pos) {
+    const float* row = qkv + static_cast<size_t>(pos - start) * qkv_stride;
+    for (int d = 0; d < D; ++d) {
+      window_k[(pos - window_start) * D + d] = round_to_half(row[C + head * D + d]);
+      window_v[(pos - window_start) * D + d] = round_to_half(row[2 * C + head * D + d]);
+    }
+  }
+
+  write_pages(layer, head, seq, paged_before, paged_after, window_start, window_k.data(),
+              window_v.data());
+  if (is_kivi(config_.format)) {
+    for (int pos = paged_after; pos < end; ++pos) {
+      uint16_t* k = residual_row(pos - paged_after, 0);
+      uint16_t* v = residual_row(pos - paged_after, 1);
+      for (int d = 0; d < D; ++d) {
+        k[d] = float_to_half(window_k[(pos - window_start) * D + d]);
+        v[d] = float_to_half(window_v[(pos - window_start) * D + d]);
+      }
+    }
+  }
+
+  // Attention, page by page: each page is dequantized once for all of the step's queries.
+  const float inv_sqrt_d = 1.0f / std::sqrt(static_cast<float>(D));
+  std::vector<float> queries(static_cast<size_t>(count) * D);  // [count][D], pre-scaled
+  std::vector<float> acc(static_cast<size_t>(count) * D, 0.0f);  // [count][D]
+  std::vector<SoftmaxState> state(count);
+  std::vector<int> visible(count);  // keys [0, visible) are read from pages
+  for (int i = 0; i < count; ++i) {
+    for (int d = 0; d < D; ++d) queries[i * D + d] = qkv[i * qkv_stride + head * D + d] * inv_sqrt_d;
+    visible[i] = paged_token_count(config_, start + i + 1);
+  }
+  std::vector<float> page_k(static_cast<size_t>(P) * D), page_v(static_cast<size_t>(P) * D);
+  std::vector<float> scores(std::max(P, window_len));
+  const int paged_total = visible[count - 1];
+  for (int page = 0; page * P < paged_total; ++page) {
+    const int first = page * P;
+    const int valid = std::min(P, paged_total - first);
+    dequantize_page(layer, head, seq.pages[page], valid, page_k.data(), page_v.data());
+    for (int i = 0; i < count; ++i) {
+      const int n = std::min(valid, visible[i] - first);
+      attend_block(&queries[i * D], page_k.data(), D, page_v.data(), D, n, D, scores.data(),
+                   state[i], &acc[i * D]);
+    }
+  }
+  for (int i = 0; i < count; ++i) {
+    const int from = visible[i] - window_start, to = start + i + 1 - window_start;
+    attend_block(&queries[i * D], &window_k[from * D], D, &window_v[from * D], D, to - from, D,
+                 scores.data(), state[i], &acc[i * D]);
+    float* o = out + static_cast<size_t>(i) * out_stride + head * D;
+    for (int d = 0; d < D; ++d) o[d] = acc[i * D + d] / state[i].sum;
+  }
+}
+
+}  // namespace kvserve

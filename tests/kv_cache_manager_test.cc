@@ -1,0 +1,158 @@
+#include "engine/kv_cache_manager.h"
+
+#include <gtest/gtest.h>
+
+#include "tests/kv_test_models.h"
+
+namespace kvserve {
+namespace {
+
+using testing::gpt2_small;
+
+KvCacheConfig kivi(KvFormat format, int value_group = 32) {
+  KvCacheConfig c;
+  c.format = format;
+  c.value_group = value_group;
+  return c;
+}
+
+KvCacheConfig plain(KvFormat format) {
+  KvCacheConfig c;
+  c.format = format;
+  return c;
+}
+
+CacheUsage usage_at(const KvCacheConfig& config, int tokens) {
+  KvCacheManager m(config, gpt2_small(), 1000);
+  m.add_sequence(1);
+  EXPECT_TRUE(m.grow(1, tokens));
+  m.finish_step();
+  return m.usage();
+}
+
+TEST(KvFormat, ValidatesCombinations) {
+  const ModelConfig model = gpt2_small();
+  EXPECT_EQ(validate(kivi(KvFormat::kKivi2), model), "");
+  KvCacheConfig c = kivi(KvFormat::kKivi2);
+  c.residual = 48;
+  EXPECT_NE(validate(c, model).find("--kv-residual"), std::string::npos);
+  c = kivi(KvFormat::kKivi2);
+  c.page_tokens = 48;
+  EXPECT_NE(validate(c, model).find("--kv-page-tokens"), std::string::npos);
+  c = kivi(KvFormat::kKivi2, 48);
+  EXPECT_NE(validate(c, model).find("--kv-value-group"), std::string::npos);
+  c = kivi(KvFormat::kKivi2);
+  c.key_group = 8;  // 2-bit codes pack 16 to a word
+  EXPECT_NE(validate(c, model).find("--kv-group"), std::string::npos);
+  EXPECT_THROW(parse_kv_format("int4"), std::invalid_argument);
+  EXPECT_EQ(parse_kv_format("kivi4"), KvFormat::kKivi4);
+}
+
+TEST(KvFormat, PagedTokenCountFollowsTheResidualRule) {
+  const KvCacheConfig c = kivi(KvFormat::kKivi2);  // G = R = 32
+  EXPECT_EQ(paged_token_count(c, 0), 0);
+  EXPECT_EQ(paged_token_count(c, 63), 0);  // R + G - 1: all residual
+  EXPECT_EQ(paged_token_count(c, 64), 32);  // R + G: the oldest group flushes
+  EXPECT_EQ(paged_token_count(c, 95), 32);
+  EXPECT_EQ(paged_token_count(c, 96), 64);
+  EXPECT_EQ(paged_token_count(c, 1024), 992);
+  for (int n = 1; n < 1100; ++n) {
+    const int residual = n - paged_token_count(c, n);
+    if (n >= 32) {
+      EXPECT_GE(residual, 32);
+    }
+    EXPECT_LT(residual, 64);
+  }
+  EXPECT_EQ(paged_token_count(plain(KvFormat::kInt8), 77), 77);
+}
+
+TEST(KvCacheManager, PageLayoutBytes) {
+  // GPT-2 small, one layer: 12 heads x 64 channels x 32 tokens.
+  EXPECT_EQ(make_page_layout(plain(KvFormat::kFp16), gpt2_small()).block_bytes, 12u * 32 * 64 * 4);
+  const KvPageLayout l = make_page_layout(kivi(KvFormat::kKivi2), gpt2_small());
+  // codes 2 bits x 64 x 32 (K) + same (V); key params 64 channels x 1 group x 4 B; value params
+  // 32 tokens x 2 groups x 4 B.
+  EXPECT_EQ(l.block_bytes, 12u * (512 + 256 + 512 + 256));
+  EXPECT_EQ(l.residual_tokens_per_block, 12);
+}
+
+// The memory targets of the KIVI pool issue, every byte of the pool counted.
+TEST(KvCacheManager, CompressionAt1024TokensMeetsTargets) {
+  EXPECT_DOUBLE_EQ(usage_at(plain(KvFormat::kFp16), 1024).compression_ratio(), 1.0);
+  EXPECT_GE(usage_at(kivi(KvFormat::kKivi2), 1024).compression_ratio(), 4.5);
+  EXPECT_GE(usage_at(kivi(KvFormat::kKivi2, 64), 1024).compression_ratio(), 4.9);
+  EXPECT_GE(usage_at(kivi(KvFormat::kKivi4), 1024).compression_ratio(), 2.9);
+  EXPECT_GE(usage_at(plain(KvFormat::kInt8), 1024).compression_ratio(), 1.8);
+}
+
+TEST(KvCacheManager, EveryByteIsAttributed) {
+  for (KvFormat f : {KvFormat::kFp16, KvFormat::kInt8, KvFormat::kKivi4, KvFormat::kKivi2}) {
+    for (int tokens : {1, 31, 63, 64, 100, 1024}) {
+      const CacheUsage u = usage_at(kivi(f), tokens);
+      EXPECT_EQ(u.used_bytes, u.code_bytes + u.param_bytes + u.residual_bytes + u.slack_bytes);
+      EXPECT_GE(u.slack_bytes, 0) << to_string(f) << " " << tokens;
+      EXPECT_EQ(u.fp16_equivalent_bytes, int64_t{tokens} * 36864);
+    }
+  }
+  // kivi2 at 1024: 992 quantized tokens fill 31 pages exactly; the residual (32 tokens) uses
+  // 3 key/value block pairs of 12 tokens: 4 slots of slack in each.
+  const CacheUsage u = usage_at(kivi(KvFormat::kKivi2), 1024);
+  EXPECT_EQ(u.blocks_used, 31 + 6);
+  EXPECT_EQ(u.residual_bytes, 32 * 36864);
+  EXPECT_EQ(u.slack_bytes, int64_t{2} * 4 * 768 * 2 * 12);  // K and V, 4 slots, 12 layers
+}
+
+TEST(KvCacheManager, OneGibPoolAdmitsFourAndAHalfTimesMoreSequences) {
+  auto sequences_that_fit = [](const KvCacheConfig& config) {
+    const int32_t blocks = KvCacheManager::blocks_in_budget(int64_t{1} << 30, config, gpt2_small());
+    KvCacheManager m(config, gpt2_small(), blocks);
+    int count = 0;
+    while (m.can_admit(1024)) {
+      m.add_sequence(count);
+      EXPECT_TRUE(m.grow(count, 1024));
+      m.finish_step();
+      ++count;
+    }
+    return count;
+  };
+  const int fp16 = sequences_that_fit(plain(KvFormat::kFp16));
+  const int kivi2 = sequences_that_fit(kivi(KvFormat::kKivi2));
+  EXPECT_EQ(fp16, 28);
+  EXPECT_GE(kivi2, 4.4 * fp16);
+}
+
+TEST(KvCacheManager, ResidualBlocksFreedOnlyAfterTheStep) {
+  KvCacheManager m(kivi(KvFormat::kKivi2), gpt2_small(), 100);
+  m.add_sequence(7);
+  ASSERT_TRUE(m.grow(7, 63));  // 63 residual tokens: 6 pairs of 12
+  m.finish_step();
+  EXPECT_EQ(m.sequence(7).residual_blocks.size(), 12u);
+  ASSERT_TRUE(m.grow(7, 64));  // flush: 32 left in the residual, 3 pairs suffice
+  EXPECT_EQ(m.sequence(7).residual_blocks.size(), 12u) << "old residual readable during the step";
+  EXPECT_EQ(m.sequence(7).pages.size(), 1u);
+  m.finish_step();
+  EXPECT_EQ(m.sequence(7).residual_blocks.size(), 6u);
+  EXPECT_EQ(m.num_free_blocks(), 100 - 7);
+}
+
+TEST(KvCacheManager, ExhaustionIsAStatusAndSequencesReturnEverything) {
+  KvCacheManager m(plain(KvFormat::kFp16), gpt2_small(), 10);
+  m.add_sequence(1);
+  m.add_sequence(2);
+  ASSERT_TRUE(m.grow(1, 32 * 6));
+  EXPECT_FALSE(m.can_admit(32 * 5));
+  EXPECT_TRUE(m.can_admit(32 * 4));
+  EXPECT_FALSE(m.grow(2, 32 * 5));
+  EXPECT_EQ(m.sequence(2).length, 0) << "a refused grow changes nothing";
+  ASSERT_TRUE(m.grow(2, 32 * 4));
+  m.finish_step();
+  EXPECT_EQ(m.num_free_blocks(), 0);
+  m.remove_sequence(1);
+  m.remove_sequence(2);
+  EXPECT_EQ(m.num_free_blocks(), 10);
+  EXPECT_EQ(m.usage().used_bytes, 0);
+  EXPECT_THROW(m.remove_sequence(1), std::logic_error);
+}
+
+}  // namespace
+}  // namespace kvserve
