@@ -81,7 +81,8 @@ std::string describe_mismatch(const std::vector<int32_t>& actual,
   const auto window = [&](const std::vector<int32_t>& ids) {
     std::ostringstream out;
     for (size_t i = at >= 4 ? at - 4 : 0; i < std::min(ids.size(), at + 6); ++i) {
-      out << (i == at ? " >>" : " ") << ids[i] << "\"" << gpt2().token_bytes(ids[i]) << "\"";
+      out << (i == at ? " >>" : " ") << ids[i]
+          << ::testing::PrintToString(gpt2().token_bytes(ids[i]));
     }
     return out.str();
   };
@@ -194,7 +195,8 @@ TEST(TokenizerTest, MatchesTransformersOnEveryEvalDocument) {
   size_t tokens = 0;
   for (size_t d = 0; d < documents.size(); ++d) {
     const std::vector<int32_t> ids = gpt2().encode(documents[d]);
-    EXPECT_EQ(ids, expected[d]) << "document " << d << ": " << describe_mismatch(ids, expected[d]);
+    EXPECT_TRUE(ids == expected[d])
+        << "document " << d << ": " << describe_mismatch(ids, expected[d]);
     tokens += ids.size();
   }
   // data/README.md: 451,818 tokens with one <|endoftext|> after each of the 150 documents.
@@ -205,8 +207,8 @@ TEST(TokenizerTest, MatchesTransformersOnEdgeCases) {
   ASSERT_GE(edge_cases().size(), 30u);
   for (const auto& edge : edge_cases()) {
     const std::vector<int32_t> ids = gpt2().encode(edge.text);
-    EXPECT_EQ(ids, edge.ids) << "text \"" << edge.text
-                             << "\": " << describe_mismatch(ids, edge.ids);
+    EXPECT_TRUE(ids == edge.ids) << "text " << ::testing::PrintToString(edge.text) << ": "
+                                 << describe_mismatch(ids, edge.ids);
   }
 }
 
@@ -214,9 +216,9 @@ TEST(TokenizerTest, MatchesTransformersOnEdgeCases) {
 // U+0085 and U+001C..U+001F sit on either side of Python's str.isspace(). Expected ids come from
 // OpenAI's encoder.py algorithm with the regex module (regex 2026.5.9), the slow tokenizer's basis.
 TEST(TokenizerTest, TreatsUnicodeWhitespaceLikePython) {
-  EXPECT_EQ(gpt2().encode("a\u180eb"), (std::vector<int32_t>{64, 157, 254, 236, 65}));
-  EXPECT_EQ(gpt2().encode("x \u180e\u180e y"),
-            (std::vector<int32_t>{87, 28053, 254, 236, 157, 254, 236, 331}));
+  // PCRE2's \s would make these " ", "\u180e", ...: a space token and no merge across U+180E.
+  EXPECT_EQ(gpt2().encode(" \u180eab"), (std::vector<int32_t>{28053, 254, 236, 397}));
+  EXPECT_EQ(gpt2().encode("a \u180e."), (std::vector<int32_t>{64, 28053, 254, 236, 13}));
   EXPECT_EQ(gpt2().encode("a\u0085b  \u0085x"),
             (std::vector<int32_t>{64, 126, 227, 65, 220, 220, 126, 227, 87}));
   EXPECT_EQ(gpt2().encode("a\x1c"
