@@ -35,8 +35,8 @@ void linear(const float* in, int rows, int k, const std::vector<float>& weight,
     float* y = out + static_cast<size_t>(r) * n;
     for (int c = 0; c < n; ++c) y[c] = accumulate ? y[c] + bias[c] : bias[c];
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, n, k, 1.0f, in, k, weight.data(),
-              n, 1.0f, out, n);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, n, k, 1.0f, in, k, weight.data(), n,
+              1.0f, out, n);
 }
 
 void gelu(float* x, size_t count, Activation activation) {
@@ -127,8 +127,8 @@ void CpuBackend::forward(const std::vector<ForwardItem>& items, std::vector<floa
                   x_.begin() + static_cast<size_t>(first_row[i] + count) * C);
   }
   const int logit_rows = static_cast<int>(wanted.size() / C);
-  layer_norm(wanted.data(), wanted.data(), logit_rows, C, weights_.ln_f_weight,
-             weights_.ln_f_bias, cfg.layer_norm_epsilon);
+  layer_norm(wanted.data(), wanted.data(), logit_rows, C, weights_.ln_f_weight, weights_.ln_f_bias,
+             cfg.layer_norm_epsilon);
   logits.resize(static_cast<size_t>(logit_rows) * V);
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, logit_rows, V, C, 1.0f, wanted.data(), C,
               weights_.token_embedding.data(), C, 0.0f, logits.data(), V);

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 #include <stdexcept>
+#include <string>
 
 #include "engine/fp16.h"
 #include "engine/kv_quant.h"
@@ -57,7 +58,15 @@ CpuKvCache::CpuKvCache(const KvCacheManager& manager, const ModelConfig& model)
       head_dim_(model.head_dim()),
       n_embd_(model.n_embd),
       num_blocks_(manager.num_blocks()),
-      storage_(static_cast<size_t>(model.n_layer) * manager.num_blocks() * layout_.block_bytes) {}
+      storage_bytes_(static_cast<size_t>(model.n_layer) * manager.num_blocks() *
+                     layout_.block_bytes),
+      storage_(static_cast<uint8_t*>(std::calloc(std::max<size_t>(storage_bytes_, 1), 1)),
+               &std::free) {
+  if (!storage_) {
+    throw std::runtime_error("cannot allocate a KV pool of " + std::to_string(storage_bytes_) +
+                             " bytes of host memory: use a smaller --kv-pool-mb");
+  }
+}
 
 void CpuKvCache::write_pages(int layer, int head, const SequenceCache& seq, int first, int last,
                              int window_start, const float* window_k, const float* window_v) {
@@ -89,8 +98,8 @@ void CpuKvCache::write_pages(int layer, int head, const SequenceCache& seq, int 
       const int words = D * bits / 32;
       auto quantize_token = [&](const float* row, size_t codes_offset, size_t params_offset) {
         auto* w = reinterpret_cast<uint32_t*>(page + codes_offset) + (head * P + slot) * words;
-        auto* params = reinterpret_cast<QuantParams*>(page + params_offset) +
-                       (head * P + slot) * (D / GV);
+        auto* params =
+            reinterpret_cast<QuantParams*>(page + params_offset) + (head * P + slot) * (D / GV);
         for (int g = 0; g < D / GV; ++g) {
           params[g] = quantize_group(row + g * GV, GV, 1, bits, codes);
           for (int i = 0; i < GV; ++i) set_code(w, g * GV + i, bits, codes[i]);
@@ -235,12 +244,13 @@ void CpuKvCache::append_and_attend(int layer, int head, const SequenceCache& seq
 
   // Attention, page by page: each page is dequantized once for all of the step's queries.
   const float inv_sqrt_d = 1.0f / std::sqrt(static_cast<float>(D));
-  std::vector<float> queries(static_cast<size_t>(count) * D);  // [count][D], pre-scaled
+  std::vector<float> queries(static_cast<size_t>(count) * D);    // [count][D], pre-scaled
   std::vector<float> acc(static_cast<size_t>(count) * D, 0.0f);  // [count][D]
   std::vector<SoftmaxState> state(count);
   std::vector<int> visible(count);  // keys [0, visible) are read from pages
   for (int i = 0; i < count; ++i) {
-    for (int d = 0; d < D; ++d) queries[i * D + d] = qkv[i * qkv_stride + head * D + d] * inv_sqrt_d;
+    for (int d = 0; d < D; ++d)
+      queries[i * D + d] = qkv[i * qkv_stride + head * D + d] * inv_sqrt_d;
     visible[i] = paged_token_count(config_, start + i + 1);
   }
   std::vector<float> page_k(static_cast<size_t>(P) * D), page_v(static_cast<size_t>(P) * D);

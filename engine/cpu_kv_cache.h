@@ -4,6 +4,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
 #include <vector>
 
 #include "engine/kv_cache_manager.h"
@@ -26,23 +28,25 @@ class CpuKvCache {
   void append_and_attend(int layer, int head, const SequenceCache& seq, int start, int count,
                          const float* qkv, int qkv_stride, float* out, int out_stride);
 
-  size_t bytes() const { return storage_.size(); }
+  size_t bytes() const { return storage_bytes_; }
 
  private:
   uint8_t* block(int layer, int32_t id) {
-    return storage_.data() + (static_cast<size_t>(layer) * num_blocks_ + id) * layout_.block_bytes;
+    return storage_.get() + (static_cast<size_t>(layer) * num_blocks_ + id) * layout_.block_bytes;
   }
   void write_pages(int layer, int head, const SequenceCache& seq, int first, int last,
                    int window_start, const float* window_k, const float* window_v);
-  void dequantize_page(int layer, int head, int32_t id, int valid, float* keys,
-                       float* values);
+  void dequantize_page(int layer, int head, int32_t id, int valid, float* keys, float* values);
 
   const KvCacheManager& manager_;
   KvCacheConfig config_;
   KvPageLayout layout_;
   int n_head_, head_dim_, n_embd_;
   int32_t num_blocks_;
-  std::vector<uint8_t> storage_;  // [n_layer][num_blocks][block_bytes]
+  size_t storage_bytes_;
+  // [n_layer][num_blocks][block_bytes], zeroed by calloc: the OS maps pages lazily, so a large
+  // pool costs no start-up time and no resident memory until it is used.
+  std::unique_ptr<uint8_t, decltype(&std::free)> storage_;
 };
 
 }  // namespace kvserve

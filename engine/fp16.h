@@ -41,8 +41,8 @@ inline uint16_t float_to_half(float f) {
     return sign | 0x7c00u | (abs_bits > 0x7f800000u ? 0x200u : 0u);
   }
   if (abs_bits >= 0x477ff000u) return sign | 0x7c00u;  // rounds to >= 65520: overflow to inf
-  if (abs_bits < 0x38800000u) {                         // below the smallest normal half
-    if (abs_bits < 0x33000000u) return sign;            // below half the smallest subnormal
+  if (abs_bits < 0x38800000u) {                        // below the smallest normal half
+    if (abs_bits < 0x33000000u) return sign;           // below half the smallest subnormal
     const uint32_t exponent = abs_bits >> 23;
     const uint32_t mantissa = (abs_bits & 0x7fffffu) | 0x800000u;
     const uint32_t shift = 126 - exponent;  // 14..24: aligns to the 2^-24 subnormal step
@@ -59,6 +59,8 @@ inline uint16_t float_to_half(float f) {
 }
 
 // The value a float takes once stored as fp16.
-inline float round_to_half(float f) { return half_to_float(float_to_half(f)); }
+inline float round_to_half(float f) {
+  return half_to_float(float_to_half(f));
+}
 
 }  // namespace kvserve

@@ -7,7 +7,9 @@
 namespace kvserve {
 namespace {
 
-int32_t ceil_div(int64_t a, int64_t b) { return static_cast<int32_t>((a + b - 1) / b); }
+int32_t ceil_div(int64_t a, int64_t b) {
+  return static_cast<int32_t>((a + b - 1) / b);
+}
 
 }  // namespace
 
@@ -24,8 +26,8 @@ KvCacheManager::KvCacheManager(const KvCacheConfig& config, const ModelConfig& m
 
 int32_t KvCacheManager::blocks_in_budget(int64_t bytes, const KvCacheConfig& config,
                                          const ModelConfig& model) {
-  const int64_t per_block = static_cast<int64_t>(make_page_layout(config, model).block_bytes) *
-                            model.n_layer;
+  const int64_t per_block =
+      static_cast<int64_t>(make_page_layout(config, model).block_bytes) * model.n_layer;
   return static_cast<int32_t>(std::min<int64_t>(bytes / per_block, INT32_MAX));
 }
 
@@ -85,8 +87,8 @@ void KvCacheManager::finish_step() {
     SequenceCache& seq = it->second;
     const size_t keep = residual_blocks_for(seq.length);
     if (seq.residual_blocks.size() > keep) {
-      pool_.release(std::vector<int32_t>(seq.residual_blocks.begin() + keep,
-                                         seq.residual_blocks.end()));
+      pool_.release(
+          std::vector<int32_t>(seq.residual_blocks.begin() + keep, seq.residual_blocks.end()));
       seq.residual_blocks.resize(keep);
     }
   }
@@ -117,7 +119,8 @@ CacheUsage KvCacheManager::usage() const {
     u.tokens += seq.length;
     u.code_bytes += paged * layout_.code_bytes_per_page / config_.page_tokens * layers;
     u.param_bytes += paged * layout_.param_bytes_per_page / config_.page_tokens * layers;
-    if (is_kivi(config_.format)) u.residual_bytes += (seq.length - paged) * fp16_token_bytes * layers;
+    if (is_kivi(config_.format))
+      u.residual_bytes += (seq.length - paged) * fp16_token_bytes * layers;
   }
   u.fp16_equivalent_bytes = u.tokens * fp16_token_bytes * layers;
   u.slack_bytes = u.used_bytes - u.code_bytes - u.param_bytes - u.residual_bytes;

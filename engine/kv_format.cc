@@ -6,10 +6,14 @@ namespace kvserve {
 
 std::string to_string(KvFormat format) {
   switch (format) {
-    case KvFormat::kFp16: return "fp16";
-    case KvFormat::kInt8: return "int8";
-    case KvFormat::kKivi4: return "kivi4";
-    case KvFormat::kKivi2: return "kivi2";
+    case KvFormat::kFp16:
+      return "fp16";
+    case KvFormat::kInt8:
+      return "int8";
+    case KvFormat::kKivi4:
+      return "kivi4";
+    case KvFormat::kKivi2:
+      return "kivi2";
   }
   return "unknown";
 }
@@ -23,10 +27,14 @@ KvFormat parse_kv_format(const std::string& name) {
 
 int kv_bits(KvFormat format) {
   switch (format) {
-    case KvFormat::kFp16: return 16;
-    case KvFormat::kInt8: return 8;
-    case KvFormat::kKivi4: return 4;
-    case KvFormat::kKivi2: return 2;
+    case KvFormat::kFp16:
+      return 16;
+    case KvFormat::kInt8:
+      return 8;
+    case KvFormat::kKivi4:
+      return 4;
+    case KvFormat::kKivi2:
+      return 2;
   }
   return 0;
 }

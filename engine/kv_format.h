@@ -37,10 +37,10 @@ inline bool is_kivi(KvFormat format) {
 
 struct KvCacheConfig {
   KvFormat format = KvFormat::kKivi2;
-  int key_group = 32;    // G: tokens per key quantization group (one channel of one head)
-  int value_group = 32;  // GV: channels per value quantization group (one token of one head)
-  int residual = 32;     // R: newest tokens kept in fp16 (at least R, fewer than R + G)
-  int page_tokens = 32;  // tokens per page; a multiple of G
+  int key_group = 32;           // G: tokens per key quantization group (one channel of one head)
+  int value_group = 32;         // GV: channels per value quantization group (one token of one head)
+  int residual = 32;            // R: newest tokens kept in fp16 (at least R, fewer than R + G)
+  int page_tokens = 32;         // tokens per page; a multiple of G
   bool per_token_keys = false;  // ablation: quantize keys per token, as values are
 };
 
@@ -55,11 +55,11 @@ int paged_token_count(const KvCacheConfig& config, int n);
 
 // Byte offsets inside one block of one layer.
 struct KvPageLayout {
-  size_t key_codes = 0;    // offset of the key data (fp16 values, u8 or packed u32 codes)
-  size_t key_params = 0;   // offset of the key scale/zero pairs (int8, kivi)
+  size_t key_codes = 0;   // offset of the key data (fp16 values, u8 or packed u32 codes)
+  size_t key_params = 0;  // offset of the key scale/zero pairs (int8, kivi)
   size_t value_codes = 0;
   size_t value_params = 0;
-  size_t block_bytes = 0;  // bytes of one block in one layer
+  size_t block_bytes = 0;             // bytes of one block in one layer
   int residual_tokens_per_block = 0;  // kivi: fp16 tokens of keys (or values) a block holds
   size_t code_bytes_per_page = 0;     // key + value code (or fp16 data) bytes of a page
   size_t param_bytes_per_page = 0;    // key + value scale/zero bytes of a page

@@ -23,10 +23,10 @@ struct LayerWeights {
 
 struct ModelWeights {
   ModelConfig config;
-  std::string source;                     // the model directory, or "dummy:NAME"
-  std::vector<float> token_embedding;     // [V, C]  wte; the LM head is tied to it
-  std::vector<float> position_embedding;  // [P, C]  wpe
-  std::vector<LayerWeights> layers;       // [n_layer]
+  std::string source;                         // the model directory, or "dummy:NAME"
+  std::vector<float> token_embedding;         // [V, C]  wte; the LM head is tied to it
+  std::vector<float> position_embedding;      // [P, C]  wpe
+  std::vector<LayerWeights> layers;           // [n_layer]
   std::vector<float> ln_f_weight, ln_f_bias;  // [C]
 };
 

@@ -10,7 +10,8 @@ namespace kvserve {
 namespace {
 
 bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 std::string decompress_xz(const std::string& compressed, const std::string& path) {
@@ -31,7 +32,8 @@ std::string decompress_xz(const std::string& compressed, const std::string& path
   }
   lzma_end(&stream);
   if (ret != LZMA_STREAM_END) {
-    throw std::runtime_error(path + ": not a valid xz file (liblzma error " + std::to_string(ret) + ")");
+    throw std::runtime_error(path + ": not a valid xz file (liblzma error " + std::to_string(ret) +
+                             ")");
   }
   return out;
 }

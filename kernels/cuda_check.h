@@ -18,13 +18,13 @@ namespace kvserve::cuda {
 
 }  // namespace kvserve::cuda
 
-#define KVSERVE_CUDA_CHECK(call)                                                                 \
-  do {                                                                                           \
-    const cudaError_t kvserve_status_ = (call);                                                  \
-    if (kvserve_status_ != cudaSuccess) {                                                        \
-      ::kvserve::cuda::throw_cuda_error(#call, cudaGetErrorString(kvserve_status_), __FILE__,    \
-                                        __LINE__);                                               \
-    }                                                                                            \
+#define KVSERVE_CUDA_CHECK(call)                                                              \
+  do {                                                                                        \
+    const cudaError_t kvserve_status_ = (call);                                               \
+    if (kvserve_status_ != cudaSuccess) {                                                     \
+      ::kvserve::cuda::throw_cuda_error(#call, cudaGetErrorString(kvserve_status_), __FILE__, \
+                                        __LINE__);                                            \
+    }                                                                                         \
   } while (0)
 
 #define KVSERVE_CUBLAS_CHECK(call)                                                               \

@@ -32,7 +32,9 @@ struct RandomSequence {
       }
     }
   }
-  float q(int t, int h, int d) const { return qkv[static_cast<size_t>(t) * 3 * kEmbd + h * kDim + d]; }
+  float q(int t, int h, int d) const {
+    return qkv[static_cast<size_t>(t) * 3 * kEmbd + h * kDim + d];
+  }
   float k(int t, int h, int d) const {
     return round_to_half(qkv[static_cast<size_t>(t) * 3 * kEmbd + kEmbd + h * kDim + d]);
   }
@@ -174,7 +176,8 @@ void check_sequence(const Case& tc, const std::vector<int>& chunks, int n, uint3
     manager.finish_step();
     for (int i = 0; i < count; ++i) {
       for (int h = 0; h < kHeads; ++h) {
-        const std::vector<double> expected = reference_attention(s, views[h], tc.config, pos + i, h);
+        const std::vector<double> expected =
+            reference_attention(s, views[h], tc.config, pos + i, h);
         for (int d = 0; d < kDim; ++d) {
           ASSERT_NEAR(out[i * kEmbd + h * kDim + d], expected[d], 2e-5)
               << tc.name << ": position " << pos + i << " head " << h << " channel " << d

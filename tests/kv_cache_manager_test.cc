@@ -51,7 +51,7 @@ TEST(KvFormat, ValidatesCombinations) {
 TEST(KvFormat, PagedTokenCountFollowsTheResidualRule) {
   const KvCacheConfig c = kivi(KvFormat::kKivi2);  // G = R = 32
   EXPECT_EQ(paged_token_count(c, 0), 0);
-  EXPECT_EQ(paged_token_count(c, 63), 0);  // R + G - 1: all residual
+  EXPECT_EQ(paged_token_count(c, 63), 0);   // R + G - 1: all residual
   EXPECT_EQ(paged_token_count(c, 64), 32);  // R + G: the oldest group flushes
   EXPECT_EQ(paged_token_count(c, 95), 32);
   EXPECT_EQ(paged_token_count(c, 96), 64);

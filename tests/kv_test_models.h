@@ -15,8 +15,14 @@ inline ModelConfig gpt2_geometry(int n_layer, int n_head, int n_embd) {
   m.vocab_size = 50257;
   return m;
 }
-inline ModelConfig gpt2_small() { return gpt2_geometry(12, 12, 768); }
-inline ModelConfig gpt2_medium() { return gpt2_geometry(24, 16, 1024); }
-inline ModelConfig gpt2_large() { return gpt2_geometry(36, 20, 1280); }
+inline ModelConfig gpt2_small() {
+  return gpt2_geometry(12, 12, 768);
+}
+inline ModelConfig gpt2_medium() {
+  return gpt2_geometry(24, 16, 1024);
+}
+inline ModelConfig gpt2_large() {
+  return gpt2_geometry(36, 20, 1280);
+}
 
 }  // namespace kvserve::testing

@@ -13,12 +13,15 @@ std::string source_path(const std::string& relative) {
 std::string shared_model_dir() {
   const std::string dir = source_path("../shared/models/gpt2-tiny-docs");
   if (!std::filesystem::exists(dir + "/model.safetensors")) {
-    throw std::runtime_error("test model missing: " + dir + " (../shared must sit beside the checkout)");
+    throw std::runtime_error("test model missing: " + dir +
+                             " (../shared must sit beside the checkout)");
   }
   return dir;
 }
 
-std::string shared_eval_text() { return source_path("../shared/data/docs-val.txt.xz"); }
+std::string shared_eval_text() {
+  return source_path("../shared/data/docs-val.txt.xz");
+}
 
 std::string make_temp_dir(const std::string& prefix) {
   std::random_device entropy;

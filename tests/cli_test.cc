@@ -1,0 +1,107 @@
+// The kvserve executable end to end: exact command lines of DESIGN.md section 7.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "engine/text_io.h"
+#include "tests/test_support.h"
+
+namespace kvserve {
+namespace {
+
+struct CommandResult {
+  int status = -1;
+  std::string out, err;
+};
+
+CommandResult run_kvserve(const std::string& args, const std::string& stdin_text = "",
+                          const std::string& env = "") {
+  const std::string dir = testing::make_temp_dir("kvserve-cli");
+  { std::ofstream(dir + "/stdin") << stdin_text; }
+  const std::string command = env + " " + KVSERVE_BINARY + " " + args + " <" + dir + "/stdin >" +
+                              dir + "/stdout 2>" + dir + "/stderr";
+  CommandResult r;
+  const int raw = std::system(command.c_str());
+  r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
+  r.out = read_file(dir + "/stdout");
+  r.err = read_file(dir + "/stderr");
+  return r;
+}
+
+const nlohmann::json& logits_fixture() {
+  static const nlohmann::json data =
+      nlohmann::json::parse(read_file(testing::source_path("tests/fixtures/logits.json.xz")));
+  return data;
+}
+
+std::string model_flag() {
+  return "--model " + testing::shared_model_dir();
+}
+
+TEST(Cli, GenerateIdsMatchesTheReference) {
+  const auto& prompt = logits_fixture()["prompts"][2];
+  const CommandResult r = run_kvserve("generate " + model_flag() +
+                                      " --kv fp16 --greedy --ids --max-new-tokens 16 --prompt '" +
+                                      prompt["text"].get<std::string>() + "'");
+  ASSERT_EQ(r.status, 0) << r.err;
+  std::vector<int32_t> expected = prompt["greedy_ids"];
+  expected.resize(16);
+  std::istringstream in(r.out);
+  std::vector<int32_t> got;
+  for (int32_t id; in >> id;) got.push_back(id);
+  EXPECT_EQ(got, expected);
+}
+
+TEST(Cli, GenerateTextUsesTheDefaultModel) {
+  // No --model: $KVSERVE_MODEL, then ../shared/models/gpt2-tiny-docs.
+  const CommandResult r = run_kvserve("generate --greedy --max-new-tokens 8 --prompt 'The kernel'",
+                                      "", "KVSERVE_MODEL=" + testing::shared_model_dir());
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_GT(r.out.size(), 1u);
+  EXPECT_NE(r.err.find("kv cache: kivi2"), std::string::npos) << r.err;
+}
+
+TEST(Cli, TokenizeMatchesTheReference) {
+  const CommandResult r = run_kvserve("tokenize " + model_flag(), "Hello, world! I'm here.\n");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.out, "15496 11 995 0 314 1101 994 13 198\n");
+}
+
+TEST(Cli, EvalPplPrintsJson) {
+  const CommandResult r =
+      run_kvserve("eval-ppl " + model_flag() + " --text " + testing::shared_eval_text() +
+                  " --windows 1 --seq 128 --kv kivi4");
+  ASSERT_EQ(r.status, 0) << r.err;
+  const nlohmann::json out = nlohmann::json::parse(r.out);
+  EXPECT_EQ(out["kv"], "kivi4");
+  EXPECT_EQ(out["tokens"], 127);
+  EXPECT_GT(out["ppl"].get<double>(), 1.0);
+  EXPECT_NEAR(std::log(out["ppl"].get<double>()), out["nll"].get<double>(), 1e-9);
+}
+
+TEST(Cli, MissingModelExplainsHowToGetOne) {
+  const CommandResult r = run_kvserve("generate --model /nonexistent/gpt2 --prompt hi");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("/nonexistent/gpt2"), std::string::npos) << r.err;
+}
+
+TEST(Cli, BadKvCombinationIsAUsageError) {
+  const CommandResult r =
+      run_kvserve("generate " + model_flag() + " --kv kivi2 --kv-residual 40 --prompt hi");
+  EXPECT_EQ(r.status, 2);
+  EXPECT_NE(r.err.find("--kv-residual"), std::string::npos) << r.err;
+}
+
+TEST(Cli, PromptBeyondTheContextIsRejected) {
+  const CommandResult r =
+      run_kvserve("generate " + model_flag() + " --prompt hi --max-new-tokens 5000");
+  EXPECT_EQ(r.status, 2);
+  EXPECT_NE(r.err.find("context"), std::string::npos) << r.err;
+}
+
+}  // namespace
+}  // namespace kvserve
