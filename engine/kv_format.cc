@@ -71,10 +71,9 @@ std::string describe(const KvCacheConfig& c) {
   if (is_kivi(c.format)) {
     s += " (G" + std::to_string(c.key_group) + " GV" + std::to_string(c.value_group) + " R" +
          std::to_string(c.residual) + (c.per_token_keys ? ", per-token keys" : "") + ",";
-  } else {
-    s += " (";
+    return s + " pages of " + std::to_string(c.page_tokens) + ")";
   }
-  return s + " pages of " + std::to_string(c.page_tokens) + ")";
+  return s + " (pages of " + std::to_string(c.page_tokens) + ")";
 }
 
 int paged_token_count(const KvCacheConfig& c, int n) {

@@ -151,12 +151,7 @@ LoadedModel load(const ModelFlags& flags) {
   std::string reason;
   loaded.device = resolve_device(flags.device, reason);
   spdlog::info("device: {} ({})", loaded.device, reason);
-  const auto start = Clock::now();
-  loaded.weights = load_model(loaded.path);
-  const ModelConfig& c = loaded.weights.config;
-  spdlog::info("model: {} ({} layers, {} heads, width {}, {:.1f}M parameters) loaded in {:.2f} s",
-               loaded.path, c.n_layer, c.n_head, c.n_embd, c.parameter_count() / 1e6,
-               seconds_since(start));
+  loaded.weights = load_model(loaded.path);  // logs what it loaded and how long it took
   return loaded;
 }
 
