@@ -319,6 +319,7 @@ int run_eval_ppl(const EvalFlags& flags) {
 int run_command_line(int argc, char** argv) {
   CLI::App app{"kvserve: GPT-2 serving with a paged KIVI-quantized KV cache"};
   app.require_subcommand(1);
+  app.fallthrough();  // global flags such as --log-level may also follow the command
   std::string log_level = "info";
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error or off")
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
