@@ -4,7 +4,7 @@
 # The Dockerfile's builder is Ubuntu 24.04 (NVIDIA's CUDA images): every name below is the same
 # package there. Only the runtime libraries were renamed (the t64 transition), which is why the
 # runtime image derives its packages from the built binaries (scripts/runtime-packages.sh).
-# prometheus brings promtool and python3-yaml the manifest checks; both are used by tests/deploy.
+# prometheus (for promtool) and python3-yaml serve the deploy/ checks in tests/deploy.
 # Usage: scripts/install-deps.sh   (as root, or with sudo available)
 set -euo pipefail
 packages=(
