@@ -8,6 +8,9 @@
 # Usage: scripts/runtime-packages.sh BINARY...
 set -euo pipefail
 [ $# -gt 0 ] || { echo "usage: $0 BINARY..." >&2; exit 2; }
+for binary in "$@"; do
+  [ -f "$binary" ] || { echo "runtime-packages: $binary: no such file" >&2; exit 1; }
+done
 
 # dpkg records a file under the path its package shipped it at; with merged /usr the loader may
 # report /lib/... for a file recorded as /usr/lib/... (or the reverse), and alternatives add
