@@ -4,11 +4,10 @@
 
 #include <CLI/CLI.hpp>
 #include <chrono>
-#include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
-#include <limits>
 #include <mutex>
 #include <sstream>
 #include <string>
@@ -43,7 +42,7 @@ struct HealthArgs {
 };
 
 struct LoadArgs {
-  std::string addr, rate = "inf", output;
+  std::string addr, output;
   LoadOptions options;
 };
 
@@ -146,23 +145,7 @@ class ProgressBar {
   Clock::time_point last_;
 };
 
-int run_load_command(LoadArgs a) {
-  if (a.rate == "inf") {
-    a.options.rate = std::numeric_limits<double>::infinity();
-  } else {
-    std::size_t used = 0;
-    try {
-      a.options.rate = std::stod(a.rate, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used != a.rate.size() || !(a.options.rate > 0) || std::isinf(a.options.rate)) {
-      std::cerr
-          << "kvserve-cli: --rate must be a positive number of requests per second or inf, got '"
-          << a.rate << "'\n";
-      return 2;
-    }
-  }
+int run_load_command(const LoadArgs& a) {
   GenerationClient client(a.addr);
   ProgressCallback progress;
   if (isatty(STDERR_FILENO)) progress = ProgressBar();
@@ -191,6 +174,14 @@ int run_info(const InfoArgs& a) {
   std::cout << nlohmann::json{{"model", to_json(model)}, {"cache", to_json(cache)}}.dump(2)
             << std::endl;
   return 0;
+}
+
+// CLI11 reads the number with strtold, which takes "inf"; PositiveNumber would turn inf away.
+std::string check_rate(const std::string& text) {
+  char* end = nullptr;
+  const double rate = std::strtod(text.c_str(), &end);
+  const bool ok = !text.empty() && *end == '\0' && rate > 0;
+  return ok ? "" : "must be a positive number of requests per second or inf, got " + text;
 }
 
 void add_addr(CLI::App* command, std::string& addr) {
@@ -239,8 +230,9 @@ int run_cli(int argc, char** argv) {
   load->add_option("--requests", o.requests, "requests to send")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  load->add_option("--rate", l.rate,
+  load->add_option("--rate", o.rate,
                    "requests per second, Poisson arrivals; inf sends all at once (closed loop)")
+      ->check(CLI::Validator(check_rate, "RATE|inf"))
       ->capture_default_str();
   load->add_option("--concurrency", o.concurrency, "requests in flight at most")
       ->check(CLI::PositiveNumber)
