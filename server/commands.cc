@@ -21,6 +21,7 @@
 #include "engine/perplexity.h"
 #include "engine/text_io.h"
 #include "engine/tokenizer.h"
+#include "server/bench_decode.h"
 #include "server/bench_memory.h"
 
 namespace kvserve {
@@ -366,6 +367,10 @@ int run_command_line(int argc, char** argv) {
   CLI::App* memory_cmd = bench_cmd->add_subcommand(
       "memory", "KV bytes per token, compression and pool capacity for every format");
   add_bench_memory_flags(memory_cmd, bench_memory);
+  BenchDecodeFlags bench_decode;
+  CLI::App* decode_cmd = bench_cmd->add_subcommand(
+      "decode", "decode-step throughput at several batch sizes, one backend and KV format");
+  add_bench_decode_flags(decode_cmd, bench_decode);
 
   try {
     app.parse(argc, argv);
@@ -379,6 +384,7 @@ int run_command_line(int argc, char** argv) {
     if (tokenize_cmd->parsed()) return run_tokenize(tokenize);
     if (eval_cmd->parsed()) return run_eval_ppl(eval);
     if (memory_cmd->parsed()) return run_bench_memory(bench_memory);
+    if (decode_cmd->parsed()) return run_bench_decode(bench_decode);
   } catch (const UsageError& e) {
     std::cerr << "kvserve: " << e.what() << "\n";
     return 2;
