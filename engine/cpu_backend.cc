@@ -2,6 +2,7 @@
 
 #include <cblas.h>
 
+#include <algorithm>
 #include <cmath>
 #include <exception>
 #include <stdexcept>
@@ -32,6 +33,13 @@ void layer_norm(const float* in, float* out, int rows, int cols, const std::vect
   }
 }
 
+// OpenBLAS hands products of up to about 2^20 multiply-adds to a small-matrix kernel whose
+// summation order differs from the blocked kernel's once K spans several blocks. A row's result
+// would then depend on how many rows share the call, i.e. on the batch. Small products are padded
+// with zero rows instead, so every row always takes the blocked kernel and a sequence's output
+// does not depend on what it is batched with.
+constexpr int64_t kSmallGemmWork = int64_t{1} << 20;
+
 // out[T][N] = in[T][K] @ weight[K][N] + bias[N]; with accumulate, out += instead of out =.
 void linear(const float* in, int rows, int k, const std::vector<float>& weight,
             const std::vector<float>& bias, int n, float* out, bool accumulate) {
@@ -39,8 +47,20 @@ void linear(const float* in, int rows, int k, const std::vector<float>& weight,
     float* y = out + static_cast<size_t>(r) * n;
     for (int c = 0; c < n; ++c) y[c] = accumulate ? y[c] + bias[c] : bias[c];
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, n, k, 1.0f, in, k, weight.data(), n,
-              1.0f, out, n);
+  if (int64_t{rows} * n * k > kSmallGemmWork) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, n, k, 1.0f, in, k,
+                weight.data(), n, 1.0f, out, n);
+    return;
+  }
+  const int padded = static_cast<int>(kSmallGemmWork / (int64_t{n} * k)) + 1;
+  thread_local std::vector<float> padded_in, padded_out;  // [padded][K], [padded][N]
+  padded_in.assign(static_cast<size_t>(padded) * k, 0.0f);
+  padded_out.assign(static_cast<size_t>(padded) * n, 0.0f);
+  std::copy(in, in + static_cast<size_t>(rows) * k, padded_in.begin());
+  std::copy(out, out + static_cast<size_t>(rows) * n, padded_out.begin());
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, padded, n, k, 1.0f, padded_in.data(), k,
+              weight.data(), n, 1.0f, padded_out.data(), n);
+  std::copy(padded_out.begin(), padded_out.begin() + static_cast<size_t>(rows) * n, out);
 }
 
 void gelu(float* x, size_t count, Activation activation) {
@@ -133,6 +153,7 @@ void CpuBackend::forward(const std::vector<ForwardItem>& items, std::vector<floa
   const int logit_rows = static_cast<int>(wanted.size() / C);
   layer_norm(wanted.data(), wanted.data(), logit_rows, C, weights_.ln_f_weight, weights_.ln_f_bias,
              cfg.layer_norm_epsilon);
+  // The LM head is far above kSmallGemmWork (vocab * n_embd per row): no padding needed.
   logits.resize(static_cast<size_t>(logit_rows) * V);
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, logit_rows, V, C, 1.0f, wanted.data(), C,
               weights_.token_embedding.data(), C, 0.0f, logits.data(), V);

@@ -140,6 +140,32 @@ TEST(Reference, QuantizedFormatsMatchTheSimulation) {
   }
 }
 
+// Bitwise: a sequence's logits do not depend on how many other sequences share the step.
+TEST(Reference, LogitsDoNotDependOnTheBatch) {
+  const ModelConfig& model = shared_weights().config;
+  const std::vector<int32_t> prompt = ids_of(fixture()["prompts"][1]["prompt_ids"]);
+  auto logits_with_company = [&](int company) {
+    KvCacheManager cache(format_config("kivi2"), model, 4096);
+    CpuBackend backend(shared_weights(), cache);
+    std::vector<ForwardItem> prefill, decode;
+    for (int s = 0; s <= company; ++s) {
+      cache.add_sequence(s);
+      EXPECT_TRUE(cache.grow(s, static_cast<int>(prompt.size()) + 1));
+      prefill.push_back({s, 0, prompt, false});
+      decode.push_back({s, static_cast<int>(prompt.size()), {prompt.front()}, false});
+    }
+    std::vector<float> logits;
+    backend.forward(prefill, logits);
+    backend.forward(decode, logits);
+    logits.resize(model.vocab_size);  // the first sequence's row
+    return logits;
+  };
+  const std::vector<float> alone = logits_with_company(0);
+  for (int company : {1, 2, 6, 20}) {
+    EXPECT_TRUE(logits_with_company(company) == alone) << "with " << company << " other sequences";
+  }
+}
+
 std::vector<int32_t> generate_alone(const KvCacheConfig& config, const GenerationRequest& r) {
   auto engine = make_engine(config);
   engine->add_request(r);
