@@ -3,7 +3,6 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
-#include <prometheus/exposer.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -22,6 +21,7 @@
 #include "engine/engine.h"
 #include "server/engine_loop.h"
 #include "server/metrics.h"
+#include "server/metrics_http.h"
 
 namespace kvserve {
 namespace {
@@ -131,9 +131,8 @@ int run_serve(const ServeFlags& flags) {
   std::string device_reason;
   const std::string device = resolve_device(flags.model.device, device_reason);
   Metrics metrics({KVSERVE_VERSION, device, flags.kv.format, model_path});
-  prometheus::Exposer exposer(join_host_port(flags.host, flags.metrics_port));
-  exposer.RegisterCollectable(metrics.registry());
-  const int metrics_port = exposer.GetListeningPorts().at(0);
+  const MetricsHttpServer metrics_server(flags.host, flags.metrics_port, metrics.registry());
+  const int metrics_port = metrics_server.port();
 
   // The server listens while the model loads: health says NOT_SERVING and calls get
   // UNAVAILABLE, which is what load balancers and Kubernetes probes expect.
