@@ -262,25 +262,26 @@ void EngineLoop::step() {
   // Before any final message: a client that has seen its stream end also sees the blocks freed.
   publish_snapshot();
 
+  // Counted before any message goes out, so /metrics never lags what a client has received.
   int generated = 0;
+  for (const StepEvent& event : events_) {
+    if (event.has_token && active_.count(event.request) != 0) ++generated;
+  }
+  if (generated > 0) {
+    metrics_.add_generation_tokens(generated);
+    recent_tokens_.emplace_back(now, generated);
+  }
   for (const StepEvent& event : events_) {
     auto it = active_.find(event.request);
     if (it == active_.end()) continue;
     Active& active = it->second;
-    if (event.has_token) {
-      ++generated;
-      on_token(event.request, active, event, now);
-    }
+    if (event.has_token) on_token(event.request, active, event, now);
     if (event.finish != FinishReason::kNone) {
       on_finish(active, event, now);
       by_ticket_.erase(active.ticket);
       active_.erase(it);
       --in_flight_;
     }
-  }
-  if (generated > 0) {
-    metrics_.add_generation_tokens(generated);
-    recent_tokens_.emplace_back(now, generated);
   }
 }
 

@@ -44,16 +44,18 @@ TEST(Prometheus, ScrapesCompressionRatioAndGeneratedTokens) {
        "--web.listen-address=127.0.0.1:" + std::to_string(prometheus_port)},
       dir + "/prometheus.log");
 
-  // Keep a long generation running so that the cache holds tokens (the compression ratio is 0
-  // for an empty cache) while Prometheus scrapes.
+  // Keep requests running so that the cache holds tokens while Prometheus scrapes (the ratio is
+  // 0 for an empty cache, and below 1 while a sequence is shorter than R + G: all fp16 residual).
   std::atomic<bool> done{false};
   std::atomic<int> streamed{0};
   std::thread load([&] {
     auto stub = server.stub();
     while (!done) {
+      // A long prompt (prefilled fast, mostly quantized) and a short completion: the cache
+      // holds hundreds of tokens for most of each request.
       kvserve::v1::GenerateRequest request;
-      request.set_prompt("The kernel");
-      request.mutable_stopping()->set_max_new_tokens(400);
+      for (int i = 0; i < 600; ++i) request.mutable_prompt_token_ids()->add_ids(464 + i % 50);
+      request.mutable_stopping()->set_max_new_tokens(64);
       request.mutable_stopping()->set_ignore_eos(true);
       const testing::StreamResult got = testing::generate(*stub, request, 60s);
       streamed += static_cast<int>(got.ids.size());
@@ -61,7 +63,7 @@ TEST(Prometheus, ScrapesCompressionRatioAndGeneratedTokens) {
   });
   std::optional<double> ratio, tokens;
   const auto deadline = std::chrono::steady_clock::now() + 30s;
-  while (std::chrono::steady_clock::now() < deadline && !(ratio && *ratio > 0 && tokens)) {
+  while (std::chrono::steady_clock::now() < deadline && !(ratio && *ratio > 1 && tokens)) {
     ratio = query(prometheus_port, "kvserve_kv_compression_ratio");
     tokens = query(prometheus_port, "kvserve_generation_tokens_total");
     std::this_thread::sleep_for(200ms);
