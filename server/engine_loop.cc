@@ -58,9 +58,13 @@ EngineLoop::EngineLoop(std::unique_ptr<Engine> engine, Tokenizer tokenizer,
       options_(options),
       metrics_(metrics) {}
 
-EngineLoop::~EngineLoop() { stop(); }
+EngineLoop::~EngineLoop() {
+  stop();
+}
 
-void EngineLoop::start() { thread_ = std::thread([this] { run(); }); }
+void EngineLoop::start() {
+  thread_ = std::thread([this] { run(); });
+}
 
 void EngineLoop::wait_until_warm() {
   std::unique_lock<std::mutex> lock(mu_);
@@ -298,8 +302,7 @@ void EngineLoop::on_token(RequestId id, Active& active, const StepEvent& event,
 
   // The token that ends generation (EOS, a stop token id) is streamed as an id but not as text,
   // as a matched stop string is not.
-  const bool stop_token =
-      event.finish == FinishReason::kEos || event.finish == FinishReason::kStop;
+  const bool stop_token = event.finish == FinishReason::kEos || event.finish == FinishReason::kStop;
   if (!stop_token) active.held_text += active.decoder.push(event.token);
   if (event.finish != FinishReason::kNone) active.held_text += active.decoder.finish();
 
@@ -327,7 +330,8 @@ void EngineLoop::on_finish(Active& active, const StepEvent& event, Clock::time_p
   const ServeRequest& request = active.request;
   const double total = seconds_between(request.arrival, now);
   const double queue = seconds_between(request.arrival, active.admitted.value_or(now));
-  const double ttft = active.first_token ? seconds_between(request.arrival, *active.first_token) : 0;
+  const double ttft =
+      active.first_token ? seconds_between(request.arrival, *active.first_token) : 0;
   metrics_.observe_e2e(total);
 
   std::string outcome;
@@ -386,8 +390,7 @@ void EngineLoop::on_finish(Active& active, const StepEvent& event, Clock::time_p
 }
 
 void EngineLoop::publish_snapshot() {
-  EngineSnapshot snapshot{engine_->cache().usage(), engine_->num_running(),
-                          engine_->num_waiting()};
+  EngineSnapshot snapshot{engine_->cache().usage(), engine_->num_running(), engine_->num_waiting()};
   metrics_.set_cache(snapshot.cache);
   metrics_.set_requests(snapshot.running, snapshot.waiting);
   std::lock_guard<std::mutex> lock(mu_);
@@ -401,8 +404,7 @@ void EngineLoop::update_throughput(Clock::time_point now) {
   }
   int tokens = 0;
   for (const auto& [time, count] : recent_tokens_) tokens += count;
-  metrics_.set_tokens_per_second(tokens /
-                                 std::chrono::duration<double>(kThroughputWindow).count());
+  metrics_.set_tokens_per_second(tokens / std::chrono::duration<double>(kThroughputWindow).count());
 }
 
 }  // namespace kvserve

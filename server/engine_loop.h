@@ -68,8 +68,7 @@ class EngineLoop {
   using Ticket = uint64_t;
   enum class SubmitResult { kAccepted, kQueueFull };
   // Any thread; never blocks on the engine. On kAccepted, `ticket` names the request for cancel().
-  SubmitResult submit(ServeRequest request, std::shared_ptr<StreamChannel> channel,
-                      Ticket& ticket);
+  SubmitResult submit(ServeRequest request, std::shared_ptr<StreamChannel> channel, Ticket& ticket);
   // Any thread: the client went away (or its deadline passed: `deadline`). The request leaves
   // the batch at the next step and its blocks return to the pool; a client that went away gets
   // nothing more, an expired one a kDeadlineExceeded error.

@@ -287,11 +287,11 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
     }
     if (open_streams_.fetch_add(1) >= limits_.max_concurrent_streams) {
       --open_streams_;
-      return new RejectedStream(reject(
-          id, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                           "too many concurrent streams (--max-concurrent-streams " +
-                               std::to_string(limits_.max_concurrent_streams) +
-                               "); retry with backoff")));
+      return new RejectedStream(
+          reject(id, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                  "too many concurrent streams (--max-concurrent-streams " +
+                                      std::to_string(limits_.max_concurrent_streams) +
+                                      "); retry with backoff")));
     }
     ServeRequest serve;
     serve.id = id;
@@ -303,9 +303,8 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
     stream->start(stream, std::move(serve));
     return stream.get();
   } catch (const std::exception& e) {  // e.g. bad_alloc: fail this call, keep the server
-    return new RejectedStream(
-        reject(id, grpc::Status(grpc::StatusCode::INTERNAL, std::string("internal error: ") +
-                                                                e.what())));
+    return new RejectedStream(reject(
+        id, grpc::Status(grpc::StatusCode::INTERNAL, std::string("internal error: ") + e.what())));
   }
 }
 

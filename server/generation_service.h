@@ -21,8 +21,8 @@ namespace kvserve {
 
 struct ServiceLimits {
   int max_concurrent_streams = 1024;
-  int max_new_tokens = 0;     // 0: up to the model's context
-  int max_prompt_tokens = 0;  // 0: up to the model's context
+  int max_new_tokens = 0;              // 0: up to the model's context
+  int max_prompt_tokens = 0;           // 0: up to the model's context
   size_t stream_buffer_messages = 64;  // per stream; beyond it tokens are merged into one chunk
 };
 

@@ -16,8 +16,10 @@ prometheus::Counter& counter(prometheus::Registry& registry, const std::string& 
 }
 
 prometheus::Histogram& histogram(prometheus::Registry& registry, const std::string& name,
-                                 const std::string& help, prometheus::Histogram::BucketBoundaries b) {
-  return prometheus::BuildHistogram().Name(name).Help(help).Register(registry).Add({}, std::move(b));
+                                 const std::string& help,
+                                 prometheus::Histogram::BucketBoundaries b) {
+  return prometheus::BuildHistogram().Name(name).Help(help).Register(registry).Add({},
+                                                                                   std::move(b));
 }
 
 // first, first*factor, ... (count bounds): latencies span milliseconds (a decode step on the GPU)
@@ -46,16 +48,16 @@ Metrics::Metrics(const BuildInfo& build)
       cache_tokens_(gauge(*registry_, "kvserve_kv_cache_tokens", "Tokens held in the KV cache")),
       blocks_used_(gauge(*registry_, "kvserve_kv_blocks_used", "KV blocks held by sequences")),
       blocks_total_(gauge(*registry_, "kvserve_kv_blocks_total", "KV blocks in the pool")),
-      requests_running_(gauge(*registry_, "kvserve_requests_running",
-                              "Requests in the running batch")),
+      requests_running_(
+          gauge(*registry_, "kvserve_requests_running", "Requests in the running batch")),
       requests_waiting_(gauge(*registry_, "kvserve_requests_waiting",
                               "Requests queued for admission (including preempted ones)")),
       tokens_per_second_(gauge(*registry_, "kvserve_generation_tokens_per_second",
                                "Generated tokens per second over the last 5 seconds")),
       prompt_tokens_(counter(*registry_, "kvserve_prompt_tokens_total",
                              "Prompt tokens prefilled (recomputation after preemption included)")),
-      generation_tokens_(counter(*registry_, "kvserve_generation_tokens_total",
-                                 "Tokens generated and streamed")),
+      generation_tokens_(
+          counter(*registry_, "kvserve_generation_tokens_total", "Tokens generated and streamed")),
       preemptions_(counter(*registry_, "kvserve_preemptions_total",
                            "Sequences preempted because the KV pool was full")),
       success_(prometheus::BuildCounter()
@@ -81,7 +83,8 @@ Metrics::Metrics(const BuildInfo& build)
                               exponential(1, 2, 14))) {
   // Every label value that can occur exists from the start, so that rate() sees the first
   // increment and dashboards show zeros rather than gaps.
-  for (const char* reason : {"length", "eos", "stop", "cancelled"}) success_.Add({{"finish_reason", reason}});
+  for (const char* reason : {"length", "eos", "stop", "cancelled"})
+    success_.Add({{"finish_reason", reason}});
   for (const char* code : {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "CANCELLED",
                            "DEADLINE_EXCEEDED", "INTERNAL"}) {
     failure_.Add({{"code", code}});

@@ -53,9 +53,8 @@ MetricsHttpServer::MetricsHttpServer(const std::string& host, int port,
   sockaddr_storage bound{};
   socklen_t length = sizeof bound;
   getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&bound), &length);
-  port_ = ntohs(bound.ss_family == AF_INET6
-                    ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
-                    : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+  port_ = ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
+                                            : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
   if (pipe2(stop_pipe_, O_CLOEXEC) != 0) {
     close(listen_fd_);
     throw std::runtime_error(std::string("metrics: pipe2: ") + std::strerror(errno));
@@ -104,9 +103,8 @@ void MetricsHttpServer::serve_one(int connection) const {
   const size_t path_start = line.find(' ');
   const size_t path_end = line.find_first_of(" ?", path_start + 1);
   const std::string method = line.substr(0, path_start);
-  const std::string path = path_start == std::string::npos
-                               ? ""
-                               : line.substr(path_start + 1, path_end - path_start - 1);
+  const std::string path =
+      path_start == std::string::npos ? "" : line.substr(path_start + 1, path_end - path_start - 1);
   std::string status = "200 OK", type = "text/plain; version=0.0.4; charset=utf-8", body;
   if (method != "GET" && method != "HEAD") {
     status = "405 Method Not Allowed";
@@ -120,8 +118,8 @@ void MetricsHttpServer::serve_one(int connection) const {
     body = prometheus::TextSerializer().Serialize(registry_->Collect());
   }
   std::string response = "HTTP/1.1 " + status + "\r\nContent-Type: " + type +
-                          "\r\nContent-Length: " + std::to_string(body.size()) +
-                          "\r\nConnection: close\r\n\r\n";
+                         "\r\nContent-Length: " + std::to_string(body.size()) +
+                         "\r\nConnection: close\r\n\r\n";
   if (method != "HEAD") response += body;
   write_all(connection, response);
 }

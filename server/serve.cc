@@ -1,9 +1,9 @@
 #include "server/serve.h"
 
+#include <fcntl.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
-#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <spdlog/spdlog.h>
@@ -152,8 +152,10 @@ int run_serve(const ServeFlags& flags) {
   }
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
   health->SetServingStatus(false);
-  spdlog::info("listening on {} (gRPC), metrics on http://{}/metrics; NOT_SERVING until the model is loaded and warm",
-               join_host_port(flags.host, port), join_host_port(flags.host, metrics_port));
+  spdlog::info(
+      "listening on {} (gRPC), metrics on http://{}/metrics; NOT_SERVING until the model is loaded "
+      "and warm",
+      join_host_port(flags.host, port), join_host_port(flags.host, metrics_port));
 
   LoadedModel loaded = load(flags.model);
   const ModelConfig model = loaded.weights.config;
@@ -185,10 +187,9 @@ int run_serve(const ServeFlags& flags) {
   health->SetServingStatus(false);
 
   // Poll: in-flight requests end on the engine thread; a second signal cuts the wait short.
-  const auto drain_deadline =
-      std::chrono::steady_clock::now() +
-      std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-          std::chrono::duration<double>(flags.drain_timeout_s));
+  const auto drain_deadline = std::chrono::steady_clock::now() +
+                              std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                  std::chrono::duration<double>(flags.drain_timeout_s));
   bool second_signal = false;
   while (loop.in_flight() > 0 && std::chrono::steady_clock::now() < drain_deadline &&
          !second_signal) {

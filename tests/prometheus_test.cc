@@ -3,9 +3,9 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
-#include <optional>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <thread>
 
 #include "tests/server_harness.h"
@@ -30,8 +30,8 @@ std::optional<double> query(int port, const std::string& expression) {
 }
 
 TEST(Prometheus, ScrapesCompressionRatioAndGeneratedTokens) {
-  const testing::ServerProcess server({"--model", testing::shared_model_dir(), "--kv", "kivi2",
-                                       "--kv-pool-mb", "64"});
+  const testing::ServerProcess server(
+      {"--model", testing::shared_model_dir(), "--kv", "kivi2", "--kv-pool-mb", "64"});
   const std::string dir = testing::make_temp_dir("kvserve-prometheus");
   const int prometheus_port = testing::free_port();
   std::ofstream(dir + "/prometheus.yml")
@@ -78,7 +78,8 @@ TEST(Prometheus, ScrapesCompressionRatioAndGeneratedTokens) {
   EXPECT_GT(*tokens, 0);
   EXPECT_LE(*tokens, streamed.load());
   // What Prometheus stored agrees with what kvserve exports now (the counter only grows).
-  EXPECT_LE(*tokens, testing::metric_value(server.metrics_text(), "kvserve_generation_tokens_total"));
+  EXPECT_LE(*tokens,
+            testing::metric_value(server.metrics_text(), "kvserve_generation_tokens_total"));
 }
 
 }  // namespace

@@ -45,7 +45,9 @@ ChildProcess::~ChildProcess() {
   }
 }
 
-void ChildProcess::signal(int sig) const { kill(pid_, sig); }
+void ChildProcess::signal(int sig) const {
+  kill(pid_, sig);
+}
 
 int ChildProcess::wait(std::chrono::milliseconds timeout) {
   const auto deadline = std::chrono::steady_clock::now() + timeout;
@@ -62,11 +64,13 @@ int ChildProcess::wait(std::chrono::milliseconds timeout) {
   return -1;
 }
 
-std::string ChildProcess::log() const { return read_file(log_path_); }
+std::string ChildProcess::log() const {
+  return read_file(log_path_);
+}
 
 ServerProcess::ServerProcess(const std::vector<std::string>& args, bool wait_serving) {
-  std::vector<std::string> argv = {KVSERVE_BINARY, "serve", "--host", "127.0.0.1", "--port", "0",
-                                   "--metrics-port", "0"};
+  std::vector<std::string> argv = {KVSERVE_BINARY, "serve", "--host",         "127.0.0.1",
+                                   "--port",       "0",     "--metrics-port", "0"};
   argv.insert(argv.end(), args.begin(), args.end());
   process_ = std::make_unique<ChildProcess>(argv, make_temp_dir("kvserve-serve") + "/log");
   const std::regex listening(
@@ -83,8 +87,8 @@ ServerProcess::ServerProcess(const std::vector<std::string>& args, bool wait_ser
   }
   port_ = std::stoi(match[1]);
   metrics_port_ = std::stoi(match[2]);
-  channel_ = grpc::CreateChannel("127.0.0.1:" + std::to_string(port_),
-                                 grpc::InsecureChannelCredentials());
+  channel_ =
+      grpc::CreateChannel("127.0.0.1:" + std::to_string(port_), grpc::InsecureChannelCredentials());
   if (wait_serving) this->wait_serving();
 }
 
@@ -123,7 +127,9 @@ kvserve::v1::CacheStats ServerProcess::cache_stats() const {
   return stats;
 }
 
-std::string ServerProcess::metrics_text() const { return http_get(metrics_port_, "/metrics"); }
+std::string ServerProcess::metrics_text() const {
+  return http_get(metrics_port_, "/metrics");
+}
 
 std::string http_get(int port, const std::string& path) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -147,7 +153,8 @@ std::string http_get(int port, const std::string& path) {
   for (ssize_t n; (n = read(fd, buffer, sizeof buffer)) > 0;) response.append(buffer, n);
   close(fd);
   const size_t body = response.find("\r\n\r\n");
-  if (response.compare(0, 12, "HTTP/1.1 200") != 0 && response.compare(0, 12, "HTTP/1.0 200") != 0) {
+  if (response.compare(0, 12, "HTTP/1.1 200") != 0 &&
+      response.compare(0, 12, "HTTP/1.0 200") != 0) {
     throw std::runtime_error("GET " + path + ": " + response.substr(0, 200));
   }
   return body == std::string::npos ? "" : response.substr(body + 4);

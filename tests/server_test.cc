@@ -4,6 +4,7 @@
 #include <signal.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <fstream>
 #include <future>
@@ -63,8 +64,8 @@ std::vector<int32_t> parse_ids(const std::string& text) {
 std::string run_generate_cli(const std::string& args) {
   const std::string dir = testing::make_temp_dir("kvserve-gen");
   const std::string command = std::string(KVSERVE_BINARY) + " generate --model " +
-                              testing::shared_model_dir() + " " + args + " >" + dir +
-                              "/out 2>" + dir + "/err";
+                              testing::shared_model_dir() + " " + args + " >" + dir + "/out 2>" +
+                              dir + "/err";
   EXPECT_EQ(std::system(command.c_str()), 0) << read_file(dir + "/err");
   return read_file(dir + "/out");
 }
@@ -214,8 +215,7 @@ TEST_F(Server, EveryBadInputIsInvalidArgumentWithAReason) {
       {"no prompt", [](v1::GenerateRequest& r) { r.clear_input(); }, "prompt"},
       {"empty ids", [](v1::GenerateRequest& r) { r.mutable_prompt_token_ids(); }, "empty"},
       {"id out of range",
-       [](v1::GenerateRequest& r) { r.mutable_prompt_token_ids()->add_ids(50257); },
-       "vocabulary"},
+       [](v1::GenerateRequest& r) { r.mutable_prompt_token_ids()->add_ids(50257); }, "vocabulary"},
       {"negative id", [](v1::GenerateRequest& r) { r.mutable_prompt_token_ids()->add_ids(-1); },
        "vocabulary"},
       {"beyond the context",
@@ -231,7 +231,8 @@ TEST_F(Server, EveryBadInputIsInvalidArgumentWithAReason) {
       {"repetition_penalty",
        [](v1::GenerateRequest& r) { r.mutable_sampling()->set_repetition_penalty(0); },
        "repetition_penalty"},
-      {"max_new_tokens 0", [](v1::GenerateRequest& r) { r.mutable_stopping()->set_max_new_tokens(0); },
+      {"max_new_tokens 0",
+       [](v1::GenerateRequest& r) { r.mutable_stopping()->set_max_new_tokens(0); },
        "max_new_tokens"},
       {"max_new_tokens over the limit",
        [](v1::GenerateRequest& r) { r.mutable_stopping()->set_max_new_tokens(1001); },
@@ -275,6 +276,20 @@ TEST_F(Server, ModelInfoDescribesTheModelAndCache) {
   EXPECT_EQ(info.device(), "cpu");
 }
 
+// Where two runs of one request part, and how far apart their logprobs were up to there.
+std::string describe_divergence(const StreamResult& a, const StreamResult& b) {
+  size_t i = 0;
+  double worst = 0;
+  while (i < a.ids.size() && i < b.ids.size() && a.ids[i] == b.ids[i]) {
+    if (i < a.logprobs.size() && i < b.logprobs.size()) {
+      worst = std::max(worst, std::abs(double{a.logprobs[i]} - b.logprobs[i]));
+    }
+    ++i;
+  }
+  return " (same for " + std::to_string(i) +
+         " tokens; largest logprob difference before: " + std::to_string(worst) + ")";
+}
+
 // Runs `requests` concurrently (one thread each) on their servers.
 std::vector<StreamResult> run_concurrently(const std::vector<const ServerProcess*>& servers,
                                            const std::vector<v1::GenerateRequest>& requests) {
@@ -290,16 +305,16 @@ std::vector<StreamResult> run_concurrently(const std::vector<const ServerProcess
 }
 
 TEST(ServerConcurrency, ThirtyTwoMixedRequestsOnTwoKvFormatsEqualTheirSoloRuns) {
-  const ServerProcess kivi({"--model", testing::shared_model_dir(), "--kv", "kivi2",
-                            "--max-batch-tokens", "512"});
+  const ServerProcess kivi(
+      {"--model", testing::shared_model_dir(), "--kv", "kivi2", "--max-batch-tokens", "512"});
   const ServerProcess int8({"--model", testing::shared_model_dir(), "--kv", "int8"});
-  const std::vector<std::string> prompts = {
-      "The kernel", "Memory is allocated when", "A process", "In the beginning the scheduler",
-      "Files are", "The cache"};
+  const std::vector<std::string> prompts = {"The kernel", "Memory is allocated when",
+                                            "A process",  "In the beginning the scheduler",
+                                            "Files are",  "The cache"};
   std::vector<v1::GenerateRequest> requests;
   std::vector<const ServerProcess*> servers;
   for (int i = 0; i < 32; ++i) {
-    v1::GenerateRequest request = text_request(prompts[i % prompts.size()], 8 + (i * 7) % 57);
+    v1::GenerateRequest request = text_request(prompts[i % prompts.size()], 8 + (i * 7) % 33);
     request.set_request_id("mixed-" + std::to_string(i));
     if (i % 3 != 0) {
       request.mutable_sampling()->set_temperature(0.8f);
@@ -308,6 +323,7 @@ TEST(ServerConcurrency, ThirtyTwoMixedRequestsOnTwoKvFormatsEqualTheirSoloRuns) 
       request.mutable_sampling()->set_temperature(0.0f);
     }
     if (i % 4 == 0) request.mutable_stopping()->set_ignore_eos(true);
+    request.set_return_logprobs(true);
     requests.push_back(request);
     servers.push_back(i % 2 ? &int8 : &kivi);
   }
@@ -316,7 +332,8 @@ TEST(ServerConcurrency, ThirtyTwoMixedRequestsOnTwoKvFormatsEqualTheirSoloRuns) 
     const StreamResult alone = testing::generate(*servers[i]->stub(), requests[i]);
     ASSERT_TRUE(alone.status.ok()) << alone.status.error_message();
     ASSERT_TRUE(together[i].status.ok()) << i << ": " << together[i].status.error_message();
-    EXPECT_EQ(together[i].ids, alone.ids) << "request " << i;
+    EXPECT_EQ(together[i].ids, alone.ids)
+        << "request " << i << describe_divergence(together[i], alone);
     EXPECT_EQ(together[i].text, alone.text) << "request " << i;
     EXPECT_EQ(together[i].final.finish_reason(), alone.final.finish_reason()) << i;
   }
@@ -361,7 +378,9 @@ TEST(ServerLimits, OverloadIsResourceExhausted) {
   }
   expect_cache_drains(server);
   const std::string metrics = server.metrics_text();
-  EXPECT_GE(testing::metric_value(metrics, R"(kvserve_request_failure_total{code="RESOURCE_EXHAUSTED"})"), 2);
+  EXPECT_GE(
+      testing::metric_value(metrics, R"(kvserve_request_failure_total{code="RESOURCE_EXHAUSTED"})"),
+      2);
 }
 
 TEST(ServerLifecycle, HealthGoesNotServingToServingAndDrainCancelsAtTheDeadline) {
@@ -432,17 +451,28 @@ TEST(ServerLifecycle, SigtermLetsAStreamInFlightFinish) {
   EXPECT_NE(server.process().log().find("drained"), std::string::npos);
 }
 
-const char* const kDesignMetrics[] = {
-    "kvserve_kv_cache_capacity_bytes", "kvserve_kv_cache_used_bytes",
-    "kvserve_kv_cache_usage_ratio", "kvserve_kv_cache_fp16_equivalent_bytes",
-    "kvserve_kv_compression_ratio", "kvserve_kv_cache_tokens", "kvserve_kv_blocks_used",
-    "kvserve_kv_blocks_total", "kvserve_requests_running", "kvserve_requests_waiting",
-    "kvserve_prompt_tokens_total", "kvserve_generation_tokens_total",
-    "kvserve_generation_tokens_per_second", "kvserve_request_success_total",
-    "kvserve_request_failure_total", "kvserve_preemptions_total",
-    "kvserve_time_to_first_token_seconds", "kvserve_inter_token_latency_seconds",
-    "kvserve_e2e_request_latency_seconds", "kvserve_request_queue_seconds",
-    "kvserve_batch_tokens", "kvserve_build_info"};
+const char* const kDesignMetrics[] = {"kvserve_kv_cache_capacity_bytes",
+                                      "kvserve_kv_cache_used_bytes",
+                                      "kvserve_kv_cache_usage_ratio",
+                                      "kvserve_kv_cache_fp16_equivalent_bytes",
+                                      "kvserve_kv_compression_ratio",
+                                      "kvserve_kv_cache_tokens",
+                                      "kvserve_kv_blocks_used",
+                                      "kvserve_kv_blocks_total",
+                                      "kvserve_requests_running",
+                                      "kvserve_requests_waiting",
+                                      "kvserve_prompt_tokens_total",
+                                      "kvserve_generation_tokens_total",
+                                      "kvserve_generation_tokens_per_second",
+                                      "kvserve_request_success_total",
+                                      "kvserve_request_failure_total",
+                                      "kvserve_preemptions_total",
+                                      "kvserve_time_to_first_token_seconds",
+                                      "kvserve_inter_token_latency_seconds",
+                                      "kvserve_e2e_request_latency_seconds",
+                                      "kvserve_request_queue_seconds",
+                                      "kvserve_batch_tokens",
+                                      "kvserve_build_info"};
 
 TEST(ServerMetrics, ExposesEveryDesignMetricWithValuesThatMatchTheWork) {
   ServerProcess server({"--model", testing::shared_model_dir(), "--kv", "kivi4"});
