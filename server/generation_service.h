@@ -38,6 +38,8 @@ class GenerationService final : public v1::Generation::CallbackService {
   void start_serving(EngineLoop& loop, const Tokenizer& tokenizer, v1::ModelInfo info);
   // New requests get UNAVAILABLE; streams in flight go on.
   void start_draining() { state_.store(State::kDraining); }
+  // Generate calls not yet done (their last write may still be in flight).
+  int open_streams() const { return open_streams_.load(); }
 
   grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
       grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override;

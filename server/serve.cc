@@ -204,9 +204,13 @@ int run_serve(const ServeFlags& flags) {
       wait_for_signal(std::chrono::milliseconds(10), signal);
     }
   }
-  // Gives the streams time to write their final messages; calls still open after it (a client
-  // that stopped reading) are cancelled by gRPC.
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  // Up to 5 s for the streams to write their final messages; a stream still open after that (a
+  // client that stopped reading) is cancelled by the shutdown.
+  const auto flush_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (service.open_streams() > 0 && std::chrono::steady_clock::now() < flush_deadline) {
+    wait_for_signal(std::chrono::milliseconds(10), signal);
+  }
+  server->Shutdown(std::chrono::system_clock::now());
   loop.stop();
   spdlog::info("drained; exiting");
   return 0;

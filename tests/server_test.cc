@@ -183,7 +183,7 @@ TEST_F(Server, DeadlineExceededMidStreamFreesTheBlocks) {
 TEST_F(Server, ReaderThatStopsDoesNotStallOthers) {
   auto stub = server_->stub();
   grpc::ClientContext idle_context;
-  v1::GenerateRequest idle_request = text_request("The kernel", 300);
+  v1::GenerateRequest idle_request = text_request("The kernel", 150);
   idle_request.mutable_stopping()->set_ignore_eos(true);
   auto idle = stub->Generate(&idle_context, idle_request);  // not read until the end
   const auto start = std::chrono::steady_clock::now();
@@ -200,7 +200,7 @@ TEST_F(Server, ReaderThatStopsDoesNotStallOthers) {
     }
   }
   ASSERT_TRUE(idle->Finish().ok());
-  EXPECT_EQ(ids.size(), 300u);
+  EXPECT_EQ(ids.size(), 150u);
 }
 
 struct BadInput {
@@ -432,7 +432,7 @@ TEST(ServerLifecycle, SigtermLetsAStreamInFlightFinish) {
   ServerProcess server({"--model", testing::shared_model_dir()});
   auto stub = server.stub();
   grpc::ClientContext context;
-  v1::GenerateRequest request = text_request("The kernel", 200);
+  v1::GenerateRequest request = text_request("The kernel", 100);
   request.mutable_stopping()->set_ignore_eos(true);
   auto reader = stub->Generate(&context, request);
   v1::GenerateResponse response;
@@ -446,7 +446,7 @@ TEST(ServerLifecycle, SigtermLetsAStreamInFlightFinish) {
   }
   EXPECT_TRUE(reader->Finish().ok());
   EXPECT_EQ(reason, v1::FINISH_REASON_LENGTH);
-  EXPECT_EQ(tokens, 200);
+  EXPECT_EQ(tokens, 100);
   EXPECT_EQ(server.process().wait(20s), 0) << server.process().log();
   EXPECT_NE(server.process().log().find("drained"), std::string::npos);
 }
