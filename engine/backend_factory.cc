@@ -4,6 +4,7 @@
 
 #include "engine/cpu_backend.h"
 #ifdef KVSERVE_WITH_CUDA
+#include "engine/cuda/cuda_backend.h"
 #include "kernels/device_info.h"
 #endif
 
@@ -13,21 +14,25 @@ std::string resolve_device(const std::string& requested, std::string& reason) {
   if (requested != "auto" && requested != "cpu" && requested != "cuda") {
     throw std::invalid_argument("unknown device '" + requested + "' (use auto, cpu or cuda)");
   }
-  if (requested == "cuda") {
-    throw std::invalid_argument(
-        "--device cuda: the CUDA backend is not implemented yet (planned); use --device cpu");
-  }
   if (requested == "cpu") {
     reason = "requested";
     return "cpu";
   }
 #ifdef KVSERVE_WITH_CUDA
   const int gpus = cuda::visible_device_count();
-  reason = gpus > 0 ? std::to_string(gpus) +
-                          " GPU(s) visible, but the CUDA backend is planned, "
-                          "not built yet"
-                    : "no GPU visible";
+  if (gpus > 0) {
+    reason = requested == "cuda" ? "requested" : std::to_string(gpus) + " GPU(s) visible";
+    return "cuda";
+  }
+  if (requested == "cuda") {
+    throw std::invalid_argument("--device cuda: no CUDA GPU is visible; use --device cpu");
+  }
+  reason = "no GPU visible";
 #else
+  if (requested == "cuda") {
+    throw std::invalid_argument(
+        "--device cuda: this build has no CUDA backend (built without nvcc); use --device cpu");
+  }
   reason = "built without CUDA";
 #endif
   return "cpu";
@@ -36,6 +41,9 @@ std::string resolve_device(const std::string& requested, std::string& reason) {
 std::unique_ptr<Backend> make_backend(const std::string& device, ModelWeights weights,
                                       const KvCacheManager& cache) {
   if (device == "cpu") return std::make_unique<CpuBackend>(std::move(weights), cache);
+#ifdef KVSERVE_WITH_CUDA
+  if (device == "cuda") return std::make_unique<CudaBackend>(weights, cache);
+#endif
   throw std::invalid_argument("no backend for device '" + device + "'");
 }
 

@@ -10,10 +10,14 @@
 namespace kvserve {
 namespace {
 
+// Below this many rows a parallel region costs more than it saves (decode steps of small
+// batches): waking threads on a busy machine takes longer than the work.
+constexpr int kParallelRows = 16;
+
 // out[T][C] = layer_norm(in[T][C]) * weight + bias
 void layer_norm(const float* in, float* out, int rows, int cols, const std::vector<float>& weight,
                 const std::vector<float>& bias, float eps) {
-#pragma omp parallel for
+#pragma omp parallel for if (rows >= kParallelRows)
   for (int r = 0; r < rows; ++r) {
     const float* x = in + static_cast<size_t>(r) * cols;
     float* y = out + static_cast<size_t>(r) * cols;
@@ -41,7 +45,7 @@ void linear(const float* in, int rows, int k, const std::vector<float>& weight,
 
 void gelu(float* x, size_t count, Activation activation) {
   constexpr float kSqrt2OverPi = 0.7978845608028654f;
-#pragma omp parallel for
+#pragma omp parallel for if (count >= kParallelRows * 1024)
   for (size_t i = 0; i < count; ++i) {
     const float v = x[i];
     x[i] = activation == Activation::kGeluTanh
@@ -97,7 +101,7 @@ void CpuBackend::forward(const std::vector<ForwardItem>& items, std::vector<floa
     layer_norm(x_.data(), h_.data(), rows, C, w.ln_1_weight, w.ln_1_bias, cfg.layer_norm_epsilon);
     linear(h_.data(), rows, C, w.attn_qkv_weight, w.attn_qkv_bias, 3 * C, qkv_.data(), false);
     std::exception_ptr failure;
-#pragma omp parallel for schedule(dynamic)
+#pragma omp parallel for schedule(dynamic) if (rows >= kParallelRows)
     for (int task = 0; task < tasks; ++task) {
       const int i = task / H, head = task % H;
       try {

@@ -29,6 +29,8 @@ class CpuKvCache {
                          const float* qkv, int qkv_stride, float* out, int out_stride);
 
   size_t bytes() const { return storage_bytes_; }
+  // The whole pool, [n_layer][num_blocks][block_bytes]: the CUDA cache is tested against it.
+  const uint8_t* data() const { return storage_.get(); }
 
  private:
   uint8_t* block(int layer, int32_t id) {

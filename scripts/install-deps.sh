@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Installs every Debian 12 package that kvserve's build, tests and tools need.
 # The README, CI (.ci/run) and the Dockerfile all call this one script, so they cannot drift.
+# The Dockerfile's builder is Ubuntu 24.04 (NVIDIA's CUDA images): every name below is the same
+# package there. Only the runtime libraries were renamed (the t64 transition), which is why the
+# runtime image derives its packages from the built binaries (scripts/runtime-packages.sh).
+# prometheus (for promtool) and python3-yaml serve the deploy/ checks in tests/deploy.
 # Usage: scripts/install-deps.sh   (as root, or with sudo available)
 set -euo pipefail
 packages=(
@@ -9,7 +13,7 @@ packages=(
   nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc prometheus-cpp-dev
-  prometheus
+  prometheus python3-yaml
 )
 missing=()
 for p in "${packages[@]}"; do

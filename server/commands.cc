@@ -19,6 +19,7 @@
 #include "engine/perplexity.h"
 #include "engine/text_io.h"
 #include "engine/tokenizer.h"
+#include "server/bench_decode.h"
 #include "server/bench_memory.h"
 #include "server/cli_flags.h"
 #include "server/logging.h"
@@ -188,8 +189,7 @@ int run_eval_ppl(const EvalFlags& flags) {
 int run_command_line(int argc, char** argv) {
   CLI::App app{"kvserve: GPT-2 serving with a paged KIVI-quantized KV cache"};
   app.require_subcommand(1);
-  // Global flags are accepted after the command too (kvserve serve --log-json).
-  app.fallthrough();
+  app.fallthrough();  // global flags such as --log-level may also follow the command
   std::string log_level = "info";
   bool log_json = false;
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error or off")
@@ -243,6 +243,10 @@ int run_command_line(int argc, char** argv) {
   CLI::App* memory_cmd = bench_cmd->add_subcommand(
       "memory", "KV bytes per token, compression and pool capacity for every format");
   add_bench_memory_flags(memory_cmd, bench_memory);
+  BenchDecodeFlags bench_decode;
+  CLI::App* decode_cmd = bench_cmd->add_subcommand(
+      "decode", "decode-step throughput at several batch sizes, one backend and KV format");
+  add_bench_decode_flags(decode_cmd, bench_decode);
 
   try {
     app.parse(argc, argv);
@@ -256,6 +260,7 @@ int run_command_line(int argc, char** argv) {
     if (tokenize_cmd->parsed()) return run_tokenize(tokenize);
     if (eval_cmd->parsed()) return run_eval_ppl(eval);
     if (memory_cmd->parsed()) return run_bench_memory(bench_memory);
+    if (decode_cmd->parsed()) return run_bench_decode(bench_decode);
   } catch (const UsageError& e) {
     std::cerr << "kvserve: " << e.what() << "\n";
     return 2;

@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -101,6 +102,25 @@ TEST(Cli, PromptBeyondTheContextIsRejected) {
       run_kvserve("generate " + model_flag() + " --prompt hi --max-new-tokens 5000");
   EXPECT_EQ(r.status, 2);
   EXPECT_NE(r.err.find("context"), std::string::npos) << r.err;
+}
+
+// The KIVI pool's memory targets through the command that reports them (docs/memory.md).
+TEST(Cli, BenchMemoryReportsTheTargets) {
+  const CommandResult r = run_kvserve("bench memory --models dummy:gpt2 --lengths 128,1024");
+  ASSERT_EQ(r.status, 0) << r.err;
+  const nlohmann::json out = nlohmann::json::parse(r.out);
+  std::map<std::string, nlohmann::json> by_format;
+  for (const auto& result : out["results"]) by_format[result["format"]] = result;
+  ASSERT_EQ(by_format.size(), 5u);
+  auto ratio_at_1024 = [&](const std::string& f) {
+    return by_format[f]["lengths"][1]["compression_ratio"].get<double>();
+  };
+  EXPECT_DOUBLE_EQ(ratio_at_1024("fp16"), 1.0);
+  EXPECT_GE(ratio_at_1024("kivi2"), 4.5);
+  EXPECT_GE(ratio_at_1024("kivi2-gv64"), 4.9);
+  EXPECT_GE(ratio_at_1024("kivi4"), 2.9);
+  EXPECT_GE(by_format["kivi2"]["capacity_vs_fp16"].get<double>(), 4.4);
+  EXPECT_EQ(by_format["fp16"]["lengths"][0]["bytes_per_token"].get<double>(), 36864.0);
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 #include "tests/test_support.h"
 
+#include <cstdlib>
 #include <filesystem>
 #include <random>
 #include <stdexcept>
@@ -7,11 +8,14 @@
 namespace kvserve::testing {
 
 std::string source_path(const std::string& relative) {
-  return std::string(KVSERVE_SOURCE_DIR) + "/" + relative;
+  const char* root = std::getenv("KVSERVE_TEST_SOURCE_DIR");
+  return std::string(root && *root ? root : KVSERVE_SOURCE_DIR) + "/" + relative;
 }
 
 std::string shared_model_dir() {
-  const std::string dir = source_path("../shared/models/gpt2-tiny-docs");
+  const char* model = std::getenv("KVSERVE_TEST_MODEL");
+  const std::string dir =
+      model && *model ? std::string(model) : source_path("../shared/models/gpt2-tiny-docs");
   if (!std::filesystem::exists(dir + "/model.safetensors")) {
     throw std::runtime_error("test model missing: " + dir +
                              " (../shared must sit beside the checkout)");

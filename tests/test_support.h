@@ -5,10 +5,12 @@
 
 namespace kvserve::testing {
 
-// An absolute path inside the source tree, e.g. source_path("tests/fixtures/ppl.json").
+// A path inside the source tree, e.g. source_path("tests/fixtures/ppl.json"); the environment
+// variable KVSERVE_TEST_SOURCE_DIR moves the root (a binary run on another machine, as the GPU
+// one).
 std::string source_path(const std::string& relative);
-// The trained test model ../shared/models/gpt2-tiny-docs (tests that need it fail, not skip,
-// when it is missing: CI always has ../shared).
+// The trained test model ../shared/models/gpt2-tiny-docs, or $KVSERVE_TEST_MODEL when set (tests
+// that need it fail, not skip, when it is missing: CI always has ../shared).
 std::string shared_model_dir();
 // ../shared/data/docs-val.txt.xz
 std::string shared_eval_text();

@@ -1,0 +1,172 @@
+#include "client/generation_client.h"
+
+#include <google/protobuf/util/json_util.h>
+
+#include <future>
+#include <utility>
+
+namespace kvserve::client {
+namespace {
+
+void set_timeout(grpc::ClientContext& context, double timeout_s) {
+  if (timeout_s > 0) {
+    context.set_deadline(std::chrono::system_clock::now() +
+                         std::chrono::duration_cast<std::chrono::system_clock::duration>(
+                             std::chrono::duration<double>(timeout_s)));
+  }
+}
+
+// One Generate stream on the callback API. It owns itself and is deleted once the call is over,
+// after on_done has run. Reads are issued one at a time, so the callbacks of one stream never run
+// concurrently.
+class GenerateCall : public grpc::ClientReadReactor<v1::GenerateResponse> {
+ public:
+  GenerateCall(v1::Generation::Stub* stub, v1::GenerateRequest request, double timeout_s,
+               ChunkCallback on_chunk, DoneCallback on_done)
+      : request_(std::move(request)), on_chunk_(std::move(on_chunk)), on_done_(std::move(on_done)) {
+    set_timeout(context_, timeout_s);
+    stub->async()->Generate(&context_, &request_, this);
+    StartRead(&response_);
+    outcome_.timing.start = Clock::now();
+    StartCall();
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) return;  // the stream is over; OnDone follows with the status
+    const Clock::time_point now = Clock::now();
+    if (response_.has_chunk()) {
+      const v1::TokenChunk& chunk = response_.chunk();
+      outcome_.timing.chunks.push_back({now, chunk.token_ids_size()});
+      if (on_chunk_) on_chunk_(chunk, now);
+    } else if (response_.has_final()) {
+      outcome_.final = response_.final();
+    }
+    StartRead(&response_);
+  }
+
+  void OnDone(const grpc::Status& status) override {
+    outcome_.timing.end = Clock::now();
+    outcome_.status = status;
+    if (status.ok() && !outcome_.final) {
+      outcome_.status =
+          grpc::Status(grpc::StatusCode::INTERNAL, "the stream ended without its final message");
+    }
+    on_done_(std::move(outcome_));
+    delete this;
+  }
+
+ private:
+  grpc::ClientContext context_;
+  v1::GenerateRequest request_;
+  v1::GenerateResponse response_;
+  ChunkCallback on_chunk_;
+  DoneCallback on_done_;
+  GenerateOutcome outcome_;
+};
+
+}  // namespace
+
+GenerationClient::GenerationClient(const std::string& address)
+    : GenerationClient(grpc::CreateChannel(address, grpc::InsecureChannelCredentials())) {}
+
+GenerationClient::GenerationClient(std::shared_ptr<grpc::Channel> channel)
+    : channel_(std::move(channel)),
+      generation_(v1::Generation::NewStub(channel_)),
+      health_(grpc::health::v1::Health::NewStub(channel_)) {}
+
+void GenerationClient::StartGenerate(v1::GenerateRequest request, double timeout_s,
+                                     ChunkCallback on_chunk, DoneCallback on_done) {
+  new GenerateCall(generation_.get(), std::move(request), timeout_s, std::move(on_chunk),
+                   std::move(on_done));
+}
+
+GenerateOutcome GenerationClient::Generate(v1::GenerateRequest request, double timeout_s,
+                                           ChunkCallback on_chunk) {
+  std::promise<GenerateOutcome> done;
+  std::future<GenerateOutcome> outcome = done.get_future();
+  StartGenerate(std::move(request), timeout_s, std::move(on_chunk),
+                [&done](GenerateOutcome o) { done.set_value(std::move(o)); });
+  return outcome.get();
+}
+
+grpc::Status GenerationClient::CheckHealth(const std::string& service, double timeout_s,
+                                           ServingStatus* status) {
+  grpc::ClientContext context;
+  set_timeout(context, timeout_s);
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(service);
+  grpc::health::v1::HealthCheckResponse response;
+  const grpc::Status result = health_->Check(&context, request, &response);
+  if (result.ok()) *status = response.status();
+  return result;
+}
+
+grpc::Status GenerationClient::GetModelInfo(double timeout_s, v1::ModelInfo* info) {
+  grpc::ClientContext context;
+  set_timeout(context, timeout_s);
+  return generation_->GetModelInfo(&context, v1::GetModelInfoRequest(), info);
+}
+
+grpc::Status GenerationClient::GetCacheStats(double timeout_s, v1::CacheStats* stats) {
+  grpc::ClientContext context;
+  set_timeout(context, timeout_s);
+  return generation_->GetCacheStats(&context, v1::GetCacheStatsRequest(), stats);
+}
+
+std::string status_code_name(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::OK:
+      return "OK";
+    case grpc::StatusCode::CANCELLED:
+      return "CANCELLED";
+    case grpc::StatusCode::UNKNOWN:
+      return "UNKNOWN";
+    case grpc::StatusCode::INVALID_ARGUMENT:
+      return "INVALID_ARGUMENT";
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      return "DEADLINE_EXCEEDED";
+    case grpc::StatusCode::NOT_FOUND:
+      return "NOT_FOUND";
+    case grpc::StatusCode::ALREADY_EXISTS:
+      return "ALREADY_EXISTS";
+    case grpc::StatusCode::PERMISSION_DENIED:
+      return "PERMISSION_DENIED";
+    case grpc::StatusCode::RESOURCE_EXHAUSTED:
+      return "RESOURCE_EXHAUSTED";
+    case grpc::StatusCode::FAILED_PRECONDITION:
+      return "FAILED_PRECONDITION";
+    case grpc::StatusCode::ABORTED:
+      return "ABORTED";
+    case grpc::StatusCode::OUT_OF_RANGE:
+      return "OUT_OF_RANGE";
+    case grpc::StatusCode::UNIMPLEMENTED:
+      return "UNIMPLEMENTED";
+    case grpc::StatusCode::INTERNAL:
+      return "INTERNAL";
+    case grpc::StatusCode::UNAVAILABLE:
+      return "UNAVAILABLE";
+    case grpc::StatusCode::DATA_LOSS:
+      return "DATA_LOSS";
+    case grpc::StatusCode::UNAUTHENTICATED:
+      return "UNAUTHENTICATED";
+    default:
+      return "CODE_" + std::to_string(static_cast<int>(code));
+  }
+}
+
+std::string describe(const grpc::Status& status) {
+  return status_code_name(status.error_code()) + ": " + status.error_message();
+}
+
+nlohmann::json to_json(const google::protobuf::Message& message) {
+  google::protobuf::util::JsonPrintOptions options;
+  options.always_print_primitive_fields = true;
+  options.preserve_proto_field_names = true;
+  std::string text;
+  if (!google::protobuf::util::MessageToJsonString(message, &text, options).ok()) {
+    throw std::logic_error(message.GetTypeName() + " does not print as JSON");
+  }
+  return nlohmann::json::parse(text);
+}
+
+}  // namespace kvserve::client

@@ -1,0 +1,154 @@
+#include "engine/cuda/cuda_backend.h"
+
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "engine/fp16.h"
+#include "kernels/bias_activation.h"
+#include "kernels/cuda_check.h"
+#include "kernels/embedding.h"
+#include "kernels/gemm.h"
+#include "kernels/layer_norm.h"
+
+namespace kvserve {
+
+CudaBackend::CudaBackend(const ModelWeights& weights, const KvCacheManager& manager)
+    : config_(weights.config), cache_(manager, weights.config) {
+  const ModelConfig& cfg = config_;
+  if (cfg.n_embd % 2 != 0 || cfg.n_inner % 2 != 0) {
+    throw std::invalid_argument("CUDA backend: n_embd and n_inner must be even");
+  }
+  // Every tensor in one host fp16 array, in upload order; the offsets become device pointers.
+  std::vector<uint16_t> host;
+  std::vector<size_t> offsets;
+  auto add = [&](const std::vector<float>& t) {
+    offsets.push_back(host.size());
+    for (float v : t) host.push_back(float_to_half(v));
+    host.resize((host.size() + 7) / 8 * 8);  // 16-byte aligned tensors
+  };
+  add(weights.token_embedding);
+  add(weights.position_embedding);
+  add(weights.ln_f_weight);
+  add(weights.ln_f_bias);
+  for (const LayerWeights& l : weights.layers) {
+    for (const auto* t : {&l.ln_1_weight, &l.ln_1_bias, &l.attn_qkv_weight, &l.attn_qkv_bias,
+                          &l.attn_proj_weight, &l.attn_proj_bias, &l.ln_2_weight, &l.ln_2_bias,
+                          &l.mlp_fc_weight, &l.mlp_fc_bias, &l.mlp_proj_weight, &l.mlp_proj_bias}) {
+      add(*t);
+    }
+  }
+  __half* device = weights_.reserve(host.size());
+  KVSERVE_CUDA_CHECK(
+      cudaMemcpy(device, host.data(), host.size() * sizeof(uint16_t), cudaMemcpyHostToDevice));
+  size_t next = 0;
+  auto ptr = [&]() { return device + offsets[next++]; };
+  wte_ = ptr();
+  wpe_ = ptr();
+  ln_f_weight_ = ptr();
+  ln_f_bias_ = ptr();
+  for (size_t i = 0; i < weights.layers.size(); ++i) {
+    Layer l;
+    l.ln_1_weight = ptr();
+    l.ln_1_bias = ptr();
+    l.qkv_weight = ptr();
+    l.qkv_bias = ptr();
+    l.proj_weight = ptr();
+    l.proj_bias = ptr();
+    l.ln_2_weight = ptr();
+    l.ln_2_bias = ptr();
+    l.fc_weight = ptr();
+    l.fc_bias = ptr();
+    l.fc_proj_weight = ptr();
+    l.fc_proj_bias = ptr();
+    layers_.push_back(l);
+  }
+  KVSERVE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  KVSERVE_CUBLAS_CHECK(cublasCreate(&cublas_));
+}
+
+CudaBackend::~CudaBackend() {
+  if (cublas_) cublasDestroy(cublas_);
+  if (stream_) cudaStreamDestroy(stream_);
+}
+
+void CudaBackend::forward(const std::vector<ForwardItem>& items, std::vector<float>& logits) {
+  const ModelConfig& cfg = config_;
+  const int C = cfg.n_embd, F = cfg.n_inner, V = cfg.vocab_size;
+  // Host side: tokens, positions and the rows whose logits are wanted, checked as the CPU
+  // backend checks them.
+  std::vector<int32_t> tokens, positions, logit_rows;
+  for (const ForwardItem& item : items) {
+    if (item.tokens.empty()) throw std::invalid_argument("forward: an item has no tokens");
+    const int first = static_cast<int>(tokens.size()), count = static_cast<int>(item.tokens.size());
+    for (int t = 0; t < count; ++t) {
+      const int token = item.tokens[t], pos = item.start + t;
+      if (token < 0 || token >= V) {
+        throw std::out_of_range("token id " + std::to_string(token) + " outside the vocabulary");
+      }
+      if (pos >= cfg.n_positions) {
+        throw std::out_of_range("position " + std::to_string(pos) + " beyond the context of " +
+                                std::to_string(cfg.n_positions));
+      }
+      tokens.push_back(token);
+      positions.push_back(pos);
+    }
+    for (int t = item.all_logits ? 0 : count - 1; t < count; ++t) logit_rows.push_back(first + t);
+  }
+  const int T = static_cast<int>(tokens.size()), R = static_cast<int>(logit_rows.size());
+
+  cache_.prepare(items, stream_);
+  const size_t index_count = 2 * static_cast<size_t>(T) + R;
+  int32_t* index_host = indices_host_.reserve(index_count);
+  std::memcpy(index_host, tokens.data(), T * sizeof(int32_t));
+  std::memcpy(index_host + T, positions.data(), T * sizeof(int32_t));
+  std::memcpy(index_host + 2 * T, logit_rows.data(), R * sizeof(int32_t));
+  int32_t* index = indices_.reserve(index_count);
+  KVSERVE_CUDA_CHECK(cudaMemcpyAsync(index, index_host, index_count * sizeof(int32_t),
+                                     cudaMemcpyHostToDevice, stream_));
+  float* x = x_.reserve(static_cast<size_t>(T) * C);
+  __half* h = h_.reserve(static_cast<size_t>(T) * C);
+  __half* qkv = qkv_.reserve(static_cast<size_t>(T) * 3 * C);
+  __half* att = att_.reserve(static_cast<size_t>(T) * C);
+  __half* fc = fc_.reserve(static_cast<size_t>(T) * F);
+  float* logits_device = logits_.reserve(static_cast<size_t>(R) * V);
+
+  cuda::embedding_forward(x, index, index + T, wte_, wpe_, T, C, stream_);
+  // Each projection GEMM accumulates into x without its bias; the next layer norm adds it.
+  const __half* pending_bias = nullptr;
+  for (int layer = 0; layer < cfg.n_layer; ++layer) {
+    const Layer& w = layers_[layer];
+    cuda::layer_norm_forward(h, x, nullptr, pending_bias, w.ln_1_weight, w.ln_1_bias, T, C,
+                             cfg.layer_norm_epsilon, stream_);
+    cuda::gemm(cublas_, stream_, h, w.qkv_weight, false, qkv, cuda::GemmOutput::kHalf, T, 3 * C, C,
+               0.0f);
+    cuda::bias_activation_forward(qkv, w.qkv_bias, T, 3 * C, cuda::BiasActivation::kNone, stream_);
+    cache_.append_and_attend(layer, qkv, att, stream_);
+    cuda::gemm(cublas_, stream_, att, w.proj_weight, false, x, cuda::GemmOutput::kFloat, T, C, C,
+               1.0f);
+    cuda::layer_norm_forward(h, x, nullptr, w.proj_bias, w.ln_2_weight, w.ln_2_bias, T, C,
+                             cfg.layer_norm_epsilon, stream_);
+    cuda::gemm(cublas_, stream_, h, w.fc_weight, false, fc, cuda::GemmOutput::kHalf, T, F, C, 0.0f);
+    cuda::bias_activation_forward(fc, w.fc_bias, T, F,
+                                  cfg.activation == Activation::kGeluTanh
+                                      ? cuda::BiasActivation::kGeluTanh
+                                      : cuda::BiasActivation::kGeluErf,
+                                  stream_);
+    cuda::gemm(cublas_, stream_, fc, w.fc_proj_weight, false, x, cuda::GemmOutput::kFloat, T, C, F,
+               1.0f);
+    pending_bias = w.fc_proj_bias;
+  }
+  // Final layer norm of the wanted rows only, then the tied LM head.
+  cuda::layer_norm_forward(h, x, index + 2 * T, pending_bias, ln_f_weight_, ln_f_bias_, R, C,
+                           cfg.layer_norm_epsilon, stream_);
+  cuda::gemm(cublas_, stream_, h, wte_, true, logits_device, cuda::GemmOutput::kFloat, R, V, C,
+             0.0f);
+  float* host = logits_host_.reserve(static_cast<size_t>(R) * V);
+  KVSERVE_CUDA_CHECK(cudaMemcpyAsync(host, logits_device,
+                                     static_cast<size_t>(R) * V * sizeof(float),
+                                     cudaMemcpyDeviceToHost, stream_));
+  KVSERVE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  logits.assign(host, host + static_cast<size_t>(R) * V);
+}
+
+}  // namespace kvserve

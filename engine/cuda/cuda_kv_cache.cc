@@ -1,0 +1,140 @@
+#include "engine/cuda/cuda_kv_cache.h"
+
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "kernels/cuda_check.h"
+#include "kernels/kv_compact_residual.h"
+#include "kernels/kv_quantize_pages.h"
+#include "kernels/paged_attention.h"
+
+namespace kvserve {
+namespace {
+
+cuda::KvCacheView make_view(const KvCacheManager& manager, const ModelConfig& model) {
+  const KvCacheConfig& c = manager.config();
+  const KvPageLayout& l = manager.layout();
+  cuda::KvCacheView v;
+  v.block_bytes = static_cast<int64_t>(l.block_bytes);
+  v.key_codes = static_cast<int64_t>(l.key_codes);
+  v.key_params = static_cast<int64_t>(l.key_params);
+  v.value_codes = static_cast<int64_t>(l.value_codes);
+  v.value_params = static_cast<int64_t>(l.value_params);
+  v.kind = c.format == KvFormat::kFp16   ? cuda::KvKind::kFp16
+           : c.format == KvFormat::kInt8 ? cuda::KvKind::kInt8
+                                         : cuda::KvKind::kKivi;
+  v.bits = kv_bits(c.format);
+  v.n_head = model.n_head;
+  v.head_dim = model.head_dim();
+  v.page_tokens = c.page_tokens;
+  v.key_group = c.key_group;
+  v.value_group = c.value_group;
+  v.residual = c.residual;
+  v.residual_tokens_per_block = l.residual_tokens_per_block;
+  v.per_token_keys = c.per_token_keys;
+  return v;
+}
+
+}  // namespace
+
+CudaKvCache::CudaKvCache(const KvCacheManager& manager, const ModelConfig& model)
+    : manager_(manager),
+      view_(make_view(manager, model)),
+      n_layer_(model.n_layer),
+      channels_(model.n_embd),
+      layer_bytes_(static_cast<size_t>(manager.num_blocks()) * manager.layout().block_bytes),
+      bytes_(layer_bytes_ * model.n_layer) {
+  size_t free_bytes = 0, total_bytes = 0;
+  KVSERVE_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  if (bytes_ > free_bytes) {
+    throw std::runtime_error("the KV pool needs " + std::to_string(bytes_ >> 20) +
+                             " MiB but the GPU has " + std::to_string(free_bytes >> 20) +
+                             " MiB free: use a smaller --kv-pool-mb");
+  }
+  KVSERVE_CUDA_CHECK(cudaMalloc(&pool_, std::max<size_t>(bytes_, 1)));
+  // Zeroed so that the pool's bytes equal the CPU cache's (calloc) in tests.
+  KVSERVE_CUDA_CHECK(cudaMemset(pool_, 0, bytes_));
+  view_.blocks = pool_;
+}
+
+CudaKvCache::~CudaKvCache() {
+  cudaFree(pool_);
+}
+
+void CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaStream_t stream) {
+  const int n = static_cast<int>(items.size());
+  // Layout of the metadata buffer: start, count, row [n] each; page_offset, residual_offset
+  // [n + 1] each; pages; residual blocks; tiles [num_tiles][2].
+  host_meta_.assign(5 * n + 2, 0);
+  int32_t* start = host_meta_.data();
+  int32_t* count = start + n;
+  int32_t* row = count + n;
+  const int page_offset = 3 * n, residual_offset = 4 * n + 1;
+  std::vector<int32_t> pages, residual, tiles;
+  int rows = 0;
+  for (int i = 0; i < n; ++i) {
+    const SequenceCache& seq = manager_.sequence(items[i].sequence_id);
+    const int tokens = static_cast<int>(items[i].tokens.size());
+    if (items[i].start + tokens > seq.length) {
+      throw std::logic_error("KV cache: append beyond the reserved length of the sequence");
+    }
+    start[i] = items[i].start;
+    count[i] = tokens;
+    row[i] = rows;
+    rows += tokens;
+    host_meta_[page_offset + i] = static_cast<int32_t>(pages.size());
+    host_meta_[residual_offset + i] = static_cast<int32_t>(residual.size());
+    pages.insert(pages.end(), seq.pages.begin(), seq.pages.end());
+    residual.insert(residual.end(), seq.residual_blocks.begin(), seq.residual_blocks.end());
+    for (int q = 0; q < tokens; q += cuda::kAttentionQueryTile) {
+      tiles.push_back(i);
+      tiles.push_back(q);
+    }
+  }
+  host_meta_[page_offset + n] = static_cast<int32_t>(pages.size());
+  host_meta_[residual_offset + n] = static_cast<int32_t>(residual.size());
+  const size_t pages_at = host_meta_.size();
+  host_meta_.insert(host_meta_.end(), pages.begin(), pages.end());
+  const size_t residual_at = host_meta_.size();
+  host_meta_.insert(host_meta_.end(), residual.begin(), residual.end());
+  const size_t tiles_at = host_meta_.size();
+  host_meta_.insert(host_meta_.end(), tiles.begin(), tiles.end());
+
+  // The previous step ended with a synchronising copy, so the pinned buffer is free to reuse.
+  int32_t* pinned = pinned_meta_.reserve(host_meta_.size());
+  int32_t* device = device_meta_.reserve(host_meta_.size());
+  std::memcpy(pinned, host_meta_.data(), host_meta_.size() * sizeof(int32_t));
+  KVSERVE_CUDA_CHECK(cudaMemcpyAsync(device, pinned, host_meta_.size() * sizeof(int32_t),
+                                     cudaMemcpyHostToDevice, stream));
+  batch_.items = n;
+  batch_.start = device;
+  batch_.count = device + n;
+  batch_.row = device + 2 * n;
+  batch_.page_offset = device + page_offset;
+  batch_.residual_offset = device + residual_offset;
+  batch_.pages = device + pages_at;
+  batch_.residual_blocks = device + residual_at;
+  tiles_ = device + tiles_at;
+  num_tiles_ = static_cast<int>(tiles.size() / 2);
+}
+
+void CudaKvCache::append_and_attend(int layer, const __half* qkv, __half* out,
+                                    cudaStream_t stream) {
+  if (layer < 0 || layer >= n_layer_) throw std::out_of_range("KV cache: layer out of range");
+  cuda::KvCacheView view = view_;
+  view.blocks = pool_ + layer * layer_bytes_;
+  const int qkv_stride = 3 * channels_;
+  cuda::kv_quantize_pages(view, batch_, qkv, qkv_stride, stream);
+  cuda::paged_attention(view, batch_, tiles_, num_tiles_, qkv, qkv_stride, out, channels_, stream);
+  cuda::kv_compact_residual(view, batch_, qkv, qkv_stride, stream);
+}
+
+std::vector<uint8_t> CudaKvCache::download(cudaStream_t stream) const {
+  std::vector<uint8_t> out(bytes_);
+  KVSERVE_CUDA_CHECK(cudaMemcpyAsync(out.data(), pool_, bytes_, cudaMemcpyDeviceToHost, stream));
+  KVSERVE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  return out;
+}
+
+}  // namespace kvserve

@@ -1,0 +1,54 @@
+// The paged KV cache of the CUDA backend: device memory in the exact format of kv_format.h (same
+// block ids and layout as CpuKvCache), the step's block tables, and the write path and attention
+// kernels run per layer.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "engine/backend.h"
+#include "engine/cuda/device_buffer.h"
+#include "engine/kv_cache_manager.h"
+#include "engine/model_config.h"
+#include "kernels/kv_cache_view.h"
+
+namespace kvserve {
+
+class CudaKvCache {
+ public:
+  // Allocates n_layer * num_blocks * block_bytes of device memory once, after checking that it
+  // fits in the free memory of the current device.
+  CudaKvCache(const KvCacheManager& manager, const ModelConfig& model);
+  ~CudaKvCache();
+  CudaKvCache(const CudaKvCache&) = delete;
+  CudaKvCache& operator=(const CudaKvCache&) = delete;
+
+  // Uploads the step's item geometry and block tables (sequences already grown); the items' rows
+  // in qkv/out are consecutive in item order.
+  void prepare(const std::vector<ForwardItem>& items, cudaStream_t stream);
+  // One layer: quantizes the positions that enter pages, attends, compacts the residual.
+  //   qkv: fp16 [rows][3C] (q | k | v, biases added)   out: fp16 [rows][C]
+  void append_and_attend(int layer, const __half* qkv, __half* out, cudaStream_t stream);
+
+  size_t bytes() const { return bytes_; }
+  // The whole pool, [n_layer][num_blocks][block_bytes], for tests.
+  std::vector<uint8_t> download(cudaStream_t stream) const;
+
+ private:
+  const KvCacheManager& manager_;
+  cuda::KvCacheView view_;  // blocks points at layer 0
+  int n_layer_, channels_;
+  size_t layer_bytes_, bytes_;
+  uint8_t* pool_ = nullptr;
+  cuda::KvBatchView batch_;
+  int num_tiles_ = 0;
+  const int32_t* tiles_ = nullptr;
+  std::vector<int32_t> host_meta_;
+  cuda::PinnedBuffer<int32_t> pinned_meta_;
+  cuda::DeviceBuffer<int32_t> device_meta_;
+};
+
+}  // namespace kvserve

@@ -1,0 +1,85 @@
+// Device-side helpers shared by the KV cache kernels: the residual rule, block addressing, the
+// fp16 window and the quantizer. Bit-exact with engine/kv_quant.{h,cc} and engine/cpu_kv_cache.cc.
+#pragma once
+
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "kernels/kv_cache_view.h"
+
+namespace kvserve::cuda {
+
+// Tokens of an n-token sequence that live in pages (engine/kv_format.cc paged_token_count).
+__device__ __forceinline__ int paged_count(const KvCacheView& c, int n) {
+  if (c.kind != KvKind::kKivi) return n;
+  if (n < c.residual + c.key_group) return 0;
+  return c.key_group * ((n - c.residual) / c.key_group);
+}
+
+__device__ __forceinline__ uint8_t* block_ptr(const KvCacheView& c, int32_t id) {
+  return c.blocks + static_cast<int64_t>(id) * c.block_bytes;
+}
+
+// fp16 [D] row of residual slot `slot` of one head; which = 0 keys, 1 values.
+// residual_blocks: the item's [keys 0, values 0, keys 1, ...].
+__device__ __forceinline__ __half* residual_row(const KvCacheView& c,
+                                                const int32_t* residual_blocks, int head, int slot,
+                                                int which) {
+  const int per_block = c.residual_tokens_per_block;
+  const int32_t id = residual_blocks[2 * (slot / per_block) + which];
+  return reinterpret_cast<__half*>(block_ptr(c, id)) +
+         (static_cast<int64_t>(head) * per_block + slot % per_block) * c.head_dim;
+}
+
+// The fp16 window of one item and head at a step: positions [paged(start), start) are the old
+// residual (valid until kv_compact_residual runs), positions [start, end) the step's new keys and
+// values in qkv ([rows][3C]: q | k | v).
+struct KvWindow {
+  const KvCacheView* cache;
+  const int32_t* residual_blocks;
+  const __half* qkv;  // the item's first row
+  int64_t qkv_stride;
+  int head, start, window_start;
+
+  __device__ __forceinline__ const __half* row(int pos, int which) const {
+    if (pos < start) return residual_row(*cache, residual_blocks, head, pos - window_start, which);
+    const int channels = cache->n_head * cache->head_dim;
+    return qkv + (pos - start) * qkv_stride + (1 + which) * channels + head * cache->head_dim;
+  }
+};
+
+// code * scale + zero without FMA contraction, so dequantized values equal the CPU's bit for bit.
+__device__ __forceinline__ float dequantize(uint32_t code, float scale, float zero) {
+  return __fadd_rn(__fmul_rn(static_cast<float>(code), scale), zero);
+}
+
+// Quantizes x(0) .. x(n-1) (fp16 values) with `bits`-bit codes into whole 32-bit words (n is a
+// multiple of 32 / bits), LSB first, and stores (scale, zero) as an fp16 pair at params.
+template <typename Fetch>
+__device__ __forceinline__ void quantize_to_words(Fetch x, int n, int bits, uint32_t* words,
+                                                  __half* params) {
+  float lo = x(0), hi = lo;
+  for (int i = 1; i < n; ++i) {
+    const float v = x(i);
+    lo = fminf(lo, v);
+    hi = fmaxf(hi, v);
+  }
+  const float max_code = static_cast<float>((1 << bits) - 1);
+  const __half scale_h = __float2half_rn((hi - lo) / max_code);
+  const __half zero_h = __float2half_rn(lo);
+  params[0] = scale_h;
+  params[1] = zero_h;
+  const float scale = __half2float(scale_h), zero = __half2float(zero_h);
+  const int per_word = 32 / bits;
+  for (int w = 0; w < n / per_word; ++w) {
+    uint32_t word = 0;
+    for (int k = 0; k < per_word; ++k) {
+      const float q = scale > 0.0f ? rintf((x(w * per_word + k) - zero) / scale) : 0.0f;
+      word |= static_cast<uint32_t>(fminf(fmaxf(q, 0.0f), max_code)) << (bits * k);
+    }
+    words[w] = word;
+  }
+}
+
+}  // namespace kvserve::cuda

@@ -1,0 +1,18 @@
+// KV write path, part 2 (KIVI formats): writes the residual of each item after the step, fp16
+// keys and values of positions [paged(end), end), compacted at slot 0 of its residual blocks.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "kernels/kv_cache_view.h"
+
+namespace kvserve::cuda {
+
+// qkv: fp16 [rows][3C] (row stride qkv_stride elements): q | k | v. The old residual is read and
+// overwritten in place, so this runs after every reader of it (kv_quantize_pages, attention).
+// A no-op for fp16 and int8. Throws std::invalid_argument / std::runtime_error.
+void kv_compact_residual(const KvCacheView& cache, const KvBatchView& batch, const __half* qkv,
+                         int qkv_stride, cudaStream_t stream);
+
+}  // namespace kvserve::cuda

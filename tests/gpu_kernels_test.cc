@@ -1,0 +1,292 @@
+// The CUDA kernels against the CPU reference on random inputs: the KV cache (write path and
+// attention) against CpuKvCache byte for byte over many steps in every format, and the
+// element-wise kernels against plain loops. Skipped when no GPU is visible.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <stdexcept>
+#include <vector>
+
+#include "engine/cpu_kv_cache.h"
+#include "engine/cuda/cuda_kv_cache.h"
+#include "engine/cuda/device_buffer.h"
+#include "engine/fp16.h"
+#include "kernels/bias_activation.h"
+#include "kernels/cuda_check.h"
+#include "kernels/device_info.h"
+#include "kernels/embedding.h"
+#include "kernels/layer_norm.h"
+#include "kernels/paged_attention.h"
+
+namespace kvserve {
+namespace {
+
+#define SKIP_WITHOUT_GPU() \
+  if (cuda::visible_device_count() == 0) GTEST_SKIP() << "no CUDA GPU visible"
+
+std::vector<uint16_t> to_half(const std::vector<float>& v) {
+  std::vector<uint16_t> h(v.size());
+  for (size_t i = 0; i < v.size(); ++i) h[i] = float_to_half(v[i]);
+  return h;
+}
+
+template <typename T>
+T* upload(cuda::DeviceBuffer<T>& buffer, const void* data, size_t count) {
+  T* p = buffer.reserve(count);
+  KVSERVE_CUDA_CHECK(cudaMemcpy(p, data, count * sizeof(T), cudaMemcpyHostToDevice));
+  return p;
+}
+
+template <typename T>
+std::vector<T> download(const T* p, size_t count) {
+  std::vector<T> out(count);
+  KVSERVE_CUDA_CHECK(cudaMemcpy(out.data(), p, count * sizeof(T), cudaMemcpyDeviceToHost));
+  return out;
+}
+
+ModelConfig cache_test_model() {
+  ModelConfig m;
+  m.n_layer = 2;
+  m.n_head = 3;
+  m.n_embd = 192;  // head_dim 64
+  m.n_inner = 768;
+  m.n_positions = 1024;
+  m.vocab_size = 100;
+  return m;
+}
+
+struct CacheCase {
+  const char* name;
+  KvCacheConfig config;
+};
+
+std::vector<CacheCase> cache_cases() {
+  auto kivi = [](KvFormat f, int g, int gv, int r, int p, bool per_token_keys) {
+    KvCacheConfig c;
+    c.format = f;
+    c.key_group = g;
+    c.value_group = gv;
+    c.residual = r;
+    c.page_tokens = p;
+    c.per_token_keys = per_token_keys;
+    return c;
+  };
+  KvCacheConfig fp16, int8;
+  fp16.format = KvFormat::kFp16;
+  fp16.page_tokens = 16;
+  int8.format = KvFormat::kInt8;
+  int8.page_tokens = 16;
+  return {{"fp16", fp16},
+          {"int8", int8},
+          {"kivi4", kivi(KvFormat::kKivi4, 32, 32, 32, 32, false)},
+          {"kivi2", kivi(KvFormat::kKivi2, 32, 32, 32, 32, false)},
+          {"kivi2_gv64_r64_p64", kivi(KvFormat::kKivi2, 32, 64, 64, 64, false)},
+          {"kivi2_per_token_keys", kivi(KvFormat::kKivi2, 32, 32, 32, 32, true)},
+          {"kivi4_g16_gv16_r16_p48", kivi(KvFormat::kKivi4, 16, 16, 16, 48, false)},
+          {"kivi2_g16_r48_p32", kivi(KvFormat::kKivi2, 16, 32, 48, 32, false)}};
+}
+
+// Several sequences grow step by step in one batch (prompt chunks of random length and single-
+// token decodes, so steps cross page, group and residual boundaries, and flushes happen inside
+// chunks); finished sequences free their blocks and new ones reuse them. After every step the
+// CUDA pool must equal the CPU pool byte for byte and the attention outputs must agree.
+TEST(GpuKvCache, MatchesTheCpuCacheInEveryFormat) {
+  SKIP_WITHOUT_GPU();
+  const ModelConfig model = cache_test_model();
+  const int C = model.n_embd, H = model.n_head;
+  for (const CacheCase& test : cache_cases()) {
+    SCOPED_TRACE(test.name);
+    std::mt19937 rng(1234);
+    KvCacheManager manager(test.config, model, 400);
+    CpuKvCache cpu(manager, model);
+    CudaKvCache gpu(manager, model);
+    ASSERT_EQ(cpu.bytes(), gpu.bytes());
+    cudaStream_t stream = nullptr;
+    KVSERVE_CUDA_CHECK(cudaStreamCreate(&stream));
+    cuda::DeviceBuffer<__half> qkv_device, out_device;
+
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<float> channel_scale(3 * C);
+    for (float& s : channel_scale) s = std::uniform_real_distribution<float>(0.2f, 2.0f)(rng);
+    for (int i = 0; i < 6; ++i) channel_scale[C + rng() % C] = 12.0f;  // outlier key channels
+
+    struct Live {
+      int64_t id;
+      int target;
+    };
+    std::vector<Live> live;
+    int64_t next_id = 0;
+    int sequences_done = 0, steps = 0;
+    double worst = 0.0;
+    while (sequences_done < 6) {
+      while (live.size() < 3) {
+        manager.add_sequence(next_id);
+        live.push_back({next_id++, 150 + static_cast<int>(rng() % 300)});
+      }
+      std::vector<ForwardItem> items;
+      for (const Live& s : live) {
+        const int length = manager.sequence(s.id).length;
+        int count = 1;
+        if (length == 0 || rng() % 4 == 0) count = 1 + static_cast<int>(rng() % 90);
+        count = std::min(count, s.target - length);
+        ASSERT_TRUE(manager.grow(s.id, length + count));
+        items.push_back({s.id, length, std::vector<int32_t>(count, 0), false});
+      }
+      int rows = 0;
+      for (const ForwardItem& item : items) rows += static_cast<int>(item.tokens.size());
+      gpu.prepare(items, stream);
+      for (int layer = 0; layer < model.n_layer; ++layer) {
+        std::vector<float> qkv(static_cast<size_t>(rows) * 3 * C);  // [rows][3C], fp16 values
+        for (size_t i = 0; i < qkv.size(); ++i) {
+          qkv[i] = round_to_half(normal(rng) * channel_scale[i % (3 * C)]);
+        }
+        std::vector<float> expected(static_cast<size_t>(rows) * C);  // [rows][C]
+        int row = 0;
+        for (const ForwardItem& item : items) {
+          const int count = static_cast<int>(item.tokens.size());
+          for (int head = 0; head < H; ++head) {
+            cpu.append_and_attend(layer, head, manager.sequence(item.sequence_id), item.start,
+                                  count, &qkv[static_cast<size_t>(row) * 3 * C], 3 * C,
+                                  &expected[static_cast<size_t>(row) * C], C);
+          }
+          row += count;
+        }
+        const std::vector<uint16_t> qkv_half = to_half(qkv);
+        const __half* qkv_d = upload(qkv_device, qkv_half.data(), qkv_half.size());
+        __half* out_d = out_device.reserve(expected.size());
+        KVSERVE_CUDA_CHECK(cudaMemset(out_d, 0xff, expected.size() * sizeof(__half)));  // NaN
+        gpu.append_and_attend(layer, qkv_d, out_d, stream);
+        KVSERVE_CUDA_CHECK(cudaStreamSynchronize(stream));
+        const std::vector<__half> got = download(out_d, expected.size());
+        for (size_t i = 0; i < expected.size(); ++i) {
+          const float g = __half2float(got[i]);
+          const double diff = std::fabs(g - expected[i]);
+          worst = std::max(worst, diff);
+          ASSERT_LE(diff, 2e-3 + 2e-3 * std::fabs(expected[i]))
+              << "step " << steps << " layer " << layer << " row " << i / C << " channel " << i % C
+              << ": " << g << " vs " << expected[i];
+        }
+      }
+      const std::vector<uint8_t> pool = gpu.download(stream);
+      for (size_t b = 0; b < pool.size(); ++b) {
+        ASSERT_EQ(pool[b], cpu.data()[b])
+            << "step " << steps << ": first pool byte that differs at " << b << " (layer "
+            << b / (manager.layout().block_bytes * manager.num_blocks()) << ", block "
+            << (b / manager.layout().block_bytes) % manager.num_blocks() << ", byte "
+            << b % manager.layout().block_bytes << ")";
+      }
+      manager.finish_step();
+      for (size_t i = 0; i < live.size();) {
+        if (manager.sequence(live[i].id).length == live[i].target) {
+          manager.remove_sequence(live[i].id);
+          live.erase(live.begin() + i);
+          ++sequences_done;
+        } else {
+          ++i;
+        }
+      }
+      ++steps;
+    }
+    std::printf("%-24s %3d steps, pools equal, worst |attention difference| %.2e\n", test.name,
+                steps, worst);
+    KVSERVE_CUDA_CHECK(cudaStreamDestroy(stream));
+  }
+}
+
+TEST(GpuKernels, EmbeddingLayerNormAndBiasGeluMatchPlainLoops) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int rows = 37, C = 320, V = 50, P = 64;
+  auto random_half = [&](size_t n, float scale) {
+    std::vector<float> v(n);
+    for (float& x : v) x = round_to_half(normal(rng) * scale);
+    return v;
+  };
+  const std::vector<float> wte = random_half(static_cast<size_t>(V) * C, 0.5f);
+  const std::vector<float> wpe = random_half(static_cast<size_t>(P) * C, 0.1f);
+  std::vector<int32_t> tokens(rows), positions(rows);
+  for (int t = 0; t < rows; ++t) {
+    tokens[t] = static_cast<int32_t>(rng() % V);
+    positions[t] = static_cast<int32_t>(rng() % P);
+  }
+  cuda::DeviceBuffer<__half> wte_d, wpe_d, weight_d, bias_d, residual_bias_d, out_d, y_d;
+  cuda::DeviceBuffer<int32_t> tokens_d, positions_d, index_d;
+  cuda::DeviceBuffer<float> x_d;
+  upload(wte_d, to_half(wte).data(), wte.size());
+  upload(wpe_d, to_half(wpe).data(), wpe.size());
+  upload(tokens_d, tokens.data(), rows);
+  upload(positions_d, positions.data(), rows);
+  float* x = x_d.reserve(static_cast<size_t>(rows) * C);
+  cuda::embedding_forward(x, tokens_d.get(), positions_d.get(), wte_d.get(), wpe_d.get(), rows, C,
+                          nullptr);
+  std::vector<float> x_host = download(x, static_cast<size_t>(rows) * C);
+  for (int t = 0; t < rows; ++t) {
+    for (int c = 0; c < C; ++c) {
+      ASSERT_EQ(x_host[t * C + c], wte[tokens[t] * C + c] + wpe[positions[t] * C + c]);
+    }
+  }
+
+  // Layer norm of a subset of rows (the final layer norm's case), with a residual bias.
+  const std::vector<float> weight = random_half(C, 1.0f), bias = random_half(C, 0.3f);
+  const std::vector<float> residual_bias = random_half(C, 0.5f);
+  const std::vector<int32_t> index = {3, 0, 36, 17};
+  upload(weight_d, to_half(weight).data(), C);
+  upload(bias_d, to_half(bias).data(), C);
+  upload(residual_bias_d, to_half(residual_bias).data(), C);
+  upload(index_d, index.data(), index.size());
+  __half* out = out_d.reserve(index.size() * C);
+  cuda::layer_norm_forward(out, x, index_d.get(), residual_bias_d.get(), weight_d.get(),
+                           bias_d.get(), static_cast<int>(index.size()), C, 1e-5f, nullptr);
+  const std::vector<__half> normed = download(out, index.size() * C);
+  for (size_t r = 0; r < index.size(); ++r) {
+    std::vector<double> v(C);
+    double mean = 0.0, var = 0.0;
+    for (int c = 0; c < C; ++c) mean += v[c] = x_host[index[r] * C + c] + residual_bias[c];
+    mean /= C;
+    for (int c = 0; c < C; ++c) var += (v[c] - mean) * (v[c] - mean);
+    const double inv_std = 1.0 / std::sqrt(var / C + 1e-5);
+    for (int c = 0; c < C; ++c) {
+      const double want = (v[c] - mean) * inv_std * weight[c] + bias[c];
+      ASSERT_NEAR(__half2float(normed[r * C + c]), want, 2e-3 + 1e-3 * std::fabs(want))
+          << "row " << r << " channel " << c;
+    }
+  }
+
+  // Bias + GELU (tanh), in place on fp16.
+  const std::vector<float> y = random_half(static_cast<size_t>(rows) * C, 2.0f);
+  __half* y_dev = upload(y_d, to_half(y).data(), y.size());
+  cuda::bias_activation_forward(y_dev, bias_d.get(), rows, C, cuda::BiasActivation::kGeluTanh,
+                                nullptr);
+  const std::vector<__half> activated = download(y_dev, y.size());
+  for (size_t i = 0; i < y.size(); ++i) {
+    const double v = y[i] + bias[i % C];
+    const double want =
+        0.5 * v * (1.0 + std::tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)));
+    ASSERT_NEAR(__half2float(activated[i]), want, 1e-3 + 1e-3 * std::fabs(want)) << i;
+  }
+}
+
+TEST(GpuKernels, LaunchersRejectBadInputs) {
+  SKIP_WITHOUT_GPU();
+  cuda::KvCacheView cache;
+  cuda::KvBatchView batch;
+  EXPECT_THROW(cuda::layer_norm_forward(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 4, 0,
+                                        1e-5f, nullptr),
+               std::invalid_argument);
+  EXPECT_THROW(
+      cuda::bias_activation_forward(nullptr, nullptr, 2, 3, cuda::BiasActivation::kNone, nullptr),
+      std::invalid_argument);
+  // A batch with items but a cache view without a pool.
+  int32_t dummy = 0;
+  batch.items = 1;
+  batch.start = batch.count = batch.row = batch.page_offset = batch.pages = batch.residual_offset =
+      &dummy;
+  EXPECT_THROW(cuda::paged_attention(cache, batch, &dummy, 1, nullptr, 0, nullptr, 0, nullptr),
+               std::invalid_argument);
+}
+
+}  // namespace
+}  // namespace kvserve
