@@ -177,6 +177,7 @@ StepStats Engine::step(std::vector<StepEvent>& events) {
     }
     waiting_.pop_front();
     running_.push_back(seq.id);
+    stats.admitted.push_back(seq.id);
   }
   if (items.empty()) {
     cache_->finish_step();

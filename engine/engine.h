@@ -53,6 +53,9 @@ struct StepStats {
   int decode_tokens = 0;
   int prefill_tokens = 0;
   int preemptions = 0;
+  // Requests that entered the batch in this step (after preemption too): the server's queue time
+  // ends at a request's first admission.
+  std::vector<RequestId> admitted;
 };
 
 class Engine {

@@ -1,0 +1,63 @@
+// Flags and loading helpers shared by the kvserve commands (generate, eval-ppl, serve, ...).
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include "engine/engine.h"
+#include "engine/kv_cache_manager.h"
+#include "engine/model_weights.h"
+#include "engine/tokenizer.h"
+
+namespace kvserve {
+
+// A mistake in how the command was called: exit code 2 instead of 1.
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct ModelFlags {
+  std::string model;
+  std::string tokenizer;
+  std::string device = "auto";
+};
+
+struct KvFlags {
+  std::string format = "kivi2";
+  KvCacheConfig config;
+  int64_t pool_mb = 512;
+};
+
+struct EngineFlags {
+  EngineOptions options;
+};
+
+// --model, else $KVSERVE_MODEL, else the shared test model beside the checkout; throws UsageError
+// explaining how to get a model when there is none.
+std::string resolve_model(const std::string& flag);
+// The model's tokenizer, or --tokenizer's; dummy models borrow $KVSERVE_MODEL's or the shared one.
+Tokenizer load_tokenizer(const std::string& model, const std::string& tokenizer_flag);
+
+void add_model_flags(CLI::App* app, ModelFlags& flags);
+void add_kv_flags(CLI::App* app, KvFlags& flags);
+void add_engine_flags(CLI::App* app, EngineFlags& flags);
+
+// The validated cache configuration; throws UsageError naming the flag to fix.
+KvCacheConfig kv_config(const KvFlags& flags, const ModelConfig& model);
+
+struct LoadedModel {
+  std::string path;
+  std::string device;
+  ModelWeights weights;
+};
+
+// Resolves the model and device (logging which device and why) and loads the weights.
+LoadedModel load(const ModelFlags& flags);
+
+std::unique_ptr<KvCacheManager> make_cache(const KvCacheConfig& config, const ModelConfig& model,
+                                           int64_t pool_mb);
+
+}  // namespace kvserve

@@ -1,0 +1,410 @@
+#include "server/engine_loop.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <stdexcept>
+
+namespace kvserve {
+namespace {
+
+// The throughput gauge averages over this window.
+constexpr auto kThroughputWindow = std::chrono::seconds(5);
+
+double seconds_between(Clock::time_point from, Clock::time_point to) {
+  return std::chrono::duration<double>(to - from).count();
+}
+
+// The earliest occurrence of any stop string in `text`; on a tie the longest string wins.
+bool find_stop(const std::string& text, const std::vector<std::string>& stops, size_t& position,
+               std::string& matched) {
+  bool found = false;
+  for (const std::string& stop : stops) {
+    const size_t at = text.find(stop);
+    if (at == std::string::npos) continue;
+    if (!found || at < position || (at == position && stop.size() > matched.size())) {
+      position = at;
+      matched = stop;
+      found = true;
+    }
+  }
+  return found;
+}
+
+// How many trailing bytes of `text` could still be the start of a stop string, and so must be
+// held back until the next token decides. A proper prefix of a valid UTF-8 stop string starts at
+// a character boundary, so the text before it is valid UTF-8 too.
+size_t stop_prefix_length(const std::string& text, const std::vector<std::string>& stops) {
+  size_t longest = 0;
+  for (const std::string& stop : stops) {
+    for (size_t k = std::min(stop.size() - 1, text.size()); k > longest; --k) {
+      if (text.compare(text.size() - k, k, stop, 0, k) == 0) {
+        longest = k;
+        break;
+      }
+    }
+  }
+  return longest;
+}
+
+}  // namespace
+
+EngineLoop::Active::Active(const Tokenizer& tokenizer) : decoder(tokenizer) {}
+
+EngineLoop::EngineLoop(std::unique_ptr<Engine> engine, Tokenizer tokenizer,
+                       EngineLoopOptions options, Metrics& metrics)
+    : engine_(std::move(engine)),
+      tokenizer_(std::move(tokenizer)),
+      options_(options),
+      metrics_(metrics) {}
+
+EngineLoop::~EngineLoop() {
+  stop();
+}
+
+void EngineLoop::start() {
+  thread_ = std::thread([this] { run(); });
+}
+
+void EngineLoop::wait_until_warm() {
+  std::unique_lock<std::mutex> lock(mu_);
+  warm_cv_.wait(lock, [this] { return warm_; });
+  if (!warm_error_.empty()) throw std::runtime_error("warm-up failed: " + warm_error_);
+}
+
+void EngineLoop::stop() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  wake_.notify_one();
+  if (thread_.joinable()) thread_.join();
+}
+
+EngineLoop::SubmitResult EngineLoop::submit(ServeRequest request,
+                                            std::shared_ptr<StreamChannel> channel,
+                                            Ticket& ticket) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (inbox_.size() + queued_in_engine_ >= options_.max_queued_requests) {
+      return SubmitResult::kQueueFull;
+    }
+    ticket = next_ticket_++;
+    InboxItem item{InboxItem::Kind::kSubmit, ticket, false, std::move(request), std::move(channel)};
+    inbox_.push_back(std::move(item));
+    ++in_flight_;
+  }
+  wake_.notify_one();
+  return SubmitResult::kAccepted;
+}
+
+void EngineLoop::cancel(Ticket ticket, bool deadline) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    inbox_.push_back({InboxItem::Kind::kCancel, ticket, deadline, {}, nullptr});
+  }
+  wake_.notify_one();
+}
+
+void EngineLoop::cancel_all() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    inbox_.push_back({InboxItem::Kind::kCancelAll, 0, false, {}, nullptr});
+  }
+  wake_.notify_one();
+}
+
+EngineSnapshot EngineLoop::snapshot() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return snapshot_;
+}
+
+void EngineLoop::run() {
+  try {
+    warm_up();
+  } catch (const std::exception& e) {
+    std::lock_guard<std::mutex> lock(mu_);
+    warm_error_ = e.what();
+    warm_ = true;
+    warm_cv_.notify_all();
+    return;
+  }
+  publish_snapshot();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    warm_ = true;
+  }
+  warm_cv_.notify_all();
+
+  std::deque<InboxItem> items;
+  while (true) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      if (inbox_.empty() && !engine_->has_work()) {
+        const auto ready = [this] { return stop_ || !inbox_.empty(); };
+        if (recent_tokens_.empty()) {
+          wake_.wait(lock, ready);
+        } else {  // wake once the throughput window moves, so the gauge decays to 0 when idle
+          wake_.wait_until(lock, recent_tokens_.front().first + kThroughputWindow, ready);
+        }
+      }
+      if (stop_) break;
+      items.swap(inbox_);
+      // The submissions leave the inbox now and join the engine's queue below; count them there
+      // until the next snapshot, so the queue limit has no blind spot.
+      for (const InboxItem& item : items) {
+        if (item.kind == InboxItem::Kind::kSubmit) ++queued_in_engine_;
+      }
+    }
+    process_inbox(items);
+    items.clear();
+    expire_deadlines(Clock::now());
+    if (engine_->has_work()) step();
+    update_throughput(Clock::now());
+  }
+}
+
+void EngineLoop::warm_up() {
+  GenerationRequest request;
+  request.prompt = {engine_->model().eos_token_id};
+  request.max_new_tokens = 2;
+  request.ignore_eos = true;
+  request.sampling.temperature = 0.0f;
+  engine_->add_request(request);
+  while (engine_->has_work()) {
+    events_.clear();
+    engine_->step(events_);
+    for (const StepEvent& event : events_) {
+      if (event.finish == FinishReason::kError) throw std::runtime_error(event.error);
+    }
+  }
+}
+
+void EngineLoop::process_inbox(std::deque<InboxItem>& items) {
+  for (InboxItem& item : items) {
+    switch (item.kind) {
+      case InboxItem::Kind::kSubmit:
+        admit(item);
+        break;
+      case InboxItem::Kind::kCancel:
+        if (auto it = by_ticket_.find(item.ticket); it != by_ticket_.end()) {
+          end_in_engine(it->second, active_.at(it->second),
+                        item.deadline ? Ending::kDeadline : Ending::kClientGone);
+        }
+        break;
+      case InboxItem::Kind::kCancelAll:
+        for (auto& [id, active] : active_) end_in_engine(id, active, Ending::kDrain);
+        break;
+    }
+  }
+}
+
+void EngineLoop::admit(InboxItem& item) {
+  const std::string problem = engine_->validate(item.request.generation);
+  if (!problem.empty()) {
+    spdlog::warn("request {} rejected: INVALID_ARGUMENT: {}", item.request.id, problem);
+    metrics_.count_failure("INVALID_ARGUMENT");
+    item.channel->push_error(StreamError::kInvalidArgument, problem);
+    --in_flight_;
+    return;
+  }
+  const RequestId id = engine_->add_request(item.request.generation);
+  Active& active = active_.emplace(id, Active(tokenizer_)).first->second;
+  active.ticket = item.ticket;
+  active.request = std::move(item.request);
+  active.channel = std::move(item.channel);
+  by_ticket_[active.ticket] = id;
+}
+
+void EngineLoop::end_in_engine(RequestId id, Active& active, Ending ending) {
+  if (active.ending != Ending::kNone) return;
+  active.ending = ending;
+  engine_->cancel(id);
+}
+
+void EngineLoop::expire_deadlines(Clock::time_point now) {
+  for (auto& [id, active] : active_) {
+    if (active.request.deadline && now >= *active.request.deadline) {
+      end_in_engine(id, active, Ending::kDeadline);
+    }
+  }
+}
+
+void EngineLoop::step() {
+  const auto start = Clock::now();
+  events_.clear();
+  StepStats stats;
+  try {
+    stats = engine_->step(events_);
+  } catch (const std::exception& e) {
+    // The engine reports device errors per request (FinishReason::kError); an exception here is
+    // a broken invariant. Fail what is in flight, keep serving.
+    spdlog::error("engine step failed: {}", e.what());
+    for (auto& [id, active] : active_) {
+      engine_->cancel(id);
+      metrics_.count_failure("INTERNAL");
+      active.channel->push_error(StreamError::kInternal, std::string("engine error: ") + e.what());
+    }
+    in_flight_ -= active_.size();
+    active_.clear();
+    by_ticket_.clear();
+    publish_snapshot();
+    return;
+  }
+  const auto now = Clock::now();
+  for (RequestId id : stats.admitted) {
+    auto it = active_.find(id);
+    if (it == active_.end() || it->second.admitted) continue;
+    it->second.admitted = start;
+    metrics_.observe_queue(seconds_between(it->second.request.arrival, start));
+    metrics_.add_prompt_tokens(static_cast<int64_t>(it->second.request.generation.prompt.size()));
+  }
+  metrics_.add_preemptions(stats.preemptions);
+  if (stats.decode_tokens + stats.prefill_tokens > 0) {
+    metrics_.observe_batch_tokens(stats.decode_tokens + stats.prefill_tokens);
+  }
+  // Before any final message: a client that has seen its stream end also sees the blocks freed.
+  publish_snapshot();
+
+  // Counted before any message goes out, so /metrics never lags what a client has received.
+  int generated = 0;
+  for (const StepEvent& event : events_) {
+    if (event.has_token && active_.count(event.request) != 0) ++generated;
+  }
+  if (generated > 0) {
+    metrics_.add_generation_tokens(generated);
+    recent_tokens_.emplace_back(now, generated);
+  }
+  for (const StepEvent& event : events_) {
+    auto it = active_.find(event.request);
+    if (it == active_.end()) continue;
+    Active& active = it->second;
+    if (event.has_token) on_token(event.request, active, event, now);
+    if (event.finish != FinishReason::kNone) {
+      on_finish(active, event, now);
+      by_ticket_.erase(active.ticket);
+      active_.erase(it);
+      --in_flight_;
+    }
+  }
+}
+
+void EngineLoop::on_token(RequestId id, Active& active, const StepEvent& event,
+                          Clock::time_point now) {
+  if (!active.first_token) {
+    active.first_token = now;
+    metrics_.observe_ttft(seconds_between(active.request.arrival, now));
+  } else {
+    metrics_.observe_inter_token(seconds_between(*active.last_token, now));
+  }
+  active.last_token = now;
+  ++active.completion_tokens;
+
+  // The token that ends generation (EOS, a stop token id) is streamed as an id but not as text,
+  // as a matched stop string is not.
+  const bool stop_token = event.finish == FinishReason::kEos || event.finish == FinishReason::kStop;
+  if (!stop_token) active.held_text += active.decoder.push(event.token);
+  if (event.finish != FinishReason::kNone) active.held_text += active.decoder.finish();
+
+  std::string text;
+  size_t position = 0;
+  std::string matched;
+  if (find_stop(active.held_text, active.request.stop, position, matched)) {
+    text = active.held_text.substr(0, position);
+    active.held_text.clear();
+    active.matched_stop = matched;
+    if (event.finish == FinishReason::kNone) end_in_engine(id, active, Ending::kStopString);
+  } else {
+    const size_t keep = event.finish == FinishReason::kNone
+                            ? stop_prefix_length(active.held_text, active.request.stop)
+                            : 0;
+    text = active.held_text.substr(0, active.held_text.size() - keep);
+    active.held_text.erase(0, active.held_text.size() - keep);
+  }
+  std::vector<float> logprobs;
+  if (active.request.return_logprobs) logprobs.push_back(event.logprob);
+  active.channel->push_chunk({event.token}, std::move(text), std::move(logprobs));
+}
+
+void EngineLoop::on_finish(Active& active, const StepEvent& event, Clock::time_point now) {
+  const ServeRequest& request = active.request;
+  const double total = seconds_between(request.arrival, now);
+  const double queue = seconds_between(request.arrival, active.admitted.value_or(now));
+  const double ttft =
+      active.first_token ? seconds_between(request.arrival, *active.first_token) : 0;
+  metrics_.observe_e2e(total);
+
+  std::string outcome;
+  switch (active.ending) {
+    case Ending::kClientGone:
+      outcome = "CANCELLED by the client";
+      metrics_.count_failure("CANCELLED");
+      break;
+    case Ending::kDeadline:
+      outcome = "DEADLINE_EXCEEDED";
+      metrics_.count_failure("DEADLINE_EXCEEDED");
+      active.channel->push_error(
+          StreamError::kDeadlineExceeded,
+          "the request's deadline passed after " + std::to_string(active.completion_tokens) +
+              " generated tokens; set a longer deadline or fewer max_new_tokens");
+      break;
+    case Ending::kNone:
+      if (event.finish == FinishReason::kError) {
+        outcome = "INTERNAL: " + event.error;
+        metrics_.count_failure("INTERNAL");
+        active.channel->push_error(StreamError::kInternal, "engine error: " + event.error);
+        break;
+      }
+      [[fallthrough]];
+    case Ending::kStopString:
+    case Ending::kDrain: {
+      StreamFinal final;
+      final.reason = active.ending == Ending::kDrain ? FinishReason::kCancelled : event.finish;
+      if (!active.matched_stop.empty()) {
+        final.reason = FinishReason::kStop;
+        final.matched_stop = active.matched_stop;
+      } else if (final.reason == FinishReason::kStop && event.has_token) {
+        final.matched_stop = std::to_string(event.token);
+      }
+      if (active.ending == Ending::kDrain) {
+        // Text held back for a stop string that can no longer match.
+        std::string rest = active.held_text + active.decoder.finish();
+        if (!rest.empty()) active.channel->push_chunk({}, std::move(rest), {});
+      }
+      final.prompt_tokens = static_cast<int>(request.generation.prompt.size());
+      final.completion_tokens = active.completion_tokens;
+      final.queue_seconds = queue;
+      final.ttft_seconds = ttft;
+      final.total_seconds = total;
+      metrics_.count_success(final.reason);
+      active.channel->push_final(final);
+      outcome = to_string(final.reason);
+      break;
+    }
+  }
+  spdlog::info(
+      "request {} finished: {} | prompt {} tokens, completion {} tokens | queue {:.3f} s, "
+      "ttft {:.3f} s, total {:.3f} s",
+      request.id, outcome, request.generation.prompt.size(), active.completion_tokens, queue, ttft,
+      total);
+}
+
+void EngineLoop::publish_snapshot() {
+  EngineSnapshot snapshot{engine_->cache().usage(), engine_->num_running(), engine_->num_waiting()};
+  metrics_.set_cache(snapshot.cache);
+  metrics_.set_requests(snapshot.running, snapshot.waiting);
+  std::lock_guard<std::mutex> lock(mu_);
+  snapshot_ = snapshot;
+  queued_in_engine_ = snapshot.waiting;
+}
+
+void EngineLoop::update_throughput(Clock::time_point now) {
+  while (!recent_tokens_.empty() && recent_tokens_.front().first + kThroughputWindow <= now) {
+    recent_tokens_.pop_front();
+  }
+  int tokens = 0;
+  for (const auto& [time, count] : recent_tokens_) tokens += count;
+  metrics_.set_tokens_per_second(tokens / std::chrono::duration<double>(kThroughputWindow).count());
+}
+
+}  // namespace kvserve

@@ -1,0 +1,146 @@
+// The engine thread: the one thread that owns the Engine (scheduler, KV pool, device).
+//
+// Any thread may submit() a request or cancel() one; both only append to the inbox (a mutex and a
+// condition variable) and return at once. The engine thread drains the inbox, runs Engine::step(),
+// turns each request's tokens into text (IncrementalDecoder: always valid UTF-8), applies stop
+// strings across token boundaries, keeps the request's timings and pushes messages into the
+// request's StreamChannel. When there is nothing to do it sleeps on the condition variable.
+// See engine/README.md for the whole contract.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "engine/engine.h"
+#include "engine/tokenizer.h"
+#include "server/metrics.h"
+#include "server/stream_channel.h"
+
+namespace kvserve {
+
+using Clock = std::chrono::steady_clock;
+
+// A request as the server hands it to the engine thread (no protobuf types).
+struct ServeRequest {
+  std::string id;  // the client's request_id, or one the server made up; for logs
+  GenerationRequest generation;
+  std::vector<std::string> stop;  // non-empty stop strings
+  bool return_logprobs = false;
+  Clock::time_point arrival;
+  std::optional<Clock::time_point> deadline;
+};
+
+// What the engine thread publishes after every step, for handlers to read without touching it.
+struct EngineSnapshot {
+  CacheUsage cache;
+  size_t running = 0;
+  size_t waiting = 0;
+};
+
+struct EngineLoopOptions {
+  size_t max_queued_requests = 256;  // inbox + engine waiting queue; beyond: RESOURCE_EXHAUSTED
+};
+
+class EngineLoop {
+ public:
+  EngineLoop(std::unique_ptr<Engine> engine, Tokenizer tokenizer, EngineLoopOptions options,
+             Metrics& metrics);
+  ~EngineLoop();  // stops the thread
+
+  // Starts the engine thread, which first runs one tiny generation (warm-up: first-touch of the
+  // weights and the pool, lazy initialisation in the backend), then serves the inbox.
+  void start();
+  // Blocks until the warm-up is done; throws what the warm-up threw.
+  void wait_until_warm();
+  // Finishes the thread; requests still in flight get nothing more (call cancel_all() first).
+  void stop();
+
+  using Ticket = uint64_t;
+  enum class SubmitResult { kAccepted, kQueueFull };
+  // Any thread; never blocks on the engine. On kAccepted, `ticket` names the request for cancel().
+  SubmitResult submit(ServeRequest request, std::shared_ptr<StreamChannel> channel, Ticket& ticket);
+  // Any thread: the client went away (or its deadline passed: `deadline`). The request leaves
+  // the batch at the next step and its blocks return to the pool; a client that went away gets
+  // nothing more, an expired one a kDeadlineExceeded error.
+  void cancel(Ticket ticket, bool deadline = false);
+  // Any thread: ends every request with finish reason CANCELLED (the drain deadline passed).
+  void cancel_all();
+
+  // Requests submitted and not yet finished.
+  size_t in_flight() const { return in_flight_.load(); }
+  EngineSnapshot snapshot() const;
+
+ private:
+  struct InboxItem {
+    enum class Kind { kSubmit, kCancel, kCancelAll } kind;
+    Ticket ticket = 0;
+    bool deadline = false;  // kCancel: the deadline passed
+    ServeRequest request;
+    std::shared_ptr<StreamChannel> channel;
+  };
+
+  // Why the server cancelled a request in the engine; decides what the stream is told once the
+  // engine has freed the request's blocks.
+  enum class Ending { kNone, kStopString, kClientGone, kDeadline, kDrain };
+
+  struct Active {
+    explicit Active(const Tokenizer& tokenizer);
+    Ticket ticket = 0;
+    ServeRequest request;
+    std::shared_ptr<StreamChannel> channel;
+    IncrementalDecoder decoder;
+    std::string held_text;  // decoded text that may be the start of a stop string
+    int completion_tokens = 0;
+    std::optional<Clock::time_point> admitted, first_token, last_token;
+    Ending ending = Ending::kNone;
+    std::string matched_stop;
+  };
+
+  void run();
+  void warm_up();
+  void process_inbox(std::deque<InboxItem>& items);
+  void admit(InboxItem& item);
+  void end_in_engine(RequestId id, Active& active, Ending ending);
+  void expire_deadlines(Clock::time_point now);
+  void step();
+  void on_token(RequestId id, Active& active, const StepEvent& event, Clock::time_point now);
+  void on_finish(Active& active, const StepEvent& event, Clock::time_point now);
+  void publish_snapshot();
+  void update_throughput(Clock::time_point now);
+
+  std::unique_ptr<Engine> engine_;
+  Tokenizer tokenizer_;
+  EngineLoopOptions options_;
+  Metrics& metrics_;
+
+  mutable std::mutex mu_;  // guards inbox_, stop_, warm_*, queued_in_engine_, snapshot_
+  std::condition_variable wake_;
+  std::condition_variable warm_cv_;
+  std::deque<InboxItem> inbox_;
+  bool stop_ = false;
+  bool warm_ = false;
+  std::string warm_error_;
+  size_t queued_in_engine_ = 0;
+  EngineSnapshot snapshot_;
+  std::atomic<size_t> in_flight_{0};
+  Ticket next_ticket_ = 1;
+
+  // Engine thread only.
+  std::unordered_map<RequestId, Active> active_;
+  std::unordered_map<Ticket, RequestId> by_ticket_;
+  std::deque<std::pair<Clock::time_point, int>> recent_tokens_;  // the throughput window
+  std::vector<StepEvent> events_;
+  std::thread thread_;
+};
+
+}  // namespace kvserve

@@ -1,0 +1,350 @@
+#include "server/generation_service.h"
+
+#include <spdlog/spdlog.h>
+
+#include <memory>
+#include <mutex>
+
+#include "engine/sampler.h"
+
+namespace kvserve {
+
+std::string status_code_name(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::OK:
+      return "OK";
+    case grpc::StatusCode::CANCELLED:
+      return "CANCELLED";
+    case grpc::StatusCode::INVALID_ARGUMENT:
+      return "INVALID_ARGUMENT";
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      return "DEADLINE_EXCEEDED";
+    case grpc::StatusCode::RESOURCE_EXHAUSTED:
+      return "RESOURCE_EXHAUSTED";
+    case grpc::StatusCode::UNAVAILABLE:
+      return "UNAVAILABLE";
+    case grpc::StatusCode::INTERNAL:
+      return "INTERNAL";
+    default:
+      return "CODE_" + std::to_string(static_cast<int>(code));
+  }
+}
+
+namespace {
+
+v1::FinishReason to_proto(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kLength:
+      return v1::FINISH_REASON_LENGTH;
+    case FinishReason::kEos:
+      return v1::FINISH_REASON_EOS;
+    case FinishReason::kStop:
+      return v1::FINISH_REASON_STOP;
+    case FinishReason::kCancelled:
+      return v1::FINISH_REASON_CANCELLED;
+    default:
+      return v1::FINISH_REASON_UNSPECIFIED;
+  }
+}
+
+grpc::StatusCode to_code(StreamError error) {
+  switch (error) {
+    case StreamError::kInvalidArgument:
+      return grpc::StatusCode::INVALID_ARGUMENT;
+    case StreamError::kDeadlineExceeded:
+      return grpc::StatusCode::DEADLINE_EXCEEDED;
+    default:
+      return grpc::StatusCode::INTERNAL;
+  }
+}
+
+bool deadline_passed(const grpc::CallbackServerContext& context) {
+  return context.deadline() <= std::chrono::system_clock::now();
+}
+
+// A stream that ends before it starts (rejected request).
+class RejectedStream final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+ public:
+  explicit RejectedStream(const grpc::Status& status) { Finish(status); }
+  void OnDone() override { delete this; }
+};
+
+}  // namespace
+
+// One Generate call. Owned by a shared_ptr to itself until OnDone, so that the engine thread,
+// which holds it weakly through the channel, can still poke it safely while gRPC finishes.
+class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::GenerateResponse>,
+                                        public StreamListener {
+ public:
+  Stream(GenerationService& service, grpc::CallbackServerContext& context, size_t buffer)
+      : service_(service), context_(context), channel_(std::make_shared<StreamChannel>(buffer)) {}
+
+  // Called once, right after construction, with the owning pointer.
+  void start(std::shared_ptr<Stream> self, ServeRequest request) {
+    self_ = self;
+    channel_->set_listener(self);
+    const std::string id = request.id;
+    const auto result = service_.loop_->submit(std::move(request), channel_, ticket_);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (result == EngineLoop::SubmitResult::kQueueFull) {
+      finish_locked(service_.reject(
+          id, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                           "the request queue is full (--max-queued-requests); retry with "
+                           "backoff or add replicas")));
+      return;
+    }
+    submitted_ = true;
+    pump_locked();
+  }
+
+  void on_message_ready() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    pump_locked();
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    writing_ = false;
+    if (!ok) {  // the call is broken (client gone); OnCancel tells the engine
+      finish_locked(grpc::Status::CANCELLED);
+      return;
+    }
+    pump_locked();
+  }
+
+  void OnCancel() override {
+    if (submitted_) service_.loop_->cancel(ticket_, deadline_passed(context_));
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!writing_) finish_locked(grpc::Status::CANCELLED);
+  }
+
+  void OnDone() override {
+    --service_.open_streams_;
+    std::shared_ptr<Stream> last = std::move(self_);  // may delete this when `last` goes
+  }
+
+ private:
+  // Starts the next write if none is in flight and a message waits.
+  void pump_locked() {
+    if (finished_ || writing_) return;
+    StreamMessage message;
+    if (!channel_->pop(message)) return;
+    response_.Clear();
+    switch (message.kind) {
+      case StreamMessage::Kind::kChunk: {
+        v1::TokenChunk* chunk = response_.mutable_chunk();
+        chunk->mutable_token_ids()->Add(message.token_ids.begin(), message.token_ids.end());
+        chunk->set_text(std::move(message.text));
+        chunk->mutable_logprobs()->Add(message.logprobs.begin(), message.logprobs.end());
+        writing_ = true;
+        StartWrite(&response_);
+        break;
+      }
+      case StreamMessage::Kind::kFinal: {
+        const StreamFinal& in = message.final;
+        v1::GenerateFinal* final = response_.mutable_final();
+        final->set_finish_reason(to_proto(in.reason));
+        final->set_prompt_tokens(static_cast<uint32_t>(in.prompt_tokens));
+        final->set_completion_tokens(static_cast<uint32_t>(in.completion_tokens));
+        final->set_queue_seconds(in.queue_seconds);
+        final->set_time_to_first_token_seconds(in.ttft_seconds);
+        final->set_total_seconds(in.total_seconds);
+        final->set_matched_stop(in.matched_stop);
+        finished_ = true;
+        StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK);
+        break;
+      }
+      case StreamMessage::Kind::kError:
+        finish_locked(grpc::Status(to_code(message.error), message.error_message));
+        break;
+    }
+  }
+
+  void finish_locked(const grpc::Status& status) {
+    if (finished_) return;
+    finished_ = true;
+    Finish(status);
+  }
+
+  GenerationService& service_;
+  grpc::CallbackServerContext& context_;
+  std::shared_ptr<StreamChannel> channel_;
+  std::shared_ptr<Stream> self_;
+  EngineLoop::Ticket ticket_ = 0;
+  bool submitted_ = false;  // written in start(), before any reaction can run
+  std::mutex mu_;           // reactions and engine-thread pokes may run concurrently
+  bool writing_ = false;
+  bool finished_ = false;
+  v1::GenerateResponse response_;
+};
+
+GenerationService::GenerationService(Metrics& metrics, ServiceLimits limits)
+    : metrics_(metrics), limits_(limits) {}
+
+void GenerationService::start_serving(EngineLoop& loop, const Tokenizer& tokenizer,
+                                      v1::ModelInfo info) {
+  loop_ = &loop;
+  tokenizer_ = &tokenizer;
+  info_ = std::move(info);
+  state_.store(State::kServing, std::memory_order_release);
+}
+
+grpc::Status GenerationService::availability() const {
+  switch (state_.load(std::memory_order_acquire)) {
+    case State::kLoading:
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                          "the server is loading the model; retry when health says SERVING");
+    case State::kDraining:
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                          "the server is shutting down; retry on another replica");
+    case State::kServing:
+      break;
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status GenerationService::reject(const std::string& request_id, const grpc::Status& status) {
+  spdlog::warn("request {} rejected: {}: {}", request_id, status_code_name(status.error_code()),
+               status.error_message());
+  metrics_.count_failure(status_code_name(status.error_code()));
+  return status;
+}
+
+grpc::Status GenerationService::convert(grpc::CallbackServerContext& context,
+                                        const v1::GenerateRequest& in, ServeRequest& out) {
+  const auto invalid = [](const std::string& message) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, message);
+  };
+  const int context_length = info_.context_length();
+  out.arrival = Clock::now();
+  switch (in.input_case()) {
+    case v1::GenerateRequest::kPrompt:
+      if (in.prompt().empty()) return invalid("prompt is empty: give at least one character");
+      out.generation.prompt = tokenizer_->encode(in.prompt());
+      break;
+    case v1::GenerateRequest::kPromptTokenIds:
+      if (in.prompt_token_ids().ids().empty()) {
+        return invalid("prompt_token_ids is empty: give at least one token id");
+      }
+      out.generation.prompt.assign(in.prompt_token_ids().ids().begin(),
+                                   in.prompt_token_ids().ids().end());
+      break;
+    case v1::GenerateRequest::INPUT_NOT_SET:
+      return invalid("no prompt: set exactly one of prompt (text) or prompt_token_ids");
+  }
+  const int max_prompt = limits_.max_prompt_tokens > 0 ? limits_.max_prompt_tokens : context_length;
+  if (out.generation.prompt.size() > static_cast<size_t>(max_prompt)) {
+    return invalid("the prompt has " + std::to_string(out.generation.prompt.size()) +
+                   " tokens, more than this server's limit of " + std::to_string(max_prompt) +
+                   " (--max-prompt-tokens); shorten it");
+  }
+
+  const v1::SamplingParams& sampling = in.sampling();
+  SamplingParams& params = out.generation.sampling;
+  if (sampling.has_temperature()) params.temperature = sampling.temperature();
+  if (sampling.has_top_k()) params.top_k = sampling.top_k();
+  if (sampling.has_top_p()) params.top_p = sampling.top_p();
+  if (sampling.has_repetition_penalty()) params.repetition_penalty = sampling.repetition_penalty();
+  if (sampling.has_seed()) params.seed = sampling.seed();
+  if (const std::string problem = validate(params); !problem.empty()) return invalid(problem);
+
+  const v1::StoppingCriteria& stopping = in.stopping();
+  const int max_new = limits_.max_new_tokens > 0 ? limits_.max_new_tokens : context_length;
+  if (stopping.has_max_new_tokens()) {
+    if (stopping.max_new_tokens() == 0) return invalid("max_new_tokens must be at least 1");
+    if (stopping.max_new_tokens() > static_cast<uint32_t>(max_new)) {
+      return invalid("max_new_tokens " + std::to_string(stopping.max_new_tokens()) +
+                     " exceeds this server's limit of " + std::to_string(max_new) +
+                     " (--max-new-tokens-limit)");
+    }
+    out.generation.max_new_tokens = static_cast<int>(stopping.max_new_tokens());
+  }
+  for (const std::string& stop : stopping.stop()) {
+    if (stop.empty()) return invalid("stop strings must not be empty");
+    out.stop.push_back(stop);
+  }
+  out.generation.stop_token_ids.assign(stopping.stop_token_ids().begin(),
+                                       stopping.stop_token_ids().end());
+  out.generation.ignore_eos = stopping.ignore_eos();
+  out.return_logprobs = in.return_logprobs();
+
+  // gRPC cancels the call at its deadline too; the engine thread also checks it between steps.
+  const auto deadline = context.deadline();
+  if (deadline != std::chrono::system_clock::time_point::max()) {
+    out.deadline = out.arrival + std::chrono::duration_cast<Clock::duration>(
+                                     deadline - std::chrono::system_clock::now());
+  }
+  return grpc::Status::OK;
+}
+
+grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
+    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+  std::string id = request->request_id();
+  if (id.empty()) id = "req-" + std::to_string(next_request_number_++);
+  try {
+    if (grpc::Status status = availability(); !status.ok()) {
+      return new RejectedStream(reject(id, status));
+    }
+    if (open_streams_.fetch_add(1) >= limits_.max_concurrent_streams) {
+      --open_streams_;
+      return new RejectedStream(
+          reject(id, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                  "too many concurrent streams (--max-concurrent-streams " +
+                                      std::to_string(limits_.max_concurrent_streams) +
+                                      "); retry with backoff")));
+    }
+    ServeRequest serve;
+    serve.id = id;
+    if (grpc::Status status = convert(*context, *request, serve); !status.ok()) {
+      --open_streams_;
+      return new RejectedStream(reject(id, status));
+    }
+    auto stream = std::make_shared<Stream>(*this, *context, limits_.stream_buffer_messages);
+    stream->start(stream, std::move(serve));
+    return stream.get();
+  } catch (const std::exception& e) {  // e.g. bad_alloc: fail this call, keep the server
+    return new RejectedStream(reject(
+        id, grpc::Status(grpc::StatusCode::INTERNAL, std::string("internal error: ") + e.what())));
+  }
+}
+
+grpc::ServerUnaryReactor* GenerationService::GetModelInfo(grpc::CallbackServerContext* context,
+                                                          const v1::GetModelInfoRequest*,
+                                                          v1::ModelInfo* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (state_.load(std::memory_order_acquire) == State::kLoading) {
+    reactor->Finish(availability());
+    return reactor;
+  }
+  *response = info_;
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* GenerationService::GetCacheStats(grpc::CallbackServerContext* context,
+                                                           const v1::GetCacheStatsRequest*,
+                                                           v1::CacheStats* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (state_.load(std::memory_order_acquire) == State::kLoading) {
+    reactor->Finish(availability());
+    return reactor;
+  }
+  const CacheUsage usage = loop_->snapshot().cache;
+  response->set_blocks_total(usage.blocks_total);
+  response->set_blocks_used(usage.blocks_used);
+  response->set_capacity_bytes(usage.capacity_bytes);
+  response->set_used_bytes(usage.used_bytes);
+  response->set_tokens(usage.tokens);
+  response->set_sequences(usage.sequences);
+  response->set_fp16_equivalent_bytes(usage.fp16_equivalent_bytes);
+  response->set_compression_ratio(usage.compression_ratio());
+  response->set_code_bytes(usage.code_bytes);
+  response->set_param_bytes(usage.param_bytes);
+  response->set_residual_bytes(usage.residual_bytes);
+  response->set_slack_bytes(usage.slack_bytes);
+  response->set_usage_ratio(usage.usage_ratio());
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+}  // namespace kvserve

@@ -1,0 +1,76 @@
+// The kvserve.v1.Generation service on gRPC's callback API.
+//
+// Handlers never block and never touch the engine: Generate validates and converts the request,
+// posts it to the EngineLoop and returns a reactor that drains the request's StreamChannel with
+// one write in flight (the route_guide pattern); the engine thread pokes the reactor when a
+// message is ready. No exception crosses into gRPC: every failure is a grpc::Status.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+#include "engine/tokenizer.h"
+#include "kvserve/v1/generation.grpc.pb.h"
+#include "server/engine_loop.h"
+#include "server/metrics.h"
+
+namespace kvserve {
+
+struct ServiceLimits {
+  int max_concurrent_streams = 1024;
+  int max_new_tokens = 0;              // 0: up to the model's context
+  int max_prompt_tokens = 0;           // 0: up to the model's context
+  size_t stream_buffer_messages = 64;  // per stream; beyond it tokens are merged into one chunk
+};
+
+// The gRPC code's name as Prometheus labels and logs spell it, e.g. "RESOURCE_EXHAUSTED".
+std::string status_code_name(grpc::StatusCode code);
+
+class GenerationService final : public v1::Generation::CallbackService {
+ public:
+  GenerationService(Metrics& metrics, ServiceLimits limits);
+
+  // Once the model is loaded and warm: from now on requests are served. `loop` and `tokenizer`
+  // must outlive the server.
+  void start_serving(EngineLoop& loop, const Tokenizer& tokenizer, v1::ModelInfo info);
+  // New requests get UNAVAILABLE; streams in flight go on.
+  void start_draining() { state_.store(State::kDraining); }
+  // Generate calls not yet done (their last write may still be in flight).
+  int open_streams() const { return open_streams_.load(); }
+
+  grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
+      grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override;
+  grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
+                                         const v1::GetModelInfoRequest* request,
+                                         v1::ModelInfo* response) override;
+  grpc::ServerUnaryReactor* GetCacheStats(grpc::CallbackServerContext* context,
+                                          const v1::GetCacheStatsRequest* request,
+                                          v1::CacheStats* response) override;
+
+ private:
+  class Stream;
+  enum class State { kLoading, kServing, kDraining };
+
+  // Why the service is not taking requests now, or OK.
+  grpc::Status availability() const;
+  // Converts and checks what can be checked without the engine; the engine thread checks the
+  // rest (token ids, context length, pool size) with Engine::validate().
+  grpc::Status convert(grpc::CallbackServerContext& context, const v1::GenerateRequest& in,
+                       ServeRequest& out);
+  grpc::Status reject(const std::string& request_id, const grpc::Status& status);
+
+  Metrics& metrics_;
+  const ServiceLimits limits_;
+  std::atomic<State> state_{State::kLoading};
+  // Set before state_ becomes kServing (release) and read after it is seen (acquire).
+  EngineLoop* loop_ = nullptr;
+  const Tokenizer* tokenizer_ = nullptr;
+  v1::ModelInfo info_;
+  std::atomic<int> open_streams_{0};
+  std::atomic<uint64_t> next_request_number_{1};
+};
+
+}  // namespace kvserve

@@ -1,0 +1,127 @@
+#include "server/metrics.h"
+
+#include <cmath>
+
+namespace kvserve {
+namespace {
+
+prometheus::Gauge& gauge(prometheus::Registry& registry, const std::string& name,
+                         const std::string& help) {
+  return prometheus::BuildGauge().Name(name).Help(help).Register(registry).Add({});
+}
+
+prometheus::Counter& counter(prometheus::Registry& registry, const std::string& name,
+                             const std::string& help) {
+  return prometheus::BuildCounter().Name(name).Help(help).Register(registry).Add({});
+}
+
+prometheus::Histogram& histogram(prometheus::Registry& registry, const std::string& name,
+                                 const std::string& help,
+                                 prometheus::Histogram::BucketBoundaries b) {
+  return prometheus::BuildHistogram().Name(name).Help(help).Register(registry).Add({},
+                                                                                   std::move(b));
+}
+
+// first, first*factor, ... (count bounds): latencies span milliseconds (a decode step on the GPU)
+// to minutes (a long generation on the CPU backend).
+prometheus::Histogram::BucketBoundaries exponential(double first, double factor, int count) {
+  prometheus::Histogram::BucketBoundaries bounds;
+  for (int i = 0; i < count; ++i) bounds.push_back(first * std::pow(factor, i));
+  return bounds;
+}
+
+}  // namespace
+
+Metrics::Metrics(const BuildInfo& build)
+    : registry_(std::make_shared<prometheus::Registry>()),
+      capacity_bytes_(gauge(*registry_, "kvserve_kv_cache_capacity_bytes",
+                            "Bytes of the KV cache pool, allocated at start")),
+      used_bytes_(gauge(*registry_, "kvserve_kv_cache_used_bytes",
+                        "Bytes of the KV pool held by sequences (codes, scales, residual, slack)")),
+      usage_ratio_(gauge(*registry_, "kvserve_kv_cache_usage_ratio",
+                         "kvserve_kv_cache_used_bytes / kvserve_kv_cache_capacity_bytes (0-1)")),
+      fp16_equivalent_bytes_(gauge(*registry_, "kvserve_kv_cache_fp16_equivalent_bytes",
+                                   "Bytes the cached tokens would take as an fp16 KV cache")),
+      compression_ratio_(gauge(*registry_, "kvserve_kv_compression_ratio",
+                               "fp16-equivalent bytes / bytes held for the cached tokens (0 when "
+                               "the cache is empty)")),
+      cache_tokens_(gauge(*registry_, "kvserve_kv_cache_tokens", "Tokens held in the KV cache")),
+      blocks_used_(gauge(*registry_, "kvserve_kv_blocks_used", "KV blocks held by sequences")),
+      blocks_total_(gauge(*registry_, "kvserve_kv_blocks_total", "KV blocks in the pool")),
+      requests_running_(
+          gauge(*registry_, "kvserve_requests_running", "Requests in the running batch")),
+      requests_waiting_(gauge(*registry_, "kvserve_requests_waiting",
+                              "Requests queued for admission (including preempted ones)")),
+      tokens_per_second_(gauge(*registry_, "kvserve_generation_tokens_per_second",
+                               "Generated tokens per second over the last 5 seconds")),
+      prompt_tokens_(counter(*registry_, "kvserve_prompt_tokens_total",
+                             "Prompt tokens prefilled (recomputation after preemption included)")),
+      generation_tokens_(
+          counter(*registry_, "kvserve_generation_tokens_total", "Tokens generated and streamed")),
+      preemptions_(counter(*registry_, "kvserve_preemptions_total",
+                           "Sequences preempted because the KV pool was full")),
+      success_(prometheus::BuildCounter()
+                   .Name("kvserve_request_success_total")
+                   .Help("Requests that ended with a final message, by finish reason")
+                   .Register(*registry_)),
+      failure_(prometheus::BuildCounter()
+                   .Name("kvserve_request_failure_total")
+                   .Help("Requests that ended with a gRPC error status, by status code")
+                   .Register(*registry_)),
+      ttft_seconds_(histogram(*registry_, "kvserve_time_to_first_token_seconds",
+                              "Arrival to first generated token", exponential(0.001, 2, 18))),
+      inter_token_seconds_(histogram(*registry_, "kvserve_inter_token_latency_seconds",
+                                     "Time between consecutive tokens of a request",
+                                     exponential(0.0005, 2, 16))),
+      e2e_seconds_(histogram(*registry_, "kvserve_e2e_request_latency_seconds",
+                             "Arrival to the end of a request", exponential(0.01, 2, 17))),
+      queue_seconds_(histogram(*registry_, "kvserve_request_queue_seconds",
+                               "Arrival to first admission into the batch",
+                               exponential(0.0005, 2, 20))),
+      batch_tokens_(histogram(*registry_, "kvserve_batch_tokens",
+                              "Tokens per engine step (decodes plus prompt chunks)",
+                              exponential(1, 2, 14))) {
+  // Every label value that can occur exists from the start, so that rate() sees the first
+  // increment and dashboards show zeros rather than gaps.
+  for (const char* reason : {"length", "eos", "stop", "cancelled"})
+    success_.Add({{"finish_reason", reason}});
+  for (const char* code : {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "CANCELLED",
+                           "DEADLINE_EXCEEDED", "INTERNAL"}) {
+    failure_.Add({{"code", code}});
+  }
+  prometheus::BuildGauge()
+      .Name("kvserve_build_info")
+      .Help("Always 1; the labels describe this server")
+      .Register(*registry_)
+      .Add({{"version", build.version},
+            {"device", build.device},
+            {"kv_format", build.kv_format},
+            {"model", build.model}})
+      .Set(1);
+}
+
+void Metrics::set_cache(const CacheUsage& usage) {
+  capacity_bytes_.Set(static_cast<double>(usage.capacity_bytes));
+  used_bytes_.Set(static_cast<double>(usage.used_bytes));
+  usage_ratio_.Set(usage.usage_ratio());
+  fp16_equivalent_bytes_.Set(static_cast<double>(usage.fp16_equivalent_bytes));
+  compression_ratio_.Set(usage.compression_ratio());
+  cache_tokens_.Set(static_cast<double>(usage.tokens));
+  blocks_used_.Set(usage.blocks_used);
+  blocks_total_.Set(usage.blocks_total);
+}
+
+void Metrics::set_requests(size_t running, size_t waiting) {
+  requests_running_.Set(static_cast<double>(running));
+  requests_waiting_.Set(static_cast<double>(waiting));
+}
+
+void Metrics::count_success(FinishReason reason) {
+  success_.Add({{"finish_reason", to_string(reason)}}).Increment();
+}
+
+void Metrics::count_failure(const std::string& code) {
+  failure_.Add({{"code", code}}).Increment();
+}
+
+}  // namespace kvserve

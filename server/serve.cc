@@ -1,0 +1,219 @@
+#include "server/serve.h"
+
+#include <fcntl.h>
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <poll.h>
+#include <signal.h>
+#include <spdlog/spdlog.h>
+
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+
+#include "engine/backend_factory.h"
+#include "engine/checkpoint.h"
+#include "engine/engine.h"
+#include "server/engine_loop.h"
+#include "server/metrics.h"
+#include "server/metrics_http.h"
+
+namespace kvserve {
+namespace {
+
+std::string join_host_port(const std::string& host, int port) {
+  // IPv6 literals need brackets in a URI authority.
+  if (host.find(':') != std::string::npos) return "[" + host + "]:" + std::to_string(port);
+  return host + ":" + std::to_string(port);
+}
+
+// SIGTERM/SIGINT reach a handler that only writes the signal number to a pipe; the main thread
+// reads the pipe. (Blocking the signals instead is not enough: OpenBLAS and OpenMP start threads
+// before main, and a process-directed signal may be delivered to one of them.)
+int signal_pipe[2] = {-1, -1};
+
+extern "C" void on_signal(int signal) {
+  const char byte = static_cast<char>(signal);
+  const ssize_t written = write(signal_pipe[1], &byte, 1);  // async-signal-safe
+  (void)written;
+}
+
+void install_signal_handlers() {
+  if (pipe2(signal_pipe, O_CLOEXEC | O_NONBLOCK) != 0) {
+    throw std::runtime_error(std::string("pipe2: ") + std::strerror(errno));
+  }
+  struct sigaction action {};
+  action.sa_handler = on_signal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;
+  sigaction(SIGTERM, &action, nullptr);
+  sigaction(SIGINT, &action, nullptr);
+}
+
+// Waits up to `timeout` for SIGTERM/SIGINT; true (and which) when one came.
+bool wait_for_signal(std::chrono::milliseconds timeout, int& signal) {
+  pollfd fd{signal_pipe[0], POLLIN, 0};
+  if (poll(&fd, 1, static_cast<int>(timeout.count())) <= 0) return false;
+  char byte = 0;
+  if (read(signal_pipe[0], &byte, 1) != 1) return false;
+  signal = byte;
+  return true;
+}
+
+v1::ModelInfo model_info(const std::string& model, const ModelConfig& config,
+                         const KvCacheConfig& kv, const std::string& device) {
+  v1::ModelInfo info;
+  info.set_model(model);
+  info.set_architecture("gpt2");
+  info.set_n_layer(config.n_layer);
+  info.set_n_head(config.n_head);
+  info.set_n_embd(config.n_embd);
+  info.set_context_length(config.n_positions);
+  info.set_vocab_size(config.vocab_size);
+  info.set_kv_format(to_string(kv.format));
+  info.set_kv_bits(kv_bits(kv.format));
+  info.set_kv_key_group(kv.key_group);
+  info.set_kv_value_group(kv.value_group);
+  info.set_kv_residual(kv.residual);
+  info.set_kv_page_tokens(kv.page_tokens);
+  info.set_device(device);
+  info.set_version(KVSERVE_VERSION);
+  return info;
+}
+
+}  // namespace
+
+void add_serve_flags(CLI::App* app, ServeFlags& flags) {
+  add_model_flags(app, flags.model);
+  add_kv_flags(app, flags.kv);
+  add_engine_flags(app, flags.engine);
+  app->add_option("--host", flags.host, "address to listen on (gRPC and metrics)");
+  app->add_option("--port", flags.port, "gRPC port (0: pick a free one; the log says which)")
+      ->check(CLI::Range(0, 65535));
+  app->add_option("--metrics-port", flags.metrics_port,
+                  "Prometheus /metrics port (0: pick a free one; the log says which)")
+      ->check(CLI::Range(0, 65535));
+  app->add_option("--max-queued-requests", flags.max_queued_requests,
+                  "requests waiting for admission; beyond it RESOURCE_EXHAUSTED")
+      ->check(CLI::PositiveNumber);
+  app->add_option("--max-concurrent-streams", flags.limits.max_concurrent_streams,
+                  "open Generate streams; beyond it RESOURCE_EXHAUSTED")
+      ->check(CLI::PositiveNumber);
+  app->add_option("--max-new-tokens-limit", flags.limits.max_new_tokens,
+                  "largest max_new_tokens a request may ask for (0: the model's context)")
+      ->check(CLI::NonNegativeNumber);
+  app->add_option("--max-prompt-tokens", flags.limits.max_prompt_tokens,
+                  "longest prompt in tokens (0: the model's context)")
+      ->check(CLI::NonNegativeNumber);
+  app->add_option("--stream-buffer-messages", flags.limits.stream_buffer_messages,
+                  "messages buffered per stream before tokens are merged into one chunk")
+      ->check(CLI::PositiveNumber);
+  app->add_option("--drain-timeout-s", flags.drain_timeout_s,
+                  "on SIGTERM/SIGINT, how long streams in flight may run before they are "
+                  "cancelled")
+      ->check(CLI::NonNegativeNumber);
+  app->add_option("--max-receive-message-bytes", flags.max_receive_message_bytes,
+                  "largest request message accepted")
+      ->check(CLI::PositiveNumber);
+}
+
+int run_serve(const ServeFlags& flags) {
+  // First, so that a SIGTERM during loading still drains (right after loading) instead of
+  // killing the process.
+  install_signal_handlers();
+
+  const std::string model_path = resolve_model(flags.model.model);
+  std::string device_reason;
+  const std::string device = resolve_device(flags.model.device, device_reason);
+  Metrics metrics({KVSERVE_VERSION, device, flags.kv.format, model_path});
+  const MetricsHttpServer metrics_server(flags.host, flags.metrics_port, metrics.registry());
+  const int metrics_port = metrics_server.port();
+
+  // The server listens while the model loads: health says NOT_SERVING and calls get
+  // UNAVAILABLE, which is what load balancers and Kubernetes probes expect.
+  GenerationService service(metrics, flags.limits);
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(join_host_port(flags.host, flags.port),
+                           grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  builder.SetMaxReceiveMessageSize(flags.max_receive_message_bytes);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server || port == 0) {
+    throw std::runtime_error("cannot listen on " + join_host_port(flags.host, flags.port) +
+                             " (port in use or address not local?)");
+  }
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  health->SetServingStatus(false);
+  spdlog::info(
+      "listening on {} (gRPC), metrics on http://{}/metrics; NOT_SERVING until the model is loaded "
+      "and warm",
+      join_host_port(flags.host, port), join_host_port(flags.host, metrics_port));
+
+  LoadedModel loaded = load(flags.model);
+  const ModelConfig model = loaded.weights.config;
+  const Tokenizer tokenizer = load_tokenizer(loaded.path, flags.model.tokenizer);
+  const KvCacheConfig kv = kv_config(flags.kv, model);
+  auto cache = make_cache(kv, model, flags.kv.pool_mb);
+  const int32_t pool_blocks = cache->num_blocks();
+  auto backend = make_backend(loaded.device, std::move(loaded.weights), *cache);
+  auto engine =
+      std::make_unique<Engine>(model, std::move(cache), std::move(backend), flags.engine.options);
+  EngineLoop loop(std::move(engine), tokenizer, {flags.max_queued_requests}, metrics);
+  const auto warm_start = std::chrono::steady_clock::now();
+  loop.start();
+  loop.wait_until_warm();
+  service.start_serving(loop, tokenizer, model_info(loaded.path, model, kv, loaded.device));
+  health->SetServingStatus(true);
+  spdlog::info(
+      "SERVING: model {} ({} layers, d={}, ctx {}), device {}, kv {}, pool {} blocks ({} MiB), "
+      "gRPC {}, metrics :{}, warm-up {:.3f} s",
+      loaded.path, model.n_layer, model.n_embd, model.n_positions, loaded.device, describe(kv),
+      pool_blocks, flags.kv.pool_mb, join_host_port(flags.host, port), metrics_port,
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - warm_start).count());
+
+  int signal = 0;
+  while (!wait_for_signal(std::chrono::hours(1), signal)) continue;
+  spdlog::info("{} received: draining (no new requests; up to {} s for {} in flight)",
+               strsignal(signal), flags.drain_timeout_s, loop.in_flight());
+  service.start_draining();
+  health->SetServingStatus(false);
+
+  // Poll: in-flight requests end on the engine thread; a second signal cuts the wait short.
+  const auto drain_deadline = std::chrono::steady_clock::now() +
+                              std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                  std::chrono::duration<double>(flags.drain_timeout_s));
+  bool second_signal = false;
+  while (loop.in_flight() > 0 && std::chrono::steady_clock::now() < drain_deadline &&
+         !second_signal) {
+    second_signal = wait_for_signal(std::chrono::milliseconds(20), signal);
+  }
+  if (loop.in_flight() > 0) {
+    spdlog::warn("drain: cancelling {} requests still in flight (finish_reason CANCELLED)",
+                 loop.in_flight());
+    loop.cancel_all();
+    const auto cancel_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (loop.in_flight() > 0 && std::chrono::steady_clock::now() < cancel_deadline) {
+      wait_for_signal(std::chrono::milliseconds(10), signal);
+    }
+  }
+  // Up to 5 s for the streams to write their final messages; a stream still open after that (a
+  // client that stopped reading) is cancelled by the shutdown.
+  const auto flush_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (service.open_streams() > 0 && std::chrono::steady_clock::now() < flush_deadline) {
+    wait_for_signal(std::chrono::milliseconds(10), signal);
+  }
+  server->Shutdown(std::chrono::system_clock::now());
+  loop.stop();
+  spdlog::info("drained; exiting");
+  return 0;
+}
+
+}  // namespace kvserve

@@ -1,0 +1,87 @@
+// The per-request channel from the engine thread to the gRPC stream that carries the request.
+//
+// The engine thread pushes; the stream's reactor pops. Pushing never blocks and the queue is
+// bounded: once `capacity` messages wait, new tokens are merged into the last waiting chunk, so a
+// client that stops reading costs at most one growing chunk (bounded by max_new_tokens), never an
+// engine stall. After each push the channel pokes its listener (the reactor), which starts the
+// next write if none is in flight.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "engine/engine.h"
+
+namespace kvserve {
+
+// Why a stream ended without a final message; the service maps it to a gRPC status code.
+enum class StreamError { kNone, kInvalidArgument, kDeadlineExceeded, kInternal };
+
+struct StreamFinal {
+  FinishReason reason = FinishReason::kNone;  // kLength, kEos, kStop or kCancelled
+  int prompt_tokens = 0;
+  int completion_tokens = 0;
+  double queue_seconds = 0;
+  double ttft_seconds = 0;
+  double total_seconds = 0;
+  std::string matched_stop;
+};
+
+struct StreamMessage {
+  enum class Kind { kChunk, kFinal, kError };
+  Kind kind = Kind::kChunk;
+  // kChunk
+  std::vector<int32_t> token_ids;
+  std::string text;  // valid UTF-8
+  std::vector<float> logprobs;
+  // kFinal
+  StreamFinal final;
+  // kError
+  StreamError error = StreamError::kNone;
+  std::string error_message;
+};
+
+// Implemented by the stream (the gRPC reactor): called on the engine thread after a push.
+class StreamListener {
+ public:
+  virtual ~StreamListener() = default;
+  virtual void on_message_ready() = 0;
+};
+
+class StreamChannel {
+ public:
+  explicit StreamChannel(size_t capacity) : capacity_(capacity < 1 ? 1 : capacity) {}
+
+  // The listener is held weakly: a stream that is gone is simply not poked.
+  void set_listener(std::weak_ptr<StreamListener> listener) {
+    std::lock_guard<std::mutex> lock(mu_);
+    listener_ = std::move(listener);
+  }
+
+  // Engine thread. Tokens of one step for this request; `text` may be empty (held back).
+  void push_chunk(std::vector<int32_t> ids, std::string text, std::vector<float> logprobs);
+  // Engine thread. The end of the stream; nothing may be pushed after it.
+  void push_final(const StreamFinal& final);
+  void push_error(StreamError error, std::string message);
+
+  // Any thread (the reactor). Returns false when nothing is waiting.
+  bool pop(StreamMessage& out);
+  size_t size() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return queue_.size();
+  }
+
+ private:
+  void notify();
+
+  const size_t capacity_;
+  mutable std::mutex mu_;
+  std::deque<StreamMessage> queue_;
+  std::weak_ptr<StreamListener> listener_;
+};
+
+}  // namespace kvserve

@@ -1,0 +1,534 @@
+// kvserve serve end to end: the real binary on loopback, the generated gRPC stub as the client,
+// the shared test model on the CPU backend.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <future>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <thread>
+
+#include "engine/text_io.h"
+#include "engine/tokenizer.h"
+#include "server/stream_channel.h"
+#include "tests/server_harness.h"
+#include "tests/test_support.h"
+
+namespace kvserve {
+namespace {
+
+using namespace std::chrono_literals;
+using grpc::health::v1::HealthCheckResponse;
+using testing::ServerProcess;
+using testing::StreamResult;
+
+v1::GenerateRequest text_request(const std::string& prompt, int max_new_tokens) {
+  v1::GenerateRequest request;
+  request.set_prompt(prompt);
+  request.mutable_stopping()->set_max_new_tokens(max_new_tokens);
+  return request;
+}
+
+// A request that runs for a long time: ignore EOS, most of the context.
+v1::GenerateRequest long_request() {
+  v1::GenerateRequest request = text_request("The kernel", 1000);
+  request.mutable_stopping()->set_ignore_eos(true);
+  return request;
+}
+
+// Polls until the pool is empty again (blocks free at the engine's next step).
+void expect_cache_drains(const ServerProcess& server) {
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  v1::CacheStats stats = server.cache_stats();
+  while ((stats.used_bytes() != 0 || stats.blocks_used() != 0) &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(5ms);
+    stats = server.cache_stats();
+  }
+  EXPECT_EQ(stats.used_bytes(), 0);
+  EXPECT_EQ(stats.blocks_used(), 0);
+  EXPECT_EQ(stats.sequences(), 0);
+}
+
+std::vector<int32_t> parse_ids(const std::string& text) {
+  std::istringstream in(text);
+  std::vector<int32_t> ids;
+  for (int32_t id; in >> id;) ids.push_back(id);
+  return ids;
+}
+
+std::string run_generate_cli(const std::string& args) {
+  const std::string dir = testing::make_temp_dir("kvserve-gen");
+  const std::string command = std::string(KVSERVE_BINARY) + " generate --model " +
+                              testing::shared_model_dir() + " " + args + " >" + dir + "/out 2>" +
+                              dir + "/err";
+  EXPECT_EQ(std::system(command.c_str()), 0) << read_file(dir + "/err");
+  return read_file(dir + "/out");
+}
+
+class Server : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    server_ = new ServerProcess({"--model", testing::shared_model_dir(), "--kv", "kivi2",
+                                 "--max-new-tokens-limit", "1000", "--max-prompt-tokens", "600"});
+  }
+  static void TearDownTestSuite() {
+    delete server_;
+    server_ = nullptr;
+  }
+  static ServerProcess* server_;
+};
+ServerProcess* Server::server_ = nullptr;
+
+TEST_F(Server, SampledStreamEqualsGenerateCommand) {
+  v1::GenerateRequest request = text_request("The kernel schedules", 40);
+  request.mutable_sampling()->set_temperature(0.9f);
+  request.mutable_sampling()->set_top_k(50);
+  request.mutable_sampling()->set_top_p(0.95f);
+  request.mutable_sampling()->set_seed(1234);
+  request.mutable_stopping()->set_ignore_eos(true);
+  request.set_return_logprobs(true);
+  const StreamResult got = testing::generate(*server_->stub(), request);
+  ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+  const std::vector<int32_t> expected = parse_ids(run_generate_cli(
+      "--kv kivi2 --ids --ignore-eos --max-new-tokens 40 --temperature 0.9 --top-k 50 "
+      "--top-p 0.95 --seed 1234 --prompt 'The kernel schedules'"));
+  EXPECT_EQ(got.ids, expected);
+  ASSERT_TRUE(got.has_final);
+  EXPECT_EQ(got.final.finish_reason(), v1::FINISH_REASON_LENGTH);
+  EXPECT_EQ(got.final.completion_tokens(), 40u);
+  EXPECT_EQ(got.final.prompt_tokens(), 3u);
+  EXPECT_EQ(got.logprobs.size(), got.ids.size());
+  EXPECT_GE(got.final.total_seconds(), got.final.time_to_first_token_seconds());
+  EXPECT_GE(got.final.time_to_first_token_seconds(), got.final.queue_seconds());
+  // The text is the detokenized ids (valid UTF-8 by construction of the decoder).
+  const Tokenizer tokenizer = Tokenizer::from_model_dir(testing::shared_model_dir());
+  EXPECT_EQ(got.text, tokenizer.decode(got.ids));
+}
+
+TEST_F(Server, GreedyTextEqualsGenerateCommand) {
+  v1::GenerateRequest request = text_request("Memory is", 24);
+  request.mutable_sampling()->set_temperature(0.0f);
+  const StreamResult got = testing::generate(*server_->stub(), request);
+  ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+  std::string expected =
+      run_generate_cli("--kv kivi2 --greedy --max-new-tokens 24 --prompt 'Memory is'");
+  expected.pop_back();  // the newline generate ends with
+  if (got.final.finish_reason() == v1::FINISH_REASON_EOS) {
+    // generate prints the EOS token's text; the stream does not.
+    ASSERT_EQ(expected.substr(expected.size() - 13), "<|endoftext|>");
+    expected.resize(expected.size() - 13);
+  }
+  EXPECT_EQ(got.text, expected);
+}
+
+TEST_F(Server, StopStringAcrossTokenBoundariesEndsTheStream) {
+  const Tokenizer tokenizer = Tokenizer::from_model_dir(testing::shared_model_dir());
+  v1::GenerateRequest request = text_request("The kernel", 40);
+  request.mutable_stopping()->set_ignore_eos(true);
+  const StreamResult full = testing::generate(*server_->stub(), request);
+  ASSERT_TRUE(full.status.ok());
+  // A stop string from the middle of one multi-byte token into the middle of the next.
+  size_t offset = 0, begin = std::string::npos, end = 0;
+  for (size_t i = 0; i + 1 < full.ids.size() && begin == std::string::npos; ++i) {
+    const std::string a = tokenizer.token_bytes(full.ids[i]);
+    const std::string b = tokenizer.token_bytes(full.ids[i + 1]);
+    const bool ascii = std::all_of(a.begin(), a.end(), [](char c) { return c > 0; }) &&
+                       std::all_of(b.begin(), b.end(), [](char c) { return c > 0; });
+    if (i >= 3 && a.size() >= 2 && b.size() >= 2 && ascii) {
+      begin = offset + 1;
+      end = offset + a.size() + b.size() - 1;
+    }
+    offset += a.size();
+  }
+  ASSERT_NE(begin, std::string::npos) << full.text;
+  const std::string stop = full.text.substr(begin, end - begin);
+  const size_t first = full.text.find(stop);
+  request.mutable_stopping()->add_stop(stop);
+  request.mutable_stopping()->add_stop("no such text \xe2\x82\xac");
+  const StreamResult stopped = testing::generate(*server_->stub(), request);
+  ASSERT_TRUE(stopped.status.ok()) << stopped.status.error_message();
+  EXPECT_EQ(stopped.text, full.text.substr(0, first)) << "stop: '" << stop << "'";
+  EXPECT_EQ(stopped.final.finish_reason(), v1::FINISH_REASON_STOP);
+  EXPECT_EQ(stopped.final.matched_stop(), stop);
+  EXPECT_LT(stopped.ids.size(), full.ids.size());
+  expect_cache_drains(*server_);
+}
+
+TEST_F(Server, CancelMidStreamFreesTheBlocks) {
+  auto stub = server_->stub();
+  grpc::ClientContext context;
+  auto reader = stub->Generate(&context, long_request());
+  v1::GenerateResponse response;
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(reader->Read(&response));
+  EXPECT_GT(server_->cache_stats().used_bytes(), 0);
+  context.TryCancel();
+  while (reader->Read(&response)) {
+  }
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  expect_cache_drains(*server_);
+}
+
+TEST_F(Server, DeadlineExceededMidStreamFreesTheBlocks) {
+  const StreamResult got = testing::generate(*server_->stub(), long_request(), 300ms);
+  EXPECT_EQ(got.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_FALSE(got.has_final);
+  expect_cache_drains(*server_);
+}
+
+TEST_F(Server, ReaderThatStopsDoesNotStallOthers) {
+  auto stub = server_->stub();
+  grpc::ClientContext idle_context;
+  v1::GenerateRequest idle_request = text_request("The kernel", 150);
+  idle_request.mutable_stopping()->set_ignore_eos(true);
+  auto idle = stub->Generate(&idle_context, idle_request);  // not read until the end
+  const auto start = std::chrono::steady_clock::now();
+  const StreamResult other = testing::generate(*stub, text_request("Memory is", 16), 60s);
+  ASSERT_TRUE(other.status.ok()) << other.status.error_message();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 30s);
+  // The idle stream still gets every token (merged into fewer messages when its buffer filled).
+  std::vector<int32_t> ids;
+  v1::GenerateResponse response;
+  while (idle->Read(&response)) {
+    if (response.has_chunk()) {
+      ids.insert(ids.end(), response.chunk().token_ids().begin(),
+                 response.chunk().token_ids().end());
+    }
+  }
+  ASSERT_TRUE(idle->Finish().ok());
+  EXPECT_EQ(ids.size(), 150u);
+}
+
+struct BadInput {
+  std::string name;
+  std::function<void(v1::GenerateRequest&)> edit;
+  std::string message;  // a word the message must contain
+};
+
+TEST_F(Server, EveryBadInputIsInvalidArgumentWithAReason) {
+  const std::vector<BadInput> cases = {
+      {"empty prompt", [](v1::GenerateRequest& r) { r.set_prompt(""); }, "empty"},
+      {"no prompt", [](v1::GenerateRequest& r) { r.clear_input(); }, "prompt"},
+      {"empty ids", [](v1::GenerateRequest& r) { r.mutable_prompt_token_ids(); }, "empty"},
+      {"id out of range",
+       [](v1::GenerateRequest& r) { r.mutable_prompt_token_ids()->add_ids(50257); }, "vocabulary"},
+      {"negative id", [](v1::GenerateRequest& r) { r.mutable_prompt_token_ids()->add_ids(-1); },
+       "vocabulary"},
+      {"beyond the context",
+       [](v1::GenerateRequest& r) {
+         for (int i = 0; i < 500; ++i) r.mutable_prompt_token_ids()->add_ids(464);
+         r.mutable_stopping()->set_max_new_tokens(600);
+       },
+       "context"},
+      {"temperature", [](v1::GenerateRequest& r) { r.mutable_sampling()->set_temperature(-1); },
+       "temperature"},
+      {"top_p", [](v1::GenerateRequest& r) { r.mutable_sampling()->set_top_p(0); }, "top_p"},
+      {"top_k", [](v1::GenerateRequest& r) { r.mutable_sampling()->set_top_k(-3); }, "top_k"},
+      {"repetition_penalty",
+       [](v1::GenerateRequest& r) { r.mutable_sampling()->set_repetition_penalty(0); },
+       "repetition_penalty"},
+      {"max_new_tokens 0",
+       [](v1::GenerateRequest& r) { r.mutable_stopping()->set_max_new_tokens(0); },
+       "max_new_tokens"},
+      {"max_new_tokens over the limit",
+       [](v1::GenerateRequest& r) { r.mutable_stopping()->set_max_new_tokens(1001); },
+       "--max-new-tokens-limit"},
+      {"prompt over the limit",
+       [](v1::GenerateRequest& r) {
+         for (int i = 0; i < 601; ++i) r.mutable_prompt_token_ids()->add_ids(464);
+       },
+       "--max-prompt-tokens"},
+      {"empty stop string", [](v1::GenerateRequest& r) { r.mutable_stopping()->add_stop(""); },
+       "stop"},
+      {"stop token out of range",
+       [](v1::GenerateRequest& r) { r.mutable_stopping()->add_stop_token_ids(1 << 20); },
+       "stop token"},
+  };
+  auto stub = server_->stub();
+  for (const BadInput& bad : cases) {
+    v1::GenerateRequest request = text_request("Hello", 4);
+    bad.edit(request);
+    const StreamResult got = testing::generate(*stub, request);
+    EXPECT_EQ(got.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << bad.name;
+    EXPECT_NE(got.status.error_message().find(bad.message), std::string::npos)
+        << bad.name << ": " << got.status.error_message();
+    EXPECT_TRUE(got.ids.empty()) << bad.name;
+  }
+  // The server is fine afterwards.
+  EXPECT_TRUE(testing::generate(*stub, text_request("Hello", 2)).status.ok());
+}
+
+TEST_F(Server, ModelInfoDescribesTheModelAndCache) {
+  grpc::ClientContext context;
+  v1::ModelInfo info;
+  ASSERT_TRUE(server_->stub()->GetModelInfo(&context, {}, &info).ok());
+  EXPECT_EQ(info.architecture(), "gpt2");
+  EXPECT_EQ(info.n_layer(), 6);
+  EXPECT_EQ(info.context_length(), 1024);
+  EXPECT_EQ(info.vocab_size(), 50257);
+  EXPECT_EQ(info.kv_format(), "kivi2");
+  EXPECT_EQ(info.kv_bits(), 2);
+  EXPECT_EQ(info.kv_key_group(), 32);
+  EXPECT_EQ(info.device(), "cpu");
+}
+
+// Where two runs of one request part, and how far apart their logprobs were up to there.
+std::string describe_divergence(const StreamResult& a, const StreamResult& b) {
+  size_t i = 0;
+  double worst = 0;
+  while (i < a.ids.size() && i < b.ids.size() && a.ids[i] == b.ids[i]) {
+    if (i < a.logprobs.size() && i < b.logprobs.size()) {
+      worst = std::max(worst, std::abs(double{a.logprobs[i]} - b.logprobs[i]));
+    }
+    ++i;
+  }
+  return " (same for " + std::to_string(i) +
+         " tokens; largest logprob difference before: " + std::to_string(worst) + ")";
+}
+
+// Runs `requests` concurrently (one thread each) on their servers.
+std::vector<StreamResult> run_concurrently(const std::vector<const ServerProcess*>& servers,
+                                           const std::vector<v1::GenerateRequest>& requests) {
+  std::vector<std::future<StreamResult>> futures;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    futures.push_back(std::async(std::launch::async, [&, i] {
+      return testing::generate(*servers[i]->stub(), requests[i]);
+    }));
+  }
+  std::vector<StreamResult> results;
+  for (auto& future : futures) results.push_back(future.get());
+  return results;
+}
+
+TEST(ServerConcurrency, ThirtyTwoMixedRequestsOnTwoKvFormatsEqualTheirSoloRuns) {
+  const ServerProcess kivi(
+      {"--model", testing::shared_model_dir(), "--kv", "kivi2", "--max-batch-tokens", "512"});
+  const ServerProcess int8({"--model", testing::shared_model_dir(), "--kv", "int8"});
+  const std::vector<std::string> prompts = {"The kernel", "Memory is allocated when",
+                                            "A process",  "In the beginning the scheduler",
+                                            "Files are",  "The cache"};
+  std::vector<v1::GenerateRequest> requests;
+  std::vector<const ServerProcess*> servers;
+  for (int i = 0; i < 32; ++i) {
+    v1::GenerateRequest request = text_request(prompts[i % prompts.size()], 8 + (i * 7) % 33);
+    request.set_request_id("mixed-" + std::to_string(i));
+    if (i % 3 != 0) {
+      request.mutable_sampling()->set_temperature(0.8f);
+      request.mutable_sampling()->set_seed(100 + i);
+    } else {
+      request.mutable_sampling()->set_temperature(0.0f);
+    }
+    if (i % 4 == 0) request.mutable_stopping()->set_ignore_eos(true);
+    request.set_return_logprobs(true);
+    requests.push_back(request);
+    servers.push_back(i % 2 ? &int8 : &kivi);
+  }
+  const std::vector<StreamResult> together = run_concurrently(servers, requests);
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const StreamResult alone = testing::generate(*servers[i]->stub(), requests[i]);
+    ASSERT_TRUE(alone.status.ok()) << alone.status.error_message();
+    ASSERT_TRUE(together[i].status.ok()) << i << ": " << together[i].status.error_message();
+    EXPECT_EQ(together[i].ids, alone.ids)
+        << "request " << i << describe_divergence(together[i], alone);
+    EXPECT_EQ(together[i].text, alone.text) << "request " << i;
+    EXPECT_EQ(together[i].final.finish_reason(), alone.final.finish_reason()) << i;
+  }
+  for (const ServerProcess* server : {&kivi, &int8}) {
+    const v1::CacheStats stats = server->cache_stats();
+    EXPECT_EQ(stats.used_bytes(), 0);
+    EXPECT_EQ(stats.blocks_used(), 0);
+    EXPECT_EQ(stats.tokens(), 0);
+  }
+}
+
+TEST(ServerLimits, OverloadIsResourceExhausted) {
+  ServerProcess server({"--model", testing::shared_model_dir(), "--max-num-seqs", "1",
+                        "--max-queued-requests", "1", "--max-concurrent-streams", "3"});
+  auto stub = server.stub();
+  v1::GenerateResponse response;
+  // One running (max-num-seqs 1)...
+  grpc::ClientContext running_context;
+  auto running = stub->Generate(&running_context, long_request());
+  ASSERT_TRUE(running->Read(&response));
+  // ...one waiting fills the queue (max-queued-requests 1)...
+  grpc::ClientContext waiting_context;
+  auto waiting = stub->Generate(&waiting_context, long_request());
+  const StreamResult queue_full = testing::generate(*stub, text_request("Hi", 2));
+  EXPECT_EQ(queue_full.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(queue_full.status.error_message().find("queue"), std::string::npos)
+      << queue_full.status.error_message();
+  // ...and a third open stream reaches max-concurrent-streams 3.
+  grpc::ClientContext third_context;
+  auto third = stub->Generate(&third_context, long_request());
+  const StreamResult too_many = testing::generate(*stub, text_request("Hi", 2));
+  EXPECT_EQ(too_many.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(too_many.status.error_message().find("streams"), std::string::npos)
+      << too_many.status.error_message();
+  for (grpc::ClientContext* context : {&running_context, &waiting_context, &third_context}) {
+    context->TryCancel();
+  }
+  for (auto* reader : {running.get(), waiting.get(), third.get()}) {
+    while (reader->Read(&response)) {
+    }
+    reader->Finish();
+  }
+  expect_cache_drains(server);
+  const std::string metrics = server.metrics_text();
+  EXPECT_GE(
+      testing::metric_value(metrics, R"(kvserve_request_failure_total{code="RESOURCE_EXHAUSTED"})"),
+      2);
+}
+
+TEST(ServerLifecycle, HealthGoesNotServingToServingAndDrainCancelsAtTheDeadline) {
+  // A model big enough that loading takes a while on the CPU: health must say NOT_SERVING and
+  // Generate UNAVAILABLE until it is loaded and warm.
+  ServerProcess server({"--model", "dummy:gpt2", "--tokenizer", testing::shared_model_dir(),
+                        "--kv-pool-mb", "64", "--drain-timeout-s", "1", "--log-json"},
+                       /*wait_serving=*/false);
+  EXPECT_EQ(server.health(), HealthCheckResponse::NOT_SERVING);
+  const StreamResult early = testing::generate(*server.stub(), text_request("Hi", 2));
+  EXPECT_EQ(early.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_NE(early.status.error_message().find("loading"), std::string::npos);
+  server.wait_serving();
+
+  auto stub = server.stub();
+  grpc::ClientContext context;
+  auto reader = stub->Generate(&context, long_request());
+  v1::GenerateResponse response;
+  ASSERT_TRUE(reader->Read(&response));
+  server.process().signal(SIGTERM);
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (server.health() != HealthCheckResponse::NOT_SERVING &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(5ms);
+  }
+  EXPECT_EQ(server.health(), HealthCheckResponse::NOT_SERVING);
+  const StreamResult late = testing::generate(*stub, text_request("Hi", 2));
+  EXPECT_EQ(late.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  // The stream in flight outlives the 1 s drain timeout: it ends with CANCELLED.
+  bool cancelled = false;
+  while (reader->Read(&response)) {
+    if (response.has_final()) {
+      cancelled = response.final().finish_reason() == v1::FINISH_REASON_CANCELLED;
+    }
+  }
+  EXPECT_TRUE(reader->Finish().ok());
+  EXPECT_TRUE(cancelled);
+  EXPECT_EQ(server.process().wait(20s), 0) << server.process().log();
+  // --log-json: every line is a JSON object.
+  std::istringstream log(server.process().log());
+  int lines = 0;
+  for (std::string line; std::getline(log, line); ++lines) {
+    EXPECT_NO_THROW(nlohmann::json::parse(line)) << line;
+  }
+  EXPECT_GT(lines, 3);
+}
+
+TEST(ServerLifecycle, SigtermLetsAStreamInFlightFinish) {
+  ServerProcess server({"--model", testing::shared_model_dir()});
+  auto stub = server.stub();
+  grpc::ClientContext context;
+  v1::GenerateRequest request = text_request("The kernel", 100);
+  request.mutable_stopping()->set_ignore_eos(true);
+  auto reader = stub->Generate(&context, request);
+  v1::GenerateResponse response;
+  ASSERT_TRUE(reader->Read(&response));
+  server.process().signal(SIGTERM);
+  int tokens = response.chunk().token_ids_size();
+  v1::FinishReason reason = v1::FINISH_REASON_UNSPECIFIED;
+  while (reader->Read(&response)) {
+    tokens += response.chunk().token_ids_size();
+    if (response.has_final()) reason = response.final().finish_reason();
+  }
+  EXPECT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(reason, v1::FINISH_REASON_LENGTH);
+  EXPECT_EQ(tokens, 100);
+  EXPECT_EQ(server.process().wait(20s), 0) << server.process().log();
+  EXPECT_NE(server.process().log().find("drained"), std::string::npos);
+}
+
+const char* const kDesignMetrics[] = {"kvserve_kv_cache_capacity_bytes",
+                                      "kvserve_kv_cache_used_bytes",
+                                      "kvserve_kv_cache_usage_ratio",
+                                      "kvserve_kv_cache_fp16_equivalent_bytes",
+                                      "kvserve_kv_compression_ratio",
+                                      "kvserve_kv_cache_tokens",
+                                      "kvserve_kv_blocks_used",
+                                      "kvserve_kv_blocks_total",
+                                      "kvserve_requests_running",
+                                      "kvserve_requests_waiting",
+                                      "kvserve_prompt_tokens_total",
+                                      "kvserve_generation_tokens_total",
+                                      "kvserve_generation_tokens_per_second",
+                                      "kvserve_request_success_total",
+                                      "kvserve_request_failure_total",
+                                      "kvserve_preemptions_total",
+                                      "kvserve_time_to_first_token_seconds",
+                                      "kvserve_inter_token_latency_seconds",
+                                      "kvserve_e2e_request_latency_seconds",
+                                      "kvserve_request_queue_seconds",
+                                      "kvserve_batch_tokens",
+                                      "kvserve_build_info"};
+
+TEST(ServerMetrics, ExposesEveryDesignMetricWithValuesThatMatchTheWork) {
+  ServerProcess server({"--model", testing::shared_model_dir(), "--kv", "kivi4"});
+  auto stub = server.stub();
+  int tokens = 0, prompt_tokens = 0;
+  for (int i = 0; i < 4; ++i) {
+    v1::GenerateRequest request = text_request("The kernel", 10 + i);
+    request.mutable_stopping()->set_ignore_eos(true);
+    const StreamResult got = testing::generate(*stub, request);
+    ASSERT_TRUE(got.status.ok());
+    tokens += static_cast<int>(got.ids.size());
+    prompt_tokens += static_cast<int>(got.final.prompt_tokens());
+  }
+  EXPECT_EQ(testing::generate(*stub, text_request("", 1)).status.error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  const std::string text = server.metrics_text();
+  for (const char* name : kDesignMetrics) {
+    EXPECT_NE(text.find(std::string("\n# TYPE ") + name + " "), std::string::npos) << name;
+  }
+  using testing::metric_value;
+  EXPECT_EQ(metric_value(text, "kvserve_generation_tokens_total"), tokens);
+  EXPECT_EQ(metric_value(text, "kvserve_prompt_tokens_total"), prompt_tokens);
+  EXPECT_EQ(metric_value(text, R"(kvserve_request_success_total{finish_reason="length"})"), 4);
+  EXPECT_EQ(metric_value(text, R"(kvserve_request_failure_total{code="INVALID_ARGUMENT"})"), 1);
+  EXPECT_EQ(metric_value(text, "kvserve_time_to_first_token_seconds_count"), 4);
+  EXPECT_EQ(metric_value(text, "kvserve_inter_token_latency_seconds_count"), tokens - 4);
+  EXPECT_EQ(metric_value(text, "kvserve_e2e_request_latency_seconds_count"), 4);
+  EXPECT_EQ(metric_value(text, "kvserve_request_queue_seconds_count"), 4);
+  EXPECT_GT(metric_value(text, "kvserve_generation_tokens_per_second"), 0);
+  const v1::CacheStats stats = server.cache_stats();
+  EXPECT_EQ(metric_value(text, "kvserve_kv_cache_capacity_bytes"), stats.capacity_bytes());
+  EXPECT_EQ(metric_value(text, "kvserve_kv_cache_used_bytes"), stats.used_bytes());
+  EXPECT_EQ(metric_value(text, "kvserve_kv_blocks_total"), stats.blocks_total());
+  EXPECT_EQ(metric_value(text, "kvserve_kv_blocks_used"), 0);
+  EXPECT_EQ(metric_value(text, "kvserve_requests_running"), 0);
+  EXPECT_NE(text.find(R"(kvserve_build_info{)"), std::string::npos);
+  EXPECT_NE(text.find(R"(kv_format="kivi4")"), std::string::npos);
+  EXPECT_NE(text.find(R"(device="cpu")"), std::string::npos);
+}
+
+TEST(StreamChannel, MergesTokensIntoTheLastChunkWhenFull) {
+  StreamChannel channel(2);
+  for (int i = 0; i < 5; ++i) channel.push_chunk({i}, std::to_string(i), {-1.0f * i});
+  channel.push_final({});
+  EXPECT_EQ(channel.size(), 3u);
+  StreamMessage message;
+  ASSERT_TRUE(channel.pop(message));
+  EXPECT_EQ(message.token_ids, std::vector<int32_t>({0}));
+  ASSERT_TRUE(channel.pop(message));
+  EXPECT_EQ(message.token_ids, std::vector<int32_t>({1, 2, 3, 4}));
+  EXPECT_EQ(message.text, "1234");
+  EXPECT_EQ(message.logprobs.size(), 4u);
+  ASSERT_TRUE(channel.pop(message));
+  EXPECT_EQ(message.kind, StreamMessage::Kind::kFinal);
+  EXPECT_FALSE(channel.pop(message));
+}
+
+}  // namespace
+}  // namespace kvserve
