@@ -9,51 +9,27 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 
-#include "engine/checkpoint.h"
 #include "engine/cpu_backend.h"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/engine.h"
-#include "engine/text_io.h"
 #include "kernels/device_info.h"
+#include "tests/reference_fixture.h"
 #include "tests/test_support.h"
 
 namespace kvserve {
 namespace {
 
 using nlohmann::json;
+using testing::fixture_format;
+using testing::ids_of;
+using testing::shared_weights;
+
+const json& fixture() {
+  return testing::logits_fixture();
+}
 
 #define SKIP_WITHOUT_GPU() \
   if (cuda::visible_device_count() == 0) GTEST_SKIP() << "no CUDA GPU visible"
-
-const json& fixture() {
-  static const json data =
-      json::parse(read_file(testing::source_path("tests/fixtures/logits.json.xz")));
-  return data;
-}
-
-const ModelWeights& shared_weights() {
-  static const ModelWeights weights = load_model(testing::shared_model_dir());
-  return weights;
-}
-
-KvCacheConfig format_config(const std::string& name) {
-  const json& f = fixture()["formats"][name];
-  KvCacheConfig c;
-  const std::string kind = f["kind"];
-  if (kind == "fp16") {
-    c.format = KvFormat::kFp16;
-  } else if (kind == "int8") {
-    c.format = KvFormat::kInt8;
-  } else {
-    c.format = f["bits"] == 2 ? KvFormat::kKivi2 : KvFormat::kKivi4;
-    c.key_group = f["group"];
-    c.value_group = f["value_group"];
-    c.residual = f["residual"];
-    c.page_tokens = c.key_group;
-    c.per_token_keys = f.value("per_token_keys", false);
-  }
-  return c;
-}
 
 std::unique_ptr<Backend> make(bool gpu, const KvCacheManager& cache) {
   if (gpu) return std::make_unique<CudaBackend>(shared_weights(), cache);
@@ -73,7 +49,7 @@ GenerationRequest greedy_request(const json& prompt, int tokens) {
 std::vector<std::vector<int32_t>> generate(bool gpu, const std::string& format, int tokens,
                                            int max_batch_tokens) {
   const ModelConfig& model = shared_weights().config;
-  auto cache = std::make_unique<KvCacheManager>(format_config(format), model, 4096);
+  auto cache = std::make_unique<KvCacheManager>(fixture_format(format), model, 4096);
   auto backend = make(gpu, *cache);
   EngineOptions options;
   if (max_batch_tokens > 0) options.max_batch_tokens = max_batch_tokens;
@@ -106,7 +82,7 @@ TEST(GpuBackend, GreedyTokensMatchTheCpuBackend) {
     for (size_t i = 0; i < prompts.size(); ++i) {
       auto alone = [&](bool gpu) {
         const ModelConfig& model = shared_weights().config;
-        auto cache = std::make_unique<KvCacheManager>(format_config(format), model, 4096);
+        auto cache = std::make_unique<KvCacheManager>(fixture_format(format), model, 4096);
         auto backend = make(gpu, *cache);
         Engine engine(model, std::move(cache), std::move(backend), EngineOptions{});
         engine.add_request(greedy_request(prompts[i], 32));
@@ -153,7 +129,7 @@ TEST(GpuBackend, LogitsAreCloseToTheCpuBackend) {
       tokens.insert(tokens.end(), greedy.begin(), greedy.end());
       std::vector<float> logits[2];
       for (int gpu = 0; gpu < 2; ++gpu) {
-        KvCacheManager cache(format_config(format), model, 4096);
+        KvCacheManager cache(fixture_format(format), model, 4096);
         auto backend = make(gpu == 1, cache);
         cache.add_sequence(1);
         ASSERT_TRUE(cache.grow(1, static_cast<int>(tokens.size())));

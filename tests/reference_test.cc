@@ -8,45 +8,21 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 
-#include "engine/checkpoint.h"
 #include "engine/cpu_backend.h"
 #include "engine/engine.h"
-#include "engine/text_io.h"
+#include "tests/reference_fixture.h"
 #include "tests/test_support.h"
 
 namespace kvserve {
 namespace {
 
 using nlohmann::json;
+using testing::fixture_format;
+using testing::ids_of;
+using testing::shared_weights;
 
 const json& fixture() {
-  static const json data =
-      json::parse(read_file(testing::source_path("tests/fixtures/logits.json.xz")));
-  return data;
-}
-
-const ModelWeights& shared_weights() {
-  static const ModelWeights weights = load_model(testing::shared_model_dir());
-  return weights;
-}
-
-KvCacheConfig format_config(const std::string& name) {
-  const json& f = fixture()["formats"][name];
-  KvCacheConfig c;
-  const std::string kind = f["kind"];
-  if (kind == "fp16") {
-    c.format = KvFormat::kFp16;
-  } else if (kind == "int8") {
-    c.format = KvFormat::kInt8;
-  } else {
-    c.format = f["bits"] == 2 ? KvFormat::kKivi2 : KvFormat::kKivi4;
-    c.key_group = f["group"];
-    c.value_group = f["value_group"];
-    c.residual = f["residual"];
-    c.page_tokens = c.key_group;
-    c.per_token_keys = f.value("per_token_keys", false);
-  }
-  return c;
+  return testing::logits_fixture();
 }
 
 std::unique_ptr<Engine> make_engine(const KvCacheConfig& config, EngineOptions options = {}) {
@@ -54,10 +30,6 @@ std::unique_ptr<Engine> make_engine(const KvCacheConfig& config, EngineOptions o
   auto cache = std::make_unique<KvCacheManager>(config, model, 4096);
   auto backend = std::make_unique<CpuBackend>(shared_weights(), *cache);
   return std::make_unique<Engine>(model, std::move(cache), std::move(backend), options);
-}
-
-std::vector<int32_t> ids_of(const json& array) {
-  return array.get<std::vector<int32_t>>();
 }
 
 struct LogitDifference {
@@ -74,7 +46,7 @@ LogitDifference logit_difference(const json& prompt, const std::string& format) 
   const std::vector<int32_t> greedy = ids_of(prompt["greedy_ids"]);
   tokens.insert(tokens.end(), greedy.begin(), greedy.end());
   const ModelConfig& model = shared_weights().config;
-  KvCacheManager cache(format_config(format), model, 4096);
+  KvCacheManager cache(fixture_format(format), model, 4096);
   CpuBackend backend(shared_weights(), cache);
   cache.add_sequence(1);
   EXPECT_TRUE(cache.grow(1, static_cast<int>(tokens.size())));
@@ -145,7 +117,7 @@ TEST(Reference, LogitsDoNotDependOnTheBatch) {
   const ModelConfig& model = shared_weights().config;
   const std::vector<int32_t> prompt = ids_of(fixture()["prompts"][1]["prompt_ids"]);
   auto logits_with_company = [&](int company) {
-    KvCacheManager cache(format_config("kivi2"), model, 4096);
+    KvCacheManager cache(fixture_format("kivi2"), model, 4096);
     CpuBackend backend(shared_weights(), cache);
     std::vector<ForwardItem> prefill, decode;
     for (int s = 0; s <= company; ++s) {
@@ -195,7 +167,7 @@ GenerationRequest greedy_request(const json& prompt, int tokens) {
 TEST(Reference, GreedyContinuationsMatchTransformers) {
   for (const json& prompt : fixture()["prompts"]) {
     ASSERT_EQ(prompt["greedy_ids"], prompt["transformers_greedy_ids"]);
-    EXPECT_EQ(generate_alone(format_config("fp16"), greedy_request(prompt, 64)),
+    EXPECT_EQ(generate_alone(fixture_format("fp16"), greedy_request(prompt, 64)),
               ids_of(prompt["greedy_ids"]))
         << prompt["text"];
   }
@@ -211,12 +183,12 @@ TEST(Reference, BatchingInvariance) {
       requests.push_back(sampled);
     }
     std::vector<std::vector<int32_t>> alone;
-    for (const auto& r : requests) alone.push_back(generate_alone(format_config(format), r));
+    for (const auto& r : requests) alone.push_back(generate_alone(fixture_format(format), r));
 
     // A small token budget forces chunked prefill interleaved with other sequences' decodes.
     EngineOptions options;
     options.max_batch_tokens = 48;
-    auto engine = make_engine(format_config(format), options);
+    auto engine = make_engine(fixture_format(format), options);
     std::map<RequestId, size_t> index;
     for (size_t i = 0; i < requests.size(); ++i) index[engine->add_request(requests[i])] = i;
     std::vector<std::vector<int32_t>> together(requests.size());
@@ -237,11 +209,11 @@ TEST(Reference, BatchingInvariance) {
 
 TEST(Reference, PreemptionRecomputesWithoutChangingResults) {
   GenerationRequest r = greedy_request(fixture()["prompts"][0], 150);
-  const std::vector<int32_t> expected = generate_alone(format_config("kivi2"), r);
+  const std::vector<int32_t> expected = generate_alone(fixture_format("kivi2"), r);
   // Four short prompts are admitted, but as they grow the pool cannot hold all four (up to 15
   // blocks each): the newest are preempted and recomputed.
   const ModelConfig& model = shared_weights().config;
-  auto cache = std::make_unique<KvCacheManager>(format_config("kivi2"), model, 36);
+  auto cache = std::make_unique<KvCacheManager>(fixture_format("kivi2"), model, 36);
   auto backend = std::make_unique<CpuBackend>(shared_weights(), *cache);
   Engine engine(model, std::move(cache), std::move(backend), EngineOptions{});
   std::map<RequestId, std::vector<int32_t>> out;
@@ -262,7 +234,7 @@ TEST(Reference, PreemptionRecomputesWithoutChangingResults) {
 }
 
 TEST(Reference, CancelFreesBlocksAtTheNextStep) {
-  auto engine = make_engine(format_config("kivi2"));
+  auto engine = make_engine(fixture_format("kivi2"));
   const RequestId id = engine->add_request(greedy_request(fixture()["prompts"][4], 100));
   std::vector<StepEvent> events;
   engine->step(events);
@@ -278,7 +250,7 @@ TEST(Reference, CancelFreesBlocksAtTheNextStep) {
 }
 
 TEST(Reference, InvalidRequestsAreRejectedWithReasons) {
-  auto engine = make_engine(format_config("fp16"));
+  auto engine = make_engine(fixture_format("fp16"));
   GenerationRequest r;
   EXPECT_NE(engine->validate(r).find("empty"), std::string::npos);
   r.prompt = {1, 2, 50257};
