@@ -6,12 +6,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <future>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <thread>
 
+#include "client/generation_client.h"
 #include "engine/text_io.h"
 #include "engine/tokenizer.h"
 #include "server/stream_channel.h"
@@ -124,6 +126,43 @@ TEST_F(Server, GreedyTextEqualsGenerateCommand) {
     expected.resize(expected.size() - 13);
   }
   EXPECT_EQ(got.text, expected);
+}
+
+TEST_F(Server, ClientLibraryAndCliSeeWhatTheStubSees) {
+  v1::GenerateRequest request = text_request("Memory is", 24);
+  request.mutable_sampling()->set_temperature(0.0f);
+  const StreamResult raw = testing::generate(*server_->stub(), request);
+  ASSERT_TRUE(raw.status.ok()) << raw.status.error_message();
+
+  const std::string address = "127.0.0.1:" + std::to_string(server_->port());
+  client::GenerationClient library(address);
+  std::string text;
+  std::vector<int32_t> ids;
+  const client::GenerateOutcome outcome =
+      library.Generate(request, 60, [&](const v1::TokenChunk& chunk, client::Clock::time_point) {
+        text += chunk.text();
+        ids.insert(ids.end(), chunk.token_ids().begin(), chunk.token_ids().end());
+      });
+  ASSERT_TRUE(outcome.status.ok()) << client::describe(outcome.status);
+  EXPECT_EQ(ids, raw.ids);
+  EXPECT_EQ(text, raw.text);
+  ASSERT_TRUE(outcome.final.has_value());
+  EXPECT_EQ(outcome.final->completion_tokens(), raw.final.completion_tokens());
+  client::ServingStatus status;
+  ASSERT_TRUE(library.CheckHealth("", 10, &status).ok());
+  EXPECT_EQ(status, HealthCheckResponse::SERVING);
+
+  const std::string cli =
+      (std::filesystem::path(KVSERVE_BINARY).parent_path() / "kvserve-cli").string();
+  const std::string dir = testing::make_temp_dir("kvserve-cli-real");
+  EXPECT_EQ(std::system((cli + " generate --addr " + address +
+                         " --prompt 'Memory is' --max-new-tokens 24 --temperature 0 >" + dir +
+                         "/out 2>" + dir + "/err")
+                            .c_str()),
+            0)
+      << read_file(dir + "/err");
+  EXPECT_EQ(read_file(dir + "/out"), raw.text);
+  EXPECT_EQ(std::system((cli + " health --addr " + address + " >/dev/null").c_str()), 0);
 }
 
 TEST_F(Server, StopStringAcrossTokenBoundariesEndsTheStream) {
