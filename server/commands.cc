@@ -104,7 +104,11 @@ int run_generate(const GenerateFlags& flags) {
     for (const StepEvent& event : events) {
       if (event.has_token) {
         generated.push_back(event.token);
-        if (decoder) std::cout << decoder->push(event.token) << std::flush;
+        // As in the gRPC stream: the token that ends generation (EOS, a stop token id) is
+        // reported as an id but not printed as text.
+        const bool ending_token =
+            event.finish == FinishReason::kEos || event.finish == FinishReason::kStop;
+        if (decoder && !ending_token) std::cout << decoder->push(event.token) << std::flush;
       }
       if (event.finish == FinishReason::kError) throw std::runtime_error(event.error);
       if (event.finish != FinishReason::kNone) finish = event.finish;
