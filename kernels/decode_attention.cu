@@ -99,6 +99,20 @@ struct ValueFragment<KvKind::kKivi, BITS> {
   __half2 params[kCount];  // its (scale, zero)
 };
 
+// One level of a warp reduce-scatter of v[0 .. 2 HALF): a lane keeps the half of the entries
+// whose index bit HALF matches its lane bit, adding its partner's copy, in v[0 .. HALF). HALF is
+// a template argument so the loop unrolls and v stays in registers (a runtime bound put v in
+// local memory).
+template <int HALF>
+__device__ __forceinline__ void scatter_half(float* v, int lane) {
+  const bool upper = lane & HALF;
+#pragma unroll
+  for (int i = 0; i < HALF; ++i) {
+    const float low = v[i], high = v[i + HALF];
+    v[i] = (upper ? high : low) + __shfl_xor_sync(0xffffffffu, upper ? low : high, HALF);
+  }
+}
+
 template <KvKind KIND, int BITS>
 __device__ __forceinline__ KeyFragment<KIND, BITS> load_keys(const KvCacheView& c,
                                                              const uint8_t* page, int head,
@@ -158,6 +172,7 @@ __device__ __forceinline__ void score_keys(const KeyFragment<KIND, BITS>& f, con
     const float qs0 = q0 * p0.x, qs1 = q1 * p1.x;
     // q . (code * scale + zero) = sum q * scale * code + sum q * zero.
     const float qz = warp_sum(q0 * p0.y + q1 * p1.y);
+    static_assert(kPage == 32, "one token per lane after the reduce-scatter");
     float v[kPage];
 #pragma unroll
     for (int t = 0; t < kPage; ++t) {
@@ -165,18 +180,12 @@ __device__ __forceinline__ void score_keys(const KeyFragment<KIND, BITS>& f, con
       v[t] = qs0 * code_to_float((w[word] >> shift) & kMask) +
              qs1 * code_to_float((w[kWordsPerChannel + word] >> shift) & kMask);
     }
-    // Reduce-scatter: at each halving a lane keeps the half of the tokens whose index bit matches
-    // its lane bit, adding its partner's copy; lane t ends with token t's sum over all lanes.
-#pragma unroll
-    for (int half = kPage / 2; half >= 1; half /= 2) {
-      const bool upper = lane & half;
-#pragma unroll
-      for (int i = 0; i < half; ++i) {
-        const float send = upper ? v[i] : v[i + half];
-        const float keep = upper ? v[i + half] : v[i];
-        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, half);
-      }
-    }
+    // Reduce-scatter: lane t ends with token t's sum over all lanes.
+    scatter_half<16>(v, lane);
+    scatter_half<8>(v, lane);
+    scatter_half<4>(v, lane);
+    scatter_half<2>(v, lane);
+    scatter_half<1>(v, lane);
     if (lane < n) score[lane] = v[0] + qz;
   }
 }
