@@ -5,7 +5,23 @@
 #include <string>
 #include <vector>
 
+#include "engine/sampler.h"
+
 namespace kvserve {
+
+// How to pick the next token of one item (forward_sample): the sampler's inputs besides logits.
+struct SampleRequest {
+  const SamplingParams* params = nullptr;  // null: this item's token is not wanted (prefill chunk)
+  const std::vector<int32_t>* history = nullptr;  // prompt and generated ids, for the penalty
+  uint64_t step = 0;                              // index of the token being generated
+};
+
+// The token picked for one item, or why sampling failed (non-finite logits): that fails the
+// item's request, not the batch.
+struct SampleResult {
+  SampledToken token{0, 0.0f};
+  std::string error;  // empty on success
+};
 
 // A chunk of one sequence fed in one step: a prompt chunk (prefill) or one token (decode).
 struct ForwardItem {
@@ -23,6 +39,17 @@ class Backend {
   // logits: resized to [rows][vocab], rows in item order: every token of an all_logits item,
   // else its last token.
   virtual void forward(const std::vector<ForwardItem>& items, std::vector<float>& logits) = 0;
+  // Runs the model over `items` (none all_logits) and picks each item's next token from its last
+  // logits by sample_token's contract. requests: one per item; results: resized to items.size(),
+  // filled where the request has params. This default samples on the host from forward()'s
+  // logits; a backend may override it to sample where the logits are (the CUDA backend, which
+  // then copies only ids and logprobs).
+  virtual void forward_sample(const std::vector<ForwardItem>& items,
+                              const std::vector<SampleRequest>& requests,
+                              std::vector<SampleResult>& results);
+
+ private:
+  std::vector<float> sample_logits_;  // [items][vocab], the default forward_sample's scratch
 };
 
 }  // namespace kvserve

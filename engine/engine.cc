@@ -184,8 +184,15 @@ StepStats Engine::step(std::vector<StepEvent>& events) {
     return stats;
   }
 
+  // Only items whose prompt is complete after this step want a token.
+  std::vector<SampleRequest> requests(items.size());
+  for (size_t row = 0; row < items.size(); ++row) {
+    const Sequence& seq = sequences_.at(items[row].sequence_id);
+    if (static_cast<size_t>(seq.computed) + items[row].tokens.size() != seq.tokens.size()) continue;
+    requests[row] = {&seq.request.sampling, &seq.tokens, static_cast<uint64_t>(seq.generated)};
+  }
   try {
-    backend_->forward(items, logits_);
+    backend_->forward_sample(items, requests, samples_);
   } catch (const std::exception& e) {
     cache_->finish_step();
     for (const ForwardItem& item : items) {
@@ -198,16 +205,12 @@ StepStats Engine::step(std::vector<StepEvent>& events) {
   for (size_t row = 0; row < items.size(); ++row) {
     Sequence& seq = sequences_.at(items[row].sequence_id);
     seq.computed += static_cast<int>(items[row].tokens.size());
-    if (seq.computed != static_cast<int>(seq.tokens.size())) continue;  // prompt not done yet
-    const float* row_logits = &logits_[row * static_cast<size_t>(model_.vocab_size)];
-    SampledToken next;
-    try {
-      next = sample_token(row_logits, model_.vocab_size, seq.request.sampling, seq.tokens,
-                          static_cast<uint64_t>(seq.generated));
-    } catch (const std::exception& e) {  // non-finite logits: fail this request, not the batch
-      finish(seq, FinishReason::kError, events, std::string("sampling failed: ") + e.what());
+    if (requests[row].params == nullptr) continue;  // prompt not done yet
+    if (!samples_[row].error.empty()) {  // non-finite logits: fail this request, not the batch
+      finish(seq, FinishReason::kError, events, "sampling failed: " + samples_[row].error);
       continue;
     }
+    const SampledToken next = samples_[row].token;
     seq.tokens.push_back(next.id);
     ++seq.generated;
     StepEvent event;

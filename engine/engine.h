@@ -105,9 +105,9 @@ class Engine {
   EngineOptions options_;
   RequestId next_id_ = 1;
   std::unordered_map<RequestId, Sequence> sequences_;
-  std::deque<RequestId> waiting_;   // FCFS; preempted sequences go back to the front
-  std::vector<RequestId> running_;  // admission order: the newest is preempted first
-  std::vector<float> logits_;       // [rows][vocab]
+  std::deque<RequestId> waiting_;      // FCFS; preempted sequences go back to the front
+  std::vector<RequestId> running_;     // admission order: the newest is preempted first
+  std::vector<SampleResult> samples_;  // [items] of the step
 };
 
 }  // namespace kvserve

@@ -18,5 +18,9 @@ struct DeviceInfo {
 int visible_device_count();
 // Properties and free memory of device `index`; throws with file and line on a CUDA error.
 DeviceInfo device_info(int index);
+// Device-to-device copy bandwidth of the current device in bytes per second, counting the bytes
+// read plus the bytes written (2 * size per copy): the best of several copies of `bytes` bytes.
+// The roofline's memory rate: a kernel that only reads moves data no faster than this.
+double copy_bandwidth(size_t bytes);
 
 }  // namespace kvserve::cuda

@@ -15,9 +15,9 @@
 #                .device/cuda-bundle.tar.xz && .device/cuda-bundle/gpu-check.sh run --ppl 64")
 #            runs in the checkout's root and writes into $OUT (or the folder given last):
 #            gpu.txt, gpu-tests.log, gpu-tests.json, with --ppl ppl.jsonl, and with --bench
-#            bench.jsonl: `kvserve bench decode` (dummy:gpt2, B = 1, 16, 64, 256, context 512) in
-#            fp16 and kivi2, then the transformers baseline (bench/hf_decode.py, carried in the
-#            bundle) in the same call.
+#            bench.jsonl: `kvserve bench decode` (dummy:gpt2, B = 1, 16, 64, 256, context 512, and
+#            B = 256 at context 944 + 72 steps for the roofline) in fp16 and kivi2, then the
+#            transformers baseline (bench/hf_decode.py, carried in the bundle) in the same call.
 set -euo pipefail
 mode=${1:-}
 shift || true
@@ -75,6 +75,11 @@ case "$mode" in
       for kv in fp16 kivi2; do
         "$bundle/run" kvserve bench decode --model dummy:gpt2 --device cuda --kv "$kv" \
           --batches 1,16,64,256 --context 512 | tee -a "$out/bench.jsonl" || status=1
+      done
+      # The roofline shape: B = 256 at a context of about 1024 (944 + 72 steps).
+      for kv in fp16 kivi2; do
+        "$bundle/run" kvserve bench decode --model dummy:gpt2 --device cuda --kv "$kv" \
+          --batches 256 --context 944 | tee -a "$out/bench.jsonl" || status=1
       done
       python3 "$bundle/hf_decode.py" --batches 1,16,64,256 --context 512 \
         2> "$out/hf-decode.log" | tee -a "$out/bench.jsonl" || status=1

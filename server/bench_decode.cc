@@ -8,6 +8,10 @@
 #include "engine/backend_factory.h"
 #include "engine/checkpoint.h"
 #include "engine/kv_cache_manager.h"
+#include "engine/kv_format.h"
+#ifdef KVSERVE_WITH_CUDA
+#include "kernels/device_info.h"
+#endif
 
 namespace kvserve {
 
@@ -22,9 +26,41 @@ void add_bench_decode_flags(CLI::App* app, BenchDecodeFlags& flags) {
   app->add_option("--warmup", flags.warmup, "untimed decode steps first");
 }
 
+namespace {
+
+// Bytes one decode step must read from memory at the least: every weight but the position table
+// (one row of it), and the KV cache the attention reads. Not the activations: at B = 256 they are
+// a few MB per layer, and L2-resident.
+double weight_bytes(const ModelWeights& w) {
+  size_t n = w.token_embedding.size() + w.ln_f_weight.size() + w.ln_f_bias.size();
+  for (const LayerWeights& l : w.layers) {
+    for (const auto* t : {&l.ln_1_weight, &l.ln_1_bias, &l.attn_qkv_weight, &l.attn_qkv_bias,
+                          &l.attn_proj_weight, &l.attn_proj_bias, &l.ln_2_weight, &l.ln_2_bias,
+                          &l.mlp_fc_weight, &l.mlp_fc_bias, &l.mlp_proj_weight, &l.mlp_proj_bias}) {
+      n += t->size();
+    }
+  }
+  return 2.0 * static_cast<double>(n);  // fp16 on the GPU
+}
+
+// KV bytes a query at context `len` (keys 0 .. len-1) reads in all layers: its paged tokens at
+// the page format's bytes per token, the rest (KIVI's window) as fp16 keys and values.
+double kv_bytes_read(const KvCacheConfig& config, const KvPageLayout& layout,
+                     const ModelConfig& model, int len) {
+  const int paged = paged_token_count(config, len);
+  const double page_bytes =
+      static_cast<double>(layout.code_bytes_per_page + layout.param_bytes_per_page);
+  const double fp16_token = 2.0 * 2.0 * model.n_embd;  // keys + values of every head
+  return model.n_layer * (paged * page_bytes / config.page_tokens + (len - paged) * fp16_token);
+}
+
+}  // namespace
+
 // Each batch: B sequences are prefilled to `context` tokens, then every step feeds one token to
-// each of them and returns its logits to the host (the engine's sampler would take them there).
-// The figure is B * steps / the wall time of the timed steps.
+// each of them and picks each one's next token greedily, as the engine does (forward_sample: on
+// the GPU, only token ids come back to the host). The figure is B * steps / the wall time of the
+// timed steps. The roofline is the step's least bytes (weight_bytes + kv_bytes_read) over the
+// device-to-device copy bandwidth measured in the same process (CUDA only).
 int run_bench_decode(const BenchDecodeFlags& flags) {
   std::string reason;
   const std::string device = resolve_device(flags.device, reason);
@@ -43,8 +79,16 @@ int run_bench_decode(const BenchDecodeFlags& flags) {
   for (int n = flags.context; n <= length; ++n)
     per_sequence = std::max(per_sequence, probe.blocks_needed(n));
   auto cache = std::make_unique<KvCacheManager>(config, model, max_batch * 2 * per_sequence);
+  const double weights_read = weight_bytes(weights);
+  double copy_bytes_per_second = 0.0;
+#ifdef KVSERVE_WITH_CUDA
+  if (device == "cuda") copy_bytes_per_second = cuda::copy_bandwidth(size_t{1} << 30);
+#endif
   auto backend = make_backend(device, std::move(weights), *cache);
   std::vector<float> logits;
+  const SamplingParams greedy{0.0f, 0, 1.0f, 1.0f, 0};
+  const std::vector<int32_t> no_history;  // greedy without a penalty reads no history
+  std::vector<SampleResult> picked;
   int64_t next_id = 0;
   for (int batch : flags.batches) {
     std::vector<int64_t> ids;
@@ -66,27 +110,44 @@ int run_bench_decode(const BenchDecodeFlags& flags) {
     }
     using Clock = std::chrono::steady_clock;
     Clock::time_point start;
+    double bytes = 0.0;  // least bytes of the timed steps
+    std::vector<int32_t> next(batch);
+    for (int i = 0; i < batch; ++i) next[i] = i % model.vocab_size;
     for (int step = 0; step < flags.warmup + flags.steps; ++step) {
       if (step == flags.warmup) start = Clock::now();
+      const int pos = flags.context + step;
       std::vector<ForwardItem> items;
+      std::vector<SampleRequest> requests;
       for (int i = 0; i < batch; ++i) {
-        const int pos = flags.context + step;
         if (!cache->grow(ids[i], pos + 1)) throw std::runtime_error("bench: KV pool too small");
-        items.push_back({ids[i], pos, {(i + step * 17) % model.vocab_size}, false});
+        items.push_back({ids[i], pos, {next[i]}, false});
+        requests.push_back({&greedy, &no_history, static_cast<uint64_t>(step)});
       }
-      backend->forward(items, logits);
+      backend->forward_sample(items, requests, picked);
       cache->finish_step();
+      for (int i = 0; i < batch; ++i) next[i] = picked[i].token.id;
+      if (step >= flags.warmup) {
+        bytes += weights_read + batch * kv_bytes_read(config, cache->layout(), model, pos + 1);
+      }
     }
     const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
-    const nlohmann::json out = {{"bench", "decode"},
-                                {"model", flags.model},
-                                {"device", device},
-                                {"kv", flags.kv},
-                                {"batch", batch},
-                                {"context", flags.context},
-                                {"steps", flags.steps},
-                                {"ms_per_step", 1e3 * seconds / flags.steps},
-                                {"tokens_per_second", batch * flags.steps / seconds}};
+    const double roofline_ms =
+        copy_bytes_per_second > 0.0 ? 1e3 * bytes / flags.steps / copy_bytes_per_second : 0.0;
+    const nlohmann::json out = {
+        {"bench", "decode"},
+        {"model", flags.model},
+        {"device", device},
+        {"kv", flags.kv},
+        {"batch", batch},
+        {"context", flags.context},
+        {"steps", flags.steps},
+        {"ms_per_step", 1e3 * seconds / flags.steps},
+        {"tokens_per_second", batch * flags.steps / seconds},
+        {"bytes_per_step", bytes / flags.steps},
+        {"copy_gb_per_second", copy_bytes_per_second * 1e-9},
+        {"roofline_ms_per_step", roofline_ms},
+        {"fraction_of_roofline",
+         roofline_ms > 0.0 ? roofline_ms / (1e3 * seconds / flags.steps) : 0.0}};
     std::cout << out.dump() << std::endl;
     for (int64_t id : ids) cache->remove_sequence(id);
   }

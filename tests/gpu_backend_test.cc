@@ -103,6 +103,69 @@ TEST(GpuBackend, GreedyTokensMatchTheCpuBackend) {
   }
 }
 
+// forward_sample's greedy pick on the GPU against the host sampler over the same backend's logits
+// (two backends fed the same prompts, then decode steps), and a sampled request, which takes the
+// host path, against the same.
+TEST(GpuBackend, ForwardSamplePicksWhatTheHostSamplerPicks) {
+  SKIP_WITHOUT_GPU();
+  const ModelConfig& model = shared_weights().config;
+  SamplingParams greedy, sampled;
+  greedy.temperature = 0.0f;
+  sampled.temperature = 0.8f;
+  sampled.top_k = 40;
+  sampled.seed = 7;
+  for (const SamplingParams* params : {&greedy, &sampled}) {
+    KvCacheManager cache_a(format_config("kivi2"), model, 4096),
+        cache_b(format_config("kivi2"), model, 4096);
+    CudaBackend a(shared_weights(), cache_a), b(shared_weights(), cache_b);
+    std::vector<ForwardItem> items;
+    std::vector<std::vector<int32_t>> history;
+    for (const json& prompt : fixture()["prompts"]) {
+      history.push_back(prompt["prompt_ids"].get<std::vector<int32_t>>());
+    }
+    std::vector<float> logits;
+    for (size_t i = 0; i < history.size(); ++i) {
+      const int n = static_cast<int>(history[i].size());
+      for (KvCacheManager* c : {&cache_a, &cache_b}) {
+        c->add_sequence(static_cast<int64_t>(i));
+        ASSERT_TRUE(c->grow(static_cast<int64_t>(i), n - 1));
+      }
+      items.push_back({static_cast<int64_t>(i), 0,
+                       std::vector<int32_t>(history[i].begin(), history[i].end() - 1), false});
+    }
+    a.forward(items, logits);
+    b.forward(items, logits);
+    cache_a.finish_step();
+    cache_b.finish_step();
+    for (int step = 0; step < 8; ++step) {
+      items.clear();
+      std::vector<SampleRequest> requests;
+      for (size_t i = 0; i < history.size(); ++i) {
+        const int n = static_cast<int>(history[i].size());
+        for (KvCacheManager* c : {&cache_a, &cache_b}) {
+          ASSERT_TRUE(c->grow(static_cast<int64_t>(i), n));
+        }
+        items.push_back({static_cast<int64_t>(i), n - 1, {history[i].back()}, false});
+        requests.push_back({params, &history[i], static_cast<uint64_t>(step)});
+      }
+      std::vector<SampleResult> results;
+      a.forward_sample(items, requests, results);
+      b.forward(items, logits);
+      cache_a.finish_step();
+      cache_b.finish_step();
+      ASSERT_EQ(results.size(), items.size());
+      for (size_t i = 0; i < items.size(); ++i) {
+        ASSERT_TRUE(results[i].error.empty()) << results[i].error;
+        const SampledToken host = sample_token(&logits[i * model.vocab_size], model.vocab_size,
+                                               *params, history[i], static_cast<uint64_t>(step));
+        EXPECT_EQ(results[i].token.id, host.id) << "step " << step << " item " << i;
+        EXPECT_NEAR(results[i].token.logprob, host.logprob, 1e-4) << "step " << step;
+        history[i].push_back(host.id);
+      }
+    }
+  }
+}
+
 // All prompts in one engine with a small token budget: multi-item batches mixing decodes with
 // prompt chunks whose flushes land inside the chunk.
 TEST(GpuBackend, BatchedChunkedPrefillMatchesTheCpuBackend) {

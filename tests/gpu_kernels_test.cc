@@ -13,10 +13,12 @@
 #include "engine/cuda/cuda_kv_cache.h"
 #include "engine/cuda/device_buffer.h"
 #include "engine/fp16.h"
+#include "engine/sampler.h"
 #include "kernels/bias_activation.h"
 #include "kernels/cuda_check.h"
 #include "kernels/device_info.h"
 #include "kernels/embedding.h"
+#include "kernels/greedy_sample.h"
 #include "kernels/layer_norm.h"
 #include "kernels/paged_attention.h"
 
@@ -73,12 +75,14 @@ std::vector<CacheCase> cache_cases() {
     c.per_token_keys = per_token_keys;
     return c;
   };
-  KvCacheConfig fp16, int8;
+  KvCacheConfig fp16, fp16_p32, int8;
   fp16.format = KvFormat::kFp16;
   fp16.page_tokens = 16;
+  fp16_p32.format = KvFormat::kFp16;  // the geometry decode_attention handles
   int8.format = KvFormat::kInt8;
   int8.page_tokens = 16;
   return {{"fp16", fp16},
+          {"fp16_p32", fp16_p32},
           {"int8", int8},
           {"kivi4", kivi(KvFormat::kKivi4, 32, 32, 32, 32, false)},
           {"kivi2", kivi(KvFormat::kKivi2, 32, 32, 32, 32, false)},
@@ -88,6 +92,68 @@ std::vector<CacheCase> cache_cases() {
           {"kivi2_g16_r48_p32", kivi(KvFormat::kKivi2, 16, 32, 48, 32, false)}};
 }
 
+// Per-channel scales of random q | k | v ([3C]), with a few outlier key channels as in GPT-2.
+std::vector<float> random_channel_scale(int C, std::mt19937& rng) {
+  std::vector<float> channel_scale(3 * C);
+  for (float& s : channel_scale) s = std::uniform_real_distribution<float>(0.2f, 2.0f)(rng);
+  for (int i = 0; i < 6; ++i) channel_scale[C + rng() % C] = 12.0f;
+  return channel_scale;
+}
+
+// One step of `items` (sequences already grown) through both caches with random fp16 q/k/v in
+// every layer: the attention outputs must agree and the pools be equal byte for byte.
+void check_step(const KvCacheManager& manager, CpuKvCache& cpu, CudaKvCache& gpu,
+                const std::vector<ForwardItem>& items, const std::vector<float>& channel_scale,
+                std::mt19937& rng, cudaStream_t stream, int steps, double& worst) {
+  const ModelConfig model = cache_test_model();
+  const int C = model.n_embd, H = model.n_head;
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  cuda::DeviceBuffer<__half> qkv_device, out_device;
+  int rows = 0;
+  for (const ForwardItem& item : items) rows += static_cast<int>(item.tokens.size());
+  gpu.prepare(items, stream);
+  for (int layer = 0; layer < model.n_layer; ++layer) {
+    std::vector<float> qkv(static_cast<size_t>(rows) * 3 * C);  // [rows][3C], fp16 values
+    for (size_t i = 0; i < qkv.size(); ++i) {
+      qkv[i] = round_to_half(normal(rng) * channel_scale[i % (3 * C)]);
+    }
+    std::vector<float> expected(static_cast<size_t>(rows) * C);  // [rows][C]
+    int row = 0;
+    for (const ForwardItem& item : items) {
+      const int count = static_cast<int>(item.tokens.size());
+      for (int head = 0; head < H; ++head) {
+        cpu.append_and_attend(layer, head, manager.sequence(item.sequence_id), item.start, count,
+                              &qkv[static_cast<size_t>(row) * 3 * C], 3 * C,
+                              &expected[static_cast<size_t>(row) * C], C);
+      }
+      row += count;
+    }
+    const std::vector<uint16_t> qkv_half = to_half(qkv);
+    const __half* qkv_d = upload(qkv_device, qkv_half.data(), qkv_half.size());
+    __half* out_d = out_device.reserve(expected.size());
+    KVSERVE_CUDA_CHECK(cudaMemset(out_d, 0xff, expected.size() * sizeof(__half)));  // NaN
+    gpu.append_and_attend(layer, qkv_d, out_d, stream);
+    KVSERVE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    const std::vector<__half> got = download(out_d, expected.size());
+    for (size_t i = 0; i < expected.size(); ++i) {
+      const float g = __half2float(got[i]);
+      const double diff = std::fabs(g - expected[i]);
+      worst = std::max(worst, diff);
+      ASSERT_LE(diff, 2e-3 + 2e-3 * std::fabs(expected[i]))
+          << "step " << steps << " layer " << layer << " row " << i / C << " channel " << i % C
+          << ": " << g << " vs " << expected[i];
+    }
+  }
+  const std::vector<uint8_t> pool = gpu.download(stream);
+  for (size_t b = 0; b < pool.size(); ++b) {
+    ASSERT_EQ(pool[b], cpu.data()[b])
+        << "step " << steps << ": first pool byte that differs at " << b << " (layer "
+        << b / (manager.layout().block_bytes * manager.num_blocks()) << ", block "
+        << (b / manager.layout().block_bytes) % manager.num_blocks() << ", byte "
+        << b % manager.layout().block_bytes << ")";
+  }
+}
+
 // Several sequences grow step by step in one batch (prompt chunks of random length and single-
 // token decodes, so steps cross page, group and residual boundaries, and flushes happen inside
 // chunks); finished sequences free their blocks and new ones reuse them. After every step the
@@ -95,7 +161,7 @@ std::vector<CacheCase> cache_cases() {
 TEST(GpuKvCache, MatchesTheCpuCacheInEveryFormat) {
   SKIP_WITHOUT_GPU();
   const ModelConfig model = cache_test_model();
-  const int C = model.n_embd, H = model.n_head;
+  const int C = model.n_embd;
   for (const CacheCase& test : cache_cases()) {
     SCOPED_TRACE(test.name);
     std::mt19937 rng(1234);
@@ -105,12 +171,7 @@ TEST(GpuKvCache, MatchesTheCpuCacheInEveryFormat) {
     ASSERT_EQ(cpu.bytes(), gpu.bytes());
     cudaStream_t stream = nullptr;
     KVSERVE_CUDA_CHECK(cudaStreamCreate(&stream));
-    cuda::DeviceBuffer<__half> qkv_device, out_device;
-
-    std::normal_distribution<float> normal(0.0f, 1.0f);
-    std::vector<float> channel_scale(3 * C);
-    for (float& s : channel_scale) s = std::uniform_real_distribution<float>(0.2f, 2.0f)(rng);
-    for (int i = 0; i < 6; ++i) channel_scale[C + rng() % C] = 12.0f;  // outlier key channels
+    const std::vector<float> channel_scale = random_channel_scale(C, rng);
 
     struct Live {
       int64_t id;
@@ -134,49 +195,8 @@ TEST(GpuKvCache, MatchesTheCpuCacheInEveryFormat) {
         ASSERT_TRUE(manager.grow(s.id, length + count));
         items.push_back({s.id, length, std::vector<int32_t>(count, 0), false});
       }
-      int rows = 0;
-      for (const ForwardItem& item : items) rows += static_cast<int>(item.tokens.size());
-      gpu.prepare(items, stream);
-      for (int layer = 0; layer < model.n_layer; ++layer) {
-        std::vector<float> qkv(static_cast<size_t>(rows) * 3 * C);  // [rows][3C], fp16 values
-        for (size_t i = 0; i < qkv.size(); ++i) {
-          qkv[i] = round_to_half(normal(rng) * channel_scale[i % (3 * C)]);
-        }
-        std::vector<float> expected(static_cast<size_t>(rows) * C);  // [rows][C]
-        int row = 0;
-        for (const ForwardItem& item : items) {
-          const int count = static_cast<int>(item.tokens.size());
-          for (int head = 0; head < H; ++head) {
-            cpu.append_and_attend(layer, head, manager.sequence(item.sequence_id), item.start,
-                                  count, &qkv[static_cast<size_t>(row) * 3 * C], 3 * C,
-                                  &expected[static_cast<size_t>(row) * C], C);
-          }
-          row += count;
-        }
-        const std::vector<uint16_t> qkv_half = to_half(qkv);
-        const __half* qkv_d = upload(qkv_device, qkv_half.data(), qkv_half.size());
-        __half* out_d = out_device.reserve(expected.size());
-        KVSERVE_CUDA_CHECK(cudaMemset(out_d, 0xff, expected.size() * sizeof(__half)));  // NaN
-        gpu.append_and_attend(layer, qkv_d, out_d, stream);
-        KVSERVE_CUDA_CHECK(cudaStreamSynchronize(stream));
-        const std::vector<__half> got = download(out_d, expected.size());
-        for (size_t i = 0; i < expected.size(); ++i) {
-          const float g = __half2float(got[i]);
-          const double diff = std::fabs(g - expected[i]);
-          worst = std::max(worst, diff);
-          ASSERT_LE(diff, 2e-3 + 2e-3 * std::fabs(expected[i]))
-              << "step " << steps << " layer " << layer << " row " << i / C << " channel " << i % C
-              << ": " << g << " vs " << expected[i];
-        }
-      }
-      const std::vector<uint8_t> pool = gpu.download(stream);
-      for (size_t b = 0; b < pool.size(); ++b) {
-        ASSERT_EQ(pool[b], cpu.data()[b])
-            << "step " << steps << ": first pool byte that differs at " << b << " (layer "
-            << b / (manager.layout().block_bytes * manager.num_blocks()) << ", block "
-            << (b / manager.layout().block_bytes) % manager.num_blocks() << ", byte "
-            << b % manager.layout().block_bytes << ")";
-      }
+      ASSERT_NO_FATAL_FAILURE(
+          check_step(manager, cpu, gpu, items, channel_scale, rng, stream, steps, worst));
       manager.finish_step();
       for (size_t i = 0; i < live.size();) {
         if (manager.sequence(live[i].id).length == live[i].target) {
@@ -193,6 +213,180 @@ TEST(GpuKvCache, MatchesTheCpuCacheInEveryFormat) {
                 steps, worst);
     KVSERVE_CUDA_CHECK(cudaStreamDestroy(stream));
   }
+}
+
+// Decode steps alone (decode_attention): first enough sequences that the batch fills the GPU
+// without splitting the context, then few enough that every context is split and merged.
+TEST(GpuKvCache, DecodeStepsMatchTheCpuCacheSplitAndUnsplit) {
+  SKIP_WITHOUT_GPU();
+  const ModelConfig model = cache_test_model();
+  const int sm_count = [] {
+    int device = 0, count = 0;
+    KVSERVE_CUDA_CHECK(cudaGetDevice(&device));
+    KVSERVE_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    return count;
+  }();
+  // decode_attention_split leaves the context whole from 8 blocks per SM on.
+  const int many = (8 * sm_count + model.n_head - 1) / model.n_head;
+  for (const CacheCase& test : cache_cases()) {
+    KvCacheManager manager(test.config, model, many * 16);
+    CudaKvCache gpu(manager, model);
+    if (!gpu.decode_attention_supported()) continue;
+    SCOPED_TRACE(test.name);
+    std::mt19937 rng(99);
+    CpuKvCache cpu(manager, model);
+    cudaStream_t stream = nullptr;
+    KVSERVE_CUDA_CHECK(cudaStreamCreate(&stream));
+    const std::vector<float> channel_scale = random_channel_scale(model.n_embd, rng);
+    double worst = 0.0;
+    std::vector<int64_t> ids;
+    std::vector<ForwardItem> prefill;
+    for (int i = 0; i < many; ++i) {
+      ids.push_back(i);
+      manager.add_sequence(i);
+      const int length = 1 + static_cast<int>(rng() % 150);
+      ASSERT_TRUE(manager.grow(i, length));
+      prefill.push_back({i, 0, std::vector<int32_t>(length, 0), false});
+    }
+    ASSERT_NO_FATAL_FAILURE(
+        check_step(manager, cpu, gpu, prefill, channel_scale, rng, stream, 0, worst));
+    manager.finish_step();
+    for (int step = 1; step <= 80; ++step) {
+      if (step == 41) {  // keep 3 sequences: each context is now split 32 tokens at a time
+        for (size_t i = 3; i < ids.size(); ++i) manager.remove_sequence(ids[i]);
+        ids.resize(3);
+      }
+      std::vector<ForwardItem> items;
+      for (int64_t id : ids) {
+        const int length = manager.sequence(id).length;
+        ASSERT_TRUE(manager.grow(id, length + 1));
+        items.push_back({id, length, {0}, false});
+      }
+      ASSERT_NO_FATAL_FAILURE(
+          check_step(manager, cpu, gpu, items, channel_scale, rng, stream, step, worst));
+      manager.finish_step();
+    }
+    std::printf("%-24s decode steps agree, worst |attention difference| %.2e\n", test.name, worst);
+    KVSERVE_CUDA_CHECK(cudaStreamDestroy(stream));
+  }
+}
+
+// Not a check but a measurement for docs/gpu.md: one GPT-2 layer (12 heads of 64) of a decode
+// step at B = 256 and a context of 1001 (no KIVI flush in that step): the write path and
+// decode_attention together, and the KV bytes the attention reads over that time.
+TEST(GpuKvCache, DecodeAttentionThroughput) {
+  SKIP_WITHOUT_GPU();
+  ModelConfig model = cache_test_model();
+  model.n_layer = 1;
+  model.n_head = 12;
+  model.n_embd = 768;
+  const int batch = 256, context = 1000, C = model.n_embd;
+  KvCacheConfig fp16, kivi2;
+  fp16.format = KvFormat::kFp16;
+  for (const KvCacheConfig& config : {fp16, kivi2}) {
+    KvCacheManager manager(config, model, batch * 48);
+    CudaKvCache gpu(manager, model);
+    cudaStream_t stream = nullptr;
+    KVSERVE_CUDA_CHECK(cudaStreamCreate(&stream));
+    // Random q | k | v rows, reused by every prefill chunk and the decode step.
+    const int chunk_items = 16, rows = chunk_items * context;
+    std::mt19937 rng(3);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<uint16_t> qkv(static_cast<size_t>(rows) * 3 * C);
+    for (uint16_t& h : qkv) h = float_to_half(normal(rng));
+    cuda::DeviceBuffer<__half> qkv_device, out_device;
+    const __half* qkv_d = upload(qkv_device, qkv.data(), qkv.size());
+    __half* out_d = out_device.reserve(static_cast<size_t>(rows) * C);
+    for (int first = 0; first < batch; first += chunk_items) {
+      std::vector<ForwardItem> items;
+      for (int i = first; i < first + chunk_items; ++i) {
+        manager.add_sequence(i);
+        ASSERT_TRUE(manager.grow(i, context));
+        items.push_back({i, 0, std::vector<int32_t>(context, 0), false});
+      }
+      gpu.prepare(items, stream);
+      gpu.append_and_attend(0, qkv_d, out_d, stream);
+      manager.finish_step();
+    }
+    std::vector<ForwardItem> items;
+    for (int i = 0; i < batch; ++i) {
+      ASSERT_TRUE(manager.grow(i, context + 1));
+      items.push_back({i, context, {0}, false});
+    }
+    gpu.prepare(items, stream);
+    cudaEvent_t start, stop;
+    KVSERVE_CUDA_CHECK(cudaEventCreate(&start));
+    KVSERVE_CUDA_CHECK(cudaEventCreate(&stop));
+    const int repeats = 20;
+    gpu.append_and_attend(0, qkv_d, out_d, stream);  // warm-up
+    KVSERVE_CUDA_CHECK(cudaEventRecord(start, stream));
+    for (int r = 0; r < repeats; ++r) gpu.append_and_attend(0, qkv_d, out_d, stream);
+    KVSERVE_CUDA_CHECK(cudaEventRecord(stop, stream));
+    KVSERVE_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0.0f;
+    KVSERVE_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    const double seconds = ms * 1e-3 / repeats;
+    const KvPageLayout& layout = manager.layout();
+    const int len = context + 1, paged = paged_token_count(config, len);
+    const double bytes =
+        batch *
+        (paged * static_cast<double>(layout.code_bytes_per_page + layout.param_bytes_per_page) /
+             config.page_tokens +
+         (len - paged) * 4.0 * C);
+    std::printf("%-6s B=%d context %d, one layer: %.1f us, %.1f MB of KV read, %.0f GB/s\n",
+                to_string(config.format).c_str(), batch, len, seconds * 1e6, bytes * 1e-6,
+                bytes / seconds * 1e-9);
+    EXPECT_GT(seconds, 0.0);
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    KVSERVE_CUDA_CHECK(cudaStreamDestroy(stream));
+  }
+}
+
+// greedy_sample against the CPU sampler on the same logits: random rows, rows with ties at the
+// maximum (the lowest id wins), a -inf mask, and the rows sample_token rejects.
+TEST(GpuKernels, GreedySampleMatchesTheCpuSampler) {
+  SKIP_WITHOUT_GPU();
+  const int vocab = 50257, rows = 40;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  std::vector<float> logits(static_cast<size_t>(rows) * vocab);
+  for (float& l : logits) l = normal(rng);
+  auto row = [&](int r) { return &logits[static_cast<size_t>(r) * vocab]; };
+  for (int r = 1; r < 6; ++r) {  // ties: the same maximum at several ids
+    for (int k = 0; k < 4; ++k) row(r)[rng() % vocab] = 30.0f;
+  }
+  for (int v = 0; v < vocab; v += 2) row(6)[v] = -INFINITY;
+  row(7)[vocab - 1] = 40.0f;  // the last id
+  row(8)[123] = NAN;
+  row(9)[77] = INFINITY;
+  for (int v = 0; v < vocab; ++v) row(10)[v] = -INFINITY;
+  cuda::DeviceBuffer<float> logits_device;
+  cuda::DeviceBuffer<int32_t> token_device, invalid_device;
+  cuda::DeviceBuffer<float> logprob_device;
+  const float* d = upload(logits_device, logits.data(), logits.size());
+  cuda::greedy_sample(d, rows, vocab, token_device.reserve(rows), logprob_device.reserve(rows),
+                      invalid_device.reserve(rows), nullptr);
+  const std::vector<int32_t> token = download(token_device.get(), rows);
+  const std::vector<int32_t> invalid = download(invalid_device.get(), rows);
+  const std::vector<float> logprob = download(logprob_device.get(), rows);
+  SamplingParams greedy;
+  greedy.temperature = 0.0f;
+  for (int r = 0; r < rows; ++r) {
+    SCOPED_TRACE("row " + std::to_string(r));
+    if (r >= 8 && r <= 10) {
+      EXPECT_EQ(invalid[r], 1);
+      EXPECT_THROW(sample_token(row(r), vocab, greedy, {}, 0), std::invalid_argument);
+      continue;
+    }
+    ASSERT_EQ(invalid[r], 0);
+    const SampledToken cpu = sample_token(row(r), vocab, greedy, {}, 0);
+    EXPECT_EQ(token[r], cpu.id);
+    EXPECT_NEAR(logprob[r], cpu.logprob, 1e-5f + 1e-6f * std::fabs(cpu.logprob));
+  }
+  EXPECT_THROW(cuda::greedy_sample(nullptr, 1, vocab, token_device.get(), logprob_device.get(),
+                                   invalid_device.get(), nullptr),
+               std::invalid_argument);
 }
 
 TEST(GpuKernels, EmbeddingLayerNormAndBiasGeluMatchPlainLoops) {

@@ -9,6 +9,7 @@
 #include "kernels/cuda_check.h"
 #include "kernels/embedding.h"
 #include "kernels/gemm.h"
+#include "kernels/greedy_sample.h"
 #include "kernels/layer_norm.h"
 
 namespace kvserve {
@@ -72,7 +73,7 @@ CudaBackend::~CudaBackend() {
   if (stream_) cudaStreamDestroy(stream_);
 }
 
-void CudaBackend::forward(const std::vector<ForwardItem>& items, std::vector<float>& logits) {
+const float* CudaBackend::run(const std::vector<ForwardItem>& items) {
   const ModelConfig& cfg = config_;
   const int C = cfg.n_embd, F = cfg.n_inner, V = cfg.vocab_size;
   // Host side: tokens, positions and the rows whose logits are wanted, checked as the CPU
@@ -143,12 +144,63 @@ void CudaBackend::forward(const std::vector<ForwardItem>& items, std::vector<flo
                            cfg.layer_norm_epsilon, stream_);
   cuda::gemm(cublas_, stream_, h, wte_, true, logits_device, cuda::GemmOutput::kFloat, R, V, C,
              0.0f);
-  float* host = logits_host_.reserve(static_cast<size_t>(R) * V);
-  KVSERVE_CUDA_CHECK(cudaMemcpyAsync(host, logits_device,
-                                     static_cast<size_t>(R) * V * sizeof(float),
+  return logits_device;
+}
+
+void CudaBackend::forward(const std::vector<ForwardItem>& items, std::vector<float>& logits) {
+  const float* logits_device = run(items);
+  size_t rows = 0;
+  for (const ForwardItem& item : items) rows += item.all_logits ? item.tokens.size() : 1;
+  const size_t count = rows * config_.vocab_size;
+  float* host = logits_host_.reserve(count);
+  KVSERVE_CUDA_CHECK(
+      cudaMemcpyAsync(host, logits_device, count * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+  KVSERVE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  logits.assign(host, host + count);
+}
+
+void CudaBackend::forward_sample(const std::vector<ForwardItem>& items,
+                                 const std::vector<SampleRequest>& requests,
+                                 std::vector<SampleResult>& results) {
+  // Greedy without a penalty is an argmax, done beside the logits; any other request samples on
+  // the host from copied logits (the whole batch, so one step has one path).
+  bool on_device = requests.size() == items.size();
+  for (size_t i = 0; on_device && i < items.size(); ++i) {
+    const SamplingParams* p = requests[i].params;
+    on_device =
+        !items[i].all_logits &&
+        (p == nullptr || (p->greedy() && p->repetition_penalty == 1.0f && validate(*p).empty()));
+  }
+  if (!on_device) {
+    Backend::forward_sample(items, requests, results);
+    return;
+  }
+  const int V = config_.vocab_size;
+  const float* logits_device = run(items);
+  const int rows = static_cast<int>(items.size());
+  // token [rows] | invalid [rows] | logprob bits [rows], one copy back.
+  int32_t* picked = picked_.reserve(3 * static_cast<size_t>(rows));
+  cuda::greedy_sample(logits_device, rows, V, picked, reinterpret_cast<float*>(picked + 2 * rows),
+                      picked + rows, stream_);
+  int32_t* host = picked_host_.reserve(3 * static_cast<size_t>(rows));
+  KVSERVE_CUDA_CHECK(cudaMemcpyAsync(host, picked, 3 * static_cast<size_t>(rows) * sizeof(int32_t),
                                      cudaMemcpyDeviceToHost, stream_));
   KVSERVE_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  logits.assign(host, host + static_cast<size_t>(R) * V);
+  results.assign(items.size(), SampleResult{});
+  for (int i = 0; i < rows; ++i) {
+    if (requests[i].params == nullptr) continue;
+    for (int32_t id : *requests[i].history) {  // sample_token rejects these before looking
+      if (id < 0 || id >= V) results[i].error = "sample_token: history id outside the vocabulary";
+    }
+    if (!results[i].error.empty()) continue;
+    if (host[rows + i] != 0) {
+      results[i].error = "sample_token: the logits hold a NaN, +inf or no finite value";
+      continue;
+    }
+    float logprob;
+    std::memcpy(&logprob, host + 2 * rows + i, sizeof(float));
+    results[i].token = {host[i], logprob};
+  }
 }
 
 }  // namespace kvserve

@@ -1,6 +1,6 @@
 // The CUDA backend: GPT-2 with fp16 weights and activations, fp32 accumulation (cuBLAS) and an
 // fp32 residual stream, over the paged KV cache of cuda_kv_cache.h. Logits come back to the host
-// in fp32, where the engine's sampler picks tokens.
+// in fp32 for forward(); forward_sample picks greedy tokens on the GPU.
 #pragma once
 
 #include <cublas_v2.h>
@@ -27,8 +27,17 @@ class CudaBackend : public Backend {
 
   std::string name() const override { return "cuda"; }
   void forward(const std::vector<ForwardItem>& items, std::vector<float>& logits) override;
+  // Greedy requests without a repetition penalty pick their token on the GPU; other sampling
+  // falls back to the host sampler over copied logits.
+  void forward_sample(const std::vector<ForwardItem>& items,
+                      const std::vector<SampleRequest>& requests,
+                      std::vector<SampleResult>& results) override;
 
  private:
+  // Runs the model; returns the device logits, fp32 [rows][V] (rows as forward's), valid until
+  // the next call.
+  const float* run(const std::vector<ForwardItem>& items);
+
   // Device pointers into weights_, GPT-2 layout (Conv1D weights [in][out]).
   struct Layer {
     const __half *ln_1_weight, *ln_1_bias;        // [C]
@@ -58,6 +67,8 @@ class CudaBackend : public Backend {
   cuda::DeviceBuffer<int32_t> indices_;  // tokens [T], positions [T], logit rows [R]
   cuda::PinnedBuffer<int32_t> indices_host_;
   cuda::PinnedBuffer<float> logits_host_;
+  cuda::DeviceBuffer<int32_t> picked_;  // greedy_sample's token | invalid | logprob, [3][rows]
+  cuda::PinnedBuffer<int32_t> picked_host_;
 };
 
 }  // namespace kvserve

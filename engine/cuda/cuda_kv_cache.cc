@@ -1,5 +1,6 @@
 #include "engine/cuda/cuda_kv_cache.h"
 
+#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -56,6 +57,9 @@ CudaKvCache::CudaKvCache(const KvCacheManager& manager, const ModelConfig& model
   // Zeroed so that the pool's bytes equal the CPU cache's (calloc) in tests.
   KVSERVE_CUDA_CHECK(cudaMemset(pool_, 0, bytes_));
   view_.blocks = pool_;
+  int device = 0;
+  KVSERVE_CUDA_CHECK(cudaGetDevice(&device));
+  KVSERVE_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device));
 }
 
 CudaKvCache::~CudaKvCache() {
@@ -72,13 +76,16 @@ void CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaStream_t st
   int32_t* row = count + n;
   const int page_offset = 3 * n, residual_offset = 4 * n + 1;
   std::vector<int32_t> pages, residual, tiles;
-  int rows = 0;
+  int rows = 0, max_len = 0;
+  decode_ = n > 0 && cuda::decode_attention_supported(view_);
   for (int i = 0; i < n; ++i) {
     const SequenceCache& seq = manager_.sequence(items[i].sequence_id);
     const int tokens = static_cast<int>(items[i].tokens.size());
     if (items[i].start + tokens > seq.length) {
       throw std::logic_error("KV cache: append beyond the reserved length of the sequence");
     }
+    decode_ = decode_ && tokens == 1;
+    max_len = std::max(max_len, items[i].start + tokens);
     start[i] = items[i].start;
     count[i] = tokens;
     row[i] = rows;
@@ -117,6 +124,13 @@ void CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaStream_t st
   batch_.residual_blocks = device + residual_at;
   tiles_ = device + tiles_at;
   num_tiles_ = static_cast<int>(tiles.size() / 2);
+  if (decode_) {
+    decode_split_ = cuda::decode_attention_split(n, view_.n_head, max_len, sm_count_);
+    if (decode_split_.splits > 1) {
+      decode_partial_.reserve(static_cast<size_t>(n) * view_.n_head * decode_split_.splits *
+                              (view_.head_dim + 2));
+    }
+  }
 }
 
 void CudaKvCache::append_and_attend(int layer, const __half* qkv, __half* out,
@@ -126,7 +140,13 @@ void CudaKvCache::append_and_attend(int layer, const __half* qkv, __half* out,
   view.blocks = pool_ + layer * layer_bytes_;
   const int qkv_stride = 3 * channels_;
   cuda::kv_quantize_pages(view, batch_, qkv, qkv_stride, stream);
-  cuda::paged_attention(view, batch_, tiles_, num_tiles_, qkv, qkv_stride, out, channels_, stream);
+  if (decode_) {
+    cuda::decode_attention(view, batch_, decode_split_, qkv, qkv_stride, out, channels_,
+                           decode_partial_.get(), stream);
+  } else {
+    cuda::paged_attention(view, batch_, tiles_, num_tiles_, qkv, qkv_stride, out, channels_,
+                          stream);
+  }
   cuda::kv_compact_residual(view, batch_, qkv, qkv_stride, stream);
 }
 

@@ -13,6 +13,7 @@
 #include "engine/cuda/device_buffer.h"
 #include "engine/kv_cache_manager.h"
 #include "engine/model_config.h"
+#include "kernels/decode_attention.h"
 #include "kernels/kv_cache_view.h"
 
 namespace kvserve {
@@ -34,6 +35,8 @@ class CudaKvCache {
   void append_and_attend(int layer, const __half* qkv, __half* out, cudaStream_t stream);
 
   size_t bytes() const { return bytes_; }
+  // Whether decode steps use decode_attention (else paged_attention), for tests.
+  bool decode_attention_supported() const { return cuda::decode_attention_supported(view_); }
   // The whole pool, [n_layer][num_blocks][block_bytes], for tests.
   std::vector<uint8_t> download(cudaStream_t stream) const;
 
@@ -46,6 +49,12 @@ class CudaKvCache {
   cuda::KvBatchView batch_;
   int num_tiles_ = 0;
   const int32_t* tiles_ = nullptr;
+  // A decode step (every item one token) in a geometry decode_attention handles uses it, split
+  // along the context as decode_split_ says; other steps use paged_attention's tiles.
+  bool decode_ = false;
+  cuda::DecodeSplit decode_split_;
+  int sm_count_ = 0;
+  cuda::DeviceBuffer<float> decode_partial_;  // [items][n_head][splits][head_dim + 2]
   std::vector<int32_t> host_meta_;
   cuda::PinnedBuffer<int32_t> pinned_meta_;
   cuda::DeviceBuffer<int32_t> device_meta_;

@@ -1,0 +1,31 @@
+#include "engine/backend.h"
+
+#include <stdexcept>
+
+namespace kvserve {
+
+void Backend::forward_sample(const std::vector<ForwardItem>& items,
+                             const std::vector<SampleRequest>& requests,
+                             std::vector<SampleResult>& results) {
+  if (requests.size() != items.size()) {
+    throw std::invalid_argument("forward_sample: one sample request per item");
+  }
+  for (const ForwardItem& item : items) {
+    if (item.all_logits) throw std::invalid_argument("forward_sample: an item wants all logits");
+  }
+  forward(items, sample_logits_);
+  const size_t vocab = items.empty() ? 0 : sample_logits_.size() / items.size();
+  results.assign(items.size(), SampleResult{});
+  for (size_t i = 0; i < items.size(); ++i) {
+    const SampleRequest& r = requests[i];
+    if (r.params == nullptr) continue;
+    try {
+      results[i].token = sample_token(&sample_logits_[i * vocab], static_cast<int>(vocab),
+                                      *r.params, *r.history, r.step);
+    } catch (const std::exception& e) {
+      results[i].error = e.what();
+    }
+  }
+}
+
+}  // namespace kvserve

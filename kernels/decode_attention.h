@@ -1,0 +1,39 @@
+// Decode attention (one query per item) over the paged KV cache of one layer, split along the
+// context (flash-decoding) so that a few long sequences still fill every SM.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/kv_cache_view.h"
+
+namespace kvserve::cuda {
+
+// Whether decode_attention handles this cache geometry: fp16, or KIVI with per-channel keys and
+// key groups of 32; pages of 32 tokens; head_dim 64; 16-byte aligned blocks. Other geometries
+// (int8, the per-token-keys ablation) use paged_attention.
+bool decode_attention_supported(const KvCacheView& cache);
+
+// How a step's contexts are cut: `splits` pieces of `chunk` tokens (a multiple of 32) per item
+// and head, enough blocks to fill `sm_count` SMs a few times over; splits == 1 when the batch
+// alone does. max_len: the longest item's context (keys) this step.
+struct DecodeSplit {
+  int chunk = 0;
+  int splits = 0;
+};
+DecodeSplit decode_attention_split(int items, int n_head, int max_len, int sm_count);
+
+// Every item of `batch` has count 1 (a decode step): its query (row row[item] of qkv) attends to
+// keys 0 .. start[item], read as paged_attention reads them (pages up to paged(start + 1), then the
+// fp16 window). Runs after kv_quantize_pages and before kv_compact_residual.
+//   qkv:     fp16 [items][3C] (row stride qkv_stride, a multiple of 8): q | k | v
+//   out:     fp16 [items][C]  (row stride out_stride)
+//   partial: fp32 [items][n_head][splits][head_dim + 2] scratch (output, max, sum of each
+//            split); unused (may be null) when splits == 1
+void decode_attention(const KvCacheView& cache, const KvBatchView& batch, DecodeSplit split,
+                      const __half* qkv, int qkv_stride, __half* out, int out_stride,
+                      float* partial, cudaStream_t stream);
+
+}  // namespace kvserve::cuda
