@@ -115,8 +115,8 @@ TEST(GpuBackend, ForwardSamplePicksWhatTheHostSamplerPicks) {
   sampled.top_k = 40;
   sampled.seed = 7;
   for (const SamplingParams* params : {&greedy, &sampled}) {
-    KvCacheManager cache_a(format_config("kivi2"), model, 4096),
-        cache_b(format_config("kivi2"), model, 4096);
+    KvCacheManager cache_a(fixture_format("kivi2"), model, 4096),
+        cache_b(fixture_format("kivi2"), model, 4096);
     CudaBackend a(shared_weights(), cache_a), b(shared_weights(), cache_b);
     std::vector<ForwardItem> items;
     std::vector<std::vector<int32_t>> history;
