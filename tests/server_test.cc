@@ -379,42 +379,69 @@ TEST(ServerConcurrency, ThirtyTwoMixedRequestsOnTwoKvFormatsEqualTheirSoloRuns) 
   }
 }
 
-TEST(ServerLimits, OverloadIsResourceExhausted) {
-  ServerProcess server({"--model", testing::shared_model_dir(), "--max-num-seqs", "1",
-                        "--max-queued-requests", "1", "--max-concurrent-streams", "3"});
-  auto stub = server.stub();
-  v1::GenerateResponse response;
-  // One running (max-num-seqs 1)...
-  grpc::ClientContext running_context;
-  auto running = stub->Generate(&running_context, long_request());
-  ASSERT_TRUE(running->Read(&response));
-  // ...one waiting fills the queue (max-queued-requests 1)...
-  grpc::ClientContext waiting_context;
-  auto waiting = stub->Generate(&waiting_context, long_request());
-  const StreamResult queue_full = testing::generate(*stub, text_request("Hi", 2));
-  EXPECT_EQ(queue_full.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
-  EXPECT_NE(queue_full.status.error_message().find("queue"), std::string::npos)
-      << queue_full.status.error_message();
-  // ...and a third open stream reaches max-concurrent-streams 3.
-  grpc::ClientContext third_context;
-  auto third = stub->Generate(&third_context, long_request());
-  const StreamResult too_many = testing::generate(*stub, text_request("Hi", 2));
-  EXPECT_EQ(too_many.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
-  EXPECT_NE(too_many.status.error_message().find("streams"), std::string::npos)
-      << too_many.status.error_message();
-  for (grpc::ClientContext* context : {&running_context, &waiting_context, &third_context}) {
-    context->TryCancel();
+// Waits until the server reports `waiting` requests in its queue (the metric is updated by the
+// engine thread after each step), so a probe sent afterwards meets a known state.
+void wait_for_waiting(const ServerProcess& server, double waiting) {
+  const auto deadline = std::chrono::steady_clock::now() + 30s;
+  while (testing::metric_value(server.metrics_text(), "kvserve_requests_waiting") != waiting) {
+    ASSERT_LT(std::chrono::steady_clock::now(), deadline) << "queue never reached " << waiting;
+    std::this_thread::sleep_for(20ms);
   }
-  for (auto* reader : {running.get(), waiting.get(), third.get()}) {
+}
+
+void cancel_and_drain(
+    std::vector<std::pair<grpc::ClientContext*, grpc::ClientReaderInterface<v1::GenerateResponse>*>>
+        streams) {
+  v1::GenerateResponse response;
+  for (auto& [context, reader] : streams) context->TryCancel();
+  for (auto& [context, reader] : streams) {
     while (reader->Read(&response)) {
     }
     reader->Finish();
   }
+}
+
+TEST(ServerLimits, FullQueueIsResourceExhausted) {
+  ServerProcess server({"--model", testing::shared_model_dir(), "--max-num-seqs", "1",
+                        "--max-queued-requests", "1"});
+  auto stub = server.stub();
+  v1::GenerateResponse response;
+  // One running (max-num-seqs 1) and one waiting fill the queue (max-queued-requests 1).
+  grpc::ClientContext running_context, waiting_context;
+  auto running = stub->Generate(&running_context, long_request());
+  ASSERT_TRUE(running->Read(&response));
+  auto waiting = stub->Generate(&waiting_context, long_request());
+  wait_for_waiting(server, 1);
+  const StreamResult queue_full = testing::generate(*stub, text_request("Hi", 2));
+  EXPECT_EQ(queue_full.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(queue_full.status.error_message().find("queue"), std::string::npos)
+      << queue_full.status.error_message();
+  cancel_and_drain({{&running_context, running.get()}, {&waiting_context, waiting.get()}});
   expect_cache_drains(server);
-  const std::string metrics = server.metrics_text();
-  EXPECT_GE(
-      testing::metric_value(metrics, R"(kvserve_request_failure_total{code="RESOURCE_EXHAUSTED"})"),
-      2);
+  EXPECT_GE(testing::metric_value(server.metrics_text(),
+                                  R"(kvserve_request_failure_total{code="RESOURCE_EXHAUSTED"})"),
+            1);
+}
+
+TEST(ServerLimits, TooManyStreamsIsResourceExhausted) {
+  ServerProcess server({"--model", testing::shared_model_dir(), "--max-num-seqs", "1",
+                        "--max-queued-requests", "100", "--max-concurrent-streams", "2"});
+  auto stub = server.stub();
+  v1::GenerateResponse response;
+  grpc::ClientContext running_context, waiting_context;
+  auto running = stub->Generate(&running_context, long_request());
+  ASSERT_TRUE(running->Read(&response));
+  auto waiting = stub->Generate(&waiting_context, long_request());
+  wait_for_waiting(server, 1);  // two streams open: the limit
+  const StreamResult too_many = testing::generate(*stub, text_request("Hi", 2));
+  EXPECT_EQ(too_many.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(too_many.status.error_message().find("streams"), std::string::npos)
+      << too_many.status.error_message();
+  cancel_and_drain({{&running_context, running.get()}, {&waiting_context, waiting.get()}});
+  expect_cache_drains(server);
+  EXPECT_GE(testing::metric_value(server.metrics_text(),
+                                  R"(kvserve_request_failure_total{code="RESOURCE_EXHAUSTED"})"),
+            1);
 }
 
 TEST(ServerLifecycle, HealthGoesNotServingToServingAndDrainCancelsAtTheDeadline) {
