@@ -4,7 +4,9 @@
 # The Dockerfile's builder is Ubuntu 24.04 (NVIDIA's CUDA images): every name below is the same
 # package there. Only the runtime libraries were renamed (the t64 transition), which is why the
 # runtime image derives its packages from the built binaries (scripts/runtime-packages.sh).
-# prometheus (for promtool) and python3-yaml serve the deploy/ checks in tests/deploy.
+# prometheus (for promtool) and python3-yaml serve the deploy/ checks in tests/deploy;
+# python3-grpcio and python3-protobuf the Python client (client/python), python3-matplotlib
+# bench/plot.py.
 # Usage: scripts/install-deps.sh   (as root, or with sudo available)
 set -euo pipefail
 packages=(
@@ -13,7 +15,7 @@ packages=(
   nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc prometheus-cpp-dev
-  prometheus python3-yaml
+  prometheus python3-yaml python3-grpcio python3-protobuf python3-matplotlib
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -2,9 +2,10 @@
 # Runs a check against a live `kvserve serve` on loopback.
 # Usage: with_live_server.sh KVSERVE KVSERVE_CLI MODEL_DIR -- COMMAND ARGS...
 # Starts the server on free ports with MODEL_DIR, waits until it is SERVING, streams one request
-# through kvserve-cli so every counter and histogram has samples, then runs COMMAND with each
-# argument @METRICS_URL@ replaced by the server's /metrics address. Stops the server (SIGTERM,
-# which must drain and exit 0) and exits with COMMAND's status.
+# through kvserve-cli so every counter and histogram has samples, then runs COMMAND with
+# @METRICS_URL@ in its arguments replaced by the server's /metrics address and @GRPC_ADDR@ by its
+# gRPC HOST:PORT. Stops the server (SIGTERM, which must drain and exit 0) and exits with COMMAND's
+# status.
 set -euo pipefail
 kvserve=$1 cli=$2 model=$3
 shift 3
@@ -24,7 +25,10 @@ grpc=$(sed -n 's/.*listening on \([0-9.:]*\) (gRPC).*/\1/p' "$log")
 metrics=$(sed -n 's|.*metrics on \(http://[0-9.:]*/metrics\).*|\1|p' "$log")
 "$cli" generate --addr "$grpc" --prompt "The kernel" --max-new-tokens 8 >/dev/null
 args=()
-for a in "$@"; do args+=("${a//@METRICS_URL@/$metrics}"); done
+for a in "$@"; do
+  a=${a//@METRICS_URL@/$metrics}
+  args+=("${a//@GRPC_ADDR@/$grpc}")
+done
 status=0
 "${args[@]}" || status=$?
 kill -TERM "$server"
