@@ -3,8 +3,8 @@
 # `kvserve-cli load` at several Poisson request rates (concurrency capped) and, closed loop, at
 # several concurrencies.
 # Usage: bench/latency.sh [OUT_DIR]   (default docs/bench; writes OUT_DIR/latency.json)
-# The JSON holds the machine, the date, the server command and, for every run, its exact
-# kvserve-cli command and full result. The defaults keep a run to about five minutes on two CPU
+# The JSON holds the machine, the date, the server command and, for every run, its sweep, rate (a
+# number, or "inf" in the closed-loop sweep), concurrency, exact kvserve-cli command and full result. The defaults keep a run to about five minutes on two CPU
 # cores with the tiny test model; every knob below can be overridden from the environment, e.g.
 # MODEL=dummy:gpt2 EXTRA_SERVE_FLAGS="--device cuda" RATES="8 16 32 64" bench/latency.sh /tmp/out
 set -euo pipefail
