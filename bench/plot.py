@@ -4,9 +4,8 @@
 Usage: bench/plot.py [--docs DOCS] [--out OUT]    (defaults: docs, docs/plots)
 
 Reads DOCS/memory.json (kvserve bench memory), DOCS/quality/summary.json (bench/quality.sh),
-DOCS/bench/latency.json (bench/latency.sh) and DOCS/gpu/decode-2026-11-29.jsonl (kvserve bench
-decode and bench/hf_decode.py on the H200), writes one PNG per chart into OUT and prints each
-path. Needs only Debian's python3-matplotlib; the Agg backend draws without a display.
+DOCS/bench/latency.json (bench/latency.sh) and the GPU_DECODE files below (kvserve bench decode
+and bench/hf_decode.py on the H200), writes one PNG per chart into OUT and prints each path. Needs only Debian's python3-matplotlib; the Agg backend draws without a display.
 """
 
 import argparse
@@ -19,7 +18,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
-GPU_DECODE = "gpu/decode-2026-11-29.jsonl"
+# Each file holds kvserve bench decode and the transformers baseline measured in the same call.
+GPU_DECODE = [("first slice", "gpu/decode-2026-11-29.jsonl"),
+              ("second slice (32bff87)", "gpu/decode-2026-11-29-32bff87.jsonl")]
 # One colour per KV format in every chart, so a format reads the same everywhere.
 COLOURS = {"fp16": "tab:blue", "int8": "tab:orange", "kivi4": "tab:green", "kivi2": "tab:red",
            "kivi2-gv64": "tab:purple", "kivi2-per-token-keys": "tab:brown",
@@ -165,26 +166,39 @@ def plot_latency(docs, out):
 
 
 def plot_gpu_decode(docs, out):
-    rows = [json.loads(line) for line in (docs / GPU_DECODE).read_text().splitlines() if line]
-    series = {}
-    for row in rows:
-        name = f"kvserve {row['kv']}" if "kv" in row else row["impl"]
-        series.setdefault(name, []).append((row["batch"], row["tokens_per_second"]))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, points in series.items():
-        points.sort()
-        colour = COLOURS[name.split()[-1]] if name.startswith("kvserve") else COLOURS["transformers"]
-        ax.plot([b for b, _ in points], [t for _, t in points], marker="o", color=colour,
-                label=name + (" fp16, static cache (baseline)" if "transformers" in name else ""))
-    batches = sorted({b for points in series.values() for b, _ in points})
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xticks(batches, [str(b) for b in batches])
-    ax.set_xlabel("batch (sequences decoding together)")
-    ax.set_ylabel("decode tokens/s")
-    ax.set_title("GPU decode throughput, GPT-2 small geometry, context 512, one H200")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (title, name), style in zip(GPU_DECODE, ("--", "-")):
+        rows = [json.loads(line) for line in (docs / name).read_text().splitlines() if line]
+        # Only the batch sweep at context 512; the same files hold roofline rows at other contexts.
+        rows = [row for row in rows if row["context"] == 512]
+        baseline = {row["batch"]: row["tokens_per_second"] for row in rows if "impl" in row}
+        batches = sorted(baseline)
+        left.plot(batches, [baseline[b] for b in batches], style, marker="o",
+                  color=COLOURS["transformers"], label=f"transformers, {title}")
+        for kv in ("fp16", "kivi2"):
+            speed = {row["batch"]: row["tokens_per_second"] for row in rows if row.get("kv") == kv}
+            left.plot(batches, [speed[b] for b in batches], style, marker="o", color=COLOURS[kv],
+                      label=f"kvserve {kv}, {title}")
+            right.plot(batches, [speed[b] / baseline[b] for b in batches], style, marker="o",
+                       color=COLOURS[kv], label=f"kvserve {kv}, {title}")
+    for kv, target in (("fp16", 2), ("kivi2", 4)):
+        right.plot([batches[-1]], [target], marker="*", markersize=14, linestyle="none",
+                   color=COLOURS[kv], label=f"{kv} target at batch {batches[-1]}: {target}x")
+    right.axhline(1, color=COLOURS["transformers"], linewidth=1)
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_xlabel("batch (sequences decoding together)")
+        ax.grid(alpha=0.3, which="both")
+    left.set_yscale("log")
+    left.set_ylabel("decode tokens/s")
+    left.set_title("throughput (transformers: fp16, static cache, same call)")
+    left.legend(fontsize=7)
+    right.set_ylabel("kvserve / transformers tokens/s (x)")
+    right.set_ylim(bottom=0)
+    right.set_title("speed-up over the baseline of the same call")
+    right.legend(fontsize=7)
+    fig.suptitle("GPU decode, GPT-2 small geometry, context 512, one H200")
     save(fig, out, "gpu-decode.png")
 
 
