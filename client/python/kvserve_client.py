@@ -60,8 +60,9 @@ def generate(stub, args):
         else:
             final = response.final
     end = time.monotonic()
-    if out.isatty():
+    if out.isatty():  # the text has no newline of its own; the summary wants its own line
         out.write(b"\n")
+        out.flush()
     if final is None:
         raise RuntimeError("the stream ended without its final message")
 
