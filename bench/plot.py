@@ -16,7 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
-from matplotlib.ticker import ScalarFormatter  # noqa: E402
+from matplotlib.ticker import LogLocator, ScalarFormatter  # noqa: E402
 
 # Each file holds kvserve bench decode and the transformers baseline measured in the same call.
 GPU_DECODE = [("first slice", "gpu/decode-2026-11-29.jsonl"),
@@ -130,6 +130,8 @@ def plot_latency(docs, out):
         ax.set_ylabel("ms (log scale)")
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(ScalarFormatter())
+        # Labelled minor ticks, 1.5 included, so a value between two powers of ten can be read.
+        ax.yaxis.set_minor_locator(LogLocator(subs=(1.5, 2, 3, 4, 5, 6, 7, 8, 9)))
         ax.yaxis.set_minor_formatter(ScalarFormatter())
         ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.grid(alpha=0.3, which="both")
