@@ -20,7 +20,7 @@ from matplotlib.ticker import LogLocator, ScalarFormatter  # noqa: E402
 
 # Each file holds kvserve bench decode and the transformers baseline measured in the same call.
 GPU_DECODE = [("first slice", "gpu/decode-2026-11-29.jsonl"),
-              ("second slice (32bff87)", "gpu/decode-2026-11-29-32bff87.jsonl")]
+              ("main 03bb71a", "gpu/decode-2026-11-29-main-03bb71a.jsonl")]
 # One colour per KV format in every chart, so a format reads the same everywhere.
 COLOURS = {"fp16": "tab:blue", "int8": "tab:orange", "kivi4": "tab:green", "kivi2": "tab:red",
            "kivi2-gv64": "tab:purple", "kivi2-per-token-keys": "tab:brown",
