@@ -68,13 +68,14 @@ std::string ChildProcess::log() const {
   return read_file(log_path_);
 }
 
-ServerProcess::ServerProcess(const std::vector<std::string>& args, bool wait_serving) {
+ServerProcess::ServerProcess(const std::vector<std::string>& args, bool wait_serving,
+                             std::shared_ptr<grpc::ChannelCredentials> credentials) {
   std::vector<std::string> argv = {KVSERVE_BINARY, "serve", "--host",         "127.0.0.1",
                                    "--port",       "0",     "--metrics-port", "0"};
   argv.insert(argv.end(), args.begin(), args.end());
   process_ = std::make_unique<ChildProcess>(argv, make_temp_dir("kvserve-serve") + "/log");
   const std::regex listening(
-      R"(listening on 127\.0\.0\.1:(\d+) \(gRPC\), metrics on http://127\.0\.0\.1:(\d+)/metrics)");
+      R"(listening on 127\.0\.0\.1:(\d+) \(gRPC[^)]*\), metrics on http://127\.0\.0\.1:(\d+)/metrics)");
   const auto deadline = std::chrono::steady_clock::now() + 60s;
   std::smatch match;
   while (true) {
@@ -87,8 +88,8 @@ ServerProcess::ServerProcess(const std::vector<std::string>& args, bool wait_ser
   }
   port_ = std::stoi(match[1]);
   metrics_port_ = std::stoi(match[2]);
-  channel_ =
-      grpc::CreateChannel("127.0.0.1:" + std::to_string(port_), grpc::InsecureChannelCredentials());
+  if (!credentials) credentials = grpc::InsecureChannelCredentials();
+  channel_ = grpc::CreateChannel("127.0.0.1:" + std::to_string(port_), credentials);
   if (wait_serving) this->wait_serving();
 }
 
