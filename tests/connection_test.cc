@@ -175,5 +175,15 @@ TEST(Connection, IdleConnectionIsClosedAndTheClientReconnects) {
   EXPECT_EQ(server.health(), HealthCheckResponse::SERVING);
 }
 
+TEST(Connection, OversizedRequestIsResourceExhausted) {
+  ServerProcess server(
+      {"--model", testing::shared_model_dir(), "--max-receive-message-bytes", "4096"});
+  v1::GenerateRequest request;
+  request.set_prompt(std::string(8192, 'a'));
+  const grpc::Status status = testing::generate(*server.stub(), request, 20s).status;
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << status.error_message();
+  EXPECT_EQ(server.health(), HealthCheckResponse::SERVING);
+}
+
 }  // namespace
 }  // namespace kvserve
