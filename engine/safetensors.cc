@@ -189,7 +189,9 @@ void SafetensorsFile::to_fp32(const SafetensorsTensor& tensor, int64_t first, in
                     std::to_string(tensor.numel()) + " elements");
   }
   if (tensor.dtype == "F32") {
-    std::memcpy(out, tensor.data + first * 4, count * 4);
+    // An empty tensor's output may be null (an empty vector's data()), and memcpy with a null
+    // pointer is undefined even for 0 bytes (found by fuzz/safetensors_fuzzer).
+    if (count > 0) std::memcpy(out, tensor.data + first * 4, count * 4);
   } else if (tensor.dtype == "F16") {
     convert(tensor.data + first * 2, 2, count, out, [](const uint8_t* p) {
       uint16_t h;
