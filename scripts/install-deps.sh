@@ -5,6 +5,8 @@
 # package there. Only the runtime libraries were renamed (the t64 transition), which is why the
 # runtime image derives its packages from the built binaries (scripts/runtime-packages.sh).
 # prometheus (for promtool) and python3-yaml serve the deploy/ checks in tests/deploy.
+# openssl makes the throwaway certificates of the TLS tests; clang and libclang-rt-14-dev (its
+# sanitizer and libFuzzer runtimes) build fuzz/ (scripts/fuzz.sh).
 # Usage: scripts/install-deps.sh   (as root, or with sudo available)
 set -euo pipefail
 packages=(
@@ -14,6 +16,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc prometheus-cpp-dev
   prometheus python3-yaml
+  openssl clang libclang-rt-14-dev
 )
 missing=()
 for p in "${packages[@]}"; do
