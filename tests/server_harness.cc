@@ -77,9 +77,11 @@ ServerProcess::ServerProcess(const std::vector<std::string>& args, bool wait_ser
   const std::regex listening(
       R"(listening on 127\.0\.0\.1:(\d+) \(gRPC[^)]*\), metrics on http://127\.0\.0\.1:(\d+)/metrics)");
   const auto deadline = std::chrono::steady_clock::now() + 60s;
+  // `match` points into `log`, which must outlive it (ASan caught a use after free here).
+  std::string log;
   std::smatch match;
   while (true) {
-    const std::string log = process_->log();
+    log = process_->log();
     if (std::regex_search(log, match, listening)) break;
     if (process_->wait(0ms) != -1 || std::chrono::steady_clock::now() > deadline) {
       throw std::runtime_error("kvserve serve did not start:\n" + log);
