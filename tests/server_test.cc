@@ -384,42 +384,55 @@ TEST(ServerConcurrency, ThirtyTwoMixedRequestsOnTwoKvFormatsEqualTheirSoloRuns) 
   }
 }
 
-TEST(ServerLimits, OverloadIsResourceExhausted) {
-  ServerProcess server({"--model", testing::shared_model_dir(), "--max-num-seqs", "1",
-                        "--max-queued-requests", "1", "--max-concurrent-streams", "3"});
+// Polls /metrics until the gauge reads `value`: the server has taken the calls just started (a
+// client's call returns before the server's handler has run).
+void wait_for_gauge(const ServerProcess& server, const std::string& gauge, double value) {
+  const auto deadline = std::chrono::steady_clock::now() + 30s;
+  while (testing::metric_value(server.metrics_text(), gauge) != value) {
+    ASSERT_LT(std::chrono::steady_clock::now(), deadline) << gauge << " never reached " << value;
+    std::this_thread::sleep_for(5ms);
+  }
+}
+
+// One request running (--max-num-seqs 1) and one waiting, both held open; then `probe` is sent.
+StreamResult probe_with_two_held(const ServerProcess& server) {
   auto stub = server.stub();
   v1::GenerateResponse response;
-  // One running (max-num-seqs 1)...
-  grpc::ClientContext running_context;
+  grpc::ClientContext running_context, waiting_context;
   auto running = stub->Generate(&running_context, long_request());
-  ASSERT_TRUE(running->Read(&response));
-  // ...one waiting fills the queue (max-queued-requests 1)...
-  grpc::ClientContext waiting_context;
+  EXPECT_TRUE(running->Read(&response));
   auto waiting = stub->Generate(&waiting_context, long_request());
-  const StreamResult queue_full = testing::generate(*stub, text_request("Hi", 2));
-  EXPECT_EQ(queue_full.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
-  EXPECT_NE(queue_full.status.error_message().find("queue"), std::string::npos)
-      << queue_full.status.error_message();
-  // ...and a third open stream reaches max-concurrent-streams 3.
-  grpc::ClientContext third_context;
-  auto third = stub->Generate(&third_context, long_request());
-  const StreamResult too_many = testing::generate(*stub, text_request("Hi", 2));
-  EXPECT_EQ(too_many.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
-  EXPECT_NE(too_many.status.error_message().find("streams"), std::string::npos)
-      << too_many.status.error_message();
-  for (grpc::ClientContext* context : {&running_context, &waiting_context, &third_context}) {
-    context->TryCancel();
-  }
-  for (auto* reader : {running.get(), waiting.get(), third.get()}) {
+  wait_for_gauge(server, "kvserve_requests_waiting", 1);
+  const StreamResult probe = testing::generate(*stub, text_request("Hi", 2));
+  for (grpc::ClientContext* context : {&running_context, &waiting_context}) context->TryCancel();
+  for (auto* reader : {running.get(), waiting.get()}) {
     while (reader->Read(&response)) {
     }
     reader->Finish();
   }
   expect_cache_drains(server);
-  const std::string metrics = server.metrics_text();
-  EXPECT_GE(
-      testing::metric_value(metrics, R"(kvserve_request_failure_total{code="RESOURCE_EXHAUSTED"})"),
-      2);
+  return probe;
+}
+
+// Each limit on a server of its own: a stream refused for one limit is not held open, so it
+// cannot be what fills the other.
+TEST(ServerLimits, OverloadIsResourceExhausted) {
+  const ServerProcess queue_limited({"--model", testing::shared_model_dir(), "--max-num-seqs", "1",
+                                     "--max-queued-requests", "1"});
+  const StreamResult queue_full = probe_with_two_held(queue_limited);
+  EXPECT_EQ(queue_full.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(queue_full.status.error_message().find("queue"), std::string::npos)
+      << queue_full.status.error_message();
+  EXPECT_GE(testing::metric_value(queue_limited.metrics_text(),
+                                  R"(kvserve_request_failure_total{code="RESOURCE_EXHAUSTED"})"),
+            1);
+
+  const ServerProcess streams_limited({"--model", testing::shared_model_dir(), "--max-num-seqs",
+                                       "1", "--max-concurrent-streams", "2"});
+  const StreamResult too_many = probe_with_two_held(streams_limited);
+  EXPECT_EQ(too_many.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(too_many.status.error_message().find("streams"), std::string::npos)
+      << too_many.status.error_message();
 }
 
 TEST(ServerLifecycle, HealthGoesNotServingToServingAndDrainCancelsAtTheDeadline) {
