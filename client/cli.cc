@@ -21,6 +21,7 @@ namespace {
 
 struct GenerateArgs {
   std::string addr;
+  TlsFiles tls;
   std::string prompt;
   std::vector<int32_t> prompt_ids;
   uint32_t max_new_tokens = 0;
@@ -38,16 +39,19 @@ struct GenerateArgs {
 
 struct HealthArgs {
   std::string addr, service;
+  TlsFiles tls;
   double timeout_s = 5;
 };
 
 struct LoadArgs {
   std::string addr, output;
+  TlsFiles tls;
   LoadOptions options;
 };
 
 struct InfoArgs {
   std::string addr;
+  TlsFiles tls;
   double timeout_s = 10;
 };
 
@@ -88,7 +92,7 @@ int run_generate(const GenerateArgs& a) {
   request.set_return_logprobs(a.logprobs);
 
   std::ostringstream logprobs;
-  GenerationClient client(a.addr);
+  GenerationClient client(a.addr, a.tls);
   const GenerateOutcome outcome = client.Generate(
       std::move(request), a.timeout_s, [&](const v1::TokenChunk& chunk, Clock::time_point) {
         std::fwrite(chunk.text().data(), 1, chunk.text().size(), stdout);
@@ -117,7 +121,7 @@ int run_generate(const GenerateArgs& a) {
 }
 
 int run_health(const HealthArgs& a) {
-  GenerationClient client(a.addr);
+  GenerationClient client(a.addr, a.tls);
   ServingStatus status = grpc::health::v1::HealthCheckResponse::UNKNOWN;
   const grpc::Status result = client.CheckHealth(a.service, a.timeout_s, &status);
   if (!result.ok()) return fail("health check failed", result);
@@ -146,7 +150,7 @@ class ProgressBar {
 };
 
 int run_load_command(const LoadArgs& a) {
-  GenerationClient client(a.addr);
+  GenerationClient client(a.addr, a.tls);
   ProgressCallback progress;
   if (isatty(STDERR_FILENO)) progress = ProgressBar();
   const nlohmann::json result = run_load(client, a.options, progress);
@@ -164,7 +168,7 @@ int run_load_command(const LoadArgs& a) {
 }
 
 int run_info(const InfoArgs& a) {
-  GenerationClient client(a.addr);
+  GenerationClient client(a.addr, a.tls);
   v1::ModelInfo model;
   grpc::Status status = client.GetModelInfo(a.timeout_s, &model);
   if (!status.ok()) return fail("GetModelInfo failed", status);
@@ -184,8 +188,19 @@ std::string check_rate(const std::string& text) {
   return ok ? "" : "must be a positive number of requests per second or inf, got " + text;
 }
 
-void add_addr(CLI::App* command, std::string& addr) {
+void add_addr(CLI::App* command, std::string& addr, TlsFiles& tls) {
   command->add_option("--addr", addr, "the server, HOST:PORT")->required();
+  CLI::Option* ca =
+      command
+          ->add_option("--tls-ca", tls.ca, "PEM CA bundle: connect over TLS and verify the server")
+          ->check(CLI::ExistingFile);
+  CLI::Option* cert =
+      command->add_option("--tls-cert", tls.cert, "PEM client certificate, for mutual TLS")
+          ->check(CLI::ExistingFile);
+  CLI::Option* key = command->add_option("--tls-key", tls.key, "PEM private key of --tls-cert")
+                         ->check(CLI::ExistingFile);
+  cert->needs(key)->needs(ca);
+  key->needs(cert);
 }
 
 }  // namespace
@@ -196,7 +211,7 @@ int run_cli(int argc, char** argv) {
 
   GenerateArgs g;
   CLI::App* generate = app.add_subcommand("generate", "stream one completion to stdout");
-  add_addr(generate, g.addr);
+  add_addr(generate, g.addr, g.tls);
   CLI::Option_group* input = generate->add_option_group("prompt", "the prompt");
   input->add_option("--prompt", g.prompt, "prompt text");
   g.prompt_ids_opt = input->add_option("--prompt-ids", g.prompt_ids, "prompt token ids");
@@ -217,7 +232,7 @@ int run_cli(int argc, char** argv) {
   HealthArgs h;
   CLI::App* health = app.add_subcommand(
       "health", "grpc.health.v1 check: prints the status, exits 0 only when SERVING");
-  add_addr(health, h.addr);
+  add_addr(health, h.addr, h.tls);
   health->add_option("--service", h.service, "service name (default: the whole server)");
   health->add_option("--timeout-s", h.timeout_s, "deadline in seconds")->capture_default_str();
 
@@ -226,7 +241,7 @@ int run_cli(int argc, char** argv) {
   CLI::App* load = app.add_subcommand(
       "load",
       "benchmark: many concurrent streams; one JSON result (vLLM's metric names) on stdout");
-  add_addr(load, l.addr);
+  add_addr(load, l.addr, l.tls);
   load->add_option("--requests", o.requests, "requests to send")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
@@ -261,7 +276,7 @@ int run_cli(int argc, char** argv) {
 
   InfoArgs i;
   CLI::App* info = app.add_subcommand("info", "the server's model info and cache stats as JSON");
-  add_addr(info, i.addr);
+  add_addr(info, i.addr, i.tls);
   info->add_option("--timeout-s", i.timeout_s, "deadline in seconds")->capture_default_str();
 
   CLI11_PARSE(app, argc, argv);

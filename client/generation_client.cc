@@ -2,11 +2,22 @@
 
 #include <google/protobuf/util/json_util.h>
 
+#include <fstream>
 #include <future>
+#include <sstream>
+#include <stdexcept>
 #include <utility>
 
 namespace kvserve::client {
 namespace {
+
+std::string read_pem(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream text;
+  text << in.rdbuf();
+  if (!in || text.str().empty()) throw std::runtime_error("cannot read " + path);
+  return text.str();
+}
 
 void set_timeout(grpc::ClientContext& context, double timeout_s) {
   if (timeout_s > 0) {
@@ -66,8 +77,17 @@ class GenerateCall : public grpc::ClientReadReactor<v1::GenerateResponse> {
 
 }  // namespace
 
-GenerationClient::GenerationClient(const std::string& address)
-    : GenerationClient(grpc::CreateChannel(address, grpc::InsecureChannelCredentials())) {}
+std::shared_ptr<grpc::Channel> make_channel(const std::string& address, const TlsFiles& tls) {
+  if (tls.ca.empty()) return grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  grpc::SslCredentialsOptions options;
+  options.pem_root_certs = read_pem(tls.ca);
+  if (!tls.cert.empty()) options.pem_cert_chain = read_pem(tls.cert);
+  if (!tls.key.empty()) options.pem_private_key = read_pem(tls.key);
+  return grpc::CreateChannel(address, grpc::SslCredentials(options));
+}
+
+GenerationClient::GenerationClient(const std::string& address, const TlsFiles& tls)
+    : GenerationClient(make_channel(address, tls)) {}
 
 GenerationClient::GenerationClient(std::shared_ptr<grpc::Channel> channel)
     : channel_(std::move(channel)),

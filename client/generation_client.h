@@ -47,11 +47,21 @@ using ChunkCallback = std::function<void(const v1::TokenChunk& chunk, Clock::tim
 // Runs on a gRPC thread once the call is over.
 using DoneCallback = std::function<void(GenerateOutcome outcome)>;
 
+// PEM files of a TLS connection. No ca: plaintext. ca: TLS, the server's certificate checked
+// against it. cert + key as well: the client's certificate, for servers that require mutual TLS.
+struct TlsFiles {
+  std::string ca;
+  std::string cert;
+  std::string key;
+};
+
+// A channel to "HOST:PORT", plaintext or TLS as `tls` says; throws when a file cannot be read.
+std::shared_ptr<grpc::Channel> make_channel(const std::string& address, const TlsFiles& tls = {});
+
 // timeout_s <= 0 means no deadline.
 class GenerationClient {
  public:
-  // An insecure channel to "HOST:PORT" (TLS is not part of the API yet).
-  explicit GenerationClient(const std::string& address);
+  explicit GenerationClient(const std::string& address, const TlsFiles& tls = {});
   explicit GenerationClient(std::shared_ptr<grpc::Channel> channel);
 
   // Starts a Generate stream and returns at once. It uses gRPC's callback API, so an open stream

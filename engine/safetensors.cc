@@ -136,12 +136,18 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
         fail(path, "corrupt header: " + where + " shape is not an array");
       // The element count is bounded by the data section, which also rules out overflow below.
       uint64_t numel = 1;
-      bool too_big = false;
+      bool too_big = false, empty = false;
       for (const auto& d : entry["shape"]) {
         const auto dim = static_cast<uint64_t>(json_non_negative(d, path, where + " shape"));
         t.shape.push_back(static_cast<int64_t>(dim));
         if (dim != 0 && numel > data_size / dim) too_big = true;
+        empty = empty || dim == 0;
         numel *= dim;
+      }
+      // Any zero dimension makes the tensor empty: [2, 0] with no data is not "too big".
+      if (empty) {
+        numel = 0;
+        too_big = false;
       }
       const auto& offsets = entry["data_offsets"];
       if (!offsets.is_array() || offsets.size() != 2) {
@@ -189,7 +195,9 @@ void SafetensorsFile::to_fp32(const SafetensorsTensor& tensor, int64_t first, in
                     std::to_string(tensor.numel()) + " elements");
   }
   if (tensor.dtype == "F32") {
-    std::memcpy(out, tensor.data + first * 4, count * 4);
+    // An empty tensor's output may be null (an empty vector's data()), and memcpy with a null
+    // pointer is undefined even for 0 bytes (found by fuzz/safetensors_fuzzer).
+    if (count > 0) std::memcpy(out, tensor.data + first * 4, count * 4);
   } else if (tensor.dtype == "F16") {
     convert(tensor.data + first * 2, 2, count, out, [](const uint8_t* p) {
       uint16_t h;

@@ -6,7 +6,8 @@
 # runtime image derives its packages from the built binaries (scripts/runtime-packages.sh).
 # prometheus (for promtool) and python3-yaml serve the deploy/ checks in tests/deploy;
 # python3-grpcio and python3-protobuf the Python client (client/python), python3-matplotlib
-# bench/plot.py.
+# bench/plot.py. openssl makes the throwaway certificates of the TLS tests; clang and
+# libclang-rt-14-dev (its sanitizer and libFuzzer runtimes) build fuzz/ (scripts/fuzz.sh).
 # Usage: scripts/install-deps.sh   (as root, or with sudo available)
 set -euo pipefail
 packages=(
@@ -16,6 +17,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc prometheus-cpp-dev
   prometheus python3-yaml python3-grpcio python3-protobuf python3-matplotlib
+  openssl clang libclang-rt-14-dev
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -210,17 +210,15 @@ grpc::Status GenerationService::reject(const std::string& request_id, const grpc
   return status;
 }
 
-grpc::Status GenerationService::convert(grpc::CallbackServerContext& context,
-                                        const v1::GenerateRequest& in, ServeRequest& out) {
+grpc::Status convert_request(const v1::GenerateRequest& in, const Tokenizer& tokenizer,
+                             const ServiceLimits& limits, int context_length, ServeRequest& out) {
   const auto invalid = [](const std::string& message) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, message);
   };
-  const int context_length = info_.context_length();
-  out.arrival = Clock::now();
   switch (in.input_case()) {
     case v1::GenerateRequest::kPrompt:
       if (in.prompt().empty()) return invalid("prompt is empty: give at least one character");
-      out.generation.prompt = tokenizer_->encode(in.prompt());
+      out.generation.prompt = tokenizer.encode(in.prompt());
       break;
     case v1::GenerateRequest::kPromptTokenIds:
       if (in.prompt_token_ids().ids().empty()) {
@@ -232,7 +230,7 @@ grpc::Status GenerationService::convert(grpc::CallbackServerContext& context,
     case v1::GenerateRequest::INPUT_NOT_SET:
       return invalid("no prompt: set exactly one of prompt (text) or prompt_token_ids");
   }
-  const int max_prompt = limits_.max_prompt_tokens > 0 ? limits_.max_prompt_tokens : context_length;
+  const int max_prompt = limits.max_prompt_tokens > 0 ? limits.max_prompt_tokens : context_length;
   if (out.generation.prompt.size() > static_cast<size_t>(max_prompt)) {
     return invalid("the prompt has " + std::to_string(out.generation.prompt.size()) +
                    " tokens, more than this server's limit of " + std::to_string(max_prompt) +
@@ -249,7 +247,7 @@ grpc::Status GenerationService::convert(grpc::CallbackServerContext& context,
   if (const std::string problem = validate(params); !problem.empty()) return invalid(problem);
 
   const v1::StoppingCriteria& stopping = in.stopping();
-  const int max_new = limits_.max_new_tokens > 0 ? limits_.max_new_tokens : context_length;
+  const int max_new = limits.max_new_tokens > 0 ? limits.max_new_tokens : context_length;
   if (stopping.has_max_new_tokens()) {
     if (stopping.max_new_tokens() == 0) return invalid("max_new_tokens must be at least 1");
     if (stopping.max_new_tokens() > static_cast<uint32_t>(max_new)) {
@@ -268,6 +266,15 @@ grpc::Status GenerationService::convert(grpc::CallbackServerContext& context,
   out.generation.ignore_eos = stopping.ignore_eos();
   out.return_logprobs = in.return_logprobs();
 
+  return grpc::Status::OK;
+}
+
+grpc::Status GenerationService::convert(grpc::CallbackServerContext& context,
+                                        const v1::GenerateRequest& in, ServeRequest& out) {
+  out.arrival = Clock::now();
+  const grpc::Status status =
+      convert_request(in, *tokenizer_, limits_, info_.context_length(), out);
+  if (!status.ok()) return status;
   // gRPC cancels the call at its deadline too; the engine thread also checks it between steps.
   const auto deadline = context.deadline();
   if (deadline != std::chrono::system_clock::time_point::max()) {

@@ -26,6 +26,13 @@ struct ServiceLimits {
   size_t stream_buffer_messages = 64;  // per stream; beyond it tokens are merged into one chunk
 };
 
+// Converts `in` into `out` (all but arrival and deadline) and checks what needs no engine: a
+// prompt, limits, sampling values, stop strings; INVALID_ARGUMENT saying why, else OK. The engine
+// thread checks the rest with Engine::validate(). No gRPC call or clock: fuzz/ drives it with any
+// bytes.
+grpc::Status convert_request(const v1::GenerateRequest& in, const Tokenizer& tokenizer,
+                             const ServiceLimits& limits, int context_length, ServeRequest& out);
+
 // The gRPC code's name as Prometheus labels and logs spell it, e.g. "RESOURCE_EXHAUSTED".
 std::string status_code_name(grpc::StatusCode code);
 

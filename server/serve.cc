@@ -13,12 +13,14 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <stdexcept>
 
 #include "engine/backend_factory.h"
 #include "engine/checkpoint.h"
 #include "engine/engine.h"
+#include "engine/text_io.h"
 #include "server/engine_loop.h"
 #include "server/metrics.h"
 #include "server/metrics_http.h"
@@ -86,6 +88,37 @@ v1::ModelInfo model_info(const std::string& model, const ModelConfig& config,
   return info;
 }
 
+std::shared_ptr<grpc::ServerCredentials> server_credentials(const ServeFlags& flags) {
+  if (flags.tls_cert.empty()) return grpc::InsecureServerCredentials();
+  grpc::SslServerCredentialsOptions options(
+      flags.tls_client_ca.empty() ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+                                  : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  options.pem_key_cert_pairs.push_back({read_file(flags.tls_key), read_file(flags.tls_cert)});
+  if (!flags.tls_client_ca.empty()) options.pem_root_certs = read_file(flags.tls_client_ca);
+  return grpc::SslServerCredentials(options);
+}
+
+void set_keepalive(const KeepaliveFlags& k, grpc::ServerBuilder& builder) {
+  constexpr int kMsPerS = 1000;
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS,
+                             k.time_s > 0 ? k.time_s * kMsPerS : std::numeric_limits<int>::max());
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, k.timeout_s * kMsPerS);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS,
+                             k.permit_without_calls ? 1 : 0);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+                             k.min_ping_interval_s * kMsPerS);
+  if (k.max_connection_idle_s > 0) {
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS, k.max_connection_idle_s * kMsPerS);
+  }
+  if (k.max_connection_age_s > 0) {
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, k.max_connection_age_s * kMsPerS);
+  }
+  if (k.max_connection_age_grace_s > 0) {
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS,
+                               k.max_connection_age_grace_s * kMsPerS);
+  }
+}
+
 }  // namespace
 
 void add_serve_flags(CLI::App* app, ServeFlags& flags) {
@@ -120,6 +153,46 @@ void add_serve_flags(CLI::App* app, ServeFlags& flags) {
   app->add_option("--max-receive-message-bytes", flags.max_receive_message_bytes,
                   "largest request message accepted")
       ->check(CLI::PositiveNumber);
+
+  CLI::Option* cert = app->add_option("--tls-cert", flags.tls_cert,
+                                      "PEM certificate chain: serve gRPC over TLS only")
+                          ->check(CLI::ExistingFile);
+  CLI::Option* key = app->add_option("--tls-key", flags.tls_key, "PEM private key of --tls-cert")
+                         ->check(CLI::ExistingFile);
+  cert->needs(key);
+  key->needs(cert);
+  app->add_option("--tls-client-ca", flags.tls_client_ca,
+                  "PEM CA bundle: mutual TLS, clients must present a certificate it signed")
+      ->check(CLI::ExistingFile)
+      ->needs(cert);
+
+  KeepaliveFlags& k = flags.keepalive;
+  app->add_option("--keepalive-time-s", k.time_s,
+                  "ping a connection after this long without activity (0: never)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app->add_option("--keepalive-timeout-s", k.timeout_s,
+                  "close the connection when a ping is not answered within this")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app->add_flag("--keepalive-permit-without-calls", k.permit_without_calls,
+                "allow keepalive pings on connections with no open call");
+  app->add_option("--keepalive-min-ping-interval-s", k.min_ping_interval_s,
+                  "shortest interval between client pings the server tolerates")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app->add_option("--max-connection-idle-s", k.max_connection_idle_s,
+                  "close a connection with no open call after this long (0: never)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app->add_option("--max-connection-age-s", k.max_connection_age_s,
+                  "ask clients to reconnect (GOAWAY) after this long, to rebalance (0: never)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app->add_option("--max-connection-age-grace-s", k.max_connection_age_grace_s,
+                  "after --max-connection-age-s, how long open calls may run on (0: unbounded)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
 }
 
 int run_serve(const ServeFlags& flags) {
@@ -141,21 +214,30 @@ int run_serve(const ServeFlags& flags) {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(join_host_port(flags.host, flags.port),
-                           grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(join_host_port(flags.host, flags.port), server_credentials(flags),
+                           &port);
   builder.RegisterService(&service);
   builder.SetMaxReceiveMessageSize(flags.max_receive_message_bytes);
+  set_keepalive(flags.keepalive, builder);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server || port == 0) {
+    // gRPC logs why a certificate or key was refused just above; this says what to look at.
     throw std::runtime_error("cannot listen on " + join_host_port(flags.host, flags.port) +
-                             " (port in use or address not local?)");
+                             (flags.tls_cert.empty()
+                                  ? " (port in use or address not local?)"
+                                  : " (port in use, address not local, or --tls-cert/--tls-key "
+                                    "refused: see gRPC's error above)"));
   }
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
   health->SetServingStatus(false);
   spdlog::info(
-      "listening on {} (gRPC), metrics on http://{}/metrics; NOT_SERVING until the model is loaded "
+      "listening on {} (gRPC{}), metrics on http://{}/metrics; NOT_SERVING until the model is "
+      "loaded "
       "and warm",
-      join_host_port(flags.host, port), join_host_port(flags.host, metrics_port));
+      join_host_port(flags.host, port),
+      flags.tls_cert.empty() ? ""
+                             : (flags.tls_client_ca.empty() ? " over TLS" : " over mutual TLS"),
+      join_host_port(flags.host, metrics_port));
 
   LoadedModel loaded = load(flags.model);
   const ModelConfig model = loaded.weights.config;

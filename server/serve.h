@@ -10,6 +10,21 @@
 
 namespace kvserve {
 
+struct KeepaliveFlags {
+  // A PING on a connection idle this long finds a client that vanished mid-stream (no FIN, e.g. a
+  // crashed host) long before TCP would; gRPC's default is 2 h.
+  int time_s = 60;
+  int timeout_s = 20;
+  // Whether clients may ping (and the server pings) while no call is open.
+  bool permit_without_calls = false;
+  // Client pings closer together than this count as abuse (after 2, GOAWAY); gRPC's default is
+  // 5 min, too strict for clients that ping during long generations with no data flowing.
+  int min_ping_interval_s = 10;
+  int max_connection_idle_s = 0;
+  int max_connection_age_s = 0;
+  int max_connection_age_grace_s = 0;
+};
+
 struct ServeFlags {
   ModelFlags model;
   KvFlags kv;
@@ -21,6 +36,12 @@ struct ServeFlags {
   size_t max_queued_requests = 256;
   double drain_timeout_s = 30;
   int max_receive_message_bytes = 4 << 20;
+  // PEM files; TLS when tls_cert is set, mutual TLS when tls_client_ca is set too.
+  std::string tls_cert;
+  std::string tls_key;
+  std::string tls_client_ca;
+  // HTTP/2 keepalive and connection lifetime (server/README.md); 0 turns a limit off.
+  KeepaliveFlags keepalive;
 };
 
 void add_serve_flags(CLI::App* app, ServeFlags& flags);

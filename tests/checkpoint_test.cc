@@ -316,6 +316,17 @@ TEST(SafetensorsTest, ReadsUnalignedData) {
   EXPECT_EQ(file.to_fp32(*file.find("x")), (std::vector<float>{0.5f, -1.25f, 3e38f}));
 }
 
+// Found by fuzz/safetensors_fuzzer: an empty F32 tensor used to memcpy into a null pointer.
+TEST(SafetensorsTest, ConvertsEmptyTensors) {
+  const std::string path = make_temp_dir("kvserve-st") + "/t.safetensors";
+  const std::string header = R"({"e":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},)"
+                             R"("h":{"dtype":"F16","shape":[2,0],"data_offsets":[0,0]}})";
+  write_bytes(path, le64(header.size()) + header);
+  const SafetensorsFile file(path);
+  EXPECT_TRUE(file.to_fp32(*file.find("e")).empty());
+  EXPECT_TRUE(file.to_fp32(*file.find("h")).empty());
+}
+
 TEST(SafetensorsTest, ConvertsEveryF16ValueExactly) {
   std::vector<uint16_t> all(65536);
   for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<uint16_t>(i);

@@ -68,17 +68,20 @@ std::string ChildProcess::log() const {
   return read_file(log_path_);
 }
 
-ServerProcess::ServerProcess(const std::vector<std::string>& args, bool wait_serving) {
+ServerProcess::ServerProcess(const std::vector<std::string>& args, bool wait_serving,
+                             std::shared_ptr<grpc::ChannelCredentials> credentials) {
   std::vector<std::string> argv = {KVSERVE_BINARY, "serve", "--host",         "127.0.0.1",
                                    "--port",       "0",     "--metrics-port", "0"};
   argv.insert(argv.end(), args.begin(), args.end());
   process_ = std::make_unique<ChildProcess>(argv, make_temp_dir("kvserve-serve") + "/log");
   const std::regex listening(
-      R"(listening on 127\.0\.0\.1:(\d+) \(gRPC\), metrics on http://127\.0\.0\.1:(\d+)/metrics)");
+      R"(listening on 127\.0\.0\.1:(\d+) \(gRPC[^)]*\), metrics on http://127\.0\.0\.1:(\d+)/metrics)");
   const auto deadline = std::chrono::steady_clock::now() + 60s;
+  // `match` points into `log`, which must outlive it (ASan caught a use after free here).
+  std::string log;
   std::smatch match;
   while (true) {
-    const std::string log = process_->log();
+    log = process_->log();
     if (std::regex_search(log, match, listening)) break;
     if (process_->wait(0ms) != -1 || std::chrono::steady_clock::now() > deadline) {
       throw std::runtime_error("kvserve serve did not start:\n" + log);
@@ -87,8 +90,8 @@ ServerProcess::ServerProcess(const std::vector<std::string>& args, bool wait_ser
   }
   port_ = std::stoi(match[1]);
   metrics_port_ = std::stoi(match[2]);
-  channel_ =
-      grpc::CreateChannel("127.0.0.1:" + std::to_string(port_), grpc::InsecureChannelCredentials());
+  if (!credentials) credentials = grpc::InsecureChannelCredentials();
+  channel_ = grpc::CreateChannel("127.0.0.1:" + std::to_string(port_), credentials);
   if (wait_serving) this->wait_serving();
 }
 

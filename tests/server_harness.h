@@ -36,10 +36,12 @@ class ChildProcess {
 };
 
 // `kvserve serve --host 127.0.0.1 --port 0 --metrics-port 0 ARGS...`; waits for the
-// "listening on" line (ports) and, unless told not to, for health SERVING.
+// "listening on" line (ports) and, unless told not to, for health SERVING. channel() and the
+// checks use `credentials` (default: plaintext).
 class ServerProcess {
  public:
-  explicit ServerProcess(const std::vector<std::string>& args, bool wait_serving = true);
+  explicit ServerProcess(const std::vector<std::string>& args, bool wait_serving = true,
+                         std::shared_ptr<grpc::ChannelCredentials> credentials = nullptr);
 
   int port() const { return port_; }
   int metrics_port() const { return metrics_port_; }
