@@ -18,10 +18,15 @@ namespace kvserve::cuda {
 
 }  // namespace kvserve::cuda
 
+// A failed call also leaves its error as the thread's "last error", which the next launch check
+// (cudaGetLastError) would report as its own: a recoverable error such as an out-of-memory would
+// then fail the next, healthy step too. So the failure is taken out of that slot before throwing;
+// a sticky error (a faulted context) keeps failing every later call anyway.
 #define KVSERVE_CUDA_CHECK(call)                                                              \
   do {                                                                                        \
     const cudaError_t kvserve_status_ = (call);                                               \
     if (kvserve_status_ != cudaSuccess) {                                                     \
+      cudaGetLastError();                                                                     \
       ::kvserve::cuda::throw_cuda_error(#call, cudaGetErrorString(kvserve_status_), __FILE__, \
                                         __LINE__);                                            \
     }                                                                                         \
