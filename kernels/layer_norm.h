@@ -14,6 +14,7 @@ namespace kvserve::cuda {
 //                     GEMM that accumulated into x without its bias)
 //   out[r][:] = (x[s] - mean) / sqrt(var + eps) * weight + bias     (fp32 math)
 //   x: fp32 [*][C]   residual_bias, weight, bias: fp16 [C]   out: fp16 [rows][C]
+// C must be a multiple of 4 and at most 2048, every tensor 16-byte aligned (checked).
 //   row_index: int32 [rows] or null
 void layer_norm_forward(__half* out, float* x, const int32_t* row_index,
                         const __half* residual_bias, const __half* weight, const __half* bias,

@@ -470,6 +470,11 @@ TEST(GpuKernels, LaunchersRejectBadInputs) {
   EXPECT_THROW(cuda::layer_norm_forward(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 4, 0,
                                         1e-5f, nullptr),
                std::invalid_argument);
+  for (int channels : {6, 2052}) {  // not a multiple of 4; beyond the registers' 2048
+    EXPECT_THROW(cuda::layer_norm_forward(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 4,
+                                          channels, 1e-5f, nullptr),
+                 std::invalid_argument);
+  }
   EXPECT_THROW(
       cuda::bias_activation_forward(nullptr, nullptr, 2, 3, cuda::BiasActivation::kNone, nullptr),
       std::invalid_argument);
