@@ -23,8 +23,8 @@ CommandResult run_kvserve(const std::string& args, const std::string& stdin_text
                           const std::string& env = "") {
   const std::string dir = testing::make_temp_dir("kvserve-cli");
   { std::ofstream(dir + "/stdin") << stdin_text; }
-  const std::string command = env + " " + KVSERVE_BINARY + " " + args + " <" + dir + "/stdin >" +
-                              dir + "/stdout 2>" + dir + "/stderr";
+  const std::string command = env + " " + kvserve::testing::kvserve_binary() + " " + args + " <" +
+                              dir + "/stdin >" + dir + "/stdout 2>" + dir + "/stderr";
   CommandResult r;
   const int raw = std::system(command.c_str());
   r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;

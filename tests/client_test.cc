@@ -510,7 +510,8 @@ struct CommandResult {
 // Runs build/bin/kvserve-cli (built beside the kvserve binary) with a shell-quoted argument string.
 CommandResult run_cli(const std::string& args) {
   const std::string cli =
-      (std::filesystem::path(KVSERVE_BINARY).parent_path() / "kvserve-cli").string();
+      (std::filesystem::path(kvserve::testing::kvserve_binary()).parent_path() / "kvserve-cli")
+          .string();
   const std::string dir = testing::make_temp_dir("kvserve-cli-client");
   const std::string command =
       cli + " " + args + " </dev/null >" + dir + "/stdout 2>" + dir + "/stderr";

@@ -102,8 +102,10 @@ class Tls : public ::testing::Test {
 std::string* Tls::dir_ = nullptr;
 
 int run_cli(const std::string& args) {
-  return exit_code((std::filesystem::path(KVSERVE_BINARY).parent_path() / "kvserve-cli").string() +
-                   " " + args);
+  return exit_code(
+      (std::filesystem::path(kvserve::testing::kvserve_binary()).parent_path() / "kvserve-cli")
+          .string() +
+      " " + args);
 }
 
 TEST_F(Tls, TlsClientIsServedAndPlaintextOrUntrustingClientsAreRefused) {
@@ -151,7 +153,7 @@ TEST_F(Tls, MutualTlsRefusesClientsWithoutACertificate) {
 }
 
 TEST_F(Tls, ServeRefusesHalfATlsConfiguration) {
-  const std::string serve = std::string(KVSERVE_BINARY) + " serve --model " +
+  const std::string serve = kvserve::testing::kvserve_binary() + " serve --model " +
                             testing::shared_model_dir() + " --port 0 --metrics-port 0";
   // A certificate without its key, or a client CA without a certificate: exit before listening.
   EXPECT_GT(exit_code(serve + " --tls-cert " + file("server.pem")), 0);

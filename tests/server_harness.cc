@@ -70,8 +70,8 @@ std::string ChildProcess::log() const {
 
 ServerProcess::ServerProcess(const std::vector<std::string>& args, bool wait_serving,
                              std::shared_ptr<grpc::ChannelCredentials> credentials) {
-  std::vector<std::string> argv = {KVSERVE_BINARY, "serve", "--host",         "127.0.0.1",
-                                   "--port",       "0",     "--metrics-port", "0"};
+  std::vector<std::string> argv = {kvserve_binary(), "serve", "--host",         "127.0.0.1",
+                                   "--port",         "0",     "--metrics-port", "0"};
   argv.insert(argv.end(), args.begin(), args.end());
   process_ = std::make_unique<ChildProcess>(argv, make_temp_dir("kvserve-serve") + "/log");
   const std::regex listening(

@@ -65,7 +65,7 @@ std::vector<int32_t> parse_ids(const std::string& text) {
 
 std::string run_generate_cli(const std::string& args) {
   const std::string dir = testing::make_temp_dir("kvserve-gen");
-  const std::string command = std::string(KVSERVE_BINARY) + " generate --model " +
+  const std::string command = kvserve::testing::kvserve_binary() + " generate --model " +
                               testing::shared_model_dir() + " " + args + " >" + dir + "/out 2>" +
                               dir + "/err";
   EXPECT_EQ(std::system(command.c_str()), 0) << read_file(dir + "/err");
@@ -148,7 +148,8 @@ TEST_F(Server, ClientLibraryAndCliSeeWhatTheStubSees) {
   EXPECT_EQ(status, HealthCheckResponse::SERVING);
 
   const std::string cli =
-      (std::filesystem::path(KVSERVE_BINARY).parent_path() / "kvserve-cli").string();
+      (std::filesystem::path(kvserve::testing::kvserve_binary()).parent_path() / "kvserve-cli")
+          .string();
   const std::string dir = testing::make_temp_dir("kvserve-cli-real");
   EXPECT_EQ(std::system((cli + " generate --addr " + address +
                          " --prompt 'Memory is' --max-new-tokens 24 --temperature 0 >" + dir +

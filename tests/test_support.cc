@@ -12,6 +12,11 @@ std::string source_path(const std::string& relative) {
   return std::string(root && *root ? root : KVSERVE_SOURCE_DIR) + "/" + relative;
 }
 
+std::string kvserve_binary() {
+  const char* binary = std::getenv("KVSERVE_TEST_BINARY");
+  return binary && *binary ? binary : KVSERVE_BINARY;
+}
+
 std::string shared_model_dir() {
   const char* model = std::getenv("KVSERVE_TEST_MODEL");
   const std::string dir =

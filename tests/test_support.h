@@ -12,6 +12,9 @@ std::string source_path(const std::string& relative);
 // The trained test model ../shared/models/gpt2-tiny-docs, or $KVSERVE_TEST_MODEL when set (tests
 // that need it fail, not skip, when it is missing: CI always has ../shared).
 std::string shared_model_dir();
+// The kvserve executable the tests start: the build's, or $KVSERVE_TEST_BINARY when set (the GPU
+// machine runs the bundled copy).
+std::string kvserve_binary();
 // ../shared/data/docs-val.txt.xz
 std::string shared_eval_text();
 // A fresh empty directory under the system temp dir, removed by the OS / test runner at will.
