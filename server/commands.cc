@@ -20,6 +20,7 @@
 #include "engine/text_io.h"
 #include "engine/tokenizer.h"
 #include "server/bench_decode.h"
+#include "server/bench_engine.h"
 #include "server/bench_memory.h"
 #include "server/cli_flags.h"
 #include "server/logging.h"
@@ -251,6 +252,10 @@ int run_command_line(int argc, char** argv) {
   CLI::App* decode_cmd = bench_cmd->add_subcommand(
       "decode", "decode-step throughput at several batch sizes, one backend and KV format");
   add_bench_decode_flags(decode_cmd, bench_decode);
+  BenchEngineFlags bench_engine;
+  CLI::App* engine_cmd = bench_cmd->add_subcommand(
+      "engine", "closed-loop generation throughput of the in-process engine (no gRPC)");
+  add_bench_engine_flags(engine_cmd, bench_engine);
 
   try {
     app.parse(argc, argv);
@@ -265,6 +270,7 @@ int run_command_line(int argc, char** argv) {
     if (eval_cmd->parsed()) return run_eval_ppl(eval);
     if (memory_cmd->parsed()) return run_bench_memory(bench_memory);
     if (decode_cmd->parsed()) return run_bench_decode(bench_decode);
+    if (engine_cmd->parsed()) return run_bench_engine(bench_engine);
   } catch (const UsageError& e) {
     std::cerr << "kvserve: " << e.what() << "\n";
     return 2;
