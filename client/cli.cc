@@ -271,6 +271,9 @@ int run_cli(int argc, char** argv) {
   load->add_option("--seed", o.seed, "seed of prompts and arrival times")->capture_default_str();
   load->add_flag("--ignore-eos,!--no-ignore-eos", o.ignore_eos,
                  "generate exactly --max-new-tokens tokens (default on)");
+  load->add_option("--temperature", o.temperature,
+                   "sampling temperature of every request, 0 for greedy (default: the server's)")
+      ->check(CLI::Range(0.0f, 100.0f));
   load->add_option("--timeout-s", o.timeout_s, "deadline of each request in seconds (0: none)");
   load->add_option("--output", l.output, "also write the JSON result to this file");
 

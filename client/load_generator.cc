@@ -159,6 +159,7 @@ std::vector<v1::GenerateRequest> make_requests(const LoadOptions& options, int v
     }
     r.mutable_stopping()->set_max_new_tokens(options.max_new_tokens);
     r.mutable_stopping()->set_ignore_eos(options.ignore_eos);
+    if (options.temperature) r.mutable_sampling()->set_temperature(*options.temperature);
   }
   return requests;
 }
@@ -242,6 +243,8 @@ nlohmann::json run_load(GenerationClient& client, const LoadOptions& options,
       {"prompts", options.prompts_file.empty() ? "random token ids" : options.prompts_file},
       {"seed", options.seed},
       {"ignore_eos", options.ignore_eos},
+      {"temperature", options.temperature ? nlohmann::json(*options.temperature)
+                                          : nlohmann::json("server default")},
   };
   out["model"] = to_json(info);
   out["duration"] = duration;

@@ -30,7 +30,9 @@ struct LoadOptions {
   double chars_per_token = 4;
   uint64_t seed = 0;
   bool ignore_eos = true;  // so every request produces exactly max_new_tokens tokens
-  double timeout_s = 0;    // per request; <= 0: none
+  // Sampling temperature of every request (0: greedy); unset leaves the server's default (1.0).
+  std::optional<float> temperature;
+  double timeout_s = 0;  // per request; <= 0: none
 };
 
 struct LoadProgress {
