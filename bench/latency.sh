@@ -21,6 +21,9 @@ rate_concurrency=${RATE_CONCURRENCY:-16}
 requests=${REQUESTS:-16}
 prompt_len=${PROMPT_LEN:-64}
 new_tokens=${NEW_TOKENS:-32}
+# TEMPERATURE unset: the server's default sampling (1.0); 0 asks for greedy.
+temperature_flag=()
+[ -z "${TEMPERATURE:-}" ] || temperature_flag=(--temperature "$TEMPERATURE")
 
 work=$(mktemp -d)
 server=""
@@ -39,7 +42,7 @@ load() {
   local file="$work/$kv-$sweep-$rate-$concurrency.json"
   local cmd=("$cli" load --addr "$addr" --requests "$requests" --rate "$rate"
              --concurrency "$concurrency" --prompt-len "$prompt_len" --max-new-tokens "$new_tokens"
-             --output "$file")
+             "${temperature_flag[@]}" --output "$file")
   echo "latency: $kv $sweep rate=$rate concurrency=$concurrency" >&2
   "${cmd[@]}" >/dev/null
   printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$kv" "$sweep" "$rate" "$concurrency" "$file" \
@@ -70,7 +73,7 @@ for kv in "${formats[@]}"; do
 done
 
 mkdir -p "$out"
-/usr/bin/python3 - "$work" "$out/latency.json" "$started" "$model" "$rate_concurrency" <<'PY'
+"${PYTHON:-/usr/bin/python3}" - "$work" "$out/latency.json" "$started" "$model" "$rate_concurrency" <<'PY'
 import json, os, pathlib, platform, subprocess, sys
 work, target, started, model, rate_concurrency = sys.argv[1:]
 work = pathlib.Path(work)
@@ -78,8 +81,11 @@ cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
             if line.startswith("model name")), platform.processor())
 os_name = next(line.split("=", 1)[1].strip().strip('"') for line in open("/etc/os-release")
                if line.startswith("PRETTY_NAME="))
-commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                        text=True).stdout.strip()
+try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+except FileNotFoundError:  # the GPU machine's checkout copy may have no git
+    commit = os.environ.get("KVSERVE_COMMIT", "")
 runs = []
 for line in (work / "manifest.tsv").read_text().splitlines():
     kv, sweep, rate, concurrency, file, command = line.split("\t")

@@ -14,10 +14,17 @@
 #   device:  run(carry=[".device"], timeout_s=300, command="tar -C .device -xJf
 #                .device/cuda-bundle.tar.xz && .device/cuda-bundle/gpu-check.sh run --ppl 64")
 #            runs in the checkout's root and writes into $OUT (or the folder given last):
-#            gpu.txt, gpu-tests.log, gpu-tests.json, with --ppl ppl.jsonl, and with --bench
-#            bench.jsonl: `kvserve bench decode` (dummy:gpt2, B = 1, 16, 64, 256, context 512, and
-#            B = 256 at context 944 + 72 steps for the roofline) in fp16 and kivi2, then the
-#            transformers baseline (bench/hf_decode.py, carried in the bundle) in the same call.
+#            gpu.txt, gpu-tests.log, gpu-tests.json, and with
+#              --ppl N    ppl.jsonl: eval-ppl of every format on the GPU over N windows;
+#              --bench    bench.jsonl: `kvserve bench decode` (dummy:gpt2, B = 1, 16, 64, 256,
+#                         context 512, and B = 256 at context 944 + 72 steps for the roofline) in
+#                         fp16 and kivi2, then the transformers baseline (bench/hf_decode.py) in
+#                         the same call;
+#              --models   models.jsonl: dummy:gpt2-medium/-large/-xl at B = 64, context 512, fp16
+#                         and kivi2, each with its transformers baseline;
+#              --serving  serving.json and latency.json: bench/serving.sh (in-process against
+#                         gRPC, concurrency 1..256) and bench/latency.sh on the GPU;
+#              --no-tests skips the GPU tests.
 set -euo pipefail
 mode=${1:-}
 shift || true
@@ -29,13 +36,15 @@ case "$mode" in
     if [ -d /usr/local/cuda/bin ]; then export PATH="/usr/local/cuda/bin:$PATH"; fi
     cmake --build build --target kvserve_tests kvserve
     stripped=$(mktemp -d)
-    cp build/bin/kvserve_tests build/bin/kvserve "$stripped/"
-    strip "$stripped/kvserve_tests" "$stripped/kvserve"
+    cmake --build build --target kvserve-cli
+    cp build/bin/kvserve_tests build/bin/kvserve build/bin/kvserve-cli "$stripped/"
+    strip "$stripped/kvserve_tests" "$stripped/kvserve" "$stripped/kvserve-cli"
     "$repo/../shared/tools/device-bundle.sh" "$stripped/cuda-bundle" \
-      "$stripped/kvserve_tests" "$stripped/kvserve"
+      "$stripped/kvserve_tests" "$stripped/kvserve" "$stripped/kvserve-cli"
     strip --strip-unneeded "$stripped"/cuda-bundle/lib/*.so*
     cp "$0" "$stripped/cuda-bundle/gpu-check.sh"
     cp bench/hf_decode.py "$stripped/cuda-bundle/"
+    git -C "$repo" describe --always --dirty >"$stripped/cuda-bundle/COMMIT"
     rm -rf "$checkout/.device/cuda-bundle"
     tar -C "$stripped" -cf - cuda-bundle | xz -T0 -6 >"$checkout/.device/cuda-bundle.tar.xz"
     rm -rf "$stripped"
@@ -44,11 +53,13 @@ case "$mode" in
   run)
     bundle=$(cd "$(dirname "$0")" && pwd)
     [ -x "$bundle/run" ] || bundle=$PWD/.device/cuda-bundle
-    ppl_windows=0 bench=0 tests=1
+    ppl_windows=0 bench=0 models=0 serving=0 tests=1
     while [ $# -gt 0 ]; do
       case "$1" in
         --ppl) ppl_windows=$2; shift 2 ;;
         --bench) bench=1; shift ;;
+        --models) models=1; shift ;;
+        --serving) serving=1; shift ;;
         --no-tests) tests=0; shift ;;
         *) break ;;
       esac
@@ -56,6 +67,7 @@ case "$mode" in
     out=${1:-${OUT:?give an output folder}}
     mkdir -p "$out"
     export KVSERVE_TEST_SOURCE_DIR=$PWD KVSERVE_TEST_MODEL=$PWD/.device/model
+    cp "$bundle/COMMIT" "$out/commit.txt"
     nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.mem \
       --format=csv >"$out/gpu.txt" 2>&1 || true
     status=0
@@ -84,10 +96,31 @@ case "$mode" in
       python3 "$bundle/hf_decode.py" --batches 1,16,64,256 --context 512 \
         2> "$out/hf-decode.log" | tee -a "$out/bench.jsonl" || status=1
     fi
+    if [ "$models" = 1 ]; then
+      for geometry in gpt2-medium gpt2-large gpt2-xl; do
+        for kv in fp16 kivi2; do
+          "$bundle/run" kvserve bench decode --model "dummy:$geometry" --device cuda --kv "$kv" \
+            --batches 64 --context 512 | tee -a "$out/models.jsonl" || status=1
+        done
+        python3 "$bundle/hf_decode.py" --geometry "$geometry" --batches 64 --context 512 \
+          2>> "$out/hf-decode.log" | tee -a "$out/models.jsonl" || status=1
+      done
+    fi
+    if [ "$serving" = 1 ]; then
+      # The bench scripts run the bundle's binaries; dummy models borrow the test model's tokenizer.
+      export LD_LIBRARY_PATH="$bundle/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+      export KVSERVE=$bundle/kvserve KVSERVE_CLI=$bundle/kvserve-cli KVSERVE_MODEL=$PWD/.device/model
+      export PYTHON=python3 KVSERVE_COMMIT=$(cat "$bundle/COMMIT")
+      MODEL=dummy:gpt2 EXTRA_FLAGS="--device cuda" POOL_MB=16384 CONCURRENCIES="1 16 64 256" \
+        PROMPT_LEN=512 NEW_TOKENS=128 TEMPERATURE=0 bench/serving.sh "$out/serving.json" || status=1
+      MODEL=dummy:gpt2 EXTRA_SERVE_FLAGS="--device cuda --kv-pool-mb 16384" \
+        RATES="32 128 512" RATE_CONCURRENCY=256 CONCURRENCIES="16 256" REQUESTS=256 \
+        PROMPT_LEN=512 NEW_TOKENS=128 TEMPERATURE=0 bench/latency.sh "$out" || status=1
+    fi
     exit $status
     ;;
   *)
-    sed -n 2,24p "$0"
+    sed -n 2,29p "$0"
     exit 2
     ;;
 esac
