@@ -462,6 +462,14 @@ DecodeSplit decode_attention_split(int items, int n_head, int max_len, int sm_co
   int chunk = (max_len + splits - 1) / splits;
   chunk = std::min(kMaxChunk, (chunk + kPage - 1) / kPage * kPage);
   splits = (max_len + chunk - 1) / chunk;
+  if (splits == 1) {
+    // One split reads the whole context whatever its chunk (the chunk only sizes the shared
+    // scores), so the chunk rounds up to a power of two: the launch, and a CUDA graph that
+    // captured it, then change only when the longest context doubles.
+    int whole = kPage;
+    while (whole < chunk) whole *= 2;
+    chunk = whole;
+  }
   return {chunk, splits};
 }
 
