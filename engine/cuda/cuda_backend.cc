@@ -1,5 +1,7 @@
 #include "engine/cuda/cuda_backend.h"
 
+#include <spdlog/spdlog.h>
+
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -210,19 +212,29 @@ void CudaBackend::replay_decode(int items, const int32_t* index) {
   cudaGraph_t graph = nullptr;
   try {
     enqueue_model(items, items, index);
-  } catch (...) {
-    // Ends the broken capture so that the stream works again; the error is the launcher's.
-    if (cudaStreamEndCapture(stream_, &graph) == cudaSuccess && graph) cudaGraphDestroy(graph);
-    throw;
+    KVSERVE_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t instantiated = cudaGraphInstantiate(&exec, graph, 0);
+    KVSERVE_CUDA_CHECK(cudaGraphDestroy(graph));
+    KVSERVE_CUDA_CHECK(instantiated);
+    GraphExec owned(exec);
+    decode_graphs_.emplace(key, DecodeGraph{std::move(owned), ++graph_clock_});
+    ++graph_counters_.captured;
+  } catch (const std::exception& e) {
+    // The step itself ran eagerly and is complete: end the broken capture (if still open) so
+    // that the stream works again, and run every later step eagerly too.
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream_, &status) == cudaSuccess &&
+        status != cudaStreamCaptureStatusNone) {
+      graph = nullptr;
+      if (cudaStreamEndCapture(stream_, &graph) == cudaSuccess && graph) cudaGraphDestroy(graph);
+    }
+    cudaGetLastError();  // capture errors are not sticky: clear the one reported
+    spdlog::warn("CUDA graph capture failed, decode steps run without graphs from now on: {}",
+                 e.what());
+    decode_graphs_.clear();
+    use_graphs_ = false;
   }
-  KVSERVE_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
-  cudaGraphExec_t exec = nullptr;
-  const cudaError_t instantiated = cudaGraphInstantiate(&exec, graph, 0);
-  KVSERVE_CUDA_CHECK(cudaGraphDestroy(graph));
-  KVSERVE_CUDA_CHECK(instantiated);
-  GraphExec owned(exec);
-  decode_graphs_.emplace(key, DecodeGraph{std::move(owned), ++graph_clock_});
-  ++graph_counters_.captured;
 }
 
 void CudaBackend::forward(const std::vector<ForwardItem>& items, std::vector<float>& logits) {

@@ -4,8 +4,8 @@
 //
 // Decode steps (every item one token, run by decode_attention) replay a CUDA graph of the whole
 // model, captured after the first (eager) step with its item count and decode split, so one step
-// costs one graph launch instead of about 150 kernel launches. The graph runs exactly the kernels, with
-// exactly the arguments, that the eager path would launch: everything that changes between
+// costs one graph launch instead of about 150 kernel launches. The graph runs exactly the kernels,
+// with exactly the arguments, that the eager path would launch: everything that changes between
 // steps (tokens, positions, block tables) is read from device memory that prepare() refills at
 // fixed addresses, so results are bit for bit those of the eager path.
 #pragma once
@@ -63,7 +63,8 @@ class CudaBackend : public Backend {
   // rows [R].
   void enqueue_model(int T, int R, const int32_t* index);
   // Runs a prepared decode step of `items` items: replays its graph, or runs it eagerly and
-  // captures the graph for the next steps of the same key.
+  // captures the graph for the next steps of the same key (should capture fail, it logs why and
+  // turns graphs off: the step has run all the same).
   void replay_decode(int items, const int32_t* index);
   // How many times any buffer the graphs address has moved.
   uint64_t buffer_moves() const;
