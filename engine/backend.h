@@ -31,6 +31,13 @@ struct ForwardItem {
   bool all_logits = false;      // logits for every token (evaluation) or only for the last
 };
 
+// How a backend has run its decode steps so far (benchmarks report it): CUDA graphs captured (each
+// after an eager step) and steps replayed from one. Zero for backends without graphs.
+struct GraphCounters {
+  int64_t captured = 0;
+  int64_t replayed = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -47,6 +54,7 @@ class Backend {
   virtual void forward_sample(const std::vector<ForwardItem>& items,
                               const std::vector<SampleRequest>& requests,
                               std::vector<SampleResult>& results);
+  virtual GraphCounters graph_counters() const { return {}; }
 
  private:
   std::vector<float> sample_logits_;  // [items][vocab], the default forward_sample's scratch

@@ -1,5 +1,6 @@
 #include "engine/backend_factory.h"
 
+#include <cstdlib>
 #include <stdexcept>
 
 #include "engine/cpu_backend.h"
@@ -39,10 +40,15 @@ std::string resolve_device(const std::string& requested, std::string& reason) {
 }
 
 std::unique_ptr<Backend> make_backend(const std::string& device, ModelWeights weights,
-                                      const KvCacheManager& cache) {
+                                      const KvCacheManager& cache, const BackendOptions& options) {
   if (device == "cpu") return std::make_unique<CpuBackend>(std::move(weights), cache);
 #ifdef KVSERVE_WITH_CUDA
-  if (device == "cuda") return std::make_unique<CudaBackend>(weights, cache);
+  if (device == "cuda") {
+    const char* env = std::getenv("KVSERVE_CUDA_GRAPHS");
+    CudaBackendOptions cuda_options;
+    cuda_options.cuda_graphs = options.cuda_graphs && !(env != nullptr && std::string(env) == "0");
+    return std::make_unique<CudaBackend>(weights, cache, cuda_options);
+  }
 #endif
   throw std::invalid_argument("no backend for device '" + device + "'");
 }

@@ -14,7 +14,14 @@ namespace kvserve {
 // Throws std::invalid_argument for an unknown device or one this build cannot run.
 std::string resolve_device(const std::string& requested, std::string& reason);
 
+struct BackendOptions {
+  // CUDA backend: replay decode steps from CUDA graphs. KVSERVE_CUDA_GRAPHS=0 in the environment
+  // turns them off as well.
+  bool cuda_graphs = true;
+};
+
 std::unique_ptr<Backend> make_backend(const std::string& device, ModelWeights weights,
-                                      const KvCacheManager& cache);
+                                      const KvCacheManager& cache,
+                                      const BackendOptions& options = {});
 
 }  // namespace kvserve

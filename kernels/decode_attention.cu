@@ -462,6 +462,20 @@ DecodeSplit decode_attention_split(int items, int n_head, int max_len, int sm_co
   int chunk = (max_len + splits - 1) / splits;
   chunk = std::min(kMaxChunk, (chunk + kPage - 1) / kPage * kPage);
   splits = (max_len + chunk - 1) / chunk;
+  // Round up to powers of two without changing a bit of the result, so that the launch, and a
+  // CUDA graph that captured it, stay the same while the context grows (not a new split every 32
+  // tokens): one split reads the whole context whatever its chunk (which only sizes the shared
+  // scores); with several, a split past an item's context leaves an empty partial (max -inf)
+  // that the merge skips, so extra splits leave the sums and their order as they were.
+  if (splits == 1) {
+    int whole = kPage;
+    while (whole < chunk) whole *= 2;
+    chunk = whole;
+  } else {
+    int rounded = 2;
+    while (rounded < splits) rounded *= 2;
+    splits = rounded;
+  }
   return {chunk, splits};
 }
 

@@ -18,7 +18,9 @@ bool decode_attention_supported(const KvCacheView& cache);
 
 // How a step's contexts are cut: `splits` pieces of `chunk` tokens (a multiple of 32) per item
 // and head, enough blocks to fill `sm_count` SMs a few times over; splits == 1 when the batch
-// alone does. max_len: the longest item's context (keys) this step.
+// alone does, with a chunk of the power of two at or above max_len. Otherwise splits is rounded
+// up to a power of two, the last ones possibly empty even for the longest item. max_len: the
+// longest item's context (keys) this step.
 struct DecodeSplit {
   int chunk = 0;
   int splits = 0;

@@ -14,7 +14,11 @@ void gemm(cublasHandle_t handle, cudaStream_t stream, const __half* a, const __h
   if (m == 0) return;
   if (!handle || !a || !b || !c) throw std::invalid_argument("gemm: null handle or pointer");
   const float alpha = 1.0f;
-  KVSERVE_CUBLAS_CHECK(cublasSetStream(handle, stream));
+  // cublasSetStream also resets the handle's workspace to cuBLAS's own pool, which would undo a
+  // workspace set with cublasSetWorkspace (needed for CUDA graph capture): set it only on change.
+  cudaStream_t current = nullptr;
+  KVSERVE_CUBLAS_CHECK(cublasGetStream(handle, &current));
+  if (current != stream) KVSERVE_CUBLAS_CHECK(cublasSetStream(handle, stream));
   KVSERVE_CUBLAS_CHECK(cublasGemmEx(handle, b_transposed ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N,
                                     n, m, k, &alpha, b, CUDA_R_16F, b_transposed ? k : n, a,
                                     CUDA_R_16F, k, &beta, c,

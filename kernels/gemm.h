@@ -15,6 +15,8 @@ enum class GemmOutput { kHalf, kFloat };
 //   b: fp16 [k][n] (b_transposed = false: GPT-2's Conv1D weights) or [n][k] (true: the tied
 //      LM head, wte)
 //   c: fp16 or fp32 [m][n]; beta 1 accumulates (a projection into the fp32 residual stream)
+// Runs on `stream`; the handle keeps a workspace set with cublasSetWorkspace when its stream is
+// already `stream`.
 void gemm(cublasHandle_t handle, cudaStream_t stream, const __half* a, const __half* b,
           bool b_transposed, void* c, GemmOutput c_type, int m, int n, int k, float beta);
 

@@ -33,7 +33,8 @@ struct KvCacheView {
 };
 
 // One step: item i feeds positions [start[i], start[i] + count[i]) of one sequence, whose rows
-// in the step's qkv and attention output start at row[i]. All pointers are device memory.
+// in the step's qkv and attention output start at row[i]. All pointers are device memory; pages
+// and residual_blocks may point at one array that holds both (the offsets tell the parts apart).
 struct KvBatchView {
   int32_t items = 0;
   const int32_t* start = nullptr;            // [items]

@@ -24,6 +24,9 @@ void add_bench_decode_flags(CLI::App* app, BenchDecodeFlags& flags) {
       ->check(CLI::PositiveNumber);
   app->add_option("--steps", flags.steps, "timed decode steps")->check(CLI::PositiveNumber);
   app->add_option("--warmup", flags.warmup, "untimed decode steps first");
+  app->add_option("--cuda-graphs", flags.cuda_graphs,
+                  "on: CUDA decode steps replay captured graphs; off: every kernel launched")
+      ->check(CLI::IsMember({"on", "off"}));
 }
 
 namespace {
@@ -84,7 +87,9 @@ int run_bench_decode(const BenchDecodeFlags& flags) {
 #ifdef KVSERVE_WITH_CUDA
   if (device == "cuda") copy_bytes_per_second = cuda::copy_bandwidth(size_t{1} << 30);
 #endif
-  auto backend = make_backend(device, std::move(weights), *cache);
+  BackendOptions backend_options;
+  backend_options.cuda_graphs = flags.cuda_graphs == "on";
+  auto backend = make_backend(device, std::move(weights), *cache, backend_options);
   std::vector<float> logits;
   const SamplingParams greedy{0.0f, 0, 1.0f, 1.0f, 0};
   const std::vector<int32_t> no_history;  // greedy without a penalty reads no history
@@ -110,11 +115,15 @@ int run_bench_decode(const BenchDecodeFlags& flags) {
     }
     using Clock = std::chrono::steady_clock;
     Clock::time_point start;
+    GraphCounters graphs_before;
     double bytes = 0.0;  // least bytes of the timed steps
     std::vector<int32_t> next(batch);
     for (int i = 0; i < batch; ++i) next[i] = i % model.vocab_size;
     for (int step = 0; step < flags.warmup + flags.steps; ++step) {
-      if (step == flags.warmup) start = Clock::now();
+      if (step == flags.warmup) {
+        start = Clock::now();
+        graphs_before = backend->graph_counters();
+      }
       const int pos = flags.context + step;
       std::vector<ForwardItem> items;
       std::vector<SampleRequest> requests;
@@ -131,6 +140,7 @@ int run_bench_decode(const BenchDecodeFlags& flags) {
       }
     }
     const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    const GraphCounters graphs = backend->graph_counters();
     const double roofline_ms =
         copy_bytes_per_second > 0.0 ? 1e3 * bytes / flags.steps / copy_bytes_per_second : 0.0;
     const nlohmann::json out = {
@@ -141,6 +151,10 @@ int run_bench_decode(const BenchDecodeFlags& flags) {
         {"batch", batch},
         {"context", flags.context},
         {"steps", flags.steps},
+        // Timed steps replayed from CUDA graphs, and graphs captured during them.
+        {"cuda_graphs", graphs.replayed > graphs_before.replayed},
+        {"graph_replays", graphs.replayed - graphs_before.replayed},
+        {"graphs_captured", graphs.captured - graphs_before.captured},
         {"ms_per_step", 1e3 * seconds / flags.steps},
         {"tokens_per_second", batch * flags.steps / seconds},
         {"bytes_per_step", bytes / flags.steps},

@@ -13,9 +13,10 @@ struct BenchDecodeFlags {
   std::string device = "auto";
   std::string kv = "fp16";
   std::vector<int> batches = {1, 16, 64, 256};
-  int context = 512;  // tokens in the cache before the timed steps
-  int steps = 64;     // timed decode steps
-  int warmup = 8;     // untimed decode steps first
+  int context = 512;               // tokens in the cache before the timed steps
+  int steps = 64;                  // timed decode steps
+  int warmup = 8;                  // untimed decode steps first
+  std::string cuda_graphs = "on";  // CUDA backend: replay decode steps from CUDA graphs
 };
 
 void add_bench_decode_flags(CLI::App* app, BenchDecodeFlags& flags);

@@ -69,6 +69,9 @@ void add_model_flags(CLI::App* app, ModelFlags& flags) {
                   "directory with vocab.json and merges.txt (default: the model's)");
   app->add_option("--device", flags.device, "auto, cpu or cuda")
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  app->add_option("--cuda-graphs", flags.cuda_graphs,
+                  "on: CUDA decode steps replay captured graphs; off: every kernel launched")
+      ->check(CLI::IsMember({"on", "off"}));
 }
 
 void add_kv_flags(CLI::App* app, KvFlags& flags) {
@@ -110,6 +113,7 @@ LoadedModel load(const ModelFlags& flags) {
   loaded.device = resolve_device(flags.device, reason);
   spdlog::info("device: {} ({})", loaded.device, reason);
   loaded.weights = load_model(loaded.path);  // logs what it loaded and how long it took
+  loaded.backend.cuda_graphs = flags.cuda_graphs == "on";
   return loaded;
 }
 

@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "engine/backend_factory.h"
 #include "engine/engine.h"
 #include "engine/kv_cache_manager.h"
 #include "engine/model_weights.h"
@@ -23,6 +24,7 @@ struct ModelFlags {
   std::string model;
   std::string tokenizer;
   std::string device = "auto";
+  std::string cuda_graphs = "on";  // CUDA backend: replay decode steps from CUDA graphs
 };
 
 struct KvFlags {
@@ -52,6 +54,7 @@ struct LoadedModel {
   std::string path;
   std::string device;
   ModelWeights weights;
+  BackendOptions backend;
 };
 
 // Resolves the model and device (logging which device and why) and loads the weights.

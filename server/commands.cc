@@ -86,7 +86,7 @@ int run_generate(const GenerateFlags& flags) {
   if (flags.greedy) request.sampling.temperature = 0.0f;
 
   auto cache = make_cache(kv_config(flags.kv, model), model, flags.kv.pool_mb);
-  auto backend = make_backend(loaded.device, std::move(loaded.weights), *cache);
+  auto backend = make_backend(loaded.device, std::move(loaded.weights), *cache, loaded.backend);
   Engine engine(model, std::move(cache), std::move(backend), flags.engine.options);
   const std::string problem = engine.validate(request);
   if (!problem.empty()) throw UsageError(problem);
@@ -162,7 +162,7 @@ int run_eval_ppl(const EvalFlags& flags) {
   const std::vector<int32_t> tokens = evaluation_tokens(tokenizer, read_file(flags.text));
   const KvCacheConfig config = kv_config(flags.kv, model);
   auto cache = make_cache(config, model, flags.kv.pool_mb);
-  auto backend = make_backend(loaded.device, std::move(loaded.weights), *cache);
+  auto backend = make_backend(loaded.device, std::move(loaded.weights), *cache, loaded.backend);
   const auto start = Clock::now();
   const PerplexityResult result =
       evaluate_perplexity(*backend, *cache, tokens, flags.windows, flags.seq);

@@ -245,7 +245,7 @@ int run_serve(const ServeFlags& flags) {
   const KvCacheConfig kv = kv_config(flags.kv, model);
   auto cache = make_cache(kv, model, flags.kv.pool_mb);
   const int32_t pool_blocks = cache->num_blocks();
-  auto backend = make_backend(loaded.device, std::move(loaded.weights), *cache);
+  auto backend = make_backend(loaded.device, std::move(loaded.weights), *cache, loaded.backend);
   auto engine =
       std::make_unique<Engine>(model, std::move(cache), std::move(backend), flags.engine.options);
   EngineLoop loop(std::move(engine), tokenizer, {flags.max_queued_requests}, metrics);

@@ -31,8 +31,10 @@ const json& fixture() {
 #define SKIP_WITHOUT_GPU() \
   if (cuda::visible_device_count() == 0) GTEST_SKIP() << "no CUDA GPU visible"
 
-std::unique_ptr<Backend> make(bool gpu, const KvCacheManager& cache) {
-  if (gpu) return std::make_unique<CudaBackend>(shared_weights(), cache);
+// graphs: whether the CUDA backend replays decode steps from CUDA graphs.
+std::unique_ptr<Backend> make(bool gpu, const KvCacheManager& cache, bool graphs = true) {
+  if (gpu)
+    return std::make_unique<CudaBackend>(shared_weights(), cache, CudaBackendOptions{graphs});
   return std::make_unique<CpuBackend>(shared_weights(), cache);
 }
 
@@ -47,10 +49,10 @@ GenerationRequest greedy_request(const json& prompt, int tokens) {
 
 // Greedy tokens of every fixture prompt, submitted together to one engine.
 std::vector<std::vector<int32_t>> generate(bool gpu, const std::string& format, int tokens,
-                                           int max_batch_tokens) {
+                                           int max_batch_tokens, bool graphs = true) {
   const ModelConfig& model = shared_weights().config;
   auto cache = std::make_unique<KvCacheManager>(fixture_format(format), model, 4096);
-  auto backend = make(gpu, *cache);
+  auto backend = make(gpu, *cache, graphs);
   EngineOptions options;
   if (max_batch_tokens > 0) options.max_batch_tokens = max_batch_tokens;
   Engine engine(model, std::move(cache), std::move(backend), options);
@@ -74,16 +76,16 @@ std::vector<std::vector<int32_t>> generate(bool gpu, const std::string& format, 
 }
 
 // One request at a time on each backend, 32 greedy tokens per prompt: the GPU's fp16 activations
-// must not change a single greedy choice.
+// must not change a single greedy choice, with decode steps replayed from CUDA graphs or not.
 TEST(GpuBackend, GreedyTokensMatchTheCpuBackend) {
   SKIP_WITHOUT_GPU();
   for (const std::string format : {"fp16", "kivi2", "int8", "kivi4"}) {
     const json& prompts = fixture()["prompts"];
     for (size_t i = 0; i < prompts.size(); ++i) {
-      auto alone = [&](bool gpu) {
+      auto alone = [&](bool gpu, bool graphs) {
         const ModelConfig& model = shared_weights().config;
         auto cache = std::make_unique<KvCacheManager>(fixture_format(format), model, 4096);
-        auto backend = make(gpu, *cache);
+        auto backend = make(gpu, *cache, graphs);
         Engine engine(model, std::move(cache), std::move(backend), EngineOptions{});
         engine.add_request(greedy_request(prompts[i], 32));
         std::vector<int32_t> out;
@@ -98,7 +100,9 @@ TEST(GpuBackend, GreedyTokensMatchTheCpuBackend) {
         }
         return out;
       };
-      EXPECT_EQ(alone(true), alone(false)) << format << " prompt " << i;
+      const std::vector<int32_t> cpu = alone(false, false);
+      EXPECT_EQ(alone(true, true), cpu) << format << " prompt " << i << ", CUDA graphs";
+      EXPECT_EQ(alone(true, false), cpu) << format << " prompt " << i << ", no CUDA graphs";
     }
   }
 }
@@ -171,7 +175,111 @@ TEST(GpuBackend, ForwardSamplePicksWhatTheHostSamplerPicks) {
 TEST(GpuBackend, BatchedChunkedPrefillMatchesTheCpuBackend) {
   SKIP_WITHOUT_GPU();
   for (const std::string format : {"fp16", "kivi2"}) {
-    EXPECT_EQ(generate(true, format, 32, 48), generate(false, format, 32, 0)) << format;
+    const auto cpu = generate(false, format, 32, 0);
+    EXPECT_EQ(generate(true, format, 32, 48, true), cpu) << format << ", CUDA graphs";
+    EXPECT_EQ(generate(true, format, 32, 48, false), cpu) << format << ", no CUDA graphs";
+  }
+}
+
+// Two CUDA backends, decode graphs on and off, run the same schedule: every `join_every` steps
+// sequences join until `max_live` are live (a prompt beside decodes: an eager step), they decode
+// (pure decode steps: graphs) and finish after 20 to 130 new tokens, so batch sizes change,
+// contexts cross pages, KIVI flushes and decode-split changes, and graphs are captured again and
+// again. Both are fed the eager backend's tokens; every token and logprob and the whole pool must
+// agree bit for bit, and every pure decode step must have replayed a graph or captured one.
+void expect_graphs_replay_eager_steps(const std::string& format, int joins, int max_live,
+                                      int join_every, int32_t pool_blocks) {
+  SCOPED_TRACE(format + ", up to " + std::to_string(max_live) + " sequences");
+  const ModelConfig& model = shared_weights().config;
+  const json& prompts = fixture()["prompts"];
+  SamplingParams greedy;
+  greedy.temperature = 0.0f;
+  KvCacheManager cache_eager(fixture_format(format), model, pool_blocks),
+      cache_graphs(fixture_format(format), model, pool_blocks);
+  CudaBackend eager(shared_weights(), cache_eager, CudaBackendOptions{false}),
+      graphs(shared_weights(), cache_graphs, CudaBackendOptions{true});
+  struct Live {
+    int64_t id;
+    std::vector<int32_t> history;  // prompt and generated ids
+    size_t target;                 // history length at which the sequence finishes
+  };
+  std::vector<Live> live;
+  int64_t joined = 0;
+  int pure_decode_steps = 0;
+  for (int step = 0; joined < joins || !live.empty(); ++step) {
+    ASSERT_LT(step, 2000) << "the schedule does not end";
+    std::vector<ForwardItem> items;
+    for (Live& s : live) {
+      const int length = static_cast<int>(s.history.size()) - 1;  // the last id is not cached
+      for (KvCacheManager* c : {&cache_eager, &cache_graphs})
+        ASSERT_TRUE(c->grow(s.id, length + 1));
+      items.push_back({s.id, length, {s.history.back()}, false});
+    }
+    const size_t decodes = items.size();
+    if (step % join_every == 0) {
+      while (joined < joins && static_cast<int>(live.size()) < max_live) {
+        const int64_t id = joined++;
+        std::vector<int32_t> prompt =
+            prompts[id % prompts.size()]["prompt_ids"].get<std::vector<int32_t>>();
+        for (KvCacheManager* c : {&cache_eager, &cache_graphs}) {
+          c->add_sequence(id);
+          ASSERT_TRUE(c->grow(id, static_cast<int>(prompt.size())));
+        }
+        items.push_back({id, 0, prompt, false});
+        live.push_back({id, prompt, prompt.size() + 20 + static_cast<size_t>(id * 29 % 111)});
+      }
+    }
+    if (decodes > 0 && items.size() == decodes) ++pure_decode_steps;
+    std::vector<SampleRequest> requests;
+    for (size_t i = 0; i < items.size(); ++i) {
+      requests.push_back({&greedy, &live[i].history, static_cast<uint64_t>(step)});
+    }
+    std::vector<SampleResult> expected, got;
+    eager.forward_sample(items, requests, expected);
+    graphs.forward_sample(items, requests, got);
+    cache_eager.finish_step();
+    cache_graphs.finish_step();
+    ASSERT_EQ(expected.size(), items.size());
+    ASSERT_EQ(got.size(), items.size());
+    for (size_t i = 0; i < items.size(); ++i) {
+      ASSERT_TRUE(expected[i].error.empty()) << expected[i].error;
+      EXPECT_EQ(got[i].token.id, expected[i].token.id) << "step " << step << " item " << i;
+      EXPECT_EQ(got[i].token.logprob, expected[i].token.logprob) << "step " << step;
+      live[i].history.push_back(expected[i].token.id);
+    }
+    if (step % 32 == 0) {
+      ASSERT_TRUE(eager.download_cache() == graphs.download_cache())
+          << "pools differ, step " << step;
+    }
+    for (size_t i = 0; i < live.size();) {
+      if (live[i].history.size() >= live[i].target) {
+        cache_eager.remove_sequence(live[i].id);
+        cache_graphs.remove_sequence(live[i].id);
+        live.erase(live.begin() + static_cast<std::ptrdiff_t>(i));
+      } else {
+        ++i;
+      }
+    }
+  }
+  EXPECT_TRUE(eager.download_cache() == graphs.download_cache()) << "pools differ at the end";
+  const GraphCounters counters = graphs.graph_counters();
+  std::printf("%-6s up to %2d sequences: %d pure decode steps, %lld graph replays, %lld captures\n",
+              format.c_str(), max_live, pure_decode_steps,
+              static_cast<long long>(counters.replayed), static_cast<long long>(counters.captured));
+  // A pure decode step replays its graph, or runs eagerly and captures one for the next steps.
+  EXPECT_EQ(counters.replayed + counters.captured, pure_decode_steps);
+  EXPECT_GT(counters.captured, 3);
+  EXPECT_GT(counters.replayed, 0);
+  EXPECT_EQ(eager.graph_counters().replayed, 0);
+}
+
+TEST(GpuBackend, DecodeGraphsReplayTheEagerStepsBitForBit) {
+  SKIP_WITHOUT_GPU();
+  for (const std::string format : {"fp16", "kivi2"}) {
+    // Few sequences: every context is split, into twice as many pieces as the context doubles.
+    expect_graphs_replay_eager_steps(format, 10, 4, 9, 256);
+    // Many: from 48 sequences down to 1 as they finish, most steps a new batch size.
+    expect_graphs_replay_eager_steps(format, 48, 48, 1, 768);
   }
 }
 

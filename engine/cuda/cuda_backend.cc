@@ -1,5 +1,7 @@
 #include "engine/cuda/cuda_backend.h"
 
+#include <spdlog/spdlog.h>
+
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -14,8 +16,19 @@
 
 namespace kvserve {
 
-CudaBackend::CudaBackend(const ModelWeights& weights, const KvCacheManager& manager)
-    : config_(weights.config), cache_(manager, weights.config) {
+namespace {
+
+// cuBLAS's recommended workspace on Hopper; also ample for earlier GPUs.
+constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
+// Decode graphs kept at once (one per item count and decode split seen recently); each holds the
+// ~150 kernel nodes of one step.
+constexpr size_t kMaxDecodeGraphs = 128;
+
+}  // namespace
+
+CudaBackend::CudaBackend(const ModelWeights& weights, const KvCacheManager& manager,
+                         CudaBackendOptions options)
+    : config_(weights.config), cache_(manager, weights.config), use_graphs_(options.cuda_graphs) {
   const ModelConfig& cfg = config_;
   if (cfg.n_embd % 2 != 0 || cfg.n_inner % 2 != 0) {
     throw std::invalid_argument("CUDA backend: n_embd and n_inner must be even");
@@ -66,11 +79,21 @@ CudaBackend::CudaBackend(const ModelWeights& weights, const KvCacheManager& mana
   }
   KVSERVE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   KVSERVE_CUBLAS_CHECK(cublasCreate(&cublas_));
+  // The workspace after the stream: cublasSetStream resets it (cuda::gemm keeps the stream).
+  KVSERVE_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
+  KVSERVE_CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_workspace_.reserve(kCublasWorkspaceBytes),
+                                          kCublasWorkspaceBytes));
 }
 
 CudaBackend::~CudaBackend() {
+  decode_graphs_.clear();
   if (cublas_) cublasDestroy(cublas_);
   if (stream_) cudaStreamDestroy(stream_);
+}
+
+uint64_t CudaBackend::buffer_moves() const {
+  return cache_.buffer_moves() + x_.moves() + h_.moves() + qkv_.moves() + att_.moves() +
+         fc_.moves() + logits_.moves();
 }
 
 const float* CudaBackend::run(const std::vector<ForwardItem>& items) {
@@ -98,21 +121,33 @@ const float* CudaBackend::run(const std::vector<ForwardItem>& items) {
   }
   const int T = static_cast<int>(tokens.size()), R = static_cast<int>(logit_rows.size());
 
-  cache_.prepare(items, stream_);
-  const size_t index_count = 2 * static_cast<size_t>(T) + R;
-  int32_t* index_host = indices_host_.reserve(index_count);
-  std::memcpy(index_host, tokens.data(), T * sizeof(int32_t));
-  std::memcpy(index_host + T, positions.data(), T * sizeof(int32_t));
-  std::memcpy(index_host + 2 * T, logit_rows.data(), R * sizeof(int32_t));
-  int32_t* index = indices_.reserve(index_count);
-  KVSERVE_CUDA_CHECK(cudaMemcpyAsync(index, index_host, index_count * sizeof(int32_t),
-                                     cudaMemcpyHostToDevice, stream_));
-  float* x = x_.reserve(static_cast<size_t>(T) * C);
-  __half* h = h_.reserve(static_cast<size_t>(T) * C);
-  __half* qkv = qkv_.reserve(static_cast<size_t>(T) * 3 * C);
-  __half* att = att_.reserve(static_cast<size_t>(T) * C);
-  __half* fc = fc_.reserve(static_cast<size_t>(T) * F);
-  float* logits_device = logits_.reserve(static_cast<size_t>(R) * V);
+  indices_ = std::move(tokens);
+  indices_.insert(indices_.end(), positions.begin(), positions.end());
+  indices_.insert(indices_.end(), logit_rows.begin(), logit_rows.end());
+  const int32_t* index = cache_.prepare(items, stream_, indices_);
+  x_.reserve(static_cast<size_t>(T) * C);
+  h_.reserve(static_cast<size_t>(T) * C);
+  qkv_.reserve(static_cast<size_t>(T) * 3 * C);
+  att_.reserve(static_cast<size_t>(T) * C);
+  fc_.reserve(static_cast<size_t>(T) * F);
+  logits_.reserve(static_cast<size_t>(R) * V);
+  if (use_graphs_ && cache_.decode_step()) {
+    replay_decode(T, index);
+  } else {
+    enqueue_model(T, R, index);
+  }
+  return logits_.get();
+}
+
+void CudaBackend::enqueue_model(int T, int R, const int32_t* index) {
+  const ModelConfig& cfg = config_;
+  const int C = cfg.n_embd, F = cfg.n_inner, V = cfg.vocab_size;
+  float* x = x_.get();
+  __half* h = h_.get();
+  __half* qkv = qkv_.get();
+  __half* att = att_.get();
+  __half* fc = fc_.get();
+  float* logits_device = logits_.get();
 
   cuda::embedding_forward(x, index, index + T, wte_, wpe_, T, C, stream_);
   // Each projection GEMM accumulates into x without its bias; the next layer norm adds it.
@@ -144,7 +179,62 @@ const float* CudaBackend::run(const std::vector<ForwardItem>& items) {
                            cfg.layer_norm_epsilon, stream_);
   cuda::gemm(cublas_, stream_, h, wte_, true, logits_device, cuda::GemmOutput::kFloat, R, V, C,
              0.0f);
-  return logits_device;
+}
+
+void CudaBackend::replay_decode(int items, const int32_t* index) {
+  // A graph holds the addresses of every buffer of its step: once one has moved, none is valid.
+  if (buffer_moves() != graphs_buffer_moves_) {
+    decode_graphs_.clear();
+    graphs_buffer_moves_ = buffer_moves();
+  }
+  const cuda::DecodeSplit split = cache_.decode_split();
+  const DecodeGraphKey key{items, split.chunk, split.splits};
+  if (auto it = decode_graphs_.find(key); it != decode_graphs_.end()) {
+    it->second.last_used = ++graph_clock_;
+    KVSERVE_CUDA_CHECK(cudaGraphLaunch(it->second.exec.get(), stream_));
+    ++graph_counters_.replayed;
+    return;
+  }
+  // A new key: the step runs eagerly, which also loads every kernel it needs (lazy module
+  // loading) and settles cuBLAS's choices for these shapes, and is then captured (not run) for
+  // the steps to come.
+  enqueue_model(items, items, index);
+  if (decode_graphs_.size() >= kMaxDecodeGraphs) {
+    auto oldest = decode_graphs_.begin();
+    for (auto g = decode_graphs_.begin(); g != decode_graphs_.end(); ++g) {
+      if (g->second.last_used < oldest->second.last_used) oldest = g;
+    }
+    decode_graphs_.erase(oldest);
+  }
+  // Thread-local capture: other threads' CUDA calls (another backend, a test) stay legal; in
+  // this thread, nothing in enqueue_model allocates or synchronises.
+  KVSERVE_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  cudaGraph_t graph = nullptr;
+  try {
+    enqueue_model(items, items, index);
+    KVSERVE_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t instantiated = cudaGraphInstantiate(&exec, graph, 0);
+    KVSERVE_CUDA_CHECK(cudaGraphDestroy(graph));
+    KVSERVE_CUDA_CHECK(instantiated);
+    GraphExec owned(exec);
+    decode_graphs_.emplace(key, DecodeGraph{std::move(owned), ++graph_clock_});
+    ++graph_counters_.captured;
+  } catch (const std::exception& e) {
+    // The step itself ran eagerly and is complete: end the broken capture (if still open) so
+    // that the stream works again, and run every later step eagerly too.
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream_, &status) == cudaSuccess &&
+        status != cudaStreamCaptureStatusNone) {
+      graph = nullptr;
+      if (cudaStreamEndCapture(stream_, &graph) == cudaSuccess && graph) cudaGraphDestroy(graph);
+    }
+    cudaGetLastError();  // capture errors are not sticky: clear the one reported
+    spdlog::warn("CUDA graph capture failed, decode steps run without graphs from now on: {}",
+                 e.what());
+    decode_graphs_.clear();
+    use_graphs_ = false;
+  }
 }
 
 void CudaBackend::forward(const std::vector<ForwardItem>& items, std::vector<float>& logits) {

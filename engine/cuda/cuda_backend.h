@@ -1,13 +1,24 @@
 // The CUDA backend: GPT-2 with fp16 weights and activations, fp32 accumulation (cuBLAS) and an
 // fp32 residual stream, over the paged KV cache of cuda_kv_cache.h. Logits come back to the host
 // in fp32 for forward(); forward_sample picks greedy tokens on the GPU.
+//
+// Decode steps (every item one token, run by decode_attention) replay a CUDA graph of the whole
+// model, captured after the first (eager) step with its item count and decode split, so one step
+// costs one graph launch instead of about 150 kernel launches. The graph runs exactly the kernels,
+// with exactly the arguments, that the eager path would launch: everything that changes between
+// steps (tokens, positions, block tables) is read from device memory that prepare() refills at
+// fixed addresses, so results are bit for bit those of the eager path.
 #pragma once
 
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
+#include <map>
 #include <memory>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "engine/backend.h"
@@ -18,12 +29,19 @@
 
 namespace kvserve {
 
+struct CudaBackendOptions {
+  bool cuda_graphs = true;  // replay decode steps from CUDA graphs; false: launch every kernel
+};
+
 class CudaBackend : public Backend {
  public:
   // Uploads the weights (converted to fp16 once) and allocates the KV pool on the current device.
   // Reads block tables from `manager`, which must outlive the backend.
-  CudaBackend(const ModelWeights& weights, const KvCacheManager& manager);
+  CudaBackend(const ModelWeights& weights, const KvCacheManager& manager,
+              CudaBackendOptions options = {});
   ~CudaBackend() override;
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
 
   std::string name() const override { return "cuda"; }
   void forward(const std::vector<ForwardItem>& items, std::vector<float>& logits) override;
@@ -32,11 +50,36 @@ class CudaBackend : public Backend {
   void forward_sample(const std::vector<ForwardItem>& items,
                       const std::vector<SampleRequest>& requests,
                       std::vector<SampleResult>& results) override;
+  GraphCounters graph_counters() const override { return graph_counters_; }
+  // The whole KV pool, [n_layer][num_blocks][block_bytes], for tests.
+  std::vector<uint8_t> download_cache() const { return cache_.download(stream_); }
 
  private:
   // Runs the model; returns the device logits, fp32 [rows][V] (rows as forward's), valid until
   // the next call.
   const float* run(const std::vector<ForwardItem>& items);
+  // Enqueues the model's kernels for a prepared step of T token rows, R of them wanted as
+  // logits, into the buffers reserved for it. index: device tokens [T] | positions [T] | logit
+  // rows [R].
+  void enqueue_model(int T, int R, const int32_t* index);
+  // Runs a prepared decode step of `items` items: replays its graph, or runs it eagerly and
+  // captures the graph for the next steps of the same key (should capture fail, it logs why and
+  // turns graphs off: the step has run all the same).
+  void replay_decode(int items, const int32_t* index);
+  // How many times any buffer the graphs address has moved.
+  uint64_t buffer_moves() const;
+
+  struct GraphExecDeleter {
+    void operator()(cudaGraphExec_t exec) const { cudaGraphExecDestroy(exec); }
+  };
+  using GraphExec = std::unique_ptr<std::remove_pointer_t<cudaGraphExec_t>, GraphExecDeleter>;
+  struct DecodeGraph {
+    GraphExec exec;
+    uint64_t last_used = 0;
+  };
+  // What a decode graph bakes in besides buffer addresses: items (= T = R) and the decode split
+  // (chunk, splits).
+  using DecodeGraphKey = std::tuple<int, int, int>;
 
   // Device pointers into weights_, GPT-2 layout (Conv1D weights [in][out]).
   struct Layer {
@@ -58,17 +101,25 @@ class CudaBackend : public Backend {
   std::vector<Layer> layers_;
   CudaKvCache cache_;
   // Activations, grown on demand; T = tokens in the step, R = rows whose logits are wanted.
-  cuda::DeviceBuffer<float> x_;          // [T][C] residual stream, fp32
-  cuda::DeviceBuffer<__half> h_;         // [T][C] layer-norm output
-  cuda::DeviceBuffer<__half> qkv_;       // [T][3C]
-  cuda::DeviceBuffer<__half> att_;       // [T][C]
-  cuda::DeviceBuffer<__half> fc_;        // [T][F]
-  cuda::DeviceBuffer<float> logits_;     // [R][V]
-  cuda::DeviceBuffer<int32_t> indices_;  // tokens [T], positions [T], logit rows [R]
-  cuda::PinnedBuffer<int32_t> indices_host_;
+  cuda::DeviceBuffer<float> x_;       // [T][C] residual stream, fp32
+  cuda::DeviceBuffer<__half> h_;      // [T][C] layer-norm output
+  cuda::DeviceBuffer<__half> qkv_;    // [T][3C]
+  cuda::DeviceBuffer<__half> att_;    // [T][C]
+  cuda::DeviceBuffer<__half> fc_;     // [T][F]
+  cuda::DeviceBuffer<float> logits_;  // [R][V]
+  std::vector<int32_t> indices_;      // host tokens [T] | positions [T] | logit rows [R]
   cuda::PinnedBuffer<float> logits_host_;
   cuda::DeviceBuffer<int32_t> picked_;  // greedy_sample's token | invalid | logprob, [3][rows]
   cuda::PinnedBuffer<int32_t> picked_host_;
+  // cuBLAS's workspace, set once, so that cuBLAS never allocates while a graph is captured and
+  // picks the same kernels with and without graphs.
+  cuda::DeviceBuffer<uint8_t> cublas_workspace_;
+
+  bool use_graphs_;
+  std::map<DecodeGraphKey, DecodeGraph> decode_graphs_;
+  uint64_t graphs_buffer_moves_ = 0;  // buffer_moves() when decode_graphs_ were captured
+  uint64_t graph_clock_ = 0;          // counts replays, for least-recently-used eviction
+  GraphCounters graph_counters_;
 };
 
 }  // namespace kvserve

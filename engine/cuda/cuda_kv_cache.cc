@@ -66,11 +66,17 @@ CudaKvCache::~CudaKvCache() {
   cudaFree(pool_);
 }
 
-void CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaStream_t stream) {
+const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaStream_t stream,
+                                    const std::vector<int32_t>& step_indices) {
   const int n = static_cast<int>(items.size());
   // Layout of the metadata buffer: start, count, row [n] each; page_offset, residual_offset
-  // [n + 1] each; pages; residual blocks; tiles [num_tiles][2].
-  host_meta_.assign(5 * n + 2, 0);
+  // [n + 1] each; step_indices; block ids (every item's pages, then every item's residual blocks,
+  // so one base pointer serves both and the offsets hold the variable part); tiles [num_tiles][2]
+  // (paged_attention steps only). Every region's address depends on n and step_indices.size()
+  // alone, never on the block tables' lengths.
+  const size_t header = 5 * static_cast<size_t>(n) + 2;
+  const size_t ids_at = header + step_indices.size();
+  host_meta_.assign(header, 0);
   int32_t* start = host_meta_.data();
   int32_t* count = start + n;
   int32_t* row = count + n;
@@ -100,17 +106,21 @@ void CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaStream_t st
     }
   }
   host_meta_[page_offset + n] = static_cast<int32_t>(pages.size());
-  host_meta_[residual_offset + n] = static_cast<int32_t>(residual.size());
-  const size_t pages_at = host_meta_.size();
+  for (int i = 0; i < n; ++i) host_meta_[residual_offset + i] += static_cast<int32_t>(pages.size());
+  host_meta_[residual_offset + n] = static_cast<int32_t>(pages.size() + residual.size());
+  host_meta_.insert(host_meta_.end(), step_indices.begin(), step_indices.end());
   host_meta_.insert(host_meta_.end(), pages.begin(), pages.end());
-  const size_t residual_at = host_meta_.size();
   host_meta_.insert(host_meta_.end(), residual.begin(), residual.end());
   const size_t tiles_at = host_meta_.size();
-  host_meta_.insert(host_meta_.end(), tiles.begin(), tiles.end());
+  if (!decode_) host_meta_.insert(host_meta_.end(), tiles.begin(), tiles.end());
 
   // The previous step ended with a synchronising copy, so the pinned buffer is free to reuse.
   int32_t* pinned = pinned_meta_.reserve(host_meta_.size());
-  int32_t* device = device_meta_.reserve(host_meta_.size());
+  // Distinct sequences hold distinct blocks, so a step's block ids fit in num_blocks: room for
+  // that many keeps the buffer (and the graphs that address it) in place as contexts grow.
+  const size_t ids = pages.size() + residual.size();
+  int32_t* device =
+      device_meta_.reserve(host_meta_.size() + std::max<size_t>(ids, manager_.num_blocks()) - ids);
   std::memcpy(pinned, host_meta_.data(), host_meta_.size() * sizeof(int32_t));
   KVSERVE_CUDA_CHECK(cudaMemcpyAsync(device, pinned, host_meta_.size() * sizeof(int32_t),
                                      cudaMemcpyHostToDevice, stream));
@@ -120,10 +130,10 @@ void CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaStream_t st
   batch_.row = device + 2 * n;
   batch_.page_offset = device + page_offset;
   batch_.residual_offset = device + residual_offset;
-  batch_.pages = device + pages_at;
-  batch_.residual_blocks = device + residual_at;
+  batch_.pages = device + ids_at;
+  batch_.residual_blocks = device + ids_at;
   tiles_ = device + tiles_at;
-  num_tiles_ = static_cast<int>(tiles.size() / 2);
+  num_tiles_ = decode_ ? 0 : static_cast<int>(tiles.size() / 2);
   if (decode_) {
     decode_split_ = cuda::decode_attention_split(n, view_.n_head, max_len, sm_count_);
     if (decode_split_.splits > 1) {
@@ -131,6 +141,7 @@ void CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaStream_t st
                               (view_.head_dim + 2));
     }
   }
+  return device + header;
 }
 
 void CudaKvCache::append_and_attend(int layer, const __half* qkv, __half* out,

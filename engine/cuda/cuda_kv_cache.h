@@ -27,12 +27,24 @@ class CudaKvCache {
   CudaKvCache(const CudaKvCache&) = delete;
   CudaKvCache& operator=(const CudaKvCache&) = delete;
 
-  // Uploads the step's item geometry and block tables (sequences already grown); the items' rows
-  // in qkv/out are consecutive in item order.
-  void prepare(const std::vector<ForwardItem>& items, cudaStream_t stream);
+  // Uploads the step's item geometry and block tables (sequences already grown) together with
+  // `step_indices` (the caller's per-step ints: tokens, positions, ...) in one asynchronous copy;
+  // the items' rows in qkv/out are consecutive in item order. Returns the device copy of
+  // step_indices, valid until the next prepare(). Every device address the step's kernels get
+  // (batch pointers, the returned one, decode_partial) depends only on the item count, the size
+  // of step_indices and buffer_moves(), so decode steps can replay a captured CUDA graph.
+  const int32_t* prepare(const std::vector<ForwardItem>& items, cudaStream_t stream,
+                         const std::vector<int32_t>& step_indices = {});
   // One layer: quantizes the positions that enter pages, attends, compacts the residual.
   //   qkv: fp16 [rows][3C] (q | k | v, biases added)   out: fp16 [rows][C]
   void append_and_attend(int layer, const __half* qkv, __half* out, cudaStream_t stream);
+
+  // Whether the prepared step is a decode step (every item one token) run by decode_attention,
+  // and how that splits the contexts: what a CUDA graph of append_and_attend bakes in.
+  bool decode_step() const { return decode_; }
+  cuda::DecodeSplit decode_split() const { return decode_split_; }
+  // Grows whenever a device buffer that append_and_attend's kernels address has moved.
+  uint64_t buffer_moves() const { return device_meta_.moves() + decode_partial_.moves(); }
 
   size_t bytes() const { return bytes_; }
   // Whether decode steps use decode_attention (else paged_attention), for tests.

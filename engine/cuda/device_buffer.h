@@ -1,10 +1,12 @@
 // Owning device and pinned-host allocations that grow on demand (never shrink), so activation
-// buffers are allocated only when a step is larger than every step before it.
+// buffers are allocated only when a step is larger than every step before it. A buffer counts its
+// moves, so that a CUDA graph which baked its address in can tell that it must be captured again.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <utility>
 
 #include "kernels/cuda_check.h"
@@ -18,7 +20,9 @@ class GrowingBuffer {
   GrowingBuffer(const GrowingBuffer&) = delete;
   GrowingBuffer& operator=(const GrowingBuffer&) = delete;
   GrowingBuffer(GrowingBuffer&& other) noexcept
-      : data_(std::exchange(other.data_, nullptr)), capacity_(std::exchange(other.capacity_, 0)) {}
+      : data_(std::exchange(other.data_, nullptr)),
+        capacity_(std::exchange(other.capacity_, 0)),
+        moves_(std::exchange(other.moves_, 0)) {}
   ~GrowingBuffer() { release(); }
 
   // Makes room for `count` elements; the old contents are not kept.
@@ -33,11 +37,14 @@ class GrowingBuffer {
       }
       data_ = static_cast<T*>(p);
       capacity_ = count;
+      ++moves_;
     }
     return data_;
   }
   T* get() const { return data_; }
   size_t capacity() const { return capacity_; }
+  // How many times reserve() has (re)allocated the storage.
+  uint64_t moves() const { return moves_; }
 
  private:
   void release() {
@@ -53,6 +60,7 @@ class GrowingBuffer {
 
   T* data_ = nullptr;
   size_t capacity_ = 0;
+  uint64_t moves_ = 0;
 };
 
 template <typename T>
