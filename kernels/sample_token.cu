@@ -1,13 +1,14 @@
 // Sampling on the GPU in three launches on one stream:
 //  1. prepare, one block per row: rejects non-finite rows, the raw log-normaliser for the logprob,
-//     the repetition penalty, and greedy rows end here (an argmax). A row that draws writes one
-//     sort key per id whose descending order is engine/sampler.h's rank order (w desc, id asc).
+//     the repetition penalty, and greedy rows end here (an argmax). A row that draws writes sort
+//     keys whose descending order is engine/sampler.h's rank order (w desc, id asc): for its
+//     top_k candidates alone when top-k is on (a radix select finds them), else for every id.
 //  2. CUB's segmented radix sort, one segment per drawing row (empty for the others).
 //  3. draw, one block per drawing row: walks the sorted keys in rank order: the softmax sum over
-//     the top-k candidates, the top-p cut and the draw, each running sum a block-wide scan in
-//     double carried from tile to tile, stopping at the first tile that settles it.
-// Sorting whole rows costs more than selecting the top k first, but it is one path for every
-// parameter (top-p alone may keep the whole vocabulary) built on a sort that is not ours to debug.
+//     the candidates, the top-p cut and the draw, each running sum a block-wide scan in double
+//     carried from tile to tile, stopping at the first tile that settles it.
+// Without top-k the whole row is sorted: top-p alone may keep the whole vocabulary, and one path
+// for it, on a sort that is not ours to debug, is worth more than the time a cut would save.
 #include "kernels/sample_token.h"
 
 #include <climits>
@@ -96,10 +97,90 @@ __device__ double block_sum(double value, double* sum_s) {
   return total;
 }
 
+// ---- Top-k selection: the k-th largest rank key of a row by a radix select, 8 bits a pass from
+// the top, each pass a histogram of the next digit over the keys that match the digits chosen so
+// far. Keys are unique (they hold the id), so exactly k keys are >= the result.
+
+constexpr int kDigitBits = 8;
+constexpr int kDigits = 1 << kDigitBits;
+
+struct SelectShared {
+  unsigned int histogram[kDigits];
+  uint64_t prefix;
+  int rank;   // of the sought key among the keys that match prefix, 0 = the largest
+  int count;  // keys written so far by the compaction
+};
+
+// w: the row's [vocab] penalised logits. Every thread of the block calls it and gets the key.
+__device__ uint64_t kth_largest_key(const float* w, int vocab, int id_bits, int k,
+                                    SelectShared& s) {
+  const int lane = threadIdx.x % 32;
+  const int key_bits = 32 + id_bits;
+  uint64_t prefix = 0;
+  int rank = k - 1;
+  for (int shift = (key_bits - 1) / kDigitBits * kDigitBits; shift >= 0; shift -= kDigitBits) {
+    for (int d = threadIdx.x; d < kDigits; d += kThreads) s.histogram[d] = 0;
+    __syncthreads();
+    // The bits above this digit; a shift by 64 would be undefined.
+    const uint64_t above = shift + kDigitBits >= 64 ? 0 : ~uint64_t{0} << (shift + kDigitBits);
+    for (int base = 0; base < vocab; base += kThreads) {  // whole warps in every iteration
+      const int v = base + threadIdx.x;
+      bool counted = false;
+      unsigned int digit = 0;
+      if (v < vocab) {
+        const uint64_t key = rank_key(w[v], v, id_bits, vocab);
+        counted = (key & above) == (prefix & above);
+        digit = static_cast<unsigned int>(key >> shift) & (kDigits - 1);
+      }
+      // Lanes with the same digit add once: a row's leading digits are shared by most ids.
+      const unsigned int peers = __match_any_sync(0xffffffffu, counted ? digit : kDigits);
+      if (counted && lane == __ffs(peers) - 1) atomicAdd(&s.histogram[digit], __popc(peers));
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      // The sought key has `rank` matching keys above it: find its digit from the top.
+      int above_count = 0, d = kDigits - 1;
+      for (; d > 0; --d) {
+        const int here = static_cast<int>(s.histogram[d]);
+        if (above_count + here > rank) break;
+        above_count += here;
+      }
+      s.prefix = prefix | (static_cast<uint64_t>(d) << shift);
+      s.rank = rank - above_count;
+    }
+    __syncthreads();
+    prefix = s.prefix;  // thread 0 writes these again only after the next pass's barriers
+    rank = s.rank;
+  }
+  return prefix;
+}
+
+// Writes the keys >= threshold of the row to keys[0, count), in no order; returns the count.
+__device__ int write_keys_from(const float* w, int vocab, int id_bits, uint64_t threshold,
+                               uint64_t* keys, SelectShared& s) {
+  const int lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) s.count = 0;
+  __syncthreads();
+  for (int base = 0; base < vocab; base += kThreads) {  // whole warps in every iteration
+    const int v = base + threadIdx.x;
+    uint64_t key = 0;
+    if (v < vocab) key = rank_key(w[v], v, id_bits, vocab);
+    const bool take = v < vocab && key >= threshold;
+    const unsigned int taken = __ballot_sync(0xffffffffu, take);
+    int first = 0;
+    if (lane == 0 && taken != 0) first = atomicAdd(&s.count, __popc(taken));
+    first = __shfl_sync(0xffffffffu, first, 0);
+    if (take) keys[first + __popc(taken & ((1u << lane) - 1))] = key;
+  }
+  __syncthreads();
+  return s.count;
+}
+
 // ---- CUDA kernels
 
 // Steps 1, 2 and 4 of engine/sampler.h, and the sort keys of the rows that draw.
-// penalised: fp32 [rows][vocab] scratch   keys: [rows][vocab]
+// penalised: fp32 [rows][vocab] scratch
+// keys: [rows][vocab], a drawing row's keys from the start of its row, all vocab or top_k of them
 // segment_begin, segment_end: [rows], the row's keys to sort (an empty range: nothing to draw)
 // log_normaliser: [rows], l_max + log(sum exp(l - l_max)) of the raw logits, for drawing rows
 __global__ void __launch_bounds__(kThreads)
@@ -110,6 +191,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float best_s[kWarps];
   __shared__ int best_id_s[kWarps];
   __shared__ double sum_s[kWarps];
+  __shared__ SelectShared select_s;
   const int row = blockIdx.x;
   const int64_t row_offset = static_cast<int64_t>(row) * vocab;
   const float* raw = logits + row_offset;
@@ -184,18 +266,25 @@ __global__ void __launch_bounds__(kThreads)
                         kSampleOk);
     return;
   }
-  for (int v = threadIdx.x; v < vocab; v += kThreads) {
-    keys[row_offset + v] = rank_key(w[v], v, id_bits, vocab);
+  // The keys to sort: the top-k candidates alone when top-k is on, else the whole row.
+  int sorted_count = vocab;
+  if (p.top_k > 0 && p.top_k < vocab) {
+    const uint64_t kth_key = kth_largest_key(w, vocab, id_bits, p.top_k, select_s);
+    sorted_count = write_keys_from(w, vocab, id_bits, kth_key, keys + row_offset, select_s);
+  } else {
+    for (int v = threadIdx.x; v < vocab; v += kThreads) {
+      keys[row_offset + v] = rank_key(w[v], v, id_bits, vocab);
+    }
   }
   if (threadIdx.x == 0) {
     segment_begin[row] = static_cast<int>(row_offset);
-    segment_end[row] = static_cast<int>(row_offset + vocab);
+    segment_end[row] = static_cast<int>(row_offset + sorted_count);
     log_normaliser[row] = row_log_normaliser;
   }
 }
 
 // Step 3 of engine/sampler.h over a drawing row's keys, sorted in rank order, and the logprob.
-// sorted_keys: [rows][vocab], a row sorted where its segment is not empty
+// sorted_keys: [rows][vocab], each drawing row's segment sorted (its candidates, or every id)
 __global__ void __launch_bounds__(kThreads)
     draw_kernel(const float* logits, int vocab, int id_bits, const SampleRowParams* params,
                 const uint64_t* sorted_keys, const int* segment_begin, const int* segment_end,

@@ -168,6 +168,8 @@ void CudaBackend::forward_sample(const std::vector<ForwardItem>& items,
   for (const ForwardItem& item : items) {
     if (item.all_logits) throw std::invalid_argument("forward_sample: an item wants all logits");
   }
+  results.assign(items.size(), SampleResult{});
+  if (items.empty()) return;
   const int V = config_.vocab_size;
   const float* logits_device = run(items);
   const int rows = static_cast<int>(items.size());
@@ -175,7 +177,6 @@ void CudaBackend::forward_sample(const std::vector<ForwardItem>& items,
   // While the GPU runs the model: each row's parameters and, where the penalty is on, its history,
   // packed for one copy: SampleRowParams [rows] | history ids. Rows that want no token, or whose
   // request fails the checks sample_token makes first, sample greedily and are discarded.
-  results.assign(items.size(), SampleResult{});
   size_t history_count = 0;
   for (int i = 0; i < rows; ++i) {
     const SampleRequest& r = requests[i];
