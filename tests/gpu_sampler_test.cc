@@ -185,8 +185,8 @@ int expect_same_picks(const std::vector<Row>& rows, int vocab) {
   return boundary_cases;
 }
 
-// Logits of one of several shapes, so that rank order, top-k and top-p meet ties, masks, a
-// dominant id and near-uniform rows.
+// Logits of one of six shapes, so that rank order, top-k and top-p meet ties, masks, a dominant
+// id and near-uniform rows.
 std::vector<float> random_logits(int vocab, int shape, std::mt19937& rng) {
   std::normal_distribution<float> normal(0.0f, 3.0f);
   std::vector<float> logits(vocab);
@@ -206,6 +206,9 @@ std::vector<float> random_logits(int vocab, int shape, std::mt19937& rng) {
       break;
     case 4:  // near-uniform: top-p keeps most of the vocabulary
       for (float& l : logits) l *= 0.05f;
+      break;
+    case 5:  // all equal, some of them -0: the id alone orders them
+      for (size_t v = 0; v < logits.size(); ++v) logits[v] = v % 3 == 1 ? -0.0f : 0.0f;
       break;
   }
   return logits;
@@ -234,10 +237,10 @@ TEST(GpuSampleTokens, EveryParameterCombinationMatchesTheCpuSampler) {
   for (const int vocab : {7, 1000, 50257}) {
     std::vector<Row> rows;
     for (const float temperature : {0.0f, 0.3f, 1.0f, 2.0f}) {
-      for (const int top_k : {0, 1, 5, 50, vocab + 1}) {
+      for (const int top_k : {0, 1, 5, 50, vocab - 1, vocab + 1}) {
         for (const float top_p : {0.1f, 0.9f, 1.0f}) {
           for (const float penalty : {1.0f, 1.3f}) {
-            for (int shape = 0; shape < 5; ++shape) {
+            for (int shape = 0; shape < 6; ++shape) {
               Row row;
               row.logits = random_logits(vocab, shape, rng);
               row.params.temperature = temperature;
@@ -271,7 +274,7 @@ TEST(GpuSampleTokens, SeedsAndStepsMatchTheCpuSampler) {
   std::vector<Row> rows;
   for (int step = 0; step < 64; ++step) {
     Row row;
-    row.logits = random_logits(vocab, step % 5, rng);
+    row.logits = random_logits(vocab, step % 6, rng);
     row.params.temperature = step % 2 == 0 ? 1.0f : 0.7f;
     row.params.top_p = step % 3 == 0 ? 1.0f : 0.95f;
     row.params.top_k = step % 4 == 0 ? 200 : 0;
