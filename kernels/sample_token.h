@@ -29,8 +29,9 @@ enum SampleStatus : int32_t {
   kSampleLogitsNan = 2,            // a NaN among finite values
 };
 
-// Bytes of device scratch sample_tokens needs for `rows` rows of `vocab` logits (penalised
-// logits, sort keys twice over, the sort's own storage); about 20 * rows * vocab.
+// Bytes of device scratch sample_tokens needs for `rows` rows of `vocab` logits (sort keys twice
+// over, the penalised logits inside them, the sort's own storage): about 16 * rows * vocab.
+// Asks CUB for its storage size, so it needs the device.
 size_t sample_tokens_scratch_bytes(int rows, int vocab);
 
 // Per row r of logits, by the algorithm of engine/sampler.h:
