@@ -178,23 +178,31 @@ double sampling_uniform(uint64_t seed, uint64_t step) {
   return static_cast<double>(splitmix64(seed ^ (step * kGoldenGamma)) >> 11) * 0x1.0p-53;
 }
 
-SampledToken sample_token(const float* logits, int vocab_size, const SamplingParams& params,
-                          const std::vector<int32_t>& history, uint64_t step) {
-  if (const std::string error = validate(params); !error.empty()) {
-    throw std::invalid_argument("sample_token: " + error);
-  }
+const char* const kLogitsInfOrNoFiniteError =
+    "sample_token: the logits hold +inf or no finite value";
+const char* const kLogitsNanError = "sample_token: the logits hold a NaN";
+
+std::string sample_input_error(const SamplingParams& params, int vocab_size,
+                               const std::vector<int32_t>& history) {
+  if (const std::string error = validate(params); !error.empty()) return "sample_token: " + error;
   if (vocab_size < 1) {
-    throw std::invalid_argument("sample_token: vocab_size must be >= 1 (got " +
-                                std::to_string(vocab_size) + ")");
+    return "sample_token: vocab_size must be >= 1 (got " + std::to_string(vocab_size) + ")";
   }
-  const size_t vocab = static_cast<size_t>(vocab_size);
   for (int32_t id : history) {
     if (id < 0 || id >= vocab_size) {
-      throw std::invalid_argument("sample_token: history id " + std::to_string(id) +
-                                  " is outside the vocabulary [0, " + std::to_string(vocab_size) +
-                                  ")");
+      return "sample_token: history id " + std::to_string(id) + " is outside the vocabulary [0, " +
+             std::to_string(vocab_size) + ")";
     }
   }
+  return {};
+}
+
+SampledToken sample_token(const float* logits, int vocab_size, const SamplingParams& params,
+                          const std::vector<int32_t>& history, uint64_t step) {
+  if (const std::string error = sample_input_error(params, vocab_size, history); !error.empty()) {
+    throw std::invalid_argument(error);
+  }
+  const size_t vocab = static_cast<size_t>(vocab_size);
   Scratch& scratch = thread_scratch();
   scratch.weight.resize(vocab);
 
@@ -202,14 +210,14 @@ SampledToken sample_token(const float* logits, int vocab_size, const SamplingPar
   // every comparison skips, surfaces in the sum.
   const float raw_max = max_of(logits, vocab);
   if (!std::isfinite(raw_max)) {
-    throw std::invalid_argument("sample_token: the logits hold +inf or no finite value");
+    throw std::invalid_argument(kLogitsInfOrNoFiniteError);
   }
   double raw_sum = 0.0;
   for (size_t i = 0; i < vocab; ++i) {
     scratch.weight[i] = std::exp(logits[i] - raw_max);
     raw_sum += scratch.weight[i];
   }
-  if (!std::isfinite(raw_sum)) throw std::invalid_argument("sample_token: the logits hold a NaN");
+  if (!std::isfinite(raw_sum)) throw std::invalid_argument(kLogitsNanError);
   const double log_normaliser = raw_max + std::log(raw_sum);
 
   const float* w = logits;

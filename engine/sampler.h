@@ -71,6 +71,16 @@ struct SampledToken {
 // exactly representable in a double and never 1.
 double sampling_uniform(uint64_t seed, uint64_t step);
 
+// Why sample_token rejects these inputs before it reads the logits (params that fail validate(),
+// vocab_size < 1, a history id outside [0, vocab_size)): the message it throws, or empty when
+// they are fine. A sampler elsewhere (the CUDA backend's) reports the same failures through it.
+std::string sample_input_error(const SamplingParams& params, int vocab_size,
+                               const std::vector<int32_t>& history);
+
+// The messages sample_token throws for logits it rejects, for the same reason.
+extern const char* const kLogitsInfOrNoFiniteError;  // +inf, or no finite value
+extern const char* const kLogitsNanError;            // a NaN among finite values
+
 // Picks the next token by the algorithm at the top of this file. logits: [vocab_size] raw model
 // output, finite or -inf (a masked id), read only. history: the prompt and generated ids so far,
 // for the repetition penalty. step: the index of the token being generated (0 for the first), the

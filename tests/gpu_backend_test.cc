@@ -1,10 +1,12 @@
 // The CUDA engine on the trained test model against the CPU engine (the oracle): the same greedy
-// tokens, alone and batched with chunked prefill, and close logits. Skipped when no GPU is
+// and seeded tokens, alone and batched with chunked prefill, and close logits; its GPU sampler
+// against the host sampler over the same logits. Skipped when no GPU is
 // visible. Run on the GPU machine with KVSERVE_TEST_MODEL and KVSERVE_TEST_SOURCE_DIR set
 // (scripts/gpu-check.sh).
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <functional>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -38,41 +40,110 @@ std::unique_ptr<Backend> make(bool gpu, const KvCacheManager& cache, bool graphs
   return std::make_unique<CpuBackend>(shared_weights(), cache);
 }
 
-GenerationRequest greedy_request(const json& prompt, int tokens) {
+// The CUDA backend's model with the host sampler: Backend's default forward_sample over
+// forward()'s logits (the path every non-greedy request took before sampling moved to the GPU).
+// Its logits are the CUDA backend's bit for bit, so the two must pick the same tokens.
+class HostSampledCudaBackend : public Backend {
+ public:
+  HostSampledCudaBackend(const ModelWeights& weights, const KvCacheManager& cache)
+      : cuda_(weights, cache) {}
+  std::string name() const override { return "cuda, host sampler"; }
+  void forward(const std::vector<ForwardItem>& items, std::vector<float>& logits) override {
+    cuda_.forward(items, logits);
+  }
+
+ private:
+  CudaBackend cuda_;
+};
+
+using BackendFactory = std::function<std::unique_ptr<Backend>(const KvCacheManager&)>;
+
+BackendFactory backend_factory(bool gpu, bool graphs = true) {
+  return [gpu, graphs](const KvCacheManager& cache) { return make(gpu, cache, graphs); };
+}
+
+SamplingParams greedy_params() {
+  SamplingParams p;
+  p.temperature = 0.0f;
+  return p;
+}
+
+// Every kind of request the sampler serves, for the sampled tests to cycle through; the engine
+// tests give the fixture's five prompts the first five.
+std::vector<SamplingParams> sampling_kinds() {
+  auto params = [](float temperature, int top_k, float top_p, float penalty, uint64_t seed) {
+    SamplingParams p;
+    p.temperature = temperature;
+    p.top_k = top_k;
+    p.top_p = top_p;
+    p.repetition_penalty = penalty;
+    p.seed = seed;
+    return p;
+  };
+  return {params(0.7f, 50, 0.95f, 1.1f, 10), params(0.0f, 0, 1.0f, 1.3f, 0),
+          params(1.0f, 0, 0.9f, 1.0f, 8),    params(2.0f, 5, 0.5f, 1.3f, 11),
+          params(0.8f, 40, 1.0f, 1.0f, 7),   params(0.0f, 0, 1.0f, 1.0f, 0),
+          params(1.2f, 0, 1.0f, 1.2f, 9),    params(1.0f, 0, 1.0f, 1.0f, 12)};
+}
+
+GenerationRequest request_for(const json& prompt, int tokens, const SamplingParams& sampling) {
   GenerationRequest r;
   r.prompt = prompt["prompt_ids"].get<std::vector<int32_t>>();
   r.max_new_tokens = tokens;
   r.ignore_eos = true;
-  r.sampling.temperature = 0.0f;
+  r.sampling = sampling;
   return r;
 }
 
-// Greedy tokens of every fixture prompt, submitted together to one engine.
-std::vector<std::vector<int32_t>> generate(bool gpu, const std::string& format, int tokens,
-                                           int max_batch_tokens, bool graphs = true) {
+GenerationRequest greedy_request(const json& prompt, int tokens) {
+  return request_for(prompt, tokens, greedy_params());
+}
+
+struct Generated {
+  std::vector<std::vector<int32_t>> tokens;  // [prompt][token]
+  std::vector<std::vector<float>> logprobs;  // [prompt][token]
+};
+
+// Tokens of every fixture prompt, submitted together to one engine; prompt i samples with
+// sampling(i).
+Generated generate_with(const BackendFactory& make_backend, const std::string& format, int tokens,
+                        int max_batch_tokens,
+                        const std::function<SamplingParams(size_t)>& sampling) {
   const ModelConfig& model = shared_weights().config;
   auto cache = std::make_unique<KvCacheManager>(fixture_format(format), model, 4096);
-  auto backend = make(gpu, *cache, graphs);
+  auto backend = make_backend(*cache);
   EngineOptions options;
   if (max_batch_tokens > 0) options.max_batch_tokens = max_batch_tokens;
   Engine engine(model, std::move(cache), std::move(backend), options);
   std::map<RequestId, size_t> index;
   const json& prompts = fixture()["prompts"];
   for (size_t i = 0; i < prompts.size(); ++i) {
-    index[engine.add_request(greedy_request(prompts[i], tokens))] = i;
+    index[engine.add_request(request_for(prompts[i], tokens, sampling(i)))] = i;
   }
-  std::vector<std::vector<int32_t>> out(prompts.size());
+  Generated out;
+  out.tokens.resize(prompts.size());
+  out.logprobs.resize(prompts.size());
   std::vector<StepEvent> events;
   while (engine.has_work()) {
     events.clear();
     engine.step(events);
     for (const StepEvent& e : events) {
       EXPECT_NE(e.finish, FinishReason::kError) << e.error;
-      if (e.has_token) out[index[e.request]].push_back(e.token);
+      if (!e.has_token) continue;
+      out.tokens[index[e.request]].push_back(e.token);
+      out.logprobs[index[e.request]].push_back(e.logprob);
     }
   }
   EXPECT_EQ(engine.cache().usage().used_bytes, 0);
   return out;
+}
+
+// Greedy tokens of every fixture prompt, submitted together to one engine.
+std::vector<std::vector<int32_t>> generate(bool gpu, const std::string& format, int tokens,
+                                           int max_batch_tokens, bool graphs = true) {
+  return generate_with(backend_factory(gpu, graphs), format, tokens, max_batch_tokens,
+                       [](size_t) { return greedy_params(); })
+      .tokens;
 }
 
 // One request at a time on each backend, 32 greedy tokens per prompt: the GPU's fp16 activations
@@ -107,18 +178,16 @@ TEST(GpuBackend, GreedyTokensMatchTheCpuBackend) {
   }
 }
 
-// forward_sample's greedy pick on the GPU against the host sampler over the same backend's logits
-// (two backends fed the same prompts, then decode steps), and a sampled request, which takes the
-// host path, against the same.
+// forward_sample's picks on the GPU against the host sampler over the same logits (two CUDA
+// backends fed the same prompts, then decode steps): every sampling kind for the whole batch,
+// then all kinds mixed in one batch.
 TEST(GpuBackend, ForwardSamplePicksWhatTheHostSamplerPicks) {
   SKIP_WITHOUT_GPU();
   const ModelConfig& model = shared_weights().config;
-  SamplingParams greedy, sampled;
-  greedy.temperature = 0.0f;
-  sampled.temperature = 0.8f;
-  sampled.top_k = 40;
-  sampled.seed = 7;
-  for (const SamplingParams* params : {&greedy, &sampled}) {
+  const std::vector<SamplingParams> kinds = sampling_kinds();
+  for (size_t assignment = 0; assignment <= kinds.size(); ++assignment) {
+    const bool mixed = assignment == kinds.size();
+    SCOPED_TRACE(mixed ? std::string("mixed kinds") : "kind " + std::to_string(assignment));
     KvCacheManager cache_a(fixture_format("kivi2"), model, 4096),
         cache_b(fixture_format("kivi2"), model, 4096);
     CudaBackend a(shared_weights(), cache_a), b(shared_weights(), cache_b);
@@ -127,6 +196,9 @@ TEST(GpuBackend, ForwardSamplePicksWhatTheHostSamplerPicks) {
     for (const json& prompt : fixture()["prompts"]) {
       history.push_back(prompt["prompt_ids"].get<std::vector<int32_t>>());
     }
+    auto params_of = [&](size_t item) -> const SamplingParams& {
+      return kinds[mixed ? item % kinds.size() : assignment];
+    };
     std::vector<float> logits;
     for (size_t i = 0; i < history.size(); ++i) {
       const int n = static_cast<int>(history[i].size());
@@ -150,7 +222,7 @@ TEST(GpuBackend, ForwardSamplePicksWhatTheHostSamplerPicks) {
           ASSERT_TRUE(c->grow(static_cast<int64_t>(i), n));
         }
         items.push_back({static_cast<int64_t>(i), n - 1, {history[i].back()}, false});
-        requests.push_back({params, &history[i], static_cast<uint64_t>(step)});
+        requests.push_back({&params_of(i), &history[i], static_cast<uint64_t>(step)});
       }
       std::vector<SampleResult> results;
       a.forward_sample(items, requests, results);
@@ -160,14 +232,99 @@ TEST(GpuBackend, ForwardSamplePicksWhatTheHostSamplerPicks) {
       ASSERT_EQ(results.size(), items.size());
       for (size_t i = 0; i < items.size(); ++i) {
         ASSERT_TRUE(results[i].error.empty()) << results[i].error;
-        const SampledToken host = sample_token(&logits[i * model.vocab_size], model.vocab_size,
-                                               *params, history[i], static_cast<uint64_t>(step));
+        const SampledToken host =
+            sample_token(&logits[i * model.vocab_size], model.vocab_size, params_of(i), history[i],
+                         static_cast<uint64_t>(step));
         EXPECT_EQ(results[i].token.id, host.id) << "step " << step << " item " << i;
-        EXPECT_NEAR(results[i].token.logprob, host.logprob, 1e-4) << "step " << step;
+        EXPECT_NEAR(results[i].token.logprob, host.logprob, 1e-5 + 1e-6 * std::fabs(host.logprob))
+            << "step " << step;
         history[i].push_back(host.id);
       }
     }
   }
+}
+
+// What forward_sample reports for requests the host sampler rejects before sampling, with the
+// host sampler's messages; the batch's other items still get their tokens.
+TEST(GpuBackend, ForwardSampleRejectsWhatTheHostSamplerRejects) {
+  SKIP_WITHOUT_GPU();
+  const ModelConfig& model = shared_weights().config;
+  KvCacheManager cache(fixture_format("fp16"), model, 4096);
+  CudaBackend backend(shared_weights(), cache);
+  const auto prompt = fixture()["prompts"][0]["prompt_ids"].get<std::vector<int32_t>>();
+  SamplingParams valid = sampling_kinds()[0], bad_top_p = valid;
+  bad_top_p.top_p = 0.0f;
+  const std::vector<int32_t> bad_history = {1, model.vocab_size, 2};
+  const std::vector<SamplingParams*> params = {&valid, &bad_top_p, &valid, nullptr};
+  const std::vector<const std::vector<int32_t>*> histories = {&prompt, &prompt, &bad_history,
+                                                              &prompt};
+  std::vector<ForwardItem> items;
+  std::vector<SampleRequest> requests;
+  for (size_t i = 0; i < params.size(); ++i) {
+    cache.add_sequence(static_cast<int64_t>(i));
+    ASSERT_TRUE(cache.grow(static_cast<int64_t>(i), static_cast<int>(prompt.size())));
+    items.push_back({static_cast<int64_t>(i), 0, prompt, false});
+    requests.push_back({params[i], histories[i], 0});
+  }
+  std::vector<SampleResult> results;
+  backend.forward_sample(items, requests, results);
+  cache.finish_step();
+  ASSERT_EQ(results.size(), items.size());
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(results[i].error, sample_input_error(*params[i], model.vocab_size, *histories[i]))
+        << i;
+  }
+  EXPECT_TRUE(results[0].error.empty());
+  EXPECT_FALSE(results[1].error.empty());
+  EXPECT_FALSE(results[2].error.empty());
+  EXPECT_TRUE(results[3].error.empty());
+  // The same batch on a second backend gives the same logits bit for bit.
+  std::vector<float> logits;
+  KvCacheManager host_cache(fixture_format("fp16"), model, 4096);
+  CudaBackend host_backend(shared_weights(), host_cache);
+  for (size_t i = 0; i < items.size(); ++i) {
+    host_cache.add_sequence(static_cast<int64_t>(i));
+    ASSERT_TRUE(host_cache.grow(static_cast<int64_t>(i), static_cast<int>(prompt.size())));
+  }
+  host_backend.forward(items, logits);
+  host_cache.finish_step();
+  EXPECT_EQ(results[0].token.id,
+            sample_token(logits.data(), model.vocab_size, valid, prompt, 0).id);
+}
+
+// The engine end to end (chunked prefill, histories, steps, seeds) with every sampling kind:
+// sampling on the GPU picks what the host sampler picks from the same logits.
+TEST(GpuBackend, SeededSamplingMatchesTheHostSamplerInTheEngine) {
+  SKIP_WITHOUT_GPU();
+  const std::vector<SamplingParams> kinds = sampling_kinds();
+  auto sampling = [&](size_t prompt) { return kinds[prompt % kinds.size()]; };
+  const BackendFactory host_sampled = [](const KvCacheManager& cache) {
+    return std::make_unique<HostSampledCudaBackend>(shared_weights(), cache);
+  };
+  for (const std::string format : {"fp16", "kivi2"}) {
+    const Generated gpu = generate_with(backend_factory(true), format, 32, 48, sampling);
+    const Generated host = generate_with(host_sampled, format, 32, 48, sampling);
+    EXPECT_EQ(gpu.tokens, host.tokens) << format;
+    for (size_t i = 0; i < gpu.logprobs.size() && gpu.tokens == host.tokens; ++i) {
+      for (size_t t = 0; t < gpu.logprobs[i].size(); ++t) {
+        EXPECT_NEAR(gpu.logprobs[i][t], host.logprobs[i][t],
+                    1e-5 + 1e-6 * std::fabs(host.logprobs[i][t]))
+            << format << " prompt " << i << " token " << t;
+      }
+    }
+  }
+}
+
+// Seeded sampling on the CUDA engine against the CPU engine (the oracle), fp16 cache: the same
+// tokens. Unlike greedy, a draw can flip where u * M falls within the two backends' logit
+// difference (about 1e-3 here) of a cumulative boundary; the run is deterministic, and a flip
+// shows as a difference from that token on.
+TEST(GpuBackend, SeededSamplingMatchesTheCpuBackend) {
+  SKIP_WITHOUT_GPU();
+  const std::vector<SamplingParams> kinds = sampling_kinds();
+  auto sampling = [&](size_t prompt) { return kinds[prompt % kinds.size()]; };
+  EXPECT_EQ(generate_with(backend_factory(true), "fp16", 16, 0, sampling).tokens,
+            generate_with(backend_factory(false), "fp16", 16, 0, sampling).tokens);
 }
 
 // All prompts in one engine with a small token budget: multi-item batches mixing decodes with

@@ -13,12 +13,10 @@
 #include "engine/cuda/cuda_kv_cache.h"
 #include "engine/cuda/device_buffer.h"
 #include "engine/fp16.h"
-#include "engine/sampler.h"
 #include "kernels/bias_activation.h"
 #include "kernels/cuda_check.h"
 #include "kernels/device_info.h"
 #include "kernels/embedding.h"
-#include "kernels/greedy_sample.h"
 #include "kernels/layer_norm.h"
 #include "kernels/paged_attention.h"
 
@@ -341,52 +339,6 @@ TEST(GpuKvCache, DecodeAttentionThroughput) {
     cudaEventDestroy(stop);
     KVSERVE_CUDA_CHECK(cudaStreamDestroy(stream));
   }
-}
-
-// greedy_sample against the CPU sampler on the same logits: random rows, rows with ties at the
-// maximum (the lowest id wins), a -inf mask, and the rows sample_token rejects.
-TEST(GpuKernels, GreedySampleMatchesTheCpuSampler) {
-  SKIP_WITHOUT_GPU();
-  const int vocab = 50257, rows = 40;
-  std::mt19937 rng(5);
-  std::normal_distribution<float> normal(0.0f, 3.0f);
-  std::vector<float> logits(static_cast<size_t>(rows) * vocab);
-  for (float& l : logits) l = normal(rng);
-  auto row = [&](int r) { return &logits[static_cast<size_t>(r) * vocab]; };
-  for (int r = 1; r < 6; ++r) {  // ties: the same maximum at several ids
-    for (int k = 0; k < 4; ++k) row(r)[rng() % vocab] = 30.0f;
-  }
-  for (int v = 0; v < vocab; v += 2) row(6)[v] = -INFINITY;
-  row(7)[vocab - 1] = 40.0f;  // the last id
-  row(8)[123] = NAN;
-  row(9)[77] = INFINITY;
-  for (int v = 0; v < vocab; ++v) row(10)[v] = -INFINITY;
-  cuda::DeviceBuffer<float> logits_device;
-  cuda::DeviceBuffer<int32_t> token_device, invalid_device;
-  cuda::DeviceBuffer<float> logprob_device;
-  const float* d = upload(logits_device, logits.data(), logits.size());
-  cuda::greedy_sample(d, rows, vocab, token_device.reserve(rows), logprob_device.reserve(rows),
-                      invalid_device.reserve(rows), nullptr);
-  const std::vector<int32_t> token = download(token_device.get(), rows);
-  const std::vector<int32_t> invalid = download(invalid_device.get(), rows);
-  const std::vector<float> logprob = download(logprob_device.get(), rows);
-  SamplingParams greedy;
-  greedy.temperature = 0.0f;
-  for (int r = 0; r < rows; ++r) {
-    SCOPED_TRACE("row " + std::to_string(r));
-    if (r >= 8 && r <= 10) {
-      EXPECT_EQ(invalid[r], 1);
-      EXPECT_THROW(sample_token(row(r), vocab, greedy, {}, 0), std::invalid_argument);
-      continue;
-    }
-    ASSERT_EQ(invalid[r], 0);
-    const SampledToken cpu = sample_token(row(r), vocab, greedy, {}, 0);
-    EXPECT_EQ(token[r], cpu.id);
-    EXPECT_NEAR(logprob[r], cpu.logprob, 1e-5f + 1e-6f * std::fabs(cpu.logprob));
-  }
-  EXPECT_THROW(cuda::greedy_sample(nullptr, 1, vocab, token_device.get(), logprob_device.get(),
-                                   invalid_device.get(), nullptr),
-               std::invalid_argument);
 }
 
 TEST(GpuKernels, EmbeddingLayerNormAndBiasGeluMatchPlainLoops) {

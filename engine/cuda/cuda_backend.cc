@@ -11,8 +11,8 @@
 #include "kernels/cuda_check.h"
 #include "kernels/embedding.h"
 #include "kernels/gemm.h"
-#include "kernels/greedy_sample.h"
 #include "kernels/layer_norm.h"
+#include "kernels/sample_token.h"
 
 namespace kvserve {
 
@@ -252,44 +252,81 @@ void CudaBackend::forward(const std::vector<ForwardItem>& items, std::vector<flo
 void CudaBackend::forward_sample(const std::vector<ForwardItem>& items,
                                  const std::vector<SampleRequest>& requests,
                                  std::vector<SampleResult>& results) {
-  // Greedy without a penalty is an argmax, done beside the logits; any other request samples on
-  // the host from copied logits (the whole batch, so one step has one path).
-  bool on_device = requests.size() == items.size();
-  for (size_t i = 0; on_device && i < items.size(); ++i) {
-    const SamplingParams* p = requests[i].params;
-    on_device =
-        !items[i].all_logits &&
-        (p == nullptr || (p->greedy() && p->repetition_penalty == 1.0f && validate(*p).empty()));
+  if (requests.size() != items.size()) {
+    throw std::invalid_argument("forward_sample: one sample request per item");
   }
-  if (!on_device) {
-    Backend::forward_sample(items, requests, results);
-    return;
+  for (const ForwardItem& item : items) {
+    if (item.all_logits) throw std::invalid_argument("forward_sample: an item wants all logits");
   }
+  results.assign(items.size(), SampleResult{});
+  if (items.empty()) return;
   const int V = config_.vocab_size;
   const float* logits_device = run(items);
   const int rows = static_cast<int>(items.size());
-  // token [rows] | invalid [rows] | logprob bits [rows], one copy back.
+
+  // While the GPU runs the model: each row's parameters and, where the penalty is on, its history,
+  // packed for one copy: SampleRowParams [rows] | history ids. Rows that want no token, or whose
+  // request fails the checks sample_token makes first, sample greedily and are discarded.
+  size_t history_count = 0;
+  for (int i = 0; i < rows; ++i) {
+    const SampleRequest& r = requests[i];
+    if (r.params == nullptr) continue;
+    results[i].error = sample_input_error(*r.params, V, *r.history);
+    if (results[i].error.empty() && r.params->repetition_penalty != 1.0f) {
+      history_count += r.history->size();
+    }
+  }
+  const size_t params_bytes = rows * sizeof(cuda::SampleRowParams);
+  const size_t upload_bytes = params_bytes + history_count * sizeof(int32_t);
+  unsigned char* upload_host = sample_upload_host_.reserve(upload_bytes);
+  auto* row_params = reinterpret_cast<cuda::SampleRowParams*>(upload_host);
+  auto* history = reinterpret_cast<int32_t*>(upload_host + params_bytes);
+  int32_t history_end = 0;
+  for (int i = 0; i < rows; ++i) {
+    const SampleRequest& r = requests[i];
+    cuda::SampleRowParams& row = row_params[i];
+    row = {0.0, 0.0f, 1.0f, 1.0f, 0, history_end, history_end};
+    if (r.params == nullptr || !results[i].error.empty()) continue;
+    const SamplingParams& p = *r.params;
+    row.uniform = sampling_uniform(p.seed, r.step);
+    row.temperature = p.temperature;
+    row.top_p = p.top_p;
+    row.repetition_penalty = p.repetition_penalty;
+    row.top_k = p.top_k;
+    if (p.repetition_penalty != 1.0f) {
+      std::memcpy(history + history_end, r.history->data(), r.history->size() * sizeof(int32_t));
+      history_end += static_cast<int32_t>(r.history->size());
+      row.history_end = history_end;
+    }
+  }
+  unsigned char* upload = sample_upload_.reserve(upload_bytes);
+  KVSERVE_CUDA_CHECK(
+      cudaMemcpyAsync(upload, upload_host, upload_bytes, cudaMemcpyHostToDevice, stream_));
+
+  const size_t scratch_bytes = cuda::sample_tokens_scratch_bytes(rows, V);
+  void* scratch = sample_scratch_.reserve(scratch_bytes);
+  // token [rows] | status [rows] | logprob bits [rows], one copy back.
   int32_t* picked = picked_.reserve(3 * static_cast<size_t>(rows));
-  cuda::greedy_sample(logits_device, rows, V, picked, reinterpret_cast<float*>(picked + 2 * rows),
-                      picked + rows, stream_);
+  cuda::sample_tokens(
+      logits_device, rows, V, reinterpret_cast<const cuda::SampleRowParams*>(upload), row_params,
+      reinterpret_cast<const int32_t*>(upload + params_bytes), scratch, scratch_bytes, picked,
+      reinterpret_cast<float*>(picked + 2 * rows), picked + rows, stream_);
   int32_t* host = picked_host_.reserve(3 * static_cast<size_t>(rows));
   KVSERVE_CUDA_CHECK(cudaMemcpyAsync(host, picked, 3 * static_cast<size_t>(rows) * sizeof(int32_t),
                                      cudaMemcpyDeviceToHost, stream_));
   KVSERVE_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  results.assign(items.size(), SampleResult{});
   for (int i = 0; i < rows; ++i) {
-    if (requests[i].params == nullptr) continue;
-    for (int32_t id : *requests[i].history) {  // sample_token rejects these before looking
-      if (id < 0 || id >= V) results[i].error = "sample_token: history id outside the vocabulary";
+    if (requests[i].params == nullptr || !results[i].error.empty()) continue;
+    const int32_t status = host[rows + i];
+    if (status == cuda::kSampleLogitsInfOrNoFinite) {
+      results[i].error = kLogitsInfOrNoFiniteError;
+    } else if (status == cuda::kSampleLogitsNan) {
+      results[i].error = kLogitsNanError;
+    } else {
+      float logprob;
+      std::memcpy(&logprob, host + 2 * rows + i, sizeof(float));
+      results[i].token = {host[i], logprob};
     }
-    if (!results[i].error.empty()) continue;
-    if (host[rows + i] != 0) {
-      results[i].error = "sample_token: the logits hold a NaN, +inf or no finite value";
-      continue;
-    }
-    float logprob;
-    std::memcpy(&logprob, host + 2 * rows + i, sizeof(float));
-    results[i].token = {host[i], logprob};
   }
 }
 

@@ -1,6 +1,6 @@
 // The CUDA backend: GPT-2 with fp16 weights and activations, fp32 accumulation (cuBLAS) and an
 // fp32 residual stream, over the paged KV cache of cuda_kv_cache.h. Logits come back to the host
-// in fp32 for forward(); forward_sample picks greedy tokens on the GPU.
+// in fp32 for forward(); forward_sample picks tokens on the GPU (sample_token.cu).
 //
 // Decode steps (every item one token, run by decode_attention) replay a CUDA graph of the whole
 // model, captured after the first (eager) step with its item count and decode split, so one step
@@ -45,8 +45,8 @@ class CudaBackend : public Backend {
 
   std::string name() const override { return "cuda"; }
   void forward(const std::vector<ForwardItem>& items, std::vector<float>& logits) override;
-  // Greedy requests without a repetition penalty pick their token on the GPU; other sampling
-  // falls back to the host sampler over copied logits.
+  // Every request picks its token on the GPU (kernels/sample_token.h), by sample_token's
+  // contract and with its error messages; only ids, logprobs and statuses come back.
   void forward_sample(const std::vector<ForwardItem>& items,
                       const std::vector<SampleRequest>& requests,
                       std::vector<SampleResult>& results) override;
@@ -109,7 +109,11 @@ class CudaBackend : public Backend {
   cuda::DeviceBuffer<float> logits_;  // [R][V]
   std::vector<int32_t> indices_;      // host tokens [T] | positions [T] | logit rows [R]
   cuda::PinnedBuffer<float> logits_host_;
-  cuda::DeviceBuffer<int32_t> picked_;  // greedy_sample's token | invalid | logprob, [3][rows]
+  // forward_sample: SampleRowParams [rows] | penalised rows' history ids, uploaded in one copy.
+  cuda::PinnedBuffer<unsigned char> sample_upload_host_;
+  cuda::DeviceBuffer<unsigned char> sample_upload_;
+  cuda::DeviceBuffer<unsigned char> sample_scratch_;  // sample_tokens' scratch
+  cuda::DeviceBuffer<int32_t> picked_;  // sample_tokens' token | status | logprob, [3][rows]
   cuda::PinnedBuffer<int32_t> picked_host_;
   // cuBLAS's workspace, set once, so that cuBLAS never allocates while a graph is captured and
   // picks the same kernels with and without graphs.
