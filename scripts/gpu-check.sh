@@ -24,6 +24,7 @@
 #                         and kivi2, each with its transformers baseline;
 #              --serving  serving.json and latency.json: bench/serving.sh (in-process against
 #                         gRPC, concurrency 1..256) and bench/latency.sh on the GPU;
+#              --tests F  runs only the GPU tests matching the gtest filter F (default Gpu*);
 #              --no-tests skips the GPU tests.
 set -euo pipefail
 mode=${1:-}
@@ -53,13 +54,14 @@ case "$mode" in
   run)
     bundle=$(cd "$(dirname "$0")" && pwd)
     [ -x "$bundle/run" ] || bundle=$PWD/.device/cuda-bundle
-    ppl_windows=0 bench=0 models=0 serving=0 tests=1
+    ppl_windows=0 bench=0 models=0 serving=0 tests=1 filter='Gpu*'
     while [ $# -gt 0 ]; do
       case "$1" in
         --ppl) ppl_windows=$2; shift 2 ;;
         --bench) bench=1; shift ;;
         --models) models=1; shift ;;
         --serving) serving=1; shift ;;
+        --tests) filter=$2; shift 2 ;;
         --no-tests) tests=0; shift ;;
         *) break ;;
       esac
@@ -72,7 +74,7 @@ case "$mode" in
       --format=csv >"$out/gpu.txt" 2>&1 || true
     status=0
     if [ "$tests" = 1 ]; then
-      "$bundle/run" kvserve_tests --gtest_filter='Gpu*' --gtest_output="json:$out/gpu-tests.json" \
+      "$bundle/run" kvserve_tests --gtest_filter="$filter" --gtest_output="json:$out/gpu-tests.json" \
         2>&1 | tee "$out/gpu-tests.log" || status=1
     fi
     if [ "$ppl_windows" -gt 0 ]; then
@@ -93,6 +95,9 @@ case "$mode" in
         "$bundle/run" kvserve bench decode --model dummy:gpt2 --device cuda --kv "$kv" \
           --batches 256 --context 944 | tee -a "$out/bench.jsonl" || status=1
       done
+      # What the graphs buy: the same shapes with every step launched kernel by kernel.
+      "$bundle/run" kvserve bench decode --model dummy:gpt2 --device cuda --kv fp16 \
+        --batches 1,256 --context 512 --cuda-graphs off | tee -a "$out/bench.jsonl" || status=1
       python3 "$bundle/hf_decode.py" --batches 1,16,64,256 --context 512 \
         2> "$out/hf-decode.log" | tee -a "$out/bench.jsonl" || status=1
     fi
