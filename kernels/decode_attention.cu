@@ -14,7 +14,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
+#include <string>
 
 #include "kernels/cuda_check.h"
 #include "kernels/kv_cache_device.cuh"
@@ -402,6 +405,321 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---- The one-pass KIVI kernel ("online")
+//
+// Each warp walks its pages once with its own running softmax (max, sum) and the values summed
+// as it goes, so there is no block-wide score buffer and no barrier before the end: a warp
+// loads a whole page (keys, values and their scales) one page ahead, and the block ids of all
+// its pages up front, so the only memory latency it waits for is that of the page it computes
+// next. Keys are scored 4 channels x 16 tokens per lane (lane l: channels 4 (l % 16) .., tokens
+// 16 (l / 16) ..), which a 16-lane reduce-scatter turns into token l's score in lane l; values
+// keep the two-phase kernel's lanes. Codes are turned into floats without a shift: a code at bit
+// offset b * pos is masked in place under the exponent of 2^23 (code * 2^(b pos) exactly), and
+// the power of two is taken out once per token (keys) or per channel at the end (values).
+
+// Code positions whose masked value still fits the 23 mantissa bits; the codes above are read
+// from the word shifted right past them.
+template <int BITS>
+constexpr int kDirectCodes = BITS == 2 ? 11 : 5;
+
+// The bit offset a code at `pos` of its word is read at (see kDirectCodes).
+template <int BITS>
+__host__ __device__ constexpr int code_offset(int pos) {
+  return BITS * (pos < kDirectCodes<BITS> ? pos : pos - kDirectCodes<BITS>);
+}
+
+// code * 2^offset as a float, for the code of `bits`-wide mask at bit `offset` of w (offset +
+// bits <= 23): the bits under the exponent of 2^23, minus 2^23.
+template <int BITS>
+__device__ __forceinline__ float masked_code(uint32_t w, int offset) {
+  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  return __int_as_float(0x4B000000u | (w & (kMask << offset))) - 8388608.0f;
+}
+
+// 2^-e exactly.
+__device__ __forceinline__ float power_of_two_inverse(int e) {
+  return __int_as_float((127 - e) << 23);
+}
+
+// One page of one head as one lane of the online kernel reads it.
+template <int BITS>
+struct KiviPage {
+  static constexpr int kHalfWords = BITS / 2;  // words holding 16 tokens of a channel
+  uint32_t keys[4][kHalfWords];  // channels 4 (lane % 16) + i, tokens 16 (lane / 16) ..
+  uint4 key_params;              // their (scale, zero) pairs
+  ValueFragment<KvKind::kKivi, BITS> values;
+};
+
+template <int BITS>
+__device__ __forceinline__ KiviPage<BITS> load_kivi_page(const KvCacheView& c, const uint8_t* page,
+                                                         int head, int lane) {
+  KiviPage<BITS> f;
+  const int quad = lane % 16, half = lane / 16;
+  // u32 [H][D][P*b/32]: a channel has BITS words, 16 tokens take BITS / 2 of them.
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(page + c.key_codes) +
+                          (static_cast<int64_t>(head) * kD + 4 * quad) * BITS +
+                          half * KiviPage<BITS>::kHalfWords;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (BITS == 2) {
+      f.keys[i][0] = words[i * BITS];
+    } else {
+      const uint2 two = *reinterpret_cast<const uint2*>(words + i * BITS);
+      f.keys[i][0] = two.x;
+      f.keys[i][1] = two.y;
+    }
+  }
+  // fp16 pairs [H][D][1]: the quad's 4 channels are 16 contiguous bytes.
+  f.key_params =
+      *reinterpret_cast<const uint4*>(reinterpret_cast<const __half*>(page + c.key_params) +
+                                      (static_cast<int64_t>(head) * kD + 4 * quad) * 2);
+  f.values = load_values<KvKind::kKivi, BITS>(c, page, head, lane);
+  return f;
+}
+
+// The running softmax of one warp: max m, the lanes' shares of the sum, and the value sums of
+// the lane's channels: channel j's sum scaled by 2^code_offset(j) (the codes' power of two; the
+// fp16 window's values are scaled to match), and the zero part, the same for every channel.
+template <int BITS>
+struct OnlineState {
+  static constexpr int kChannels = ValueLanes<KvKind::kKivi, BITS>::kChannels;
+  float m = -INFINITY;
+  float sum = 0.0f;
+  float zero = 0.0f;
+  float values[kChannels] = {};
+
+  // Makes m at least new_max (warp-uniform), rescaling what was summed so far.
+  __device__ __forceinline__ void raise_max(float new_max) {
+    if (new_max <= m) return;
+    const float scale = expf(m - new_max);  // 0 while m is -inf
+    m = new_max;
+    sum *= scale;
+    zero *= scale;
+#pragma unroll
+    for (int j = 0; j < kChannels; ++j) values[j] *= scale;
+  }
+};
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Scores a page (token l in lane l), folds the scores into the softmax and adds the values.
+//   qk: the lane's 4 key channels of q, pre-scaled by 1/sqrt(kD)
+template <int BITS>
+__device__ __forceinline__ void add_kivi_page(const KiviPage<BITS>& f, const float* qk, int lane,
+                                              OnlineState<BITS>& s) {
+  constexpr int kPerWord = 32 / BITS, kHalfWords = KiviPage<BITS>::kHalfWords;
+  static_assert(kPerWord * kHalfWords == 16, "16 tokens per lane");
+  // q . (code * scale + zero) = sum q * scale * code + sum q * zero, per channel.
+  const __half2* params = reinterpret_cast<const __half2*>(&f.key_params);
+  float weight[4], qz = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 sz = __half22float2(params[i]);
+    weight[i] = qk[i] * sz.x;
+    qz += qk[i] * sz.y;
+  }
+  qz += __shfl_xor_sync(0xffffffffu, qz, 1);
+  qz += __shfl_xor_sync(0xffffffffu, qz, 2);
+  qz += __shfl_xor_sync(0xffffffffu, qz, 4);
+  qz += __shfl_xor_sync(0xffffffffu, qz, 8);
+  float v[16] = {};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int k = 0; k < kHalfWords; ++k) {
+      const uint32_t low = f.keys[i][k], high = low >> (BITS * kDirectCodes<BITS>);
+#pragma unroll
+      for (int pos = 0; pos < kPerWord; ++pos) {
+        const uint32_t w = pos < kDirectCodes<BITS> ? low : high;
+        v[k * kPerWord + pos] += weight[i] * masked_code<BITS>(w, code_offset<BITS>(pos));
+      }
+    }
+  }
+  // Lanes of one token half differ in bits 0-3: afterwards lane l holds slot l % 16, token l.
+  scatter_half<8>(v, lane);
+  scatter_half<4>(v, lane);
+  scatter_half<2>(v, lane);
+  scatter_half<1>(v, lane);
+  const float score = v[0] * power_of_two_inverse(code_offset<BITS>((lane % 16) % kPerWord)) + qz;
+
+  s.raise_max(warp_max(score));
+  const float p = expf(score - s.m);
+  s.sum += p;
+
+  using L = ValueLanes<KvKind::kKivi, BITS>;
+  const int sub = lane / L::kGroups;
+  const auto& values = f.values;
+#pragma unroll
+  for (int i = 0; i < values.kCount; ++i) {
+    const float pt = __shfl_sync(0xffffffffu, p, sub + L::kTokens * i);
+    const float2 sz = __half22float2(values.params[i]);
+    const float ps = pt * sz.x;
+    s.zero += pt * sz.y;
+    const uint32_t low = values.words[i], high = low >> (BITS * kDirectCodes<BITS>);
+#pragma unroll
+    for (int pos = 0; pos < kPerWord; ++pos) {
+      const uint32_t w = pos < kDirectCodes<BITS> ? low : high;
+      s.values[pos] += ps * masked_code<BITS>(w, code_offset<BITS>(pos));
+    }
+  }
+}
+
+// 2-bit pages fit 5 blocks per SM without spilling (4-bit ones would spill).
+template <int BITS>
+__global__ void __launch_bounds__(kThreads, BITS == 2 ? 5 : 4)
+    decode_attention_online_kernel(const KvCacheView cache, const KvBatchView batch, int chunk,
+                                   int splits, const __half* qkv, int qkv_stride, __half* out,
+                                   int out_stride, float* partial) {
+  using L = ValueLanes<KvKind::kKivi, BITS>;
+  constexpr int kMaxWarpPages = kMaxChunk / kPage / kWarps;
+  static_assert(kMaxWarpPages <= 32, "a warp's block ids fit one per lane");
+  __shared__ float q_s[kD];
+  __shared__ float acc_s[kWarps][kD];
+  __shared__ float max_s[kWarps], sum_s[kWarps];
+  const int split = blockIdx.x, head = blockIdx.y, item = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int pos = batch.start[item], len = pos + 1;
+  const int c0 = split * chunk, c1 = min(len, c0 + chunk);
+  float* part =
+      partial == nullptr
+          ? nullptr
+          : partial +
+                ((static_cast<int64_t>(item) * cache.n_head + head) * splits + split) * (kD + 2);
+  if (c0 >= len) {  // splits follow the longest item; this one is shorter
+    if (threadIdx.x == 0) {
+      part[kD] = -INFINITY;
+      part[kD + 1] = 0.0f;
+    }
+    return;
+  }
+  const int64_t row = batch.row[item];
+  const int32_t* pages = batch.pages + batch.page_offset[item];
+  const int paged = paged_count(cache, len), paged_end = min(c1, paged);
+  // This warp's pages: c0 / kPage + warp + kWarps i; lane i holds the block id of the i-th.
+  const int first_page = c0 / kPage + warp;
+  const int warp_pages =
+      paged_end / kPage > first_page ? (paged_end / kPage - first_page + kWarps - 1) / kWarps : 0;
+  const int32_t block_id = lane < warp_pages ? pages[first_page + kWarps * lane] : 0;
+  if (threadIdx.x < kD) {
+    q_s[threadIdx.x] = __half2float(qkv[row * qkv_stride + head * kD + threadIdx.x]) * 0.125f;
+  }
+  __syncthreads();
+  float qk[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) qk[i] = q_s[4 * (lane % 16) + i];
+
+  OnlineState<BITS> state;
+  if (warp_pages > 0) {
+    KiviPage<BITS> page = load_kivi_page<BITS>(
+        cache, block_ptr(cache, __shfl_sync(0xffffffffu, block_id, 0)), head, lane);
+    for (int i = 0; i < warp_pages; ++i) {
+      KiviPage<BITS> ahead{};
+      const int32_t next = __shfl_sync(0xffffffffu, block_id, min(i + 1, warp_pages - 1));
+      if (i + 1 < warp_pages) {
+        ahead = load_kivi_page<BITS>(cache, block_ptr(cache, next), head, lane);
+      }
+      add_kivi_page<BITS>(page, qk, lane, state);
+      page = ahead;
+    }
+  }
+
+  // fp16 window tokens, L::kTokens per warp pass: L::kGroups lanes of L::kChannels channels each.
+  const KvWindow window{&cache,
+                        batch.residual_blocks + batch.residual_offset[item],
+                        qkv + row * qkv_stride,
+                        qkv_stride,
+                        head,
+                        pos,
+                        paged_count(cache, pos)};
+  const int group = lane % L::kGroups, sub = lane / L::kGroups;
+  for (int t0 = max(c0, paged) + L::kTokens * warp; t0 < c1; t0 += L::kTokens * kWarps) {
+    const int t = t0 + sub;
+    const bool valid = t < c1;
+    uint4 k[L::kChannels / 8] = {}, v[L::kChannels / 8] = {};
+    if (valid) {
+      const uint4* keys = reinterpret_cast<const uint4*>(window.row(t, 0) + L::kChannels * group);
+      const uint4* values = reinterpret_cast<const uint4*>(window.row(t, 1) + L::kChannels * group);
+#pragma unroll
+      for (int j = 0; j < L::kChannels / 8; ++j) {
+        k[j] = keys[j];
+        v[j] = values[j];
+      }
+    }
+    float dot = 0.0f;
+#pragma unroll
+    for (int j = 0; j < L::kChannels / 8; ++j) {
+      float f[8];
+      unpack8(k[j], f);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) dot += q_s[L::kChannels * group + 8 * j + e] * f[e];
+    }
+#pragma unroll
+    for (int o = 1; o < L::kGroups; o *= 2) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    const float score = valid ? dot : -INFINITY;
+    state.raise_max(warp_max(score));
+    const float p = valid ? expf(score - state.m) : 0.0f;
+    if (group == 0) state.sum += p;
+#pragma unroll
+    for (int j = 0; j < L::kChannels / 8; ++j) {
+      float f[8];
+      unpack8(v[j], f);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float scaled_p = p * static_cast<float>(1 << code_offset<BITS>(8 * j + e));
+        state.values[8 * j + e] += scaled_p * f[e];
+      }
+    }
+  }
+
+  // The warp's output channels, then the block's merge of its warps.
+  float o[L::kChannels];
+#pragma unroll
+  for (int j = 0; j < L::kChannels; ++j) {
+    o[j] = state.values[j] * power_of_two_inverse(code_offset<BITS>(j)) + state.zero;
+  }
+  // Lanes of one channel group differ in the bits above the group index.
+#pragma unroll
+  for (int step = L::kGroups; step < 32; step *= 2) {
+#pragma unroll
+    for (int j = 0; j < L::kChannels; ++j) o[j] += __shfl_xor_sync(0xffffffffu, o[j], step);
+  }
+  if (sub == 0) {
+#pragma unroll
+    for (int j = 0; j < L::kChannels; ++j) acc_s[warp][L::kChannels * group + j] = o[j];
+  }
+  const float warp_total = warp_sum(state.sum);
+  if (lane == 0) {
+    max_s[warp] = state.m;
+    sum_s[warp] = warp_total;
+  }
+  __syncthreads();
+  if (threadIdx.x < kD) {
+    float m = max_s[0];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) m = fmaxf(m, max_s[w]);
+    float acc = 0.0f, sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      if (max_s[w] == -INFINITY) continue;  // a warp without tokens in this chunk
+      const float scale = expf(max_s[w] - m);
+      acc += acc_s[w][threadIdx.x] * scale;
+      sum += sum_s[w] * scale;
+    }
+    if (part != nullptr) {
+      part[threadIdx.x] = acc;
+      if (threadIdx.x == 0) {
+        part[kD] = m;
+        part[kD + 1] = sum;
+      }
+    } else {
+      out[row * out_stride + head * kD + threadIdx.x] = __float2half_rn(acc / sum);
+    }
+  }
+}
+
 // Merges the splits of one (item, head): o = sum_s o_s e^(m_s - m) / sum_s l_s e^(m_s - m).
 __global__ void __launch_bounds__(kD)
     decode_attention_merge_kernel(const KvBatchView batch, int n_head, int splits,
@@ -421,14 +739,38 @@ __global__ void __launch_bounds__(kD)
   out[static_cast<int64_t>(batch.row[item]) * out_stride + head * kD + d] = __float2half_rn(o / l);
 }
 
+enum class KiviVariant { kOnline, kTwoPhase };
+
+// KVSERVE_DECODE_ATTENTION_VARIANT picks the KIVI kernel: "online" (default) or "two_phase";
+// read at every launch so that a benchmark can time both in one process.
+KiviVariant kivi_variant() {
+  const char* name = std::getenv("KVSERVE_DECODE_ATTENTION_VARIANT");
+  if (name == nullptr || *name == '\0' || std::strcmp(name, "online") == 0) {
+    return KiviVariant::kOnline;
+  }
+  if (std::strcmp(name, "two_phase") == 0) return KiviVariant::kTwoPhase;
+  throw std::invalid_argument(std::string("KVSERVE_DECODE_ATTENTION_VARIANT: unknown variant '") +
+                              name + "' (use online or two_phase)");
+}
+
 template <KvKind KIND, int BITS>
 void launch(const KvCacheView& cache, const KvBatchView& batch, DecodeSplit split,
             const __half* qkv, int qkv_stride, __half* out, int out_stride, float* partial,
             cudaStream_t stream) {
-  decode_attention_kernel<KIND, BITS>
-      <<<dim3(split.splits, cache.n_head, batch.items), kThreads, split.chunk * sizeof(float),
-         stream>>>(cache, batch, split.chunk, split.splits, qkv, qkv_stride, out, out_stride,
-                   split.splits > 1 ? partial : nullptr);
+  const dim3 grid(split.splits, cache.n_head, batch.items);
+  float* split_partial = split.splits > 1 ? partial : nullptr;
+  bool online = false;
+  if constexpr (KIND == KvKind::kKivi) {
+    online = kivi_variant() == KiviVariant::kOnline;
+    if (online) {
+      decode_attention_online_kernel<BITS><<<grid, kThreads, 0, stream>>>(
+          cache, batch, split.chunk, split.splits, qkv, qkv_stride, out, out_stride, split_partial);
+    }
+  }
+  if (!online) {
+    decode_attention_kernel<KIND, BITS><<<grid, kThreads, split.chunk * sizeof(float), stream>>>(
+        cache, batch, split.chunk, split.splits, qkv, qkv_stride, out, out_stride, split_partial);
+  }
   KVSERVE_CUDA_CHECK(cudaGetLastError());
   if (split.splits > 1) {
     decode_attention_merge_kernel<<<dim3(cache.n_head, batch.items), kD, 0, stream>>>(
