@@ -1,4 +1,6 @@
-// Decode attention, one block of 4 warps per (split, head, item). The block's chunk of keys is
+// Decode attention, one block of 4 warps per (split, head, item). KIVI has two kernels, picked
+// by KVSERVE_DECODE_ATTENTION_VARIANT: "online" (the default, described further down, before
+// its kernel) and "two_phase", which fp16 always uses. Two-phase: the block's chunk of keys is
 // scored into shared memory (warps take whole pages), soft-maxed there, and the values are
 // summed with lane-owned output channels, so a lane keeps its accumulators in registers for the
 // whole chunk and the lanes are reduced once at the end. Codes are read a 32-bit word or 16 bytes
