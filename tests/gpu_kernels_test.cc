@@ -98,7 +98,7 @@ std::vector<CacheCase> cache_cases() {
 // KIVI one ("" leaves it unset: fp16 has a single kernel). Every one must match the CPU cache.
 std::vector<std::string> decode_variants(const KvCacheConfig& config) {
   if (!is_kivi(config.format)) return {""};
-  return {"online", "two_phase"};
+  return {"online", "tensor"};
 }
 
 // Sets KVSERVE_DECODE_ATTENTION_VARIANT (unsets it for "") for its lifetime.
