@@ -88,6 +88,8 @@ std::vector<CacheCase> cache_cases() {
           {"int8", int8},
           {"kivi4", kivi(KvFormat::kKivi4, 32, 32, 32, 32, false)},
           {"kivi2", kivi(KvFormat::kKivi2, 32, 32, 32, 32, false)},
+          {"kivi2_gv16", kivi(KvFormat::kKivi2, 32, 16, 32, 32, false)},
+          {"kivi4_gv8_r64", kivi(KvFormat::kKivi4, 32, 8, 64, 32, false)},
           {"kivi2_gv64_r64_p64", kivi(KvFormat::kKivi2, 32, 64, 64, 64, false)},
           {"kivi2_per_token_keys", kivi(KvFormat::kKivi2, 32, 32, 32, 32, true)},
           {"kivi4_g16_gv16_r16_p48", kivi(KvFormat::kKivi4, 16, 16, 16, 48, false)},
