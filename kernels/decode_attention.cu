@@ -72,10 +72,10 @@ __device__ __forceinline__ void unpack8(const uint4& raw, float* out) {
   }
 }
 
-// What one lane reads of one page (one head) for the scores and for the values, in registers.
-// Loading is split from the arithmetic so that a warp has the next page's loads in flight while
-// it computes the current page: a KIVI page is only 16 bytes per lane, too little to hide the
-// memory latency otherwise.
+// What one lane reads of one page (one head) for the scores and for the values, in registers
+// (fp16 keys and values; the KIVI values lanes of the online kernel). Loading is split from the
+// arithmetic so that a warp has the next page's loads in flight while it computes the current
+// page.
 template <KvKind KIND, int BITS>
 struct KeyFragment {
   static_assert(KIND == KvKind::kFp16, "KIVI pages are read by load_kivi_page");
