@@ -7,8 +7,8 @@
 // whole chunk and the lanes are reduced once at the end.
 //
 // KIVI (one pass, described before its kernel below): KVSERVE_DECODE_ATTENTION_VARIANT picks
-// "online" (default; values in fp32 FMAs, KIVI values lanes: lane l owns one code word, 32/b
-// channels, of tokens l / (2b) + 16/b * i) or "tensor" (2-bit values by mma.m16n8k16).
+// "online" (default; fp32 FMAs, KIVI values lanes: lane l owns one code word, 32/b channels,
+// of tokens l / (2b) + 16/b * i) or "tensor" (2-bit keys and values by mma.m16n8k16).
 #include "kernels/decode_attention.h"
 
 #include <algorithm>
@@ -311,8 +311,9 @@ __global__ void __launch_bounds__(kThreads)
 // loads a whole page (keys, values and their scales) one page ahead, and the block ids of all
 // its pages up front, so the only memory latency it waits for is that of the page it computes
 // next. Keys are scored 4 channels x 16 tokens per lane (lane l: channels 4 (l % 16) .., tokens
-// 16 (l / 16) ..), which a 16-lane reduce-scatter turns into token l's score in lane l; values
-// take ValueLanes (fp32) or the tensor cores (add_tensor_values), the fp16 window ValueLanes.
+// 16 (l / 16) ..), which a 16-lane reduce-scatter turns into token l's score in lane l, and
+// values take ValueLanes; or both by tensor cores (tensor_key_score, add_tensor_values). The
+// fp16 window always takes ValueLanes.
 // Codes are turned into floats without a shift: a code at bit offset b * pos is masked in place
 // under the exponent of 2^23 (code * 2^(b pos) exactly), and the power of two is taken out once
 // per token (keys) or per channel at the end (values).
@@ -348,12 +349,25 @@ struct TensorValueRow {
   uint32_t params[4];
 };
 
+// What a lane reads of a page's keys for fp32 scoring.
+template <int BITS>
+struct OnlineKeys {
+  static constexpr int kHalfWords = BITS / 2;  // words holding 16 tokens of a channel
+  uint32_t words[4][kHalfWords];  // channels 4 (lane % 16) + i, tokens 16 (lane / 16) ..
+  uint4 params;                   // their (scale, zero) pairs
+};
+
+// What a lane reads of a 2-bit page's keys for the tensor cores: channels 2 lane and 2 lane + 1
+// (codes: tokens 0-15 and 16-31 of the first, then of the second) and their (scale, zero) pairs.
+struct TensorKeys {
+  uint4 codes;
+  uint2 params;
+};
+
 // One page of one head as one lane of the online kernel reads it.
 template <int BITS, bool kTensor>
 struct KiviPage {
-  static constexpr int kHalfWords = BITS / 2;  // words holding 16 tokens of a channel
-  uint32_t keys[4][kHalfWords];  // channels 4 (lane % 16) + i, tokens 16 (lane / 16) ..
-  uint4 key_params;              // their (scale, zero) pairs
+  std::conditional_t<kTensor, TensorKeys, OnlineKeys<BITS>> keys;
   std::conditional_t<kTensor, TensorValueRow, ValueFragment<KvKind::kKivi, BITS>> values;
 };
 
@@ -362,25 +376,34 @@ __device__ __forceinline__ KiviPage<BITS, kTensor> load_kivi_page(const KvCacheV
                                                                   const uint8_t* page, int head,
                                                                   int lane) {
   KiviPage<BITS, kTensor> f;
-  const int quad = lane % 16, half = lane / 16;
-  // u32 [H][D][P*b/32]: a channel has BITS words, 16 tokens take BITS / 2 of them.
-  const uint32_t* words = reinterpret_cast<const uint32_t*>(page + c.key_codes) +
-                          (static_cast<int64_t>(head) * kD + 4 * quad) * BITS +
-                          half * KiviPage<BITS, kTensor>::kHalfWords;
+  if constexpr (kTensor) {
+    // u32 [H][D][2] and fp16 pairs [H][D][1]: channels 2 lane, 2 lane + 1 are 16 and 8 bytes.
+    const int64_t channel = static_cast<int64_t>(head) * kD + 2 * lane;
+    f.keys.codes = *reinterpret_cast<const uint4*>(
+        reinterpret_cast<const uint32_t*>(page + c.key_codes) + channel * 2);
+    f.keys.params = *reinterpret_cast<const uint2*>(
+        reinterpret_cast<const __half*>(page + c.key_params) + channel * 2);
+  } else {
+    const int quad = lane % 16, half = lane / 16;
+    // u32 [H][D][P*b/32]: a channel has BITS words, 16 tokens take BITS / 2 of them.
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(page + c.key_codes) +
+                            (static_cast<int64_t>(head) * kD + 4 * quad) * BITS +
+                            half * OnlineKeys<BITS>::kHalfWords;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    if constexpr (BITS == 2) {
-      f.keys[i][0] = words[i * BITS];
-    } else {
-      const uint2 two = *reinterpret_cast<const uint2*>(words + i * BITS);
-      f.keys[i][0] = two.x;
-      f.keys[i][1] = two.y;
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (BITS == 2) {
+        f.keys.words[i][0] = words[i * BITS];
+      } else {
+        const uint2 two = *reinterpret_cast<const uint2*>(words + i * BITS);
+        f.keys.words[i][0] = two.x;
+        f.keys.words[i][1] = two.y;
+      }
     }
+    // fp16 pairs [H][D][1]: the quad's 4 channels are 16 contiguous bytes.
+    f.keys.params =
+        *reinterpret_cast<const uint4*>(reinterpret_cast<const __half*>(page + c.key_params) +
+                                        (static_cast<int64_t>(head) * kD + 4 * quad) * 2);
   }
-  // fp16 pairs [H][D][1]: the quad's 4 channels are 16 contiguous bytes.
-  f.key_params =
-      *reinterpret_cast<const uint4*>(reinterpret_cast<const __half*>(page + c.key_params) +
-                                      (static_cast<int64_t>(head) * kD + 4 * quad) * 2);
   if constexpr (kTensor) {
     static_assert(BITS == 2, "a 2-bit token row is one 16-byte ldmatrix row");
     // u32 [H][P][D*b/32] and fp16 pairs [H][P][D/GV]: token `lane`'s row of each.
@@ -443,6 +466,12 @@ __host__ __device__ constexpr int half_code_offset(int c) {
 struct TensorStage {
   uint4 codes[kPage];        // u32 [P][4]: the page's 2-bit code rows, the ldmatrix rows
   __half weights[8][kPage];  // fp16 [2 group + (0 high, 1 low part)][P]: p * scale in two halves
+  // Keys: half2 [token octet][channel pair] of codes (8 tokens of each channel per half; 4 words
+  // of padding keep the octets' rows on different banks), half2 [high, low][channel pair] of
+  // q * scale, and the page's scores.
+  uint32_t key_codes[4][kD / 2 + 4];
+  uint32_t key_weights[2][kD / 2 + 4];
+  float scores[kPage];
 };
 
 // Adds the values of a 2-bit page with mma.m16n8k16 (fp16 in, fp32 accumulate):
@@ -522,17 +551,15 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// Scores a page (token l in lane l), folds the scores into the softmax and adds the values.
-//   qk: the lane's 4 key channels of q, pre-scaled by 1/sqrt(kD)
-//   groups, stage: for tensor-core values (add_tensor_values)
-template <int BITS, bool kTensor>
-__device__ __forceinline__ void add_kivi_page(const KiviPage<BITS, kTensor>& f, const float* qk,
-                                              int lane, int groups, TensorStage& stage,
-                                              OnlineState<BITS, kTensor>& s) {
-  constexpr int kPerWord = 32 / BITS, kHalfWords = KiviPage<BITS, kTensor>::kHalfWords;
+// q . k of the page's token lane, from 4 channels x 16 tokens per lane.
+//   qk: the lane's 4 key channels of q (4 (lane % 16) + i), pre-scaled by 1/sqrt(kD)
+template <int BITS>
+__device__ __forceinline__ float online_key_score(const OnlineKeys<BITS>& keys, const float* qk,
+                                                  int lane) {
+  constexpr int kPerWord = 32 / BITS, kHalfWords = OnlineKeys<BITS>::kHalfWords;
   static_assert(kPerWord * kHalfWords == 16, "16 tokens per lane");
   // q . (code * scale + zero) = sum q * scale * code + sum q * zero, per channel.
-  const __half2* params = reinterpret_cast<const __half2*>(&f.key_params);
+  const __half2* params = reinterpret_cast<const __half2*>(&keys.params);
   float weight[4], qz = 0.0f;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -549,7 +576,7 @@ __device__ __forceinline__ void add_kivi_page(const KiviPage<BITS, kTensor>& f, 
   for (int i = 0; i < 4; ++i) {
 #pragma unroll
     for (int k = 0; k < kHalfWords; ++k) {
-      const uint32_t low = f.keys[i][k], high = low >> (BITS * kDirectCodes<BITS>);
+      const uint32_t low = keys.words[i][k], high = low >> (BITS * kDirectCodes<BITS>);
 #pragma unroll
       for (int pos = 0; pos < kPerWord; ++pos) {
         const uint32_t w = pos < kDirectCodes<BITS> ? low : high;
@@ -562,7 +589,95 @@ __device__ __forceinline__ void add_kivi_page(const KiviPage<BITS, kTensor>& f, 
   scatter_half<4>(v, lane);
   scatter_half<2>(v, lane);
   scatter_half<1>(v, lane);
-  const float score = v[0] * power_of_two_inverse(code_offset<BITS>((lane % 16) % kPerWord)) + qz;
+  return v[0] * power_of_two_inverse(code_offset<BITS>((lane % 16) % kPerWord)) + qz;
+}
+
+// q . k of a 2-bit page's token lane with mma.m16n8k16 (fp16 in, fp32 accumulate):
+//   D[token][part] = sum over channels c of code[c][token] * weight[part][c]
+// with weight = q_c * scale_c split into a high and a low fp16 half (columns 0 and 1; the other
+// columns repeat them and are not read). The lanes stage their channels' codes by token octet
+// (a half holds 8 tokens of one channel), so that lane (g, t) = lane / 4, lane % 4 reads the
+// channel pair 4 sigma + t (channels 8 sigma + 2 t, + 1: the k-pair t of k-tile sigma / 2, or
+// t + 4 for odd sigma) of octet g % 4, shifted right by 8 (g / 4) so that its low 8 bits of
+// each half are tokens 8 (g % 4) + 4 (g / 4) + s', s' = 0 .. 3, masked in place as 4^s' * code
+// (exact in fp16, see add_tensor_values). M-tile mt takes s' = 2 mt (rows g) and 2 mt + 1 (rows
+// g + 8), so lane (g, 0) ends with the scores of those four tokens; they go through shared
+// memory to token lane's lane.
+//   qk: q of channels 2 lane and 2 lane + 1, pre-scaled by 1/sqrt(kD)
+__device__ __forceinline__ float tensor_key_score(const TensorKeys& keys, const float* qk, int lane,
+                                                  TensorStage& stage) {
+  __syncwarp();  // every lane is done with the previous page's stage
+  const uint4 w = keys.codes;
+  stage.key_codes[0][lane] = __byte_perm(w.x, w.z, 0x5410);
+  stage.key_codes[1][lane] = __byte_perm(w.x, w.z, 0x7632);
+  stage.key_codes[2][lane] = __byte_perm(w.y, w.w, 0x5410);
+  stage.key_codes[3][lane] = __byte_perm(w.y, w.w, 0x7632);
+  const uint32_t scale_bits = __byte_perm(keys.params.x, keys.params.y, 0x5410);
+  const uint32_t zero_bits = __byte_perm(keys.params.x, keys.params.y, 0x7632);
+  const __half2 scale = *reinterpret_cast<const __half2*>(&scale_bits);
+  const __half2 q = __floats2half2_rn(qk[0], qk[1]);
+  const __half2 high = __hmul2(q, scale);
+  const __half2 low = __hfma2(q, scale, __hneg2(high));  // q * scale - high, rounded once
+  stage.key_weights[0][lane] = *reinterpret_cast<const uint32_t*>(&high);
+  stage.key_weights[1][lane] = *reinterpret_cast<const uint32_t*>(&low);
+  const float2 zero = __half22float2(*reinterpret_cast<const __half2*>(&zero_bits));
+  const float qz = warp_sum(qk[0] * zero.x + qk[1] * zero.y);
+  __syncwarp();
+  const int gid = lane / 4, tig = lane % 4;
+  const int shift = 8 * (gid / 4);
+  uint32_t a[8][4];  // [sigma][s']
+#pragma unroll
+  for (int sigma = 0; sigma < 8; ++sigma) {
+    const uint32_t word = stage.key_codes[gid % 4][4 * sigma + tig] >> shift;
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      const uint32_t bits = (word & (0x00030003u << (2 * t))) | 0x64006400u;
+      const __half2 code =
+          __hsub2(*reinterpret_cast<const __half2*>(&bits), __float2half2_rn(1024.0f));
+      a[sigma][t] = *reinterpret_cast<const uint32_t*>(&code);
+    }
+  }
+  const uint32_t* weights = stage.key_weights[gid % 2];
+  float d[2][4] = {};
+#pragma unroll
+  for (int kt = 0; kt < 4; ++kt) {
+    const uint32_t b0 = weights[8 * kt + tig], b1 = weights[8 * kt + 4 + tig];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+          "{%8, %9}, {%0, %1, %2, %3};\n"
+          : "+f"(d[mt][0]), "+f"(d[mt][1]), "+f"(d[mt][2]), "+f"(d[mt][3])
+          : "r"(a[2 * kt][2 * mt]), "r"(a[2 * kt][2 * mt + 1]), "r"(a[2 * kt + 1][2 * mt]),
+            "r"(a[2 * kt + 1][2 * mt + 1]), "r"(b0), "r"(b1));
+    }
+  }
+  if (tig == 0) {
+    const int first = 8 * (gid % 4) + 4 * (gid / 4);
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      stage.scores[first + 2 * mt] = (d[mt][0] + d[mt][1]) * power_of_two_inverse(4 * mt) + qz;
+      stage.scores[first + 2 * mt + 1] =
+          (d[mt][2] + d[mt][3]) * power_of_two_inverse(4 * mt + 2) + qz;
+    }
+  }
+  __syncwarp();
+  return stage.scores[lane];
+}
+
+// Scores a page (token l in lane l), folds the scores into the softmax and adds the values.
+//   qk: see online_key_score and tensor_key_score
+//   groups, stage: for tensor cores (add_tensor_values, tensor_key_score)
+template <int BITS, bool kTensor>
+__device__ __forceinline__ void add_kivi_page(const KiviPage<BITS, kTensor>& f, const float* qk,
+                                              int lane, int groups, TensorStage& stage,
+                                              OnlineState<BITS, kTensor>& s) {
+  constexpr int kPerWord = 32 / BITS;
+  float score;
+  if constexpr (kTensor) {
+    score = tensor_key_score(f.keys, qk, lane, stage);
+  } else {
+    score = online_key_score<BITS>(f.keys, qk, lane);
+  }
 
   s.raise_max(warp_max(score));
   const float p = expf(score - s.m);
@@ -590,10 +705,10 @@ __device__ __forceinline__ void add_kivi_page(const KiviPage<BITS, kTensor>& f, 
   }
 }
 
-// kTensor: the values by tensor cores (2-bit only). The 2-bit kernel without them fits 5 blocks
-// per SM without spilling; the others would spill and run 4.
+// kTensor: keys and values by tensor cores (2-bit only). 2-bit pages fit 5 blocks per SM
+// without spilling (4-bit ones would spill).
 template <int BITS, bool kTensor>
-__global__ void __launch_bounds__(kThreads, BITS == 2 && !kTensor ? 5 : 4)
+__global__ void __launch_bounds__(kThreads, BITS == 2 ? 5 : 4)
     decode_attention_online_kernel(const KvCacheView cache, const KvBatchView batch, int chunk,
                                    int splits, const __half* qkv, int qkv_stride, __half* out,
                                    int out_stride, float* partial) {
@@ -641,7 +756,7 @@ __global__ void __launch_bounds__(kThreads, BITS == 2 && !kTensor ? 5 : 4)
   __syncthreads();
   float qk[4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) qk[i] = q_s[4 * (lane % 16) + i];
+  for (int i = 0; i < 4; ++i) qk[i] = kTensor ? q_s[2 * lane + i % 2] : q_s[4 * (lane % 16) + i];
 
   OnlineState<BITS, kTensor> state;
   if (warp_pages > 0) {
@@ -799,8 +914,8 @@ __global__ void __launch_bounds__(kD)
 enum class KiviVariant { kOnline, kTensor };
 
 // KVSERVE_DECODE_ATTENTION_VARIANT picks the KIVI kernel: "online" (default) or "tensor" (the
-// same with 2-bit values summed by tensor cores; 4-bit pages run "online"); read at every launch
-// so that a benchmark can time both in one process.
+// same with 2-bit keys and values by tensor cores; 4-bit pages run "online"); read at every
+// launch so that a benchmark can time both in one process.
 KiviVariant kivi_variant() {
   const char* name = std::getenv("KVSERVE_DECODE_ATTENTION_VARIANT");
   if (name == nullptr || *name == '\0' || std::strcmp(name, "online") == 0) {
