@@ -97,10 +97,12 @@ std::vector<CacheCase> cache_cases() {
 }
 
 // The decode_attention kernels a format runs under: KVSERVE_DECODE_ATTENTION_VARIANT picks the
-// KIVI one ("" leaves it unset: fp16 has a single kernel). Every one must match the CPU cache.
+// KIVI one, and "tensor" differs from "online" for 2-bit pages only ("" leaves the variable
+// unset: fp16 has a single kernel). Every one must match the CPU cache.
 std::vector<std::string> decode_variants(const KvCacheConfig& config) {
-  if (!is_kivi(config.format)) return {""};
-  return {"online", "tensor"};
+  if (config.format == KvFormat::kKivi2) return {"online", "tensor"};
+  if (config.format == KvFormat::kKivi4) return {"online"};
+  return {""};
 }
 
 // Sets KVSERVE_DECODE_ATTENTION_VARIANT (unsets it for "") for its lifetime.
