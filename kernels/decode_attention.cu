@@ -456,6 +456,35 @@ struct OnlineState {
   }
 };
 
+// d += A * B for one m16n8k16 tile: fp16 A (4 registers of half2) and B (2), fp32 d (PTX
+// fragment layouts). Tensor-core paths need sm_80; builds for older GPUs trap if they run them.
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                             uint32_t a3, uint32_t b0, uint32_t b1) {
+#if __CUDA_ARCH__ >= 800
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  __trap();
+#endif
+}
+
+// Four 8x8 b16 matrices from shared memory, transposed: lanes 8 i .. 8 i + 7 give the row
+// addresses of matrix i, and lane (g, t) = lane / 4, lane % 4 gets rows 2 t and 2 t + 1 of
+// column g of matrix i in r[i] (row 2 t in the low half).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+#if __CUDA_ARCH__ >= 800
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address)
+               : "memory");
+#else
+  __trap();
+#endif
+}
+
 // The bit offset tensor-core values read code c (< 8) of a 16-bit half at: codes 0 .. 4 in place
 // (under 1024 in fp16, 4^4 * 3 < 1024), codes 5 .. 7 after a shift right by 10.
 __host__ __device__ constexpr int half_code_offset(int c) {
@@ -504,11 +533,7 @@ __device__ __forceinline__ void add_tensor_values(const TensorValueRow& row, flo
   }
   __syncwarp();
   uint32_t r[4];
-  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(&stage.codes[lane]));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address)
-               : "memory");
+  ldmatrix_x4_trans(r, &stage.codes[lane]);
   const int gid = lane / 4, tig = lane % 4;
   // Column gid of the weights: tokens 16 kt + 2 tig, + 1 and 16 kt + 8 + 2 tig, + 1.
   const uint32_t* weights = reinterpret_cast<const uint32_t*>(stage.weights[gid]);
@@ -536,12 +561,8 @@ __device__ __forceinline__ void add_tensor_values(const TensorValueRow& row, flo
   for (int mt = 0; mt < 4; ++mt) {
 #pragma unroll
     for (int kt = 0; kt < 2; ++kt) {
-      asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-          "{%8, %9}, {%0, %1, %2, %3};\n"
-          : "+f"(s.tensor[mt][0]), "+f"(s.tensor[mt][1]), "+f"(s.tensor[mt][2]),
-            "+f"(s.tensor[mt][3])
-          : "r"(a[2 * kt][2 * mt]), "r"(a[2 * kt][2 * mt + 1]), "r"(a[2 * kt + 1][2 * mt]),
-            "r"(a[2 * kt + 1][2 * mt + 1]), "r"(b[kt][0]), "r"(b[kt][1]));
+      mma_m16n8k16(s.tensor[mt], a[2 * kt][2 * mt], a[2 * kt][2 * mt + 1], a[2 * kt + 1][2 * mt],
+                   a[2 * kt + 1][2 * mt + 1], b[kt][0], b[kt][1]);
     }
   }
 }
@@ -644,11 +665,8 @@ __device__ __forceinline__ float tensor_key_score(const TensorKeys& keys, const 
     const uint32_t b0 = weights[8 * kt + tig], b1 = weights[8 * kt + 4 + tig];
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) {
-      asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-          "{%8, %9}, {%0, %1, %2, %3};\n"
-          : "+f"(d[mt][0]), "+f"(d[mt][1]), "+f"(d[mt][2]), "+f"(d[mt][3])
-          : "r"(a[2 * kt][2 * mt]), "r"(a[2 * kt][2 * mt + 1]), "r"(a[2 * kt + 1][2 * mt]),
-            "r"(a[2 * kt + 1][2 * mt + 1]), "r"(b0), "r"(b1));
+      mma_m16n8k16(d[mt], a[2 * kt][2 * mt], a[2 * kt][2 * mt + 1], a[2 * kt + 1][2 * mt],
+                   a[2 * kt + 1][2 * mt + 1], b0, b1);
     }
   }
   if (tig == 0) {
