@@ -4,9 +4,11 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "engine/cpu_kv_cache.h"
@@ -84,10 +86,57 @@ std::vector<CacheCase> cache_cases() {
           {"int8", int8},
           {"kivi4", kivi(KvFormat::kKivi4, 32, 32, 32, 32, false)},
           {"kivi2", kivi(KvFormat::kKivi2, 32, 32, 32, 32, false)},
+          {"kivi2_gv16", kivi(KvFormat::kKivi2, 32, 16, 32, 32, false)},
+          {"kivi4_gv8_r64", kivi(KvFormat::kKivi4, 32, 8, 64, 32, false)},
           {"kivi2_gv64_r64_p64", kivi(KvFormat::kKivi2, 32, 64, 64, 64, false)},
           {"kivi2_per_token_keys", kivi(KvFormat::kKivi2, 32, 32, 32, 32, true)},
           {"kivi4_g16_gv16_r16_p48", kivi(KvFormat::kKivi4, 16, 16, 16, 48, false)},
           {"kivi2_g16_r48_p32", kivi(KvFormat::kKivi2, 16, 32, 48, 32, false)}};
+}
+
+// The decode_attention kernels a format runs under: KVSERVE_DECODE_ATTENTION_VARIANT picks the
+// KIVI one, and "tensor" differs from "online" for 2-bit pages only ("" leaves the variable
+// unset: fp16 has a single kernel). Every one must match the CPU cache.
+std::vector<std::string> decode_variants(const KvCacheConfig& config) {
+  if (config.format == KvFormat::kKivi2) return {"online", "tensor"};
+  if (config.format == KvFormat::kKivi4) return {"online"};
+  return {""};
+}
+
+// Sets KVSERVE_DECODE_ATTENTION_VARIANT (unsets it for "") for its lifetime.
+class ScopedDecodeVariant {
+ public:
+  explicit ScopedDecodeVariant(const std::string& variant) {
+    if (variant.empty()) {
+      unsetenv(kName);
+    } else {
+      setenv(kName, variant.c_str(), 1);
+    }
+  }
+  ~ScopedDecodeVariant() { unsetenv(kName); }
+  ScopedDecodeVariant(const ScopedDecodeVariant&) = delete;
+  ScopedDecodeVariant& operator=(const ScopedDecodeVariant&) = delete;
+
+ private:
+  static constexpr const char* kName = "KVSERVE_DECODE_ATTENTION_VARIANT";
+};
+
+// Every cache case once per decode_attention variant, named "kivi2 online" or "fp16".
+struct VariantCase {
+  std::string name;
+  KvCacheConfig config;
+  std::string variant;
+};
+
+std::vector<VariantCase> variant_cases(const std::vector<CacheCase>& cases) {
+  std::vector<VariantCase> out;
+  for (const CacheCase& c : cases) {
+    for (const std::string& variant : decode_variants(c.config)) {
+      out.push_back(
+          {variant.empty() ? c.name : std::string(c.name) + " " + variant, c.config, variant});
+    }
+  }
+  return out;
 }
 
 // Per-channel scales of random q | k | v ([3C]), with a few outlier key channels as in GPT-2.
@@ -160,7 +209,8 @@ TEST(GpuKvCache, MatchesTheCpuCacheInEveryFormat) {
   SKIP_WITHOUT_GPU();
   const ModelConfig model = cache_test_model();
   const int C = model.n_embd;
-  for (const CacheCase& test : cache_cases()) {
+  for (const VariantCase& test : variant_cases(cache_cases())) {
+    const ScopedDecodeVariant variant(test.variant);
     SCOPED_TRACE(test.name);
     std::mt19937 rng(1234);
     KvCacheManager manager(test.config, model, 400);
@@ -207,8 +257,8 @@ TEST(GpuKvCache, MatchesTheCpuCacheInEveryFormat) {
       }
       ++steps;
     }
-    std::printf("%-24s %3d steps, pools equal, worst |attention difference| %.2e\n", test.name,
-                steps, worst);
+    std::printf("%-34s %3d steps, pools equal, worst |attention difference| %.2e\n",
+                test.name.c_str(), steps, worst);
     KVSERVE_CUDA_CHECK(cudaStreamDestroy(stream));
   }
 }
@@ -226,7 +276,8 @@ TEST(GpuKvCache, DecodeStepsMatchTheCpuCacheSplitAndUnsplit) {
   }();
   // decode_attention_split leaves the context whole from 8 blocks per SM on.
   const int many = (8 * sm_count + model.n_head - 1) / model.n_head;
-  for (const CacheCase& test : cache_cases()) {
+  for (const VariantCase& test : variant_cases(cache_cases())) {
+    const ScopedDecodeVariant variant(test.variant);
     KvCacheManager manager(test.config, model, many * 16);
     CudaKvCache gpu(manager, model);
     if (!gpu.decode_attention_supported()) continue;
@@ -264,7 +315,8 @@ TEST(GpuKvCache, DecodeStepsMatchTheCpuCacheSplitAndUnsplit) {
           check_step(manager, cpu, gpu, items, channel_scale, rng, stream, step, worst));
       manager.finish_step();
     }
-    std::printf("%-24s decode steps agree, worst |attention difference| %.2e\n", test.name, worst);
+    std::printf("%-34s decode steps agree, worst |attention difference| %.2e\n", test.name.c_str(),
+                worst);
     KVSERVE_CUDA_CHECK(cudaStreamDestroy(stream));
   }
 }
@@ -279,9 +331,13 @@ TEST(GpuKvCache, DecodeAttentionThroughput) {
   model.n_head = 12;
   model.n_embd = 768;
   const int batch = 256, context = 1000, C = model.n_embd;
-  KvCacheConfig fp16, kivi2;
+  KvCacheConfig fp16, kivi4, kivi2;
   fp16.format = KvFormat::kFp16;
-  for (const KvCacheConfig& config : {fp16, kivi2}) {
+  kivi4.format = KvFormat::kKivi4;
+  for (const VariantCase& test :
+       variant_cases({{"fp16", fp16}, {"kivi4", kivi4}, {"kivi2", kivi2}})) {
+    const ScopedDecodeVariant variant(test.variant);
+    const KvCacheConfig& config = test.config;
     KvCacheManager manager(config, model, batch * 48);
     CudaKvCache gpu(manager, model);
     cudaStream_t stream = nullptr;
@@ -331,9 +387,8 @@ TEST(GpuKvCache, DecodeAttentionThroughput) {
         (paged * static_cast<double>(layout.code_bytes_per_page + layout.param_bytes_per_page) /
              config.page_tokens +
          (len - paged) * 4.0 * C);
-    std::printf("%-6s B=%d context %d, one layer: %.1f us, %.1f MB of KV read, %.0f GB/s\n",
-                to_string(config.format).c_str(), batch, len, seconds * 1e6, bytes * 1e-6,
-                bytes / seconds * 1e-9);
+    std::printf("%-16s B=%d context %d, one layer: %.1f us, %.1f MB of KV read, %.0f GB/s\n",
+                test.name.c_str(), batch, len, seconds * 1e6, bytes * 1e-6, bytes / seconds * 1e-9);
     EXPECT_GT(seconds, 0.0);
     cudaEventDestroy(start);
     cudaEventDestroy(stop);
