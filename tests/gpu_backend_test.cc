@@ -293,7 +293,10 @@ TEST(GpuBackend, ForwardSampleRejectsWhatTheHostSamplerRejects) {
 }
 
 // The engine end to end (chunked prefill, histories, steps, seeds) with every sampling kind:
-// sampling on the GPU picks what the host sampler picks from the same logits.
+// sampling on the GPU picks what the host sampler picks from the same logits. (Against the CPU
+// engine, seeded draws are not comparable token for token: the backends' logits differ by about
+// 1e-3, and on the H200 3 of 5 prompts drew a different token within 16 once u * M fell that
+// close to a cumulative boundary. Greedy tokens are compared with the CPU engine instead.)
 TEST(GpuBackend, SeededSamplingMatchesTheHostSamplerInTheEngine) {
   SKIP_WITHOUT_GPU();
   const std::vector<SamplingParams> kinds = sampling_kinds();
@@ -313,18 +316,6 @@ TEST(GpuBackend, SeededSamplingMatchesTheHostSamplerInTheEngine) {
       }
     }
   }
-}
-
-// Seeded sampling on the CUDA engine against the CPU engine (the oracle), fp16 cache: the same
-// tokens. Unlike greedy, a draw can flip where u * M falls within the two backends' logit
-// difference (about 1e-3 here) of a cumulative boundary; the run is deterministic, and a flip
-// shows as a difference from that token on.
-TEST(GpuBackend, SeededSamplingMatchesTheCpuBackend) {
-  SKIP_WITHOUT_GPU();
-  const std::vector<SamplingParams> kinds = sampling_kinds();
-  auto sampling = [&](size_t prompt) { return kinds[prompt % kinds.size()]; };
-  EXPECT_EQ(generate_with(backend_factory(true), "fp16", 16, 0, sampling).tokens,
-            generate_with(backend_factory(false), "fp16", 16, 0, sampling).tokens);
 }
 
 // All prompts in one engine with a small token budget: multi-item batches mixing decodes with
