@@ -19,8 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen befor
 from matplotlib.ticker import LogLocator, ScalarFormatter  # noqa: E402
 
 # Each file holds kvserve bench decode and the transformers baseline measured in the same call.
-GPU_DECODE = [("first slice", "gpu/decode-2026-11-29.jsonl"),
-              ("main 03bb71a", "gpu/decode-2026-11-29-main-03bb71a.jsonl")]
+GPU_DECODE = [("03bb71a", "gpu/decode-2026-11-29-main-03bb71a.jsonl"),
+              ("b077cc9, CUDA graphs", "gpu/decode-2026-11-29-b077cc9.jsonl")]
 # One colour per KV format in every chart, so a format reads the same everywhere.
 COLOURS = {"fp16": "tab:blue", "int8": "tab:orange", "kivi4": "tab:green", "kivi2": "tab:red",
            "kivi2-gv64": "tab:purple", "kivi2-per-token-keys": "tab:brown",
@@ -171,8 +171,9 @@ def plot_gpu_decode(docs, out):
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for (title, name), style in zip(GPU_DECODE, ("--", "-")):
         rows = [json.loads(line) for line in (docs / name).read_text().splitlines() if line]
-        # Only the batch sweep at context 512; the same files hold roofline rows at other contexts.
-        rows = [row for row in rows if row["context"] == 512]
+        # Only the batch sweep at context 512 (the same files hold roofline rows at other contexts)
+        # with CUDA graphs where kvserve had them (b077cc9 also holds fp16 rows without).
+        rows = [row for row in rows if row["context"] == 512 and row.get("cuda_graphs", True)]
         baseline = {row["batch"]: row["tokens_per_second"] for row in rows if "impl" in row}
         batches = sorted(baseline)
         left.plot(batches, [baseline[b] for b in batches], style, marker="o",

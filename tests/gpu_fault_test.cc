@@ -6,12 +6,15 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <climits>
 #include <memory>
 #include <regex>
 #include <string>
 #include <vector>
 
 #include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/cuda_kv_cache.h"
 #include "engine/engine.h"
 #include "kernels/device_info.h"
 #include "tests/reference_fixture.h"
@@ -148,6 +151,27 @@ TEST(GpuFault, OutOfMemoryInAStepFailsItsRequestsAndTheEngineRecovers) {
   }
   EXPECT_EQ(run(*engine, {warm})[0].tokens, warm_alone[0].tokens);
   EXPECT_EQ(engine->cache().num_free_blocks(), engine->cache().num_blocks());
+}
+
+// A pool beyond the free device memory is refused when the cache is made, naming the flag to
+// change, before anything is allocated.
+TEST(GpuFault, PoolLargerThanFreeMemoryIsRefusedAtStart) {
+  SKIP_WITHOUT_GPU();
+  const ModelConfig& model = shared_weights().config;
+  const KvCacheConfig config = testing::fixture_format("kivi2");
+  const KvCacheManager probe(config, model, 1);
+  const size_t per_block = probe.bytes_per_block();
+  const size_t free_before = DeviceMemoryHog::free_bytes();
+  const auto blocks =
+      static_cast<int32_t>(std::min<size_t>(free_before / per_block + 1024, INT32_MAX));
+  const KvCacheManager manager(config, model, blocks);
+  try {
+    CudaKvCache cache(manager, model);
+    FAIL() << "a " << (static_cast<size_t>(blocks) * per_block >> 20) << " MiB pool was accepted";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("--kv-pool-mb"), std::string::npos) << e.what();
+  }
+  EXPECT_GE(DeviceMemoryHog::free_bytes() + (size_t{64} << 20), free_before);
 }
 
 v1::GenerateRequest as_proto(const GenerationRequest& r) {
