@@ -57,13 +57,15 @@ class RejectedStream final : public grpc::ServerWriteReactor<v1::GenerateRespons
 
 }  // namespace
 
-// One Generate call. Owned by a shared_ptr to itself until OnDone, so that the engine thread,
+// One Generate call. Owned by a shared_ptr to itself until OnDone, so that the writer thread,
 // which holds it weakly through the channel, can still poke it safely while gRPC finishes.
 class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::GenerateResponse>,
                                         public StreamListener {
  public:
   Stream(GenerationService& service, grpc::CallbackServerContext& context, size_t buffer)
-      : service_(service), context_(context), channel_(std::make_shared<StreamChannel>(buffer)) {}
+      : service_(service),
+        context_(context),
+        channel_(std::make_shared<StreamChannel>(buffer, &service.writer_)) {}
 
   // Called once, right after construction, with the owning pointer.
   void start(std::shared_ptr<Stream> self, ServeRequest request) {

@@ -2,8 +2,9 @@
 //
 // Handlers never block and never touch the engine: Generate validates and converts the request,
 // posts it to the EngineLoop and returns a reactor that drains the request's StreamChannel with
-// one write in flight (the route_guide pattern); the engine thread pokes the reactor when a
-// message is ready. No exception crosses into gRPC: every failure is a grpc::Status.
+// one write in flight (the route_guide pattern); when the engine thread has pushed a message, the
+// service's StreamWriter thread pokes the reactor, so gRPC writes never run on the engine thread.
+// No exception crosses into gRPC: every failure is a grpc::Status.
 #pragma once
 
 #include <grpcpp/grpcpp.h>
@@ -16,6 +17,7 @@
 #include "kvserve/v1/generation.grpc.pb.h"
 #include "server/engine_loop.h"
 #include "server/metrics.h"
+#include "server/stream_writer.h"
 
 namespace kvserve {
 
@@ -78,6 +80,7 @@ class GenerationService final : public v1::Generation::CallbackService {
   v1::ModelInfo info_;
   std::atomic<int> open_streams_{0};
   std::atomic<uint64_t> next_request_number_{1};
+  StreamWriter writer_;  // outlives every stream: the server is shut down before the service goes
 };
 
 }  // namespace kvserve

@@ -59,8 +59,12 @@ void StreamChannel::notify() {
     std::lock_guard<std::mutex> lock(mu_);
     listener = listener_.lock();
   }
-  // Outside mu_: the listener pops from this channel.
-  if (listener) listener->on_message_ready();
+  if (!listener) return;
+  if (writer_ != nullptr) {
+    writer_->post(std::move(listener));
+  } else {
+    listener->on_message_ready();  // outside mu_: the listener pops from this channel
+  }
 }
 
 }  // namespace kvserve

@@ -4,7 +4,8 @@
 // bounded: once `capacity` messages wait, new tokens are merged into the last waiting chunk, so a
 // client that stops reading costs at most one growing chunk (bounded by max_new_tokens), never an
 // engine stall. After each push the channel pokes its listener (the reactor), which starts the
-// next write if none is in flight.
+// next write if none is in flight: through a StreamWriter's thread when the channel has one (the
+// server), else inline on the pushing thread.
 #pragma once
 
 #include <cstdint>
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "engine/engine.h"
+#include "server/stream_writer.h"
 
 namespace kvserve {
 
@@ -45,7 +47,8 @@ struct StreamMessage {
   std::string error_message;
 };
 
-// Implemented by the stream (the gRPC reactor): called on the engine thread after a push.
+// Implemented by the stream (the gRPC reactor): called after a push, on the channel's StreamWriter
+// thread when it has one, else on the pushing thread.
 class StreamListener {
  public:
   virtual ~StreamListener() = default;
@@ -54,7 +57,9 @@ class StreamListener {
 
 class StreamChannel {
  public:
-  explicit StreamChannel(size_t capacity) : capacity_(capacity < 1 ? 1 : capacity) {}
+  // `writer` (may be null: pokes run inline) must outlive the channel's pushes.
+  explicit StreamChannel(size_t capacity, StreamWriter* writer = nullptr)
+      : capacity_(capacity < 1 ? 1 : capacity), writer_(writer) {}
 
   // The listener is held weakly: a stream that is gone is simply not poked.
   void set_listener(std::weak_ptr<StreamListener> listener) {
@@ -79,6 +84,7 @@ class StreamChannel {
   void notify();
 
   const size_t capacity_;
+  StreamWriter* const writer_;
   mutable std::mutex mu_;
   std::deque<StreamMessage> queue_;
   std::weak_ptr<StreamListener> listener_;
