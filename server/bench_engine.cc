@@ -27,6 +27,9 @@ void add_bench_engine_flags(CLI::App* app, BenchEngineFlags& flags) {
   app->add_option("--temperature", flags.temperature, "sampling temperature, 0 for greedy")
       ->check(CLI::Range(0.0f, 100.0f))
       ->capture_default_str();
+  app->add_option("--warmup-requests", flags.warmup_requests, "untimed requests run together first")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   app->add_option("--seed", flags.seed, "seed of the prompts and of sampling")
       ->capture_default_str();
 }
@@ -46,7 +49,7 @@ int run_bench_engine(const BenchEngineFlags& flags) {
   std::mt19937_64 rng(flags.seed);
   // The last id is left out, as the load generator leaves it out: GPT-2 puts <|endoftext|> there.
   std::uniform_int_distribution<int32_t> token(0, std::max(0, model.vocab_size - 2));
-  std::vector<GenerationRequest> requests(flags.requests);
+  std::vector<GenerationRequest> requests(flags.warmup_requests + flags.requests);
   for (GenerationRequest& r : requests) {
     for (int k = 0; k < flags.prompt_len; ++k) r.prompt.push_back(token(rng));
     r.sampling.temperature = flags.temperature;
@@ -57,14 +60,20 @@ int run_bench_engine(const BenchEngineFlags& flags) {
     if (!problem.empty()) throw std::invalid_argument("bench engine: " + problem);
   }
 
+  std::vector<StepEvent> events;
+  for (int i = 0; i < flags.warmup_requests; ++i) engine.add_request(requests[i]);
+  while (engine.has_work()) {
+    events.clear();
+    engine.step(events);
+  }
+
   using Clock = std::chrono::steady_clock;
   const Clock::time_point start = Clock::now();
   int queued = 0, in_flight = 0, finished = 0, failed = 0, steps = 0;
   int64_t output_tokens = 0;
-  std::vector<StepEvent> events;
   while (finished < flags.requests) {
     for (; in_flight < flags.concurrency && queued < flags.requests; ++queued, ++in_flight) {
-      engine.add_request(requests[queued]);
+      engine.add_request(requests[flags.warmup_requests + queued]);
     }
     events.clear();
     engine.step(events);
@@ -87,6 +96,7 @@ int run_bench_engine(const BenchEngineFlags& flags) {
                               {"prompt_len", flags.prompt_len},
                               {"max_new_tokens", flags.max_new_tokens},
                               {"temperature", flags.temperature},
+                              {"warmup_requests", flags.warmup_requests},
                               {"failed", failed},
                               {"steps", steps},
                               {"duration_s", seconds},

@@ -21,6 +21,9 @@ struct BenchEngineFlags {
   int prompt_len = 512;  // random token ids, drawn as kvserve-cli load draws them
   int max_new_tokens = 128;
   float temperature = 0.0f;  // greedy; bench/serving.sh asks the same of `kvserve-cli load`
+  // Untimed requests first, all at once (first-touch of the pool, buffer growth, CUDA graph
+  // captures), as bench/serving.sh warms the server up with 4 before its loads.
+  int warmup_requests = 4;
   uint64_t seed = 0;
 };
 

@@ -123,5 +123,20 @@ TEST(Cli, BenchMemoryReportsTheTargets) {
   EXPECT_EQ(by_format["fp16"]["lengths"][0]["bytes_per_token"].get<double>(), 36864.0);
 }
 
+// The in-process counterpart of kvserve-cli load: every request makes exactly max_new_tokens
+// (end-of-text ignored), more requests than slots go through in turn, warm-up ones are not counted.
+TEST(Cli, BenchEngineRunsEveryRequestToItsLength) {
+  const CommandResult r = run_kvserve("bench engine " + model_flag() +
+                                      " --device cpu --kv kivi2 --requests 5 --concurrency 2 "
+                                      "--prompt-len 40 --max-new-tokens 6 --warmup-requests 1");
+  ASSERT_EQ(r.status, 0) << r.err;
+  const nlohmann::json out = nlohmann::json::parse(r.out);
+  EXPECT_EQ(out["failed"].get<int>(), 0);
+  EXPECT_EQ(out["output_tokens"].get<int>(), 5 * 6);
+  EXPECT_GT(out["steps"].get<int>(), 6);  // two slots for five requests: more than one wave
+  EXPECT_GT(out["output_throughput"].get<double>(), 0.0);
+  EXPECT_EQ(out["warmup_requests"].get<int>(), 1);
+}
+
 }  // namespace
 }  // namespace kvserve
