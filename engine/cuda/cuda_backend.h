@@ -15,8 +15,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <exception>
 #include <map>
 #include <memory>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -44,6 +46,8 @@ class CudaBackend : public Backend {
   CudaBackend& operator=(const CudaBackend&) = delete;
 
   std::string name() const override { return "cuda"; }
+  // Both throw DeviceLostError when a failed step has left the CUDA context unusable (a sticky
+  // error: illegal address, kernel trap, uncorrectable ECC...), else what the step threw.
   void forward(const std::vector<ForwardItem>& items, std::vector<float>& logits) override;
   // Every request picks its token on the GPU (kernels/sample_token.h), by sample_token's
   // contract and with its error messages; only ids, logprobs and statuses come back.
@@ -55,6 +59,18 @@ class CudaBackend : public Backend {
   std::vector<uint8_t> download_cache() const { return cache_.download(stream_); }
 
  private:
+  // The steps themselves, which throw whatever failed.
+  void forward_on_device(const std::vector<ForwardItem>& items, std::vector<float>& logits);
+  void forward_sample_on_device(const std::vector<ForwardItem>& items,
+                                const std::vector<SampleRequest>& requests,
+                                std::vector<SampleResult>& results);
+  // After a step threw: "" if the context still runs work (the step's error was not sticky, e.g.
+  // an allocation that did not fit), else the error with which synchronising failed. A sticky
+  // error poisons the context: every later call returns it, so the synchronisation does too.
+  std::string context_error() const;
+  // Throws DeviceLostError (with the step's error and the probe's) if context_error() says the
+  // context is unusable; returns otherwise, and the caller rethrows the step's own error.
+  void throw_if_device_lost(const std::exception& step_error) const;
   // Runs the model; returns the device logits, fp32 [rows][V] (rows as forward's), valid until
   // the next call.
   const float* run(const std::vector<ForwardItem>& items);
