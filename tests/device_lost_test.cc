@@ -1,10 +1,11 @@
 // Backend failures on the CPU, injected by a backend that wraps the CPU backend: a plain exception
 // fails only the step it happened in, a DeviceLostError ends the engine (every request fails, the
-// loss is reported) and the engine loop (INTERNAL for every request in flight, submissions
-// refused, the loss reported once). The CUDA backend's own probe, which decides between the two,
-// runs only on a GPU (tests/gpu_fault_test.cc covers the recoverable side).
+// loss is reported), the engine loop (INTERNAL for every request in flight, submissions refused,
+// the loss reported once) and `kvserve serve` (exit status 3). The CUDA backend's own probe, which
+// decides between the two, runs only on a GPU (tests/gpu_fault_test.cc).
 #include <gtest/gtest.h>
 #include <prometheus/text_serializer.h>
+#include <stdlib.h>
 
 #include <chrono>
 #include <condition_variable>
@@ -22,6 +23,7 @@
 #include "server/cli_flags.h"
 #include "server/engine_loop.h"
 #include "server/metrics.h"
+#include "server/serve.h"
 #include "tests/reference_fixture.h"
 #include "tests/server_harness.h"
 #include "tests/test_support.h"
@@ -330,6 +332,31 @@ TEST_F(EngineLoopFault, PlainBackendErrorFailsItsStepAndTheLoopKeepsServing) {
   EXPECT_EQ(loop_->device_lost(), "");
   EXPECT_TRUE(reports().empty());
   EXPECT_EQ(loop_->in_flight(), 0u);
+}
+
+// KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD=4: the warm-up makes calls 1 and 2, the request's
+// prefill call 3 (its first token) and its first decode call 4, which loses the device.
+TEST(DeviceLostServer, StreamFailsInternalAndTheServerExitsWithItsStatus) {
+  ASSERT_EQ(setenv("KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD", "4", 1), 0);
+  testing::ServerProcess server({"--model", testing::shared_model_dir(), "--device", "cpu"});
+  unsetenv("KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD");
+
+  v1::GenerateRequest request;
+  request.set_prompt("The cache");
+  request.mutable_sampling()->set_temperature(0.0f);
+  request.mutable_stopping()->set_max_new_tokens(16);
+  request.mutable_stopping()->set_ignore_eos(true);
+  const testing::StreamResult result = testing::generate(*server.stub(), request);
+  EXPECT_EQ(result.status.error_code(), grpc::StatusCode::INTERNAL);
+  EXPECT_EQ(result.status.error_message(),
+            "device lost: injected device loss at forward call 4 "
+            "(KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD)");
+  EXPECT_EQ(result.ids.size(), 1u);
+
+  EXPECT_EQ(server.process().wait(std::chrono::seconds(30)), kExitDeviceLost);
+  const std::string log = server.process().log();
+  EXPECT_NE(log.find("NOT_SERVING, shutting down and exiting with status 3"), std::string::npos)
+      << log;
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include "kernels/gemm.h"
 #include "kernels/layer_norm.h"
 #include "kernels/sample_token.h"
+#include "kernels/trap.h"
 
 namespace kvserve {
 
@@ -28,7 +29,10 @@ constexpr size_t kMaxDecodeGraphs = 128;
 
 CudaBackend::CudaBackend(const ModelWeights& weights, const KvCacheManager& manager,
                          CudaBackendOptions options)
-    : config_(weights.config), cache_(manager, weights.config), use_graphs_(options.cuda_graphs) {
+    : config_(weights.config),
+      cache_(manager, weights.config),
+      use_graphs_(options.cuda_graphs),
+      trap_at_forward_(options.trap_at_forward) {
   const ModelConfig& cfg = config_;
   if (cfg.n_embd % 2 != 0 || cfg.n_inner % 2 != 0) {
     throw std::invalid_argument("CUDA backend: n_embd and n_inner must be even");
@@ -260,8 +264,13 @@ void CudaBackend::throw_if_device_lost(const std::exception& step_error) const {
                         probe + ")");
 }
 
+void CudaBackend::inject_fault() {
+  if (++forward_calls_ == trap_at_forward_) cuda::trap(stream_);
+}
+
 void CudaBackend::forward(const std::vector<ForwardItem>& items, std::vector<float>& logits) {
   try {
+    inject_fault();
     forward_on_device(items, logits);
   } catch (const std::exception& e) {
     throw_if_device_lost(e);
@@ -273,6 +282,7 @@ void CudaBackend::forward_sample(const std::vector<ForwardItem>& items,
                                  const std::vector<SampleRequest>& requests,
                                  std::vector<SampleResult>& results) {
   try {
+    inject_fault();
     forward_sample_on_device(items, requests, results);
   } catch (const std::exception& e) {
     throw_if_device_lost(e);

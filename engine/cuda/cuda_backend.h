@@ -33,6 +33,9 @@ namespace kvserve {
 
 struct CudaBackendOptions {
   bool cuda_graphs = true;  // replay decode steps from CUDA graphs; false: launch every kernel
+  // Fault injection (tests of device loss): the Nth forward or forward_sample call (from 1)
+  // launches a trapping kernel before its step (kernels/trap.h); 0: never.
+  int64_t trap_at_forward = 0;
 };
 
 class CudaBackend : public Backend {
@@ -68,6 +71,8 @@ class CudaBackend : public Backend {
   // an allocation that did not fit), else the error with which synchronising failed. A sticky
   // error poisons the context: every later call returns it, so the synchronisation does too.
   std::string context_error() const;
+  // Counts a forward call and, at options.trap_at_forward, launches the trapping kernel.
+  void inject_fault();
   // Throws DeviceLostError (with the step's error and the probe's) if context_error() says the
   // context is unusable; returns otherwise, and the caller rethrows the step's own error.
   void throw_if_device_lost(const std::exception& step_error) const;
@@ -136,6 +141,8 @@ class CudaBackend : public Backend {
   cuda::DeviceBuffer<uint8_t> cublas_workspace_;
 
   bool use_graphs_;
+  int64_t trap_at_forward_;
+  int64_t forward_calls_ = 0;  // forward and forward_sample calls, for trap_at_forward_
   std::map<DecodeGraphKey, DecodeGraph> decode_graphs_;
   uint64_t graphs_buffer_moves_ = 0;  // buffer_moves() when decode_graphs_ were captured
   uint64_t graph_clock_ = 0;          // counts replays, for least-recently-used eviction
