@@ -5,7 +5,6 @@
 // decides between the two, runs only on a GPU (tests/gpu_fault_test.cc).
 #include <gtest/gtest.h>
 #include <prometheus/text_serializer.h>
-#include <stdlib.h>
 
 #include <chrono>
 #include <condition_variable>
@@ -337,9 +336,13 @@ TEST_F(EngineLoopFault, PlainBackendErrorFailsItsStepAndTheLoopKeepsServing) {
 // KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD=4: the warm-up makes calls 1 and 2, the request's
 // prefill call 3 (its first token) and its first decode call 4, which loses the device.
 TEST(DeviceLostServer, StreamFailsInternalAndTheServerExitsWithItsStatus) {
-  ASSERT_EQ(setenv("KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD", "4", 1), 0);
-  testing::ServerProcess server({"--model", testing::shared_model_dir(), "--device", "cpu"});
-  unsetenv("KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD");
+  std::unique_ptr<testing::ServerProcess> started;
+  {
+    const testing::ScopedEnvironmentVariable inject("KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD", "4");
+    started = std::make_unique<testing::ServerProcess>(
+        std::vector<std::string>{"--model", testing::shared_model_dir(), "--device", "cpu"});
+  }
+  testing::ServerProcess& server = *started;
 
   v1::GenerateRequest request;
   request.set_prompt("The cache");
