@@ -196,7 +196,7 @@ StepStats Engine::step(std::vector<StepEvent>& events) {
     backend_->forward_sample(items, requests, samples_);
   } catch (const DeviceLostError& e) {
     cache_->finish_step();
-    device_lost_ = e.what();
+    device_lost_ = *e.what() != '\0' ? e.what() : "the backend lost its device";  // never ""
     // Every later step would fail too: end all requests now, the step's and the others.
     std::vector<RequestId> held;
     for (const auto& [id, seq] : sequences_) held.push_back(id);
