@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -38,6 +39,17 @@ struct GraphCounters {
   int64_t replayed = 0;
 };
 
+// The device can run no further steps; the process must restart. A backend throws it when a
+// failure has left the device unusable (a sticky CUDA error: illegal address, kernel trap, ECC);
+// what() says what failed.
+class DeviceLostError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// forward and forward_sample report failures by throwing. DeviceLostError means the device is
+// gone and every later step would fail too; any other exception means only this step failed (e.g.
+// an allocation that did not fit) and the next step may succeed.
 class Backend {
  public:
   virtual ~Backend() = default;

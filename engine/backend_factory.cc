@@ -1,15 +1,40 @@
 #include "engine/backend_factory.h"
 
+#include <spdlog/spdlog.h>
+
 #include <cstdlib>
 #include <stdexcept>
 
 #include "engine/cpu_backend.h"
+#include "engine/fault_injection.h"
 #ifdef KVSERVE_WITH_CUDA
 #include "engine/cuda/cuda_backend.h"
 #include "kernels/device_info.h"
 #endif
 
 namespace kvserve {
+namespace {
+
+// KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD (backend_factory.h), or 0 when unset.
+int64_t injected_device_loss() {
+  const char* env = std::getenv("KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD");
+  if (env == nullptr || *env == '\0') return 0;
+  size_t parsed = 0;
+  int64_t call = 0;
+  try {
+    call = std::stoll(env, &parsed);
+  } catch (const std::exception&) {
+    parsed = 0;
+  }
+  if (parsed != std::string(env).size() || call < 1) {
+    throw std::invalid_argument(std::string("KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD=") + env +
+                                ": expected a forward call number >= 1");
+  }
+  spdlog::warn("fault injection: the device will be lost at forward call {}", call);
+  return call;
+}
+
+}  // namespace
 
 std::string resolve_device(const std::string& requested, std::string& reason) {
   if (requested != "auto" && requested != "cpu" && requested != "cuda") {
@@ -41,12 +66,19 @@ std::string resolve_device(const std::string& requested, std::string& reason) {
 
 std::unique_ptr<Backend> make_backend(const std::string& device, ModelWeights weights,
                                       const KvCacheManager& cache, const BackendOptions& options) {
-  if (device == "cpu") return std::make_unique<CpuBackend>(std::move(weights), cache);
+  if (device == "cpu") {
+    auto cpu = std::make_unique<CpuBackend>(std::move(weights), cache);
+    if (const int64_t lose_at = injected_device_loss(); lose_at > 0) {
+      return std::make_unique<DeviceLostInjector>(std::move(cpu), lose_at);
+    }
+    return cpu;
+  }
 #ifdef KVSERVE_WITH_CUDA
   if (device == "cuda") {
     const char* env = std::getenv("KVSERVE_CUDA_GRAPHS");
     CudaBackendOptions cuda_options;
     cuda_options.cuda_graphs = options.cuda_graphs && !(env != nullptr && std::string(env) == "0");
+    cuda_options.trap_at_forward = injected_device_loss();
     return std::make_unique<CudaBackend>(weights, cache, cuda_options);
   }
 #endif

@@ -20,6 +20,10 @@ struct BackendOptions {
   bool cuda_graphs = true;
 };
 
+// KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD=N in the environment (fault injection, for the tests of
+// device loss): the backend's Nth forward call, the warm-up's included, loses the device. The CPU
+// backend then throws DeviceLostError (engine/fault_injection.h); the CUDA backend launches a
+// trapping kernel first (kernels/trap.h), a real sticky error that its own probe must recognise.
 std::unique_ptr<Backend> make_backend(const std::string& device, ModelWeights weights,
                                       const KvCacheManager& cache,
                                       const BackendOptions& options = {});

@@ -64,6 +64,7 @@ std::string Engine::validate(const GenerationRequest& r) const {
 }
 
 RequestId Engine::add_request(GenerationRequest request) {
+  if (!device_lost_.empty()) throw DeviceLostError(device_lost_);
   const std::string problem = validate(request);
   if (!problem.empty()) throw std::invalid_argument(problem);
   const RequestId id = next_id_++;
@@ -193,6 +194,17 @@ StepStats Engine::step(std::vector<StepEvent>& events) {
   }
   try {
     backend_->forward_sample(items, requests, samples_);
+  } catch (const DeviceLostError& e) {
+    cache_->finish_step();
+    device_lost_ = *e.what() != '\0' ? e.what() : "the backend lost its device";  // never ""
+    // Every later step would fail too: end all requests now, the step's and the others.
+    std::vector<RequestId> held;
+    for (const auto& [id, seq] : sequences_) held.push_back(id);
+    std::sort(held.begin(), held.end());  // arrival order
+    for (RequestId id : held) {
+      finish(sequences_.at(id), FinishReason::kError, events, "device lost: " + device_lost_);
+    }
+    return stats;
   } catch (const std::exception& e) {
     cache_->finish_step();
     for (const ForwardItem& item : items) {

@@ -5,6 +5,12 @@
 // prompts are prefilled in chunks under a token budget. Admission checks that the pool can hold a
 // prompt; a running sequence that cannot grow preempts the newest running sequence, whose blocks
 // are freed and whose tokens are recomputed later, so generation never crashes or drops work.
+//
+// Backend failures: an exception from the backend fails the requests of that step (kError with
+// the exception's message) and the engine goes on. A DeviceLostError ends the engine instead: that
+// step fails every request the engine holds (in the step, running or waiting) with kError and
+// "device lost: <what>", frees their blocks, and from then on device_lost() returns <what>,
+// has_work() is false and add_request() throws DeviceLostError. The process must restart.
 #pragma once
 
 #include <cstdint>
@@ -67,7 +73,8 @@ class Engine {
 
   // Returns "" if the request is acceptable, else why not (INVALID_ARGUMENT material).
   std::string validate(const GenerationRequest& request) const;
-  // Queues a validated request; throws std::invalid_argument if validate() would complain.
+  // Queues a validated request; throws std::invalid_argument if validate() would complain, and
+  // DeviceLostError once the device is lost.
   RequestId add_request(GenerationRequest request);
   // Marks a request cancelled; it leaves the batch (blocks freed) at the next step.
   void cancel(RequestId id);
@@ -78,6 +85,8 @@ class Engine {
 
   // Runs one iteration. Appends this step's events to `events`.
   StepStats step(std::vector<StepEvent>& events);
+  // Why the device was lost (the backend's DeviceLostError), or "" while it works.
+  const std::string& device_lost() const { return device_lost_; }
 
   const KvCacheManager& cache() const { return *cache_; }
   const ModelConfig& model() const { return model_; }
@@ -108,6 +117,7 @@ class Engine {
   std::deque<RequestId> waiting_;      // FCFS; preempted sequences go back to the front
   std::vector<RequestId> running_;     // admission order: the newest is preempted first
   std::vector<SampleResult> samples_;  // [items] of the step
+  std::string device_lost_;
 };
 
 }  // namespace kvserve

@@ -86,6 +86,7 @@ EngineLoop::SubmitResult EngineLoop::submit(ServeRequest request,
                                             Ticket& ticket) {
   {
     std::lock_guard<std::mutex> lock(mu_);
+    if (!device_lost_.empty()) return SubmitResult::kDeviceLost;
     if (inbox_.size() + queued_in_engine_ >= options_.max_queued_requests) {
       return SubmitResult::kQueueFull;
     }
@@ -117,6 +118,11 @@ void EngineLoop::cancel_all() {
 EngineSnapshot EngineLoop::snapshot() const {
   std::lock_guard<std::mutex> lock(mu_);
   return snapshot_;
+}
+
+std::string EngineLoop::device_lost() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return device_lost_;
 }
 
 void EngineLoop::run() {
@@ -160,6 +166,10 @@ void EngineLoop::run() {
     items.clear();
     expire_deadlines(Clock::now());
     if (engine_->has_work()) step();
+    if (!engine_->device_lost().empty()) {
+      end_after_device_lost();
+      return;
+    }
     update_throughput(Clock::now());
   }
 }
@@ -352,7 +362,10 @@ void EngineLoop::on_finish(Active& active, const StepEvent& event, Clock::time_p
       if (event.finish == FinishReason::kError) {
         outcome = "INTERNAL: " + event.error;
         metrics_.count_failure("INTERNAL");
-        active.channel->push_error(StreamError::kInternal, "engine error: " + event.error);
+        // After a device loss the error already says so ("device lost: ...").
+        active.channel->push_error(StreamError::kInternal, engine_->device_lost().empty()
+                                                               ? "engine error: " + event.error
+                                                               : event.error);
         break;
       }
       [[fallthrough]];
@@ -396,6 +409,30 @@ void EngineLoop::publish_snapshot() {
   std::lock_guard<std::mutex> lock(mu_);
   snapshot_ = snapshot;
   queued_in_engine_ = snapshot.waiting;
+}
+
+void EngineLoop::end_after_device_lost() {
+  // The engine has ended every request it held, in this step's events; what is left are the
+  // submissions that reached the inbox after it was drained. Setting device_lost_ under the lock
+  // that submit() takes closes the inbox for good.
+  const std::string message = "device lost: " + engine_->device_lost();
+  std::deque<InboxItem> items;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    device_lost_ = engine_->device_lost();
+    items.swap(inbox_);
+  }
+  for (InboxItem& item : items) {
+    if (item.kind != InboxItem::Kind::kSubmit) continue;
+    spdlog::warn("request {} finished: INTERNAL: {}", item.request.id, message);
+    metrics_.count_failure("INTERNAL");
+    item.channel->push_error(StreamError::kInternal, message);
+    --in_flight_;
+  }
+  publish_snapshot();
+  spdlog::error("{}; every request in flight has failed with INTERNAL, new ones are refused",
+                message);
+  if (options_.on_device_lost) options_.on_device_lost(device_lost_);
 }
 
 void EngineLoop::update_throughput(Clock::time_point now) {

@@ -6,6 +6,11 @@
 // strings across token boundaries, keeps the request's timings and pushes messages into the
 // request's StreamChannel. When there is nothing to do it sleeps on the condition variable.
 // See engine/README.md for the whole contract.
+//
+// When the engine reports the device lost (Engine::device_lost), every request in flight ends
+// with INTERNAL "device lost: ...", queued ones included, later submissions are refused
+// (kDeviceLost), the thread calls EngineLoopOptions::on_device_lost once and ends: the process
+// must restart.
 #pragma once
 
 #include <atomic>
@@ -13,6 +18,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -49,6 +55,9 @@ struct EngineSnapshot {
 
 struct EngineLoopOptions {
   size_t max_queued_requests = 256;  // inbox + engine waiting queue; beyond: RESOURCE_EXHAUSTED
+  // Called once on the engine thread when the device is lost, after every request in flight has
+  // been told, with Engine::device_lost()'s message. Must not block or call back into the loop.
+  std::function<void(const std::string&)> on_device_lost;
 };
 
 class EngineLoop {
@@ -66,7 +75,7 @@ class EngineLoop {
   void stop();
 
   using Ticket = uint64_t;
-  enum class SubmitResult { kAccepted, kQueueFull };
+  enum class SubmitResult { kAccepted, kQueueFull, kDeviceLost };
   // Any thread; never blocks on the engine. On kAccepted, `ticket` names the request for cancel().
   SubmitResult submit(ServeRequest request, std::shared_ptr<StreamChannel> channel, Ticket& ticket);
   // Any thread: the client went away (or its deadline passed: `deadline`). The request leaves
@@ -79,6 +88,8 @@ class EngineLoop {
   // Requests submitted and not yet finished.
   size_t in_flight() const { return in_flight_.load(); }
   EngineSnapshot snapshot() const;
+  // Any thread: why the device was lost, or "" while it works.
+  std::string device_lost() const;
 
  private:
   struct InboxItem {
@@ -117,13 +128,17 @@ class EngineLoop {
   void on_finish(Active& active, const StepEvent& event, Clock::time_point now);
   void publish_snapshot();
   void update_throughput(Clock::time_point now);
+  // The engine has lost the device: refuses new submissions, fails those still in the inbox and
+  // reports the loss.
+  void end_after_device_lost();
 
   std::unique_ptr<Engine> engine_;
   Tokenizer tokenizer_;
   EngineLoopOptions options_;
   Metrics& metrics_;
 
-  mutable std::mutex mu_;  // guards inbox_, stop_, warm_*, queued_in_engine_, snapshot_
+  // guards inbox_, stop_, warm_*, queued_in_engine_, snapshot_, device_lost_
+  mutable std::mutex mu_;
   std::condition_variable wake_;
   std::condition_variable warm_cv_;
   std::deque<InboxItem> inbox_;
@@ -132,6 +147,7 @@ class EngineLoop {
   std::string warm_error_;
   size_t queued_in_engine_ = 0;
   EngineSnapshot snapshot_;
+  std::string device_lost_;
   std::atomic<size_t> in_flight_{0};
   Ticket next_ticket_ = 1;
 

@@ -81,6 +81,13 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
                            "backoff or add replicas")));
       return;
     }
+    if (result == EngineLoop::SubmitResult::kDeviceLost) {
+      finish_locked(service_.reject(
+          id, grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                           "the device failed (device lost) and this server is restarting; "
+                           "retry on another replica")));
+      return;
+    }
     submitted_ = true;
     pump_locked();
   }

@@ -57,7 +57,18 @@ void install_signal_handlers() {
   sigaction(SIGINT, &action, nullptr);
 }
 
-// Waits up to `timeout` for SIGTERM/SIGINT; true (and which) when one came.
+// What the engine thread writes to the pipe when it has lost the device (no signal is 0), so that
+// the main thread wakes as it does for a signal.
+constexpr int kDeviceLostWakeup = 0;
+
+void wake_for_device_lost() {
+  const char byte = static_cast<char>(kDeviceLostWakeup);
+  const ssize_t written = write(signal_pipe[1], &byte, 1);
+  (void)written;
+}
+
+// Waits up to `timeout` for SIGTERM/SIGINT or the device-lost wake-up; true (and which: a signal
+// number or kDeviceLostWakeup) when one came.
 bool wait_for_signal(std::chrono::milliseconds timeout, int& signal) {
   pollfd fd{signal_pipe[0], POLLIN, 0};
   if (poll(&fd, 1, static_cast<int>(timeout.count())) <= 0) return false;
@@ -98,6 +109,15 @@ std::shared_ptr<grpc::ServerCredentials> server_credentials(const ServeFlags& fl
   return grpc::SslServerCredentials(options);
 }
 
+// Waits up to `timeout` for the streams to write their last messages and end.
+void wait_for_streams(const GenerationService& service, std::chrono::seconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  int signal = 0;
+  while (service.open_streams() > 0 && std::chrono::steady_clock::now() < deadline) {
+    wait_for_signal(std::chrono::milliseconds(10), signal);
+  }
+}
+
 void set_keepalive(const KeepaliveFlags& k, grpc::ServerBuilder& builder) {
   constexpr int kMsPerS = 1000;
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS,
@@ -122,6 +142,11 @@ void set_keepalive(const KeepaliveFlags& k, grpc::ServerBuilder& builder) {
 }  // namespace
 
 void add_serve_flags(CLI::App* app, ServeFlags& flags) {
+  app->footer(
+      "Exit status: 0 after a SIGTERM/SIGINT drain, 1 on a startup error, 2 on a usage "
+      "error, " +
+      std::to_string(kExitDeviceLost) +
+      " when the device was lost (a sticky CUDA error: restart the server).");
   add_model_flags(app, flags.model);
   add_kv_flags(app, flags.kv);
   add_engine_flags(app, flags.engine);
@@ -248,7 +273,10 @@ int run_serve(const ServeFlags& flags) {
   auto backend = make_backend(loaded.device, std::move(loaded.weights), *cache, loaded.backend);
   auto engine =
       std::make_unique<Engine>(model, std::move(cache), std::move(backend), flags.engine.options);
-  EngineLoop loop(std::move(engine), tokenizer, {flags.max_queued_requests}, metrics);
+  EngineLoopOptions loop_options;
+  loop_options.max_queued_requests = flags.max_queued_requests;
+  loop_options.on_device_lost = [](const std::string&) { wake_for_device_lost(); };
+  EngineLoop loop(std::move(engine), tokenizer, loop_options, metrics);
   const auto warm_start = std::chrono::steady_clock::now();
   loop.start();
   loop.wait_until_warm();
@@ -263,6 +291,21 @@ int run_serve(const ServeFlags& flags) {
 
   int signal = 0;
   while (!wait_for_signal(std::chrono::hours(1), signal)) continue;
+  if (signal == kDeviceLostWakeup) {
+    // The engine thread has already failed every request in flight with INTERNAL and refuses new
+    // ones; a server whose device is gone must not look alive, and only a restart brings the
+    // device back.
+    health->SetServingStatus(false);
+    service.start_draining();
+    spdlog::error(
+        "device lost: {}; NOT_SERVING, shutting down and exiting with status {} so that the "
+        "orchestrator restarts the server",
+        loop.device_lost(), kExitDeviceLost);
+    wait_for_streams(service, std::chrono::seconds(2));
+    server->Shutdown(std::chrono::system_clock::now());
+    loop.stop();
+    return kExitDeviceLost;
+  }
   spdlog::info("{} received: draining (no new requests; up to {} s for {} in flight)",
                strsignal(signal), flags.drain_timeout_s, loop.in_flight());
   service.start_draining();
@@ -288,12 +331,13 @@ int run_serve(const ServeFlags& flags) {
   }
   // Up to 5 s for the streams to write their final messages; a stream still open after that (a
   // client that stopped reading) is cancelled by the shutdown.
-  const auto flush_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-  while (service.open_streams() > 0 && std::chrono::steady_clock::now() < flush_deadline) {
-    wait_for_signal(std::chrono::milliseconds(10), signal);
-  }
+  wait_for_streams(service, std::chrono::seconds(5));
   server->Shutdown(std::chrono::system_clock::now());
   loop.stop();
+  if (const std::string lost = loop.device_lost(); !lost.empty()) {
+    spdlog::error("device lost while draining: {}; exiting with status {}", lost, kExitDeviceLost);
+    return kExitDeviceLost;
+  }
   spdlog::info("drained; exiting");
   return 0;
 }

@@ -46,8 +46,13 @@ struct ServeFlags {
 
 void add_serve_flags(CLI::App* app, ServeFlags& flags);
 
-// Serves until SIGTERM or SIGINT, then drains; returns 0 after a clean drain. Throws on startup
-// errors (no model, port taken, ...).
+// run_serve's status when the device was lost (a sticky CUDA error): requests in flight failed
+// with INTERNAL, health went NOT_SERVING and the server shut down, for the orchestrator to
+// restart it. Distinct from 1 (startup errors) and 2 (usage errors).
+constexpr int kExitDeviceLost = 3;
+
+// Serves until SIGTERM or SIGINT, then drains; returns 0 after a clean drain, kExitDeviceLost
+// once the device is lost. Throws on startup errors (no model, port taken, ...).
 int run_serve(const ServeFlags& flags);
 
 }  // namespace kvserve

@@ -17,6 +17,7 @@
 #include "engine/cuda/cuda_kv_cache.h"
 #include "engine/engine.h"
 #include "kernels/device_info.h"
+#include "server/serve.h"
 #include "tests/reference_fixture.h"
 #include "tests/server_harness.h"
 #include "tests/test_support.h"
@@ -212,6 +213,35 @@ TEST(GpuFault, ServerAnswersInternalOnOutOfMemoryAndKeepsServing) {
   EXPECT_EQ(recovered.ids.size(), 8u);
   EXPECT_EQ(testing::generate(*stub, warm).ids, warm_result.ids);
   EXPECT_EQ(server.cache_stats().used_bytes(), 0);
+}
+
+// A kernel that traps (KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD=4: calls 1 and 2 are the warm-up's,
+// 3 the request's prefill, 4 its first decode) poisons the CUDA context for real: the backend's
+// probe must call it a device loss, the stream fail INTERNAL and the server exit with status 3.
+// A separate process, since the fault would end every later GPU test of this one.
+TEST(GpuFault, KernelTrapLosesTheDeviceAndTheServerExits) {
+  SKIP_WITHOUT_GPU();
+  std::unique_ptr<testing::ServerProcess> started;
+  {
+    const testing::ScopedEnvironmentVariable inject("KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD", "4");
+    started = std::make_unique<testing::ServerProcess>(
+        std::vector<std::string>{"--model", testing::shared_model_dir(), "--device", "cuda", "--kv",
+                                 "kivi2", "--kv-pool-mb", "256"});
+  }
+  testing::ServerProcess& server = *started;
+  GenerationRequest generation = long_requests()[0];
+  generation.prompt.resize(8);
+  const testing::StreamResult result = testing::generate(*server.stub(), as_proto(generation));
+  EXPECT_EQ(result.status.error_code(), grpc::StatusCode::INTERNAL);
+  const std::string& message = result.status.error_message();
+  EXPECT_EQ(message.rfind("device lost: ", 0), 0u) << message;
+  EXPECT_NE(message.find("the CUDA context is unusable"), std::string::npos) << message;
+  // The probe's error by name (a trap gives cudaErrorLaunchFailure on the GPUs we know).
+  EXPECT_TRUE(std::regex_search(message, std::regex(R"(after the failed step: cudaError\w+: )")))
+      << message;
+  EXPECT_EQ(result.ids.size(), 1u);
+  EXPECT_EQ(server.process().wait(std::chrono::seconds(60)), kExitDeviceLost)
+      << server.process().log();
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <random>
 #include <stdexcept>
+#include <utility>
 
 namespace kvserve::testing {
 
@@ -26,6 +27,17 @@ std::string shared_model_dir() {
                              " (../shared must sit beside the checkout)");
   }
   return dir;
+}
+
+ScopedEnvironmentVariable::ScopedEnvironmentVariable(std::string name, const std::string& value)
+    : name_(std::move(name)) {
+  if (setenv(name_.c_str(), value.c_str(), 1) != 0) {
+    throw std::runtime_error("setenv " + name_ + " failed");
+  }
+}
+
+ScopedEnvironmentVariable::~ScopedEnvironmentVariable() {
+  unsetenv(name_.c_str());
 }
 
 std::string shared_eval_text() {

@@ -20,4 +20,17 @@ std::string shared_eval_text();
 // A fresh empty directory under the system temp dir, removed by the OS / test runner at will.
 std::string make_temp_dir(const std::string& prefix);
 
+// Sets an environment variable (for the processes a test starts) and unsets it when it goes, even
+// when an assertion ends the test early.
+class ScopedEnvironmentVariable {
+ public:
+  ScopedEnvironmentVariable(std::string name, const std::string& value);
+  ~ScopedEnvironmentVariable();
+  ScopedEnvironmentVariable(const ScopedEnvironmentVariable&) = delete;
+  ScopedEnvironmentVariable& operator=(const ScopedEnvironmentVariable&) = delete;
+
+ private:
+  std::string name_;
+};
+
 }  // namespace kvserve::testing

@@ -13,6 +13,7 @@
 #include "kernels/gemm.h"
 #include "kernels/layer_norm.h"
 #include "kernels/sample_token.h"
+#include "kernels/trap.h"
 
 namespace kvserve {
 
@@ -28,7 +29,10 @@ constexpr size_t kMaxDecodeGraphs = 128;
 
 CudaBackend::CudaBackend(const ModelWeights& weights, const KvCacheManager& manager,
                          CudaBackendOptions options)
-    : config_(weights.config), cache_(manager, weights.config), use_graphs_(options.cuda_graphs) {
+    : config_(weights.config),
+      cache_(manager, weights.config),
+      use_graphs_(options.cuda_graphs),
+      trap_at_forward_(options.trap_at_forward) {
   const ModelConfig& cfg = config_;
   if (cfg.n_embd % 2 != 0 || cfg.n_inner % 2 != 0) {
     throw std::invalid_argument("CUDA backend: n_embd and n_inner must be even");
@@ -237,7 +241,57 @@ void CudaBackend::replay_decode(int items, const int32_t* index) {
   }
 }
 
+std::string CudaBackend::context_error() const {
+  // Clear a non-sticky error that the failed step may have left as the thread's last error
+  // (KVSERVE_CUDA_CHECK clears those it reports, a cuBLAS failure may not), so that only an error
+  // of the context itself can fail the probe. A sticky error is not cleared by this.
+  cudaGetLastError();
+  const char* call = "cudaStreamSynchronize";
+  cudaError_t status = cudaStreamSynchronize(stream_);
+  if (status == cudaSuccess) {
+    call = "cudaDeviceSynchronize";
+    status = cudaDeviceSynchronize();
+  }
+  if (status == cudaSuccess) return "";
+  return std::string(call) + " after the failed step: " + cudaGetErrorName(status) + ": " +
+         cudaGetErrorString(status);
+}
+
+void CudaBackend::throw_if_device_lost(const std::exception& step_error) const {
+  const std::string probe = context_error();
+  if (probe.empty()) return;
+  throw DeviceLostError(std::string(step_error.what()) + "; the CUDA context is unusable (" +
+                        probe + ")");
+}
+
+void CudaBackend::inject_fault() {
+  if (++forward_calls_ == trap_at_forward_) cuda::trap(stream_);
+}
+
 void CudaBackend::forward(const std::vector<ForwardItem>& items, std::vector<float>& logits) {
+  try {
+    inject_fault();
+    forward_on_device(items, logits);
+  } catch (const std::exception& e) {
+    throw_if_device_lost(e);
+    throw;
+  }
+}
+
+void CudaBackend::forward_sample(const std::vector<ForwardItem>& items,
+                                 const std::vector<SampleRequest>& requests,
+                                 std::vector<SampleResult>& results) {
+  try {
+    inject_fault();
+    forward_sample_on_device(items, requests, results);
+  } catch (const std::exception& e) {
+    throw_if_device_lost(e);
+    throw;
+  }
+}
+
+void CudaBackend::forward_on_device(const std::vector<ForwardItem>& items,
+                                    std::vector<float>& logits) {
   const float* logits_device = run(items);
   size_t rows = 0;
   for (const ForwardItem& item : items) rows += item.all_logits ? item.tokens.size() : 1;
@@ -249,9 +303,9 @@ void CudaBackend::forward(const std::vector<ForwardItem>& items, std::vector<flo
   logits.assign(host, host + count);
 }
 
-void CudaBackend::forward_sample(const std::vector<ForwardItem>& items,
-                                 const std::vector<SampleRequest>& requests,
-                                 std::vector<SampleResult>& results) {
+void CudaBackend::forward_sample_on_device(const std::vector<ForwardItem>& items,
+                                           const std::vector<SampleRequest>& requests,
+                                           std::vector<SampleResult>& results) {
   if (requests.size() != items.size()) {
     throw std::invalid_argument("forward_sample: one sample request per item");
   }

@@ -15,8 +15,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <exception>
 #include <map>
 #include <memory>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -31,6 +33,9 @@ namespace kvserve {
 
 struct CudaBackendOptions {
   bool cuda_graphs = true;  // replay decode steps from CUDA graphs; false: launch every kernel
+  // Fault injection (tests of device loss): the Nth forward or forward_sample call (from 1)
+  // launches a trapping kernel before its step (kernels/trap.h); 0: never.
+  int64_t trap_at_forward = 0;
 };
 
 class CudaBackend : public Backend {
@@ -44,6 +49,8 @@ class CudaBackend : public Backend {
   CudaBackend& operator=(const CudaBackend&) = delete;
 
   std::string name() const override { return "cuda"; }
+  // Both throw DeviceLostError when a failed step has left the CUDA context unusable (a sticky
+  // error: illegal address, kernel trap, uncorrectable ECC...), else what the step threw.
   void forward(const std::vector<ForwardItem>& items, std::vector<float>& logits) override;
   // Every request picks its token on the GPU (kernels/sample_token.h), by sample_token's
   // contract and with its error messages; only ids, logprobs and statuses come back.
@@ -55,6 +62,20 @@ class CudaBackend : public Backend {
   std::vector<uint8_t> download_cache() const { return cache_.download(stream_); }
 
  private:
+  // The steps themselves, which throw whatever failed.
+  void forward_on_device(const std::vector<ForwardItem>& items, std::vector<float>& logits);
+  void forward_sample_on_device(const std::vector<ForwardItem>& items,
+                                const std::vector<SampleRequest>& requests,
+                                std::vector<SampleResult>& results);
+  // After a step threw: "" if the context still runs work (the step's error was not sticky, e.g.
+  // an allocation that did not fit), else the error with which synchronising failed. A sticky
+  // error poisons the context: every later call returns it, so the synchronisation does too.
+  std::string context_error() const;
+  // Counts a forward call and, at options.trap_at_forward, launches the trapping kernel.
+  void inject_fault();
+  // Throws DeviceLostError (with the step's error and the probe's) if context_error() says the
+  // context is unusable; returns otherwise, and the caller rethrows the step's own error.
+  void throw_if_device_lost(const std::exception& step_error) const;
   // Runs the model; returns the device logits, fp32 [rows][V] (rows as forward's), valid until
   // the next call.
   const float* run(const std::vector<ForwardItem>& items);
@@ -120,6 +141,8 @@ class CudaBackend : public Backend {
   cuda::DeviceBuffer<uint8_t> cublas_workspace_;
 
   bool use_graphs_;
+  int64_t trap_at_forward_;
+  int64_t forward_calls_ = 0;  // forward and forward_sample calls, for trap_at_forward_
   std::map<DecodeGraphKey, DecodeGraph> decode_graphs_;
   uint64_t graphs_buffer_moves_ = 0;  // buffer_moves() when decode_graphs_ were captured
   uint64_t graph_clock_ = 0;          // counts replays, for least-recently-used eviction
