@@ -4,15 +4,20 @@
 
 namespace kvserve {
 
-void Backend::forward_sample(const std::vector<ForwardItem>& items,
-                             const std::vector<SampleRequest>& requests,
-                             std::vector<SampleResult>& results) {
+void check_sample_batch(const std::vector<ForwardItem>& items,
+                        const std::vector<SampleRequest>& requests) {
   if (requests.size() != items.size()) {
     throw std::invalid_argument("forward_sample: one sample request per item");
   }
   for (const ForwardItem& item : items) {
     if (item.all_logits) throw std::invalid_argument("forward_sample: an item wants all logits");
   }
+}
+
+void Backend::forward_sample(const std::vector<ForwardItem>& items,
+                             const std::vector<SampleRequest>& requests,
+                             std::vector<SampleResult>& results) {
+  check_sample_batch(items, requests);
   forward(items, sample_logits_);
   const size_t vocab = items.empty() ? 0 : sample_logits_.size() / items.size();
   results.assign(items.size(), SampleResult{});

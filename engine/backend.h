@@ -50,6 +50,11 @@ class DeviceLostError : public std::runtime_error {
 // forward and forward_sample report failures by throwing. DeviceLostError means the device is
 // gone and every later step would fail too; any other exception means only this step failed (e.g.
 // an allocation that did not fit) and the next step may succeed.
+// What forward_sample requires of its arguments, for every backend's override: one request per
+// item and no all_logits item; throws std::invalid_argument otherwise.
+void check_sample_batch(const std::vector<ForwardItem>& items,
+                        const std::vector<SampleRequest>& requests);
+
 class Backend {
  public:
   virtual ~Backend() = default;

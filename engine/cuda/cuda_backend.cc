@@ -306,12 +306,7 @@ void CudaBackend::forward_on_device(const std::vector<ForwardItem>& items,
 void CudaBackend::forward_sample_on_device(const std::vector<ForwardItem>& items,
                                            const std::vector<SampleRequest>& requests,
                                            std::vector<SampleResult>& results) {
-  if (requests.size() != items.size()) {
-    throw std::invalid_argument("forward_sample: one sample request per item");
-  }
-  for (const ForwardItem& item : items) {
-    if (item.all_logits) throw std::invalid_argument("forward_sample: an item wants all logits");
-  }
+  check_sample_batch(items, requests);
   results.assign(items.size(), SampleResult{});
   if (items.empty()) return;
   const int V = config_.vocab_size;
