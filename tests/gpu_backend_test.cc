@@ -71,19 +71,11 @@ SamplingParams greedy_params() {
 // Every kind of request the sampler serves, for the sampled tests to cycle through; the engine
 // tests give the fixture's five prompts the first five.
 std::vector<SamplingParams> sampling_kinds() {
-  auto params = [](float temperature, int top_k, float top_p, float penalty, uint64_t seed) {
-    SamplingParams p;
-    p.temperature = temperature;
-    p.top_k = top_k;
-    p.top_p = top_p;
-    p.repetition_penalty = penalty;
-    p.seed = seed;
-    return p;
-  };
-  return {params(0.7f, 50, 0.95f, 1.1f, 10), params(0.0f, 0, 1.0f, 1.3f, 0),
-          params(1.0f, 0, 0.9f, 1.0f, 8),    params(2.0f, 5, 0.5f, 1.3f, 11),
-          params(0.8f, 40, 1.0f, 1.0f, 7),   params(0.0f, 0, 1.0f, 1.0f, 0),
-          params(1.2f, 0, 1.0f, 1.2f, 9),    params(1.0f, 0, 1.0f, 1.0f, 12)};
+  // SamplingParams{temperature, top_k, top_p, repetition_penalty, seed}
+  return {SamplingParams{0.7f, 50, 0.95f, 1.1f, 10}, SamplingParams{0.0f, 0, 1.0f, 1.3f, 0},
+          SamplingParams{1.0f, 0, 0.9f, 1.0f, 8},    SamplingParams{2.0f, 5, 0.5f, 1.3f, 11},
+          SamplingParams{0.8f, 40, 1.0f, 1.0f, 7},   SamplingParams{0.0f, 0, 1.0f, 1.0f, 0},
+          SamplingParams{1.2f, 0, 1.0f, 1.2f, 9},    SamplingParams{1.0f, 0, 1.0f, 1.0f, 12}};
 }
 
 GenerationRequest request_for(const json& prompt, int tokens, const SamplingParams& sampling) {

@@ -385,22 +385,15 @@ TEST(SamplerReference, AgreesExactlyWithAFullSort) {
     float stddev;
     SamplingParams params;
   };
-  auto params = [](float temperature, int top_k, float top_p, float penalty, uint64_t seed) {
-    SamplingParams p;
-    p.temperature = temperature;
-    p.top_k = top_k;
-    p.top_p = top_p;
-    p.repetition_penalty = penalty;
-    p.seed = seed;
-    return p;
-  };
+  // SamplingParams{temperature, top_k, top_p, repetition_penalty, seed}
   const std::vector<Case> cases = {
-      {50257, 1.0f, params(1.0f, 0, 1.0f, 1.0f, 1)},  // flat: draws rank deep into the vocab
-      {50257, 3.0f, params(0.8f, 0, 0.9f, 1.3f, 2)},
-      {50257, 3.0f, params(1.2f, 40, 0.95f, 1.0f, 3)},
-      {50257, 2.0f, params(1.0f, 5000, 1.0f, 1.1f, 4)},
-      {50257, 2.0f, params(0.0f, 0, 1.0f, 1.5f, 5)},
-      {300, 1.0f, params(1.0f, 0, 0.999f, 1.0f, 6)},
+      {50257, 1.0f,
+       SamplingParams{1.0f, 0, 1.0f, 1.0f, 1}},  // flat: draws rank deep into the vocab
+      {50257, 3.0f, SamplingParams{0.8f, 0, 0.9f, 1.3f, 2}},
+      {50257, 3.0f, SamplingParams{1.2f, 40, 0.95f, 1.0f, 3}},
+      {50257, 2.0f, SamplingParams{1.0f, 5000, 1.0f, 1.1f, 4}},
+      {50257, 2.0f, SamplingParams{0.0f, 0, 1.0f, 1.5f, 5}},
+      {300, 1.0f, SamplingParams{1.0f, 0, 0.999f, 1.0f, 6}},
   };
   const std::vector<int32_t> history = {0, 7, 7, 100, 299, 11};
   for (size_t c = 0; c < cases.size(); ++c) {
@@ -418,7 +411,7 @@ TEST(SamplerReference, AgreesExactlyWithAFullSort) {
   for (float& l : tied) l = static_cast<float>(level(rng));
   for (int top_k : {0, 1, 3, 700, 1999, 2000, 5000}) {
     for (float top_p : {0.05f, 0.5f, 1.0f}) {
-      const SamplingParams p = params(0.9f, top_k, top_p, 1.4f, 10);
+      const SamplingParams p = SamplingParams{0.9f, top_k, top_p, 1.4f, 10};
       for (uint64_t step = 0; step < 20; ++step) {
         EXPECT_EQ(sample(tied, p, step, history).id, reference_sample(tied, p, history, step))
             << "top_k " << top_k << " top_p " << top_p << " step " << step;
