@@ -63,8 +63,13 @@ class GenerateCall : public grpc::ClientReadReactor<v1::GenerateResponse> {
       outcome_.status =
           grpc::Status(grpc::StatusCode::INTERNAL, "the stream ended without its final message");
     }
-    on_done_(std::move(outcome_));
+    // The call is deleted before the caller hears of it: once the last call is done the caller may
+    // destroy the channel and return from main, which under ASan raced with this destructor
+    // (a double free on a gRPC thread at exit).
+    DoneCallback on_done = std::move(on_done_);
+    GenerateOutcome outcome = std::move(outcome_);
     delete this;
+    on_done(std::move(outcome));
   }
 
  private:
