@@ -214,8 +214,8 @@ void EngineLoop::admit(InboxItem& item) {
   if (!problem.empty()) {
     spdlog::warn("request {} rejected: INVALID_ARGUMENT: {}", item.request.id, problem);
     metrics_.count_failure("INVALID_ARGUMENT");
-    item.channel->push_error(StreamError::kInvalidArgument, problem);
     --in_flight_;
+    item.channel->push_error(StreamError::kInvalidArgument, problem);
     return;
   }
   const RequestId id = engine_->add_request(item.request.generation);
@@ -250,12 +250,12 @@ void EngineLoop::step() {
     // The engine reports device errors per request (FinishReason::kError); an exception here is
     // a broken invariant. Fail what is in flight, keep serving.
     spdlog::error("engine step failed: {}", e.what());
+    in_flight_ -= active_.size();
     for (auto& [id, active] : active_) {
       engine_->cancel(id);
       metrics_.count_failure("INTERNAL");
       active.channel->push_error(StreamError::kInternal, std::string("engine error: ") + e.what());
     }
-    in_flight_ -= active_.size();
     active_.clear();
     by_ticket_.clear();
     publish_snapshot();
@@ -291,10 +291,10 @@ void EngineLoop::step() {
     Active& active = it->second;
     if (event.has_token) on_token(event.request, active, event, now);
     if (event.finish != FinishReason::kNone) {
+      --in_flight_;
       on_finish(active, event, now);
       by_ticket_.erase(active.ticket);
       active_.erase(it);
-      --in_flight_;
     }
   }
 }
@@ -426,8 +426,8 @@ void EngineLoop::end_after_device_lost() {
     if (item.kind != InboxItem::Kind::kSubmit) continue;
     spdlog::warn("request {} finished: INTERNAL: {}", item.request.id, message);
     metrics_.count_failure("INTERNAL");
-    item.channel->push_error(StreamError::kInternal, message);
     --in_flight_;
+    item.channel->push_error(StreamError::kInternal, message);
   }
   publish_snapshot();
   spdlog::error("{}; every request in flight has failed with INTERNAL, new ones are refused",

@@ -85,7 +85,8 @@ class EngineLoop {
   // Any thread: ends every request with finish reason CANCELLED (the drain deadline passed).
   void cancel_all();
 
-  // Requests submitted and not yet finished.
+  // Requests submitted and not yet finished. It drops before a request's last message goes to its
+  // channel, so a client that has read the end of its stream never sees itself still counted.
   size_t in_flight() const { return in_flight_.load(); }
   EngineSnapshot snapshot() const;
   // Any thread: why the device was lost, or "" while it works.
