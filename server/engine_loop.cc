@@ -167,7 +167,7 @@ void EngineLoop::run() {
     expire_deadlines(Clock::now());
     if (engine_->has_work()) step();
     if (!engine_->device_lost().empty()) {
-      end_after_device_lost();
+      fail_inbox_after_device_lost();
       return;
     }
     update_throughput(Clock::now());
@@ -275,6 +275,8 @@ void EngineLoop::step() {
   }
   // Before any final message: a client that has seen its stream end also sees the blocks freed.
   publish_snapshot();
+  // Likewise, a client told of the loss finds new submissions refused and the loss reported.
+  if (!engine_->device_lost().empty()) close_after_device_lost();
 
   // Counted before any message goes out, so /metrics never lags what a client has received.
   int generated = 0;
@@ -411,15 +413,25 @@ void EngineLoop::publish_snapshot() {
   queued_in_engine_ = snapshot.waiting;
 }
 
-void EngineLoop::end_after_device_lost() {
-  // The engine has ended every request it held, in this step's events; what is left are the
-  // submissions that reached the inbox after it was drained. Setting device_lost_ under the lock
-  // that submit() takes closes the inbox for good.
-  const std::string message = "device lost: " + engine_->device_lost();
-  std::deque<InboxItem> items;
+void EngineLoop::close_after_device_lost() {
+  // Setting device_lost_ under the lock that submit() takes closes the inbox for good.
   {
     std::lock_guard<std::mutex> lock(mu_);
     device_lost_ = engine_->device_lost();
+  }
+  spdlog::error(
+      "device lost: {}; every request in flight fails with INTERNAL, new ones are refused",
+      device_lost_);
+  if (options_.on_device_lost) options_.on_device_lost(device_lost_);
+}
+
+void EngineLoop::fail_inbox_after_device_lost() {
+  // The engine has ended every request it held, in the last step's events; what is left are the
+  // submissions that reached the inbox after it was drained.
+  const std::string message = "device lost: " + device_lost_;
+  std::deque<InboxItem> items;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
     items.swap(inbox_);
   }
   for (InboxItem& item : items) {
@@ -430,9 +442,6 @@ void EngineLoop::end_after_device_lost() {
     item.channel->push_error(StreamError::kInternal, message);
   }
   publish_snapshot();
-  spdlog::error("{}; every request in flight has failed with INTERNAL, new ones are refused",
-                message);
-  if (options_.on_device_lost) options_.on_device_lost(device_lost_);
 }
 
 void EngineLoop::update_throughput(Clock::time_point now) {

@@ -129,9 +129,11 @@ class EngineLoop {
   void on_finish(Active& active, const StepEvent& event, Clock::time_point now);
   void publish_snapshot();
   void update_throughput(Clock::time_point now);
-  // The engine has lost the device: refuses new submissions, fails those still in the inbox and
-  // reports the loss.
-  void end_after_device_lost();
+  // The engine has lost the device (in the step that just ran): refuses new submissions and
+  // reports the loss, before any message of that step goes out.
+  void close_after_device_lost();
+  // Then, as the thread ends: fails the submissions still in the inbox.
+  void fail_inbox_after_device_lost();
 
   std::unique_ptr<Engine> engine_;
   Tokenizer tokenizer_;
