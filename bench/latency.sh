@@ -4,36 +4,21 @@
 # several concurrencies.
 # Usage: bench/latency.sh [OUT_DIR]   (default docs/bench; writes OUT_DIR/latency.json)
 # The JSON holds the machine, the date, the server command and, for every run, its sweep, rate (a
-# number, or "inf" in the closed-loop sweep), concurrency, exact kvserve-cli command and full result. The defaults keep a run to about five minutes on two CPU
-# cores with the tiny test model; every knob below can be overridden from the environment, e.g.
+# number, or "inf" in the closed-loop sweep), concurrency, exact kvserve-cli command and full
+# result. The defaults keep a run to about five minutes on two CPU cores with the tiny test model;
+# every knob below and in bench/lib.sh can be overridden from the environment, e.g.
 # MODEL=dummy:gpt2 EXTRA_SERVE_FLAGS="--device cuda" RATES="8 16 32 64" bench/latency.sh /tmp/out
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-docs/bench}
-kvserve=${KVSERVE:-build/bin/kvserve}
-cli=${KVSERVE_CLI:-build/bin/kvserve-cli}
-model=${MODEL:-../shared/models/gpt2-tiny-docs}
-read -r -a formats <<<"${FORMATS:-fp16 kivi2}"
+source bench/lib.sh
 read -r -a rates <<<"${RATES:-0.5 1 2 4}"
-read -r -a concurrencies <<<"${CONCURRENCIES:-1 4 16}"
 read -r -a extra_serve_flags <<<"${EXTRA_SERVE_FLAGS:-}"
 rate_concurrency=${RATE_CONCURRENCY:-16}
 requests=${REQUESTS:-16}
-prompt_len=${PROMPT_LEN:-64}
-new_tokens=${NEW_TOKENS:-32}
 # TEMPERATURE unset: the server's default sampling (1.0); 0 asks for greedy.
 temperature_flag=()
 [ -z "${TEMPERATURE:-}" ] || temperature_flag=(--temperature "$TEMPERATURE")
-
-work=$(mktemp -d)
-server=""
-stop_server() {
-  [ -n "$server" ] || return 0
-  kill -TERM "$server"
-  wait "$server" || { echo "kvserve did not exit 0 after SIGTERM"; cat "$work/server.log"; exit 1; }
-  server=""
-}
-trap '[ -z "$server" ] || kill "$server" 2>/dev/null; rm -rf "$work"' EXIT
 
 # Runs and records one load: its result file and a manifest line (kv, sweep, rate, concurrency,
 # file, and the command without its temporary --output).
@@ -54,19 +39,8 @@ started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 for kv in "${formats[@]}"; do
   serve=("$kvserve" serve --model "$model" --kv "$kv" --host 127.0.0.1 --port 0 --metrics-port 0
          "${extra_serve_flags[@]}")
-  "${serve[@]}" >"$work/server.log" 2>&1 &
-  server=$!
-  for _ in $(seq 600); do
-    grep -q 'SERVING: ' "$work/server.log" && break
-    kill -0 "$server" 2>/dev/null || { cat "$work/server.log"; exit 1; }
-    sleep 0.1
-  done
-  grep -q 'SERVING: ' "$work/server.log" || { echo "kvserve not SERVING in 60 s"; exit 1; }
-  addr=$(sed -n 's/.*listening on \([0-9.:]*\) (gRPC).*/\1/p' "$work/server.log")
+  start_server "${serve[@]}"
   echo "${serve[*]}" >"$work/serve-$kv.txt"
-  # Warm-up, not recorded: first-touch page faults of the pool and the weights.
-  "$cli" load --addr "$addr" --requests 4 --rate inf --concurrency 4 --prompt-len "$prompt_len" \
-    --max-new-tokens "$new_tokens" >/dev/null
   for rate in "${rates[@]}"; do load "$kv" rate "$rate" "$rate_concurrency"; done
   for c in "${concurrencies[@]}"; do load "$kv" concurrency inf "$c"; done
   stop_server

@@ -2,31 +2,23 @@
 # Generation speed in-process against through gRPC: for each KV format and each concurrency C,
 # `kvserve bench engine` (the engine alone, C generations in flight) and then `kvserve serve` on
 # loopback driven by `kvserve-cli load --concurrency C` with the same requests (random prompt ids
-# of PROMPT_LEN, NEW_TOKENS tokens each at TEMPERATURE (default 0: greedy), end-of-text ignored). Both count output tokens over
-# the wall time from the first request to the last token, prefill included.
+# of PROMPT_LEN, NEW_TOKENS tokens each at TEMPERATURE (default 0: greedy), end-of-text ignored).
+# Both count output tokens over the wall time from the first request to the last token, prefill
+# included.
 # Usage: bench/serving.sh [OUT_FILE]   (default docs/bench/serving.json)
-# Knobs from the environment, e.g. for the GPU machine:
+# Knobs from the environment (bench/lib.sh has the shared ones), e.g. for the GPU machine:
 #   MODEL=dummy:gpt2 EXTRA_FLAGS="--device cuda" POOL_MB=16384 bench/serving.sh /tmp/serving.json
 # REQUESTS_PER_SLOT (default 2) sets requests = C * REQUESTS_PER_SLOT, at least MIN_REQUESTS (16).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-docs/bench/serving.json}
-kvserve=${KVSERVE:-build/bin/kvserve}
-cli=${KVSERVE_CLI:-build/bin/kvserve-cli}
-model=${MODEL:-../shared/models/gpt2-tiny-docs}
-read -r -a formats <<<"${FORMATS:-fp16 kivi2}"
-read -r -a concurrencies <<<"${CONCURRENCIES:-1 4 16}"
+source bench/lib.sh
 read -r -a extra_flags <<<"${EXTRA_FLAGS:-}"
 pool_mb=${POOL_MB:-512}
-prompt_len=${PROMPT_LEN:-64}
-new_tokens=${NEW_TOKENS:-32}
 temperature=${TEMPERATURE:-0}
 per_slot=${REQUESTS_PER_SLOT:-2}
 min_requests=${MIN_REQUESTS:-16}
 
-work=$(mktemp -d)
-server=""
-trap '[ -z "$server" ] || kill "$server" 2>/dev/null; rm -rf "$work"' EXIT
 # record KV CONCURRENCY PATH COMMAND SERVER_COMMAND < result.json: one line of runs.jsonl.
 record() {
   python3 -c '
@@ -55,18 +47,7 @@ for kv in "${formats[@]}"; do
   done
   serve=("$kvserve" serve "${common[@]}" --host 127.0.0.1 --port 0 --metrics-port 0
          --max-queued-requests 4096)
-  "${serve[@]}" >"$work/server.log" 2>&1 &
-  server=$!
-  for _ in $(seq 1200); do
-    grep -q 'SERVING: ' "$work/server.log" && break
-    kill -0 "$server" 2>/dev/null || { cat "$work/server.log" >&2; exit 1; }
-    sleep 0.1
-  done
-  grep -q 'SERVING: ' "$work/server.log" || { echo "kvserve not SERVING in 120 s" >&2; exit 1; }
-  addr=$(sed -n 's/.*listening on \([0-9.:]*\) (gRPC).*/\1/p' "$work/server.log")
-  # Warm-up, not recorded: first-touch page faults and the first steps' buffer growth.
-  "$cli" load --addr "$addr" --requests 4 --concurrency 4 --prompt-len "$prompt_len" \
-    --max-new-tokens "$new_tokens" >/dev/null
+  start_server "${serve[@]}"
   for c in "${concurrencies[@]}"; do
     requests=$((c * per_slot > min_requests ? c * per_slot : min_requests))
     echo "serving: $kv concurrency $c through gRPC" >&2
@@ -76,9 +57,7 @@ for kv in "${formats[@]}"; do
     "${load_cmd[@]}" --output "$work/load.json" >/dev/null
     record "$kv" "$c" grpc "${load_cmd[*]}" "${serve[*]}" <"$work/load.json"
   done
-  kill -TERM "$server"
-  wait "$server" || { echo "kvserve did not exit 0 after SIGTERM" >&2; exit 1; }
-  server=""
+  stop_server
 done
 
 mkdir -p "$(dirname "$out")"
