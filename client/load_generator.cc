@@ -1,18 +1,15 @@
 #include "client/load_generator.h"
 
-#include <lzma.h>
-
 #include <algorithm>
 #include <cmath>
 #include <condition_variable>
-#include <fstream>
 #include <mutex>
 #include <random>
-#include <sstream>
 #include <stdexcept>
 #include <thread>
 
 #include "client/latency_stats.h"
+#include "common/text_io.h"
 
 namespace kvserve::client {
 namespace {
@@ -21,36 +18,10 @@ double seconds(Clock::duration d) {
   return std::chrono::duration<double>(d).count();
 }
 
-std::string decompress_xz(const std::string& compressed, const std::string& path) {
-  lzma_stream stream = LZMA_STREAM_INIT;
-  if (lzma_stream_decoder(&stream, UINT64_MAX, LZMA_CONCATENATED) != LZMA_OK) {
-    throw std::runtime_error(path + ": cannot start the xz decoder");
-  }
-  std::string out;
-  char buffer[1 << 16];
-  stream.next_in = reinterpret_cast<const uint8_t*>(compressed.data());
-  stream.avail_in = compressed.size();
-  lzma_ret ret = LZMA_OK;
-  while (ret == LZMA_OK) {
-    stream.next_out = reinterpret_cast<uint8_t*>(buffer);
-    stream.avail_out = sizeof(buffer);
-    ret = lzma_code(&stream, LZMA_FINISH);
-    out.append(buffer, sizeof(buffer) - stream.avail_out);
-  }
-  lzma_end(&stream);
-  if (ret != LZMA_STREAM_END) throw std::runtime_error(path + ": not a valid xz file");
-  return out;
-}
-
 // The prompt text of a --prompts-file. Document separators are dropped: whether the server reads
 // "<|endoftext|>" in a prompt as the special token is not the load generator's business.
 std::string read_prompt_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error(path + ": cannot open the prompts file");
-  std::ostringstream bytes;
-  bytes << in.rdbuf();
-  const bool xz = path.size() >= 3 && path.compare(path.size() - 3, 3, ".xz") == 0;
-  std::string text = xz ? decompress_xz(bytes.str(), path) : bytes.str();
+  std::string text = read_file(path);
   const std::string separator = "<|endoftext|>";
   for (size_t at; (at = text.find(separator)) != std::string::npos;) {
     text.erase(at, separator.size());

@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "engine/safetensors.h"
-#include "engine/text_io.h"
+#include "common/text_io.h"
 
 namespace kvserve {
 namespace {

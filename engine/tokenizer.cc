@@ -9,7 +9,7 @@
 #include <unordered_map>
 #include <utility>
 
-#include "engine/text_io.h"
+#include "common/text_io.h"
 
 namespace kvserve {
 namespace {

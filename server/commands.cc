@@ -17,7 +17,7 @@
 #include "engine/checkpoint.h"
 #include "engine/engine.h"
 #include "engine/perplexity.h"
-#include "engine/text_io.h"
+#include "common/text_io.h"
 #include "engine/tokenizer.h"
 #include "server/bench_decode.h"
 #include "server/bench_engine.h"

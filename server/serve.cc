@@ -20,7 +20,7 @@
 #include "engine/backend_factory.h"
 #include "engine/checkpoint.h"
 #include "engine/engine.h"
-#include "engine/text_io.h"
+#include "common/text_io.h"
 #include "server/engine_loop.h"
 #include "server/metrics.h"
 #include "server/metrics_http.h"

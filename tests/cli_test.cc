@@ -8,7 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "engine/text_io.h"
+#include "common/text_io.h"
 #include "tests/test_support.h"
 
 namespace kvserve {

@@ -20,7 +20,7 @@
 #include "client/generation_client.h"
 #include "client/latency_stats.h"
 #include "client/load_generator.h"
-#include "engine/text_io.h"
+#include "common/text_io.h"
 #include "tests/test_support.h"
 
 namespace kvserve::client {

@@ -11,7 +11,7 @@
 #include <string>
 #include <thread>
 
-#include "engine/text_io.h"
+#include "common/text_io.h"
 #include "tests/server_harness.h"
 #include "tests/test_support.h"
 

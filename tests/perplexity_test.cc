@@ -7,7 +7,7 @@
 
 #include "engine/checkpoint.h"
 #include "engine/cpu_backend.h"
-#include "engine/text_io.h"
+#include "common/text_io.h"
 #include "tests/test_support.h"
 
 namespace kvserve {

@@ -13,7 +13,7 @@
 #include <stdexcept>
 #include <thread>
 
-#include "engine/text_io.h"
+#include "common/text_io.h"
 #include "tests/test_support.h"
 
 namespace kvserve::testing {

@@ -14,7 +14,7 @@
 #include <thread>
 
 #include "client/generation_client.h"
-#include "engine/text_io.h"
+#include "common/text_io.h"
 #include "engine/tokenizer.h"
 #include "server/stream_channel.h"
 #include "tests/server_harness.h"

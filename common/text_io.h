@@ -1,4 +1,4 @@
-// Reading whole files, transparently decompressing .xz (evaluation text, test fixtures).
+// Reading whole files, transparently decompressing .xz (evaluation text, test fixtures, prompts).
 #pragma once
 
 #include <string>

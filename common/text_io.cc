@@ -1,4 +1,4 @@
-#include "engine/text_io.h"
+#include "common/text_io.h"
 
 #include <lzma.h>
 
