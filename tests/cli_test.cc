@@ -1,9 +1,6 @@
 // The kvserve executable end to end: exact command lines of DESIGN.md section 7.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
-#include <cstdlib>
-#include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -14,23 +11,11 @@
 namespace kvserve {
 namespace {
 
-struct CommandResult {
-  int status = -1;
-  std::string out, err;
-};
+using testing::CommandResult;
 
 CommandResult run_kvserve(const std::string& args, const std::string& stdin_text = "",
                           const std::string& env = "") {
-  const std::string dir = testing::make_temp_dir("kvserve-cli");
-  { std::ofstream(dir + "/stdin") << stdin_text; }
-  const std::string command = env + " " + kvserve::testing::kvserve_binary() + " " + args + " <" +
-                              dir + "/stdin >" + dir + "/stdout 2>" + dir + "/stderr";
-  CommandResult r;
-  const int raw = std::system(command.c_str());
-  r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
-  r.out = read_file(dir + "/stdout");
-  r.err = read_file(dir + "/stderr");
-  return r;
+  return testing::run_command(env + " " + testing::kvserve_binary() + " " + args, stdin_text);
 }
 
 const nlohmann::json& logits_fixture() {

@@ -5,12 +5,9 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <filesystem>
 #include <limits>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -502,25 +499,11 @@ TEST(LoadErrors, AnUnreachableServerStopsBeforeSending) {
 
 // ---------------------------------------------------------------- kvserve-cli
 
-struct CommandResult {
-  int status = -1;
-  std::string out, err;
-};
+using testing::CommandResult;
 
-// Runs build/bin/kvserve-cli (built beside the kvserve binary) with a shell-quoted argument string.
+// Runs kvserve-cli with a shell-quoted argument string.
 CommandResult run_cli(const std::string& args) {
-  const std::string cli =
-      (std::filesystem::path(kvserve::testing::kvserve_binary()).parent_path() / "kvserve-cli")
-          .string();
-  const std::string dir = testing::make_temp_dir("kvserve-cli-client");
-  const std::string command =
-      cli + " " + args + " </dev/null >" + dir + "/stdout 2>" + dir + "/stderr";
-  CommandResult r;
-  const int raw = std::system(command.c_str());
-  r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
-  r.out = read_file(dir + "/stdout");
-  r.err = read_file(dir + "/stderr");
-  return r;
+  return testing::run_command(testing::kvserve_cli_binary() + " " + args);
 }
 
 TEST(ClientCli, GenerateStreamsTheTextAndPassesEveryFlag) {

@@ -102,10 +102,7 @@ class Tls : public ::testing::Test {
 std::string* Tls::dir_ = nullptr;
 
 int run_cli(const std::string& args) {
-  return exit_code(
-      (std::filesystem::path(kvserve::testing::kvserve_binary()).parent_path() / "kvserve-cli")
-          .string() +
-      " " + args);
+  return exit_code(testing::kvserve_cli_binary() + " " + args);
 }
 
 TEST_F(Tls, TlsClientIsServedAndPlaintextOrUntrustingClientsAreRefused) {

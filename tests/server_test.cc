@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <filesystem>
 #include <fstream>
 #include <future>
 #include <nlohmann/json.hpp>
@@ -147,9 +146,7 @@ TEST_F(Server, ClientLibraryAndCliSeeWhatTheStubSees) {
   ASSERT_TRUE(library.CheckHealth("", 10, &status).ok());
   EXPECT_EQ(status, HealthCheckResponse::SERVING);
 
-  const std::string cli =
-      (std::filesystem::path(kvserve::testing::kvserve_binary()).parent_path() / "kvserve-cli")
-          .string();
+  const std::string cli = testing::kvserve_cli_binary();
   const std::string dir = testing::make_temp_dir("kvserve-cli-real");
   EXPECT_EQ(std::system((cli + " generate --addr " + address +
                          " --prompt 'Memory is' --max-new-tokens 24 --temperature 0 >" + dir +

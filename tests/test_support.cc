@@ -1,10 +1,15 @@
 #include "tests/test_support.h"
 
+#include <sys/wait.h>
+
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <random>
 #include <stdexcept>
 #include <utility>
+
+#include "common/text_io.h"
 
 namespace kvserve::testing {
 
@@ -16,6 +21,10 @@ std::string source_path(const std::string& relative) {
 std::string kvserve_binary() {
   const char* binary = std::getenv("KVSERVE_TEST_BINARY");
   return binary && *binary ? binary : KVSERVE_BINARY;
+}
+
+std::string kvserve_cli_binary() {
+  return (std::filesystem::path(kvserve_binary()).parent_path() / "kvserve-cli").string();
 }
 
 std::string shared_model_dir() {
@@ -50,6 +59,18 @@ std::string make_temp_dir(const std::string& prefix) {
                    (prefix + "-" + std::to_string(entropy()) + std::to_string(entropy()));
   std::filesystem::create_directories(dir);
   return dir.string();
+}
+
+CommandResult run_command(const std::string& command, const std::string& stdin_text) {
+  const std::string dir = make_temp_dir("kvserve-command");
+  { std::ofstream(dir + "/stdin") << stdin_text; }
+  const int raw = std::system(
+      (command + " <" + dir + "/stdin >" + dir + "/stdout 2>" + dir + "/stderr").c_str());
+  CommandResult result;
+  result.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
+  result.out = read_file(dir + "/stdout");
+  result.err = read_file(dir + "/stderr");
+  return result;
 }
 
 }  // namespace kvserve::testing
