@@ -399,21 +399,23 @@ void cancel_and_drain(
   }
 }
 
-TEST(ServerLimits, FullQueueIsResourceExhausted) {
-  ServerProcess server({"--model", testing::shared_model_dir(), "--max-num-seqs", "1",
-                        "--max-queued-requests", "1"});
+// With one request running and one waiting (--max-num-seqs 1), a third one is refused with
+// RESOURCE_EXHAUSTED naming `limit`; the server counts the failure and frees everything.
+void expect_third_request_refused(std::vector<std::string> limit_flags, const std::string& limit) {
+  std::vector<std::string> flags = {"--model", testing::shared_model_dir(), "--max-num-seqs", "1"};
+  flags.insert(flags.end(), limit_flags.begin(), limit_flags.end());
+  ServerProcess server(flags);
   auto stub = server.stub();
   v1::GenerateResponse response;
-  // One running (max-num-seqs 1) and one waiting fill the queue (max-queued-requests 1).
   grpc::ClientContext running_context, waiting_context;
   auto running = stub->Generate(&running_context, long_request());
   ASSERT_TRUE(running->Read(&response));
   auto waiting = stub->Generate(&waiting_context, long_request());
   wait_for_waiting(server, 1);
-  const StreamResult queue_full = testing::generate(*stub, text_request("Hi", 2));
-  EXPECT_EQ(queue_full.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
-  EXPECT_NE(queue_full.status.error_message().find("queue"), std::string::npos)
-      << queue_full.status.error_message();
+  const StreamResult refused = testing::generate(*stub, text_request("Hi", 2));
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(refused.status.error_message().find(limit), std::string::npos)
+      << refused.status.error_message();
   cancel_and_drain({{&running_context, running.get()}, {&waiting_context, waiting.get()}});
   expect_cache_drains(server);
   EXPECT_GE(testing::metric_value(server.metrics_text(),
@@ -421,25 +423,15 @@ TEST(ServerLimits, FullQueueIsResourceExhausted) {
             1);
 }
 
+TEST(ServerLimits, FullQueueIsResourceExhausted) {
+  // The running and the waiting request fill the queue.
+  expect_third_request_refused({"--max-queued-requests", "1"}, "queue");
+}
+
 TEST(ServerLimits, TooManyStreamsIsResourceExhausted) {
-  ServerProcess server({"--model", testing::shared_model_dir(), "--max-num-seqs", "1",
-                        "--max-queued-requests", "100", "--max-concurrent-streams", "2"});
-  auto stub = server.stub();
-  v1::GenerateResponse response;
-  grpc::ClientContext running_context, waiting_context;
-  auto running = stub->Generate(&running_context, long_request());
-  ASSERT_TRUE(running->Read(&response));
-  auto waiting = stub->Generate(&waiting_context, long_request());
-  wait_for_waiting(server, 1);  // two streams open: the limit
-  const StreamResult too_many = testing::generate(*stub, text_request("Hi", 2));
-  EXPECT_EQ(too_many.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
-  EXPECT_NE(too_many.status.error_message().find("streams"), std::string::npos)
-      << too_many.status.error_message();
-  cancel_and_drain({{&running_context, running.get()}, {&waiting_context, waiting.get()}});
-  expect_cache_drains(server);
-  EXPECT_GE(testing::metric_value(server.metrics_text(),
-                                  R"(kvserve_request_failure_total{code="RESOURCE_EXHAUSTED"})"),
-            1);
+  // The running and the waiting request hold the two streams allowed.
+  expect_third_request_refused({"--max-queued-requests", "100", "--max-concurrent-streams", "2"},
+                               "streams");
 }
 
 TEST(ServerLifecycle, HealthGoesNotServingToServingAndDrainCancelsAtTheDeadline) {
