@@ -15,8 +15,8 @@
 #include <unordered_set>
 #include <vector>
 
-#include "engine/safetensors.h"
 #include "common/text_io.h"
+#include "engine/safetensors.h"
 
 namespace kvserve {
 namespace {

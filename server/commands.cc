@@ -13,11 +13,11 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "common/text_io.h"
 #include "engine/backend_factory.h"
 #include "engine/checkpoint.h"
 #include "engine/engine.h"
 #include "engine/perplexity.h"
-#include "common/text_io.h"
 #include "engine/tokenizer.h"
 #include "server/bench_decode.h"
 #include "server/bench_engine.h"

@@ -17,10 +17,10 @@
 #include <memory>
 #include <stdexcept>
 
+#include "common/text_io.h"
 #include "engine/backend_factory.h"
 #include "engine/checkpoint.h"
 #include "engine/engine.h"
-#include "common/text_io.h"
 #include "server/engine_loop.h"
 #include "server/metrics.h"
 #include "server/metrics_http.h"

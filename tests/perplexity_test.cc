@@ -5,9 +5,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/text_io.h"
 #include "engine/checkpoint.h"
 #include "engine/cpu_backend.h"
-#include "common/text_io.h"
 #include "tests/test_support.h"
 
 namespace kvserve {

@@ -1,7 +1,7 @@
 #include "tests/reference_fixture.h"
 
-#include "engine/checkpoint.h"
 #include "common/text_io.h"
+#include "engine/checkpoint.h"
 #include "tests/test_support.h"
 
 namespace kvserve::testing {
