@@ -141,11 +141,13 @@ struct ServingPair {
   ~ServingPair() { loop->stop(); }
 
   Metrics metrics;
-  StreamWriter writer;  // before the channels that post to it, so it goes after them
   std::unique_ptr<EngineLoop> loop;
   std::atomic<int> ended{0};
   std::vector<std::shared_ptr<StreamChannel>> channels;
   std::vector<std::shared_ptr<DrainingListener>> listeners;
+  // Last, so it is destroyed first: its thread may still be running a listener, which reads its
+  // channel and `ended`, when the stopped loop has pushed its last message.
+  StreamWriter writer;
 };
 
 void EngineLoopWithWriter(benchmark::State& state) {
