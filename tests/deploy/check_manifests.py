@@ -24,9 +24,10 @@ METRICS_PATH = "/metrics"
 SERVE_FLAGS = {"--model", "--device", "--kv", "--kv-group", "--kv-value-group", "--kv-residual",
                "--host", "--port", "--metrics-port", "--drain-timeout-s"}
 DEFAULT_DRAIN_S = 30
-# grpc.health.v1 service names the server answers: "" (the whole server, what a probe without
-# `service` asks) and the API's own service.
-HEALTH_SERVICES = {"", "kvserve.v1.Generation"}
+# grpc.health.v1 service names the server answers: only "" (the whole server, what a probe without
+# `service` asks). gRPC's default health service registers no per-service names, so a probe for
+# kvserve.v1.Generation gets NOT_FOUND and never passes (docs/design.md section 5).
+HEALTH_SERVICES = {""}
 # The Prometheus job name: prometheus.yml's job, and the Service name the ServiceMonitor turns
 # into the job label. The alert rules select up{job="kvserve"}.
 JOB = "kvserve"
