@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Peer baseline for `kvserve bench decode` (DESIGN.md section 8): Hugging Face transformers
+"""Peer baseline for `kvserve bench decode` (docs/design.md section 8): Hugging Face transformers
 GPT-2 (a dummy:gpt2* geometry, random weights, fp16) decoding with
 cache_implementation="static" (which compiles), warmed up on the exact timed shape.
 

@@ -1,4 +1,4 @@
-// kvserve-cli's command line (DESIGN.md section 7): generate, health, load, info.
+// kvserve-cli's command line (docs/design.md section 7): generate, health, load, info.
 #pragma once
 
 namespace kvserve::client {

@@ -1,4 +1,4 @@
-// KV cache formats and the byte layout of one page (DESIGN.md section 3).
+// KV cache formats and the byte layout of one page (docs/design.md section 3).
 //
 // The pool is an array of blocks per layer; every layer uses the same block ids (as in vLLM). A
 // block is either a page holding `page_tokens` tokens of one sequence for every head, or, for the

@@ -1,4 +1,4 @@
-// Perplexity on held-out text, with the convention of ../shared/data/README.md: documents split on
+// Perplexity on held-out text, with the convention of docs/design.md section 8: documents split on
 // "\n<|endoftext|>\n", each encoded without special tokens and followed by token 50256, all
 // concatenated and cut into non-overlapping windows; the mean next-token NLL over every predicted
 // position of the first N windows. Windows run through the real cache (prefill with the same

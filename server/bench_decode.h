@@ -1,5 +1,6 @@
 // kvserve bench decode: decode-step throughput of one backend at several batch sizes, every
-// sequence at the same context length (the shape DESIGN.md section 8 compares with transformers).
+// sequence at the same context length (the shape docs/design.md section 8 compares with
+// transformers).
 #pragma once
 
 #include <CLI/CLI.hpp>

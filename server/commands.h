@@ -1,4 +1,4 @@
-// The kvserve command line (DESIGN.md section 7): parses flags and runs one command.
+// The kvserve command line (docs/design.md section 7): parses flags and runs one command.
 #pragma once
 
 namespace kvserve {

@@ -1,4 +1,4 @@
-// kvserve's Prometheus metrics (DESIGN.md section 6): base units, `_total` counters, no
+// kvserve's Prometheus metrics (docs/design.md section 6): base units, `_total` counters, no
 // per-request labels. Every method is thread-safe (prometheus-cpp metrics are atomic); the engine
 // thread records the work it does, the gRPC handlers record requests they reject.
 #pragma once

@@ -1,4 +1,4 @@
-// The kvserve executable end to end: exact command lines of DESIGN.md section 7.
+// The kvserve executable end to end: exact command lines of docs/design.md section 7.
 #include <gtest/gtest.h>
 
 #include <map>

@@ -35,8 +35,8 @@ except ImportError as error:
 
 def generate(stub, args):
     request = generation_pb2.GenerateRequest(prompt=args.prompt)
-    # Only the flags given are set, so the server's defaults (DESIGN.md section 5) apply to the
-    # rest: proto3 `optional` fields carry presence, and an unset one is not the same as 0.
+    # Only the flags given are set, so the server's defaults (docs/design.md section 5) apply to
+    # the rest: proto3 `optional` fields carry presence, and an unset one is not the same as 0.
     if args.max_new_tokens is not None:
         request.stopping.max_new_tokens = args.max_new_tokens
     if args.temperature is not None:

@@ -5,9 +5,9 @@ CI (.ci/run -> scripts/test.sh) installs with scripts/install-deps.sh and builds
 scripts/build.sh. The builder stage must run exactly those commands (build.sh may get extra
 -D cache options, e.g. the GPU architectures) and nothing else that installs or compiles, so
 the image cannot drift from what CI tests. The runtime stage must install only the package list
-that scripts/runtime-packages.sh derived from the binaries, and keep the contract of DESIGN.md:
-exec-form `kvserve serve` entrypoint, non-root, /models volume, ports 50051 and 9464, and a
-health check through `kvserve-cli health`.
+that scripts/runtime-packages.sh derived from the binaries, and keep the contract of
+docs/design.md and docs/deploy.md: exec-form `kvserve serve` entrypoint, non-root, /models
+volume, ports 50051 and 9464, and a health check through `kvserve-cli health`.
 
 With --binary, also runs scripts/runtime-packages.sh on that binary here (Debian 12), which must
 name installed packages only.

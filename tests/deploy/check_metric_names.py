@@ -7,7 +7,8 @@ Prometheus Adapter rule), and fails when
   - a referenced series is not in the exposition (histograms are referenced through their
     _bucket/_sum/_count series, never by the family name alone),
   - a selector matches on a label that the series does not have,
-  - a family of --design (DESIGN.md section 6) is missing from the exposition or has another type.
+  - a family of --design (the metric table of docs/design.md section 6) is missing from the
+    exposition, has another type, or has other label names.
 """
 import argparse
 import json
@@ -26,6 +27,11 @@ SELECTOR_RE = re.compile(r"(?<![\w:])(kvserve_\w+)\s*\{([^}]*)\}")
 MATCHER_RE = re.compile(r"(\w+)\s*(?:=~|!~|!=|=)")
 SAMPLE_RE = re.compile(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s")
 LABEL_RE = re.compile(r'(\w+)="(?:[^"\\]|\\.)*"')
+# The metric table of docs/design.md lies between these two comments; each row is
+# | `family` | type | `label` ... | what |.
+DESIGN_BEGIN = "<!-- metric families: begin"
+DESIGN_END = "<!-- metric families: end -->"
+DESIGN_ROW_RE = re.compile(r"^\|\s*`(kvserve_\w+)`\s*\|\s*(\w+)\s*\|([^|]*)\|")
 
 
 def read_text(source):
@@ -48,7 +54,7 @@ def parse_exposition(text):
                 labels = set(LABEL_RE.findall(match.group(2) or ""))
                 series.setdefault(match.group(1), set()).update(labels)
     # A family announced by TYPE but without samples yet (a labelled counter before its first
-    # increment, or DESIGN's list) still names its series.
+    # increment) still names its series.
     suffixes = {"histogram": ("_bucket", "_sum", "_count"), "summary": ("", "_sum", "_count")}
     for name, kind in families.items():
         for suffix in suffixes.get(kind, ("",)):
@@ -57,6 +63,21 @@ def parse_exposition(text):
         if kind == "histogram":
             series[name + "_bucket"].add("le")
     return families, series
+
+
+def parse_design(text, source):
+    """Returns {family: (type, label names)} from the metric table of docs/design.md."""
+    begin, end = text.find(DESIGN_BEGIN), text.find(DESIGN_END)
+    if begin < 0 or end < begin:
+        sys.exit(f"{source}: no metric table between '{DESIGN_BEGIN}' and '{DESIGN_END}'")
+    families = {}
+    for line in text[begin:end].splitlines():
+        match = DESIGN_ROW_RE.match(line)
+        if match:
+            families[match.group(1)] = (match.group(2), set(re.findall(r"`(\w+)`", match.group(3))))
+    if not families:
+        sys.exit(f"{source}: the metric table has no `kvserve_*` rows")
+    return families
 
 
 def strings_in(node):
@@ -86,19 +107,25 @@ def deploy_strings(deploy_dir):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--metrics", required=True, help="exposition text: a file or an http(s) URL")
-    parser.add_argument("--design", required=True, help="DESIGN.md section 6 families (exposition format)")
+    parser.add_argument("--design", required=True, help="docs/design.md (its section 6 metric table)")
     parser.add_argument("--deploy", required=True, type=pathlib.Path, help="the deploy/ directory")
     args = parser.parse_args()
 
     families, series = parse_exposition(read_text(args.metrics))
-    design_families, _ = parse_exposition(read_text(args.design))
+    design_families = parse_design(read_text(args.design), args.design)
     errors = []
 
-    for name, kind in sorted(design_families.items()):
+    for name, (kind, labels) in sorted(design_families.items()):
         if name not in families:
-            errors.append(f"{args.metrics}: DESIGN metric {name} ({kind}) is missing")
+            errors.append(f"{args.metrics}: {name} ({kind}) of {args.design} is missing")
         elif families[name] != kind:
-            errors.append(f"{args.metrics}: {name} is a {families[name]}, DESIGN says {kind}")
+            errors.append(f"{args.metrics}: {name} is a {families[name]}, {args.design} says {kind}")
+        else:
+            # A histogram's own labels are those of its _count series (_bucket adds le).
+            exported = series.get(name + "_count" if kind == "histogram" else name, set())
+            if exported != labels:
+                errors.append(f"{args.metrics}: {name} has labels {sorted(exported)}, "
+                              f"{args.design} says {sorted(labels)}")
 
     referenced = set()
     for path, text in deploy_strings(args.deploy):
@@ -116,7 +143,7 @@ def main():
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
     print(f"{len(referenced)} metric names referenced under {args.deploy}, {len(families)} families "
-          f"in {args.metrics}, {len(design_families)} DESIGN families: {len(errors)} errors")
+          f"in {args.metrics}, {len(design_families)} families in {args.design}: {len(errors)} errors")
     return 1 if errors else 0
 
 

@@ -11,7 +11,8 @@ Writes into --out:
   logits.json.xz         test prompts, 64-token greedy continuations and logits (a strided vocab
                          sample plus the top 8) at every position, for each KV format
   ppl.json               perplexity of transformers itself and of a PyTorch simulation of every
-                         KV format on the first --windows windows (DESIGN.md section 3 semantics)
+                         KV format on the first --windows windows (the semantics of
+                         docs/design.md section 3)
 
 The simulation mirrors the cache semantics exactly: query t attends to key/value j through its
 quantized form when j lies in a group that the cache has already quantized after t+1 tokens, and
@@ -85,7 +86,7 @@ def quantize(x, bits, dim, group):
 
 
 def quantized_length(n, fmt):
-    """Tokens of a sequence of length n that the cache holds quantized (DESIGN.md section 3)."""
+    """Tokens of a sequence of length n that the cache holds quantized (docs/design.md sec. 3)."""
     if fmt["kind"] == "fp16":
         return 0
     if fmt["kind"] == "int8":
