@@ -5,8 +5,19 @@
 
 namespace kvserve {
 
-BlockPool::BlockPool(int32_t num_blocks) : in_use_(num_blocks, false) {
-  if (num_blocks < 0) throw std::invalid_argument("block pool size must be >= 0");
+namespace {
+
+// Checked before the members are sized: a negative count would become a huge size_t.
+size_t checked_block_count(int32_t num_blocks) {
+  if (num_blocks < 0) {
+    throw std::invalid_argument("block pool size must be >= 0, not " + std::to_string(num_blocks));
+  }
+  return static_cast<size_t>(num_blocks);
+}
+
+}  // namespace
+
+BlockPool::BlockPool(int32_t num_blocks) : in_use_(checked_block_count(num_blocks), false) {
   free_.reserve(num_blocks);
   for (int32_t id = num_blocks - 1; id >= 0; --id) free_.push_back(id);
 }

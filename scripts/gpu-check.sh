@@ -24,6 +24,13 @@
 #                         and kivi2, each with its transformers baseline;
 #              --serving  serving.json and latency.json: bench/serving.sh (in-process against
 #                         gRPC, concurrency 1..256) and bench/latency.sh on the GPU;
+#              --e2e      e2e.jsonl: the end-to-end table of docs/gpu.md with default flags:
+#                         `kvserve bench engine` P512 N128 (512 requests, concurrency 256), the
+#                         capacity-bound runs (gpt2 in a 2 GiB pool, P512 N512, 512 requests at
+#                         concurrency 512; gpt2-xl in 40 GiB, 256 requests), fp16 and kivi2, then
+#                         transformers' batch generate of the same shape (bench/hf_generate.py);
+#                         with --baseline DIR (another unpacked bundle) the kvserve runs repeat
+#                         with DIR's binaries in the same call, marked "binary": "baseline";
 #              --tests F  runs only the GPU tests matching the gtest filter F (default Gpu*);
 #              --no-tests skips the GPU tests.
 set -euo pipefail
@@ -44,7 +51,7 @@ case "$mode" in
       "$stripped/kvserve_tests" "$stripped/kvserve" "$stripped/kvserve-cli"
     strip --strip-unneeded "$stripped"/cuda-bundle/lib/*.so*
     cp "$0" "$stripped/cuda-bundle/gpu-check.sh"
-    cp bench/hf_decode.py "$stripped/cuda-bundle/"
+    cp bench/hf_decode.py bench/hf_generate.py "$stripped/cuda-bundle/"
     git -C "$repo" describe --always --dirty >"$stripped/cuda-bundle/COMMIT"
     rm -rf "$checkout/.device/cuda-bundle"
     tar -C "$stripped" -cf - cuda-bundle | xz -T0 -6 >"$checkout/.device/cuda-bundle.tar.xz"
@@ -54,13 +61,15 @@ case "$mode" in
   run)
     bundle=$(cd "$(dirname "$0")" && pwd)
     [ -x "$bundle/run" ] || bundle=$PWD/.device/cuda-bundle
-    ppl_windows=0 bench=0 models=0 serving=0 tests=1 filter='Gpu*'
+    ppl_windows=0 bench=0 models=0 serving=0 e2e=0 baseline='' tests=1 filter='Gpu*'
     while [ $# -gt 0 ]; do
       case "$1" in
         --ppl) ppl_windows=$2; shift 2 ;;
         --bench) bench=1; shift ;;
         --models) models=1; shift ;;
         --serving) serving=1; shift ;;
+        --e2e) e2e=1; shift ;;
+        --baseline) baseline=$(cd "$2" && pwd); shift 2 ;;
         --tests) filter=$2; shift 2 ;;
         --no-tests) tests=0; shift ;;
         *) break ;;
@@ -111,6 +120,29 @@ case "$mode" in
           2>> "$out/hf-decode.log" | tee -a "$out/models.jsonl" || status=1
       done
     fi
+    if [ "$e2e" = 1 ]; then
+      # name model pool-mb requests concurrency prompt new
+      cases=("p512n128 dummy:gpt2 16384 512 256 512 128"
+             "capacity-gpt2 dummy:gpt2 2048 512 512 512 512"
+             "capacity-gpt2-xl dummy:gpt2-xl 40960 256 256 512 512")
+      binaries=("new $bundle")
+      [ -n "$baseline" ] && binaries+=("baseline $baseline")
+      for c in "${cases[@]}"; do
+        read -r name model pool requests concurrency prompt new <<<"$c"
+        for b in "${binaries[@]}"; do
+          read -r which dir <<<"$b"
+          for kv in fp16 kivi2; do
+            line=$("$dir/run" kvserve bench engine --model "$model" --device cuda --kv "$kv" \
+              --kv-pool-mb "$pool" --requests "$requests" --concurrency "$concurrency" \
+              --prompt-len "$prompt" --max-new-tokens "$new") || status=1
+            echo "{\"case\":\"$name\",\"binary\":\"$which\",\"result\":${line:-null}}" |
+              tee -a "$out/e2e.jsonl"
+          done
+        done
+      done
+      python3 "$bundle/hf_generate.py" --cases 256x512x128 2> "$out/hf-generate.log" |
+        tee -a "$out/e2e.jsonl" || status=1
+    fi
     if [ "$serving" = 1 ]; then
       # The bench scripts run the bundle's binaries; dummy models borrow the test model's tokenizer.
       export LD_LIBRARY_PATH="$bundle/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
@@ -125,7 +157,7 @@ case "$mode" in
     exit $status
     ;;
   *)
-    sed -n 2,29p "$0"
+    sed -n '2,/^set -euo pipefail$/p' "$0" | sed '$d'
     exit 2
     ;;
 esac

@@ -18,6 +18,7 @@
 #include "engine/checkpoint.h"
 #include "engine/engine.h"
 #include "engine/perplexity.h"
+#include "engine/text_stream.h"
 #include "engine/tokenizer.h"
 #include "server/bench_decode.h"
 #include "server/bench_engine.h"
@@ -65,6 +66,7 @@ struct GenerateFlags {
   bool greedy = false;
   bool ids = false;
   bool ignore_eos = false;
+  std::vector<std::string> stop;
   SamplingParams sampling;
 };
 
@@ -93,8 +95,9 @@ int run_generate(const GenerateFlags& flags) {
   const size_t prompt_tokens = request.prompt.size();
   engine.add_request(std::move(request));
 
-  std::optional<IncrementalDecoder> decoder;
-  if (!flags.ids) decoder.emplace(*tokenizer);
+  // Text goes through the server's TextStream: the same stop strings, hold-back and ending rule.
+  std::optional<TextStream> text;
+  if (!flags.ids) text.emplace(*tokenizer, flags.stop);
   std::vector<int32_t> generated;
   FinishReason finish = FinishReason::kNone;
   const auto start = Clock::now();
@@ -103,20 +106,18 @@ int run_generate(const GenerateFlags& flags) {
     events.clear();
     engine.step(events);
     for (const StepEvent& event : events) {
-      if (event.has_token) {
-        generated.push_back(event.token);
-        // As in the gRPC stream: the token that ends generation (EOS, a stop token id) is
-        // reported as an id but not printed as text.
-        const bool ending_token =
-            event.finish == FinishReason::kEos || event.finish == FinishReason::kStop;
-        if (decoder && !ending_token) std::cout << decoder->push(event.token) << std::flush;
-      }
       if (event.finish == FinishReason::kError) throw std::runtime_error(event.error);
+      if (event.has_token) generated.push_back(event.token);
+      if (text) {
+        std::cout << text->push(event) << std::flush;
+        if (text->stopped() && event.finish == FinishReason::kNone) engine.cancel(event.request);
+      }
       if (event.finish != FinishReason::kNone) finish = event.finish;
     }
   }
-  if (decoder) {
-    std::cout << decoder->finish() << "\n";
+  if (text && text->stopped()) finish = FinishReason::kStop;
+  if (text) {
+    std::cout << "\n";
   } else {
     for (size_t i = 0; i < generated.size(); ++i) std::cout << (i ? " " : "") << generated[i];
     std::cout << "\n";
@@ -219,6 +220,8 @@ int run_command_line(int argc, char** argv) {
   generate_cmd->add_flag("--greedy", generate.greedy, "greedy decoding (temperature 0)");
   generate_cmd->add_flag("--ids", generate.ids, "print generated token ids instead of text");
   generate_cmd->add_flag("--ignore-eos", generate.ignore_eos, "keep generating after EOS");
+  generate_cmd->add_option("--stop", generate.stop,
+                           "stop string (repeatable): the text ends before the first one matched");
   generate_cmd->add_option("--temperature", generate.sampling.temperature, "0 = greedy");
   generate_cmd->add_option("--top-k", generate.sampling.top_k, "0 = off");
   generate_cmd->add_option("--top-p", generate.sampling.top_p, "1 = off");

@@ -15,41 +15,14 @@ double seconds_between(Clock::time_point from, Clock::time_point to) {
   return std::chrono::duration<double>(to - from).count();
 }
 
-// The earliest occurrence of any stop string in `text`; on a tie the longest string wins.
-bool find_stop(const std::string& text, const std::vector<std::string>& stops, size_t& position,
-               std::string& matched) {
-  bool found = false;
-  for (const std::string& stop : stops) {
-    const size_t at = text.find(stop);
-    if (at == std::string::npos) continue;
-    if (!found || at < position || (at == position && stop.size() > matched.size())) {
-      position = at;
-      matched = stop;
-      found = true;
-    }
-  }
-  return found;
-}
-
-// How many trailing bytes of `text` could still be the start of a stop string, and so must be
-// held back until the next token decides. A proper prefix of a valid UTF-8 stop string starts at
-// a character boundary, so the text before it is valid UTF-8 too.
-size_t stop_prefix_length(const std::string& text, const std::vector<std::string>& stops) {
-  size_t longest = 0;
-  for (const std::string& stop : stops) {
-    for (size_t k = std::min(stop.size() - 1, text.size()); k > longest; --k) {
-      if (text.compare(text.size() - k, k, stop, 0, k) == 0) {
-        longest = k;
-        break;
-      }
-    }
-  }
-  return longest;
-}
-
 }  // namespace
 
-EngineLoop::Active::Active(const Tokenizer& tokenizer) : decoder(tokenizer) {}
+EngineLoop::Active::Active(const Tokenizer& tokenizer, Ticket ticket, ServeRequest request,
+                           std::shared_ptr<StreamChannel> channel)
+    : ticket(ticket),
+      request(std::move(request)),
+      channel(std::move(channel)),
+      text(tokenizer, this->request.stop) {}
 
 EngineLoop::EngineLoop(std::unique_ptr<Engine> engine, Tokenizer tokenizer,
                        EngineLoopOptions options, Metrics& metrics)
@@ -91,8 +64,7 @@ EngineLoop::SubmitResult EngineLoop::submit(ServeRequest request,
       return SubmitResult::kQueueFull;
     }
     ticket = next_ticket_++;
-    InboxItem item{InboxItem::Kind::kSubmit, ticket, false, std::move(request), std::move(channel)};
-    inbox_.push_back(std::move(item));
+    inbox_.push_back(Submission{ticket, std::move(request), std::move(channel)});
     ++in_flight_;
   }
   wake_.notify_one();
@@ -102,7 +74,7 @@ EngineLoop::SubmitResult EngineLoop::submit(ServeRequest request,
 void EngineLoop::cancel(Ticket ticket, bool deadline) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    inbox_.push_back({InboxItem::Kind::kCancel, ticket, deadline, {}, nullptr});
+    inbox_.push_back(Cancellation{ticket, deadline});
   }
   wake_.notify_one();
 }
@@ -110,7 +82,7 @@ void EngineLoop::cancel(Ticket ticket, bool deadline) {
 void EngineLoop::cancel_all() {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    inbox_.push_back({InboxItem::Kind::kCancelAll, 0, false, {}, nullptr});
+    inbox_.push_back(CancelAll{});
   }
   wake_.notify_one();
 }
@@ -159,7 +131,7 @@ void EngineLoop::run() {
       // The submissions leave the inbox now and join the engine's queue below; count them there
       // until the next snapshot, so the queue limit has no blind spot.
       for (const InboxItem& item : items) {
-        if (item.kind == InboxItem::Kind::kSubmit) ++queued_in_engine_;
+        if (std::holds_alternative<Submission>(item)) ++queued_in_engine_;
       }
     }
     process_inbox(items);
@@ -192,50 +164,46 @@ void EngineLoop::warm_up() {
 
 void EngineLoop::process_inbox(std::deque<InboxItem>& items) {
   for (InboxItem& item : items) {
-    switch (item.kind) {
-      case InboxItem::Kind::kSubmit:
-        admit(item);
-        break;
-      case InboxItem::Kind::kCancel:
-        if (auto it = by_ticket_.find(item.ticket); it != by_ticket_.end()) {
-          end_in_engine(it->second, active_.at(it->second),
-                        item.deadline ? Ending::kDeadline : Ending::kClientGone);
-        }
-        break;
-      case InboxItem::Kind::kCancelAll:
-        for (auto& [id, active] : active_) end_in_engine(id, active, Ending::kDrain);
-        break;
+    if (auto* submission = std::get_if<Submission>(&item)) {
+      admit(*submission);
+    } else if (const auto* cancellation = std::get_if<Cancellation>(&item)) {
+      if (auto it = by_ticket_.find(cancellation->ticket); it != by_ticket_.end()) {
+        end_in_engine(it->second, active_.at(it->second),
+                      cancellation->deadline ? Cancelled::kDeadline : Cancelled::kClientGone);
+      }
+    } else {
+      for (auto& [id, active] : active_) end_in_engine(id, active, Cancelled::kDrain);
     }
   }
 }
 
-void EngineLoop::admit(InboxItem& item) {
-  const std::string problem = engine_->validate(item.request.generation);
+void EngineLoop::admit(Submission& submission) {
+  const std::string problem = engine_->validate(submission.request.generation);
   if (!problem.empty()) {
-    spdlog::warn("request {} rejected: INVALID_ARGUMENT: {}", item.request.id, problem);
+    spdlog::warn("request {} rejected: INVALID_ARGUMENT: {}", submission.request.id, problem);
     metrics_.count_failure("INVALID_ARGUMENT");
     --in_flight_;
-    item.channel->push_error(StreamError::kInvalidArgument, problem);
+    submission.channel->push_error(StreamError::kInvalidArgument, problem);
     return;
   }
-  const RequestId id = engine_->add_request(item.request.generation);
-  Active& active = active_.emplace(id, Active(tokenizer_)).first->second;
-  active.ticket = item.ticket;
-  active.request = std::move(item.request);
-  active.channel = std::move(item.channel);
-  by_ticket_[active.ticket] = id;
+  const RequestId id = engine_->add_request(submission.request.generation);
+  active_.emplace(id, Active(tokenizer_, submission.ticket, std::move(submission.request),
+                             std::move(submission.channel)));
+  by_ticket_[submission.ticket] = id;
 }
 
-void EngineLoop::end_in_engine(RequestId id, Active& active, Ending ending) {
-  if (active.ending != Ending::kNone) return;
-  active.ending = ending;
+// `why`: kNo for a matched stop string, which the request's TextStream reports.
+void EngineLoop::end_in_engine(RequestId id, Active& active, Cancelled why) {
+  if (active.ending) return;
+  active.ending = true;
+  active.cancelled = why;
   engine_->cancel(id);
 }
 
 void EngineLoop::expire_deadlines(Clock::time_point now) {
   for (auto& [id, active] : active_) {
     if (active.request.deadline && now >= *active.request.deadline) {
-      end_in_engine(id, active, Ending::kDeadline);
+      end_in_engine(id, active, Cancelled::kDeadline);
     }
   }
 }
@@ -312,26 +280,9 @@ void EngineLoop::on_token(RequestId id, Active& active, const StepEvent& event,
   active.last_token = now;
   ++active.completion_tokens;
 
-  // The token that ends generation (EOS, a stop token id) is streamed as an id but not as text,
-  // as a matched stop string is not.
-  const bool stop_token = event.finish == FinishReason::kEos || event.finish == FinishReason::kStop;
-  if (!stop_token) active.held_text += active.decoder.push(event.token);
-  if (event.finish != FinishReason::kNone) active.held_text += active.decoder.finish();
-
-  std::string text;
-  size_t position = 0;
-  std::string matched;
-  if (find_stop(active.held_text, active.request.stop, position, matched)) {
-    text = active.held_text.substr(0, position);
-    active.held_text.clear();
-    active.matched_stop = matched;
-    if (event.finish == FinishReason::kNone) end_in_engine(id, active, Ending::kStopString);
-  } else {
-    const size_t keep = event.finish == FinishReason::kNone
-                            ? stop_prefix_length(active.held_text, active.request.stop)
-                            : 0;
-    text = active.held_text.substr(0, active.held_text.size() - keep);
-    active.held_text.erase(0, active.held_text.size() - keep);
+  std::string text = active.text.push(event);
+  if (active.text.stopped() && event.finish == FinishReason::kNone) {
+    end_in_engine(id, active, Cancelled::kNo);
   }
   std::vector<float> logprobs;
   if (active.request.return_logprobs) logprobs.push_back(event.logprob);
@@ -340,68 +291,66 @@ void EngineLoop::on_token(RequestId id, Active& active, const StepEvent& event,
 
 void EngineLoop::on_finish(Active& active, const StepEvent& event, Clock::time_point now) {
   const ServeRequest& request = active.request;
-  const double total = seconds_between(request.arrival, now);
-  const double queue = seconds_between(request.arrival, active.admitted.value_or(now));
-  const double ttft =
+  StreamFinal timings;
+  timings.total_seconds = seconds_between(request.arrival, now);
+  timings.queue_seconds = seconds_between(request.arrival, active.admitted.value_or(now));
+  timings.ttft_seconds =
       active.first_token ? seconds_between(request.arrival, *active.first_token) : 0;
-  metrics_.observe_e2e(total);
+  metrics_.observe_e2e(timings.total_seconds);
+  const std::string outcome = report_end(active, event, timings);
+  spdlog::info(
+      "request {} finished: {} | prompt {} tokens, completion {} tokens | queue {:.3f} s, "
+      "ttft {:.3f} s, total {:.3f} s",
+      request.id, outcome, request.generation.prompt.size(), active.completion_tokens,
+      timings.queue_seconds, timings.ttft_seconds, timings.total_seconds);
+}
 
-  std::string outcome;
-  switch (active.ending) {
-    case Ending::kClientGone:
-      outcome = "CANCELLED by the client";
+std::string EngineLoop::report_end(Active& active, const StepEvent& event,
+                                   const StreamFinal& timings) {
+  switch (active.cancelled) {
+    case Cancelled::kClientGone:  // nobody is listening
       metrics_.count_failure("CANCELLED");
-      break;
-    case Ending::kDeadline:
-      outcome = "DEADLINE_EXCEEDED";
+      return "CANCELLED by the client";
+    case Cancelled::kDeadline:
       metrics_.count_failure("DEADLINE_EXCEEDED");
       active.channel->push_error(
           StreamError::kDeadlineExceeded,
           "the request's deadline passed after " + std::to_string(active.completion_tokens) +
               " generated tokens; set a longer deadline or fewer max_new_tokens");
+      return "DEADLINE_EXCEEDED";
+    case Cancelled::kDrain:
+    case Cancelled::kNo:
       break;
-    case Ending::kNone:
-      if (event.finish == FinishReason::kError) {
-        outcome = "INTERNAL: " + event.error;
-        metrics_.count_failure("INTERNAL");
-        // After a device loss the error already says so ("device lost: ...").
-        active.channel->push_error(StreamError::kInternal, engine_->device_lost().empty()
-                                                               ? "engine error: " + event.error
-                                                               : event.error);
-        break;
-      }
-      [[fallthrough]];
-    case Ending::kStopString:
-    case Ending::kDrain: {
-      StreamFinal final;
-      final.reason = active.ending == Ending::kDrain ? FinishReason::kCancelled : event.finish;
-      if (!active.matched_stop.empty()) {
-        final.reason = FinishReason::kStop;
-        final.matched_stop = active.matched_stop;
-      } else if (final.reason == FinishReason::kStop && event.has_token) {
-        final.matched_stop = std::to_string(event.token);
-      }
-      if (active.ending == Ending::kDrain) {
-        // Text held back for a stop string that can no longer match.
-        std::string rest = active.held_text + active.decoder.finish();
-        if (!rest.empty()) active.channel->push_chunk({}, std::move(rest), {});
-      }
-      final.prompt_tokens = static_cast<int>(request.generation.prompt.size());
-      final.completion_tokens = active.completion_tokens;
-      final.queue_seconds = queue;
-      final.ttft_seconds = ttft;
-      final.total_seconds = total;
-      metrics_.count_success(final.reason);
-      active.channel->push_final(final);
-      outcome = to_string(final.reason);
-      break;
+  }
+  if (event.finish == FinishReason::kError && active.cancelled == Cancelled::kNo &&
+      !active.text.stopped()) {
+    metrics_.count_failure("INTERNAL");
+    // After a device loss the error already says so ("device lost: ...").
+    active.channel->push_error(StreamError::kInternal, engine_->device_lost().empty()
+                                                           ? "engine error: " + event.error
+                                                           : event.error);
+    return "INTERNAL: " + event.error;
+  }
+  StreamFinal final = timings;
+  final.prompt_tokens = static_cast<int>(active.request.generation.prompt.size());
+  final.completion_tokens = active.completion_tokens;
+  if (active.text.stopped()) {
+    final.reason = FinishReason::kStop;
+    final.matched_stop = active.text.matched_stop();
+  } else if (active.cancelled == Cancelled::kDrain) {
+    final.reason = FinishReason::kCancelled;
+    // Text held back for a stop string that can no longer match.
+    std::string rest = active.text.flush();
+    if (!rest.empty()) active.channel->push_chunk({}, std::move(rest), {});
+  } else {
+    final.reason = event.finish;
+    if (final.reason == FinishReason::kStop && event.has_token) {
+      final.matched_stop = std::to_string(event.token);  // a stop token id
     }
   }
-  spdlog::info(
-      "request {} finished: {} | prompt {} tokens, completion {} tokens | queue {:.3f} s, "
-      "ttft {:.3f} s, total {:.3f} s",
-      request.id, outcome, request.generation.prompt.size(), active.completion_tokens, queue, ttft,
-      total);
+  metrics_.count_success(final.reason);
+  active.channel->push_final(final);
+  return to_string(final.reason);
 }
 
 void EngineLoop::publish_snapshot() {
@@ -435,11 +384,12 @@ void EngineLoop::fail_inbox_after_device_lost() {
     items.swap(inbox_);
   }
   for (InboxItem& item : items) {
-    if (item.kind != InboxItem::Kind::kSubmit) continue;
-    spdlog::warn("request {} finished: INTERNAL: {}", item.request.id, message);
+    auto* submission = std::get_if<Submission>(&item);
+    if (submission == nullptr) continue;
+    spdlog::warn("request {} finished: INTERNAL: {}", submission->request.id, message);
     metrics_.count_failure("INTERNAL");
     --in_flight_;
-    item.channel->push_error(StreamError::kInternal, message);
+    submission->channel->push_error(StreamError::kInternal, message);
   }
   publish_snapshot();
 }

@@ -5,6 +5,7 @@
 // turns each request's tokens into text (IncrementalDecoder: always valid UTF-8), applies stop
 // strings across token boundaries, keeps the request's timings and pushes messages into the
 // request's StreamChannel. When there is nothing to do it sleeps on the condition variable.
+// Text and stop strings go through TextStream, as in `kvserve generate`.
 // See engine/README.md for the whole contract.
 //
 // When the engine reports the device lost (Engine::device_lost), every request in flight ends
@@ -25,9 +26,11 @@
 #include <string>
 #include <thread>
 #include <unordered_map>
+#include <variant>
 #include <vector>
 
 #include "engine/engine.h"
+#include "engine/text_stream.h"
 #include "engine/tokenizer.h"
 #include "server/metrics.h"
 #include "server/stream_channel.h"
@@ -93,40 +96,47 @@ class EngineLoop {
   std::string device_lost() const;
 
  private:
-  struct InboxItem {
-    enum class Kind { kSubmit, kCancel, kCancelAll } kind;
+  struct Submission {
     Ticket ticket = 0;
-    bool deadline = false;  // kCancel: the deadline passed
     ServeRequest request;
     std::shared_ptr<StreamChannel> channel;
   };
+  struct Cancellation {
+    Ticket ticket = 0;
+    bool deadline = false;  // the deadline passed, rather than the client going away
+  };
+  struct CancelAll {};
+  using InboxItem = std::variant<Submission, Cancellation, CancelAll>;
 
-  // Why the server cancelled a request in the engine; decides what the stream is told once the
-  // engine has freed the request's blocks.
-  enum class Ending { kNone, kStopString, kClientGone, kDeadline, kDrain };
+  // Why the server, rather than the engine, ended a request: decides what the stream is told once
+  // the engine has freed the request's blocks. A matched stop string needs none: the request's
+  // TextStream knows it.
+  enum class Cancelled { kNo, kClientGone, kDeadline, kDrain };
 
   struct Active {
-    explicit Active(const Tokenizer& tokenizer);
+    Active(const Tokenizer& tokenizer, Ticket ticket, ServeRequest request,
+           std::shared_ptr<StreamChannel> channel);
     Ticket ticket = 0;
     ServeRequest request;
     std::shared_ptr<StreamChannel> channel;
-    IncrementalDecoder decoder;
-    std::string held_text;  // decoded text that may be the start of a stop string
+    TextStream text;
     int completion_tokens = 0;
     std::optional<Clock::time_point> admitted, first_token, last_token;
-    Ending ending = Ending::kNone;
-    std::string matched_stop;
+    Cancelled cancelled = Cancelled::kNo;
+    bool ending = false;  // the engine has been asked to end it (stop string or cancellation)
   };
 
   void run();
   void warm_up();
   void process_inbox(std::deque<InboxItem>& items);
-  void admit(InboxItem& item);
-  void end_in_engine(RequestId id, Active& active, Ending ending);
+  void admit(Submission& submission);
+  void end_in_engine(RequestId id, Active& active, Cancelled why);
   void expire_deadlines(Clock::time_point now);
   void step();
   void on_token(RequestId id, Active& active, const StepEvent& event, Clock::time_point now);
   void on_finish(Active& active, const StepEvent& event, Clock::time_point now);
+  // Tells the stream how `active` ended and counts it; returns the outcome for the log line.
+  std::string report_end(Active& active, const StepEvent& event, const StreamFinal& timings);
   void publish_snapshot();
   void update_throughput(Clock::time_point now);
   // The engine has lost the device (in the step that just ran): refuses new submissions and

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <set>
+#include <stdexcept>
 
 namespace kvserve {
 namespace {
@@ -16,6 +17,12 @@ TEST(BlockPool, AllocatesDistinctIdsUntilExhausted) {
   EXPECT_EQ(std::set<int32_t>(ids.begin(), ids.end()).size(), 10u);
   EXPECT_FALSE(pool.allocate(1, ids));
   EXPECT_EQ(ids.size(), 10u) << "a failed allocation changes nothing";
+}
+
+TEST(BlockPool, ANegativeSizeIsAnInvalidArgument) {
+  EXPECT_THROW(BlockPool(-100), std::invalid_argument);
+  EXPECT_THROW(BlockPool(-1), std::invalid_argument);
+  EXPECT_EQ(BlockPool(0).num_free(), 0);
 }
 
 TEST(BlockPool, RefusesPartialAllocation) {

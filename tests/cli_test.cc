@@ -51,6 +51,25 @@ TEST(Cli, GenerateTextUsesTheDefaultModel) {
   EXPECT_NE(r.err.find("kv cache: kivi2"), std::string::npos) << r.err;
 }
 
+TEST(Cli, GenerateEndsTheTextBeforeAStopString) {
+  const std::string base = "generate " + model_flag() +
+                           " --kv fp16 --greedy --ignore-eos --max-new-tokens 24 " +
+                           "--prompt 'The Linux kernel uses'";
+  const CommandResult full = run_kvserve(base);
+  ASSERT_EQ(full.status, 0) << full.err;
+  ASSERT_GT(full.out.size(), 12u) << full.out;
+  // A stop string from the middle of the completion: the text ends right before it.
+  const std::string text = full.out.substr(0, full.out.size() - 1);  // without the newline
+  const size_t begin = text.size() / 2;
+  std::string stop = text.substr(begin, 4);
+  ASSERT_EQ(stop.find('\''), std::string::npos) << "quote: pick another test prompt";
+  const size_t first = text.find(stop);
+  const CommandResult stopped = run_kvserve(base + " --stop '" + stop + "' --stop 'never seen'");
+  ASSERT_EQ(stopped.status, 0) << stopped.err;
+  EXPECT_EQ(stopped.out, text.substr(0, first) + "\n") << "stop: '" << stop << "'";
+  EXPECT_NE(stopped.err.find("finish: stop"), std::string::npos) << stopped.err;
+}
+
 TEST(Cli, TokenizeMatchesTheReference) {
   const CommandResult r = run_kvserve("tokenize " + model_flag(), "Hello, world! I'm here.\n");
   ASSERT_EQ(r.status, 0) << r.err;
