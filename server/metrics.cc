@@ -54,8 +54,9 @@ Metrics::Metrics(const BuildInfo& build)
                               "Requests queued for admission (including preempted ones)")),
       tokens_per_second_(gauge(*registry_, "kvserve_generation_tokens_per_second",
                                "Generated tokens per second over the last 5 seconds")),
-      prompt_tokens_(counter(*registry_, "kvserve_prompt_tokens_total",
-                             "Prompt tokens prefilled (recomputation after preemption included)")),
+      prompt_tokens_(counter(
+          *registry_, "kvserve_prompt_tokens_total",
+          "Prompt tokens of admitted requests, each prompt counted once at its first admission")),
       generation_tokens_(
           counter(*registry_, "kvserve_generation_tokens_total", "Tokens generated and streamed")),
       preemptions_(counter(*registry_, "kvserve_preemptions_total",
