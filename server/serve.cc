@@ -225,10 +225,10 @@ int run_serve(const ServeFlags& flags) {
   // killing the process.
   install_signal_handlers();
 
-  const std::string model_path = resolve_model(flags.model.model);
+  EngineSpec spec = engine_spec(flags.model, flags.kv, flags.engine);
   std::string device_reason;
-  const std::string device = resolve_device(flags.model.device, device_reason);
-  Metrics metrics({KVSERVE_VERSION, device, flags.kv.format, model_path});
+  spec.device = resolve_device(spec.device, device_reason);
+  Metrics metrics({KVSERVE_VERSION, spec.device, flags.kv.format, spec.model});
   const MetricsHttpServer metrics_server(flags.host, flags.metrics_port, metrics.registry());
   const int metrics_port = metrics_server.port();
 
@@ -264,15 +264,12 @@ int run_serve(const ServeFlags& flags) {
                              : (flags.tls_client_ca.empty() ? " over TLS" : " over mutual TLS"),
       join_host_port(flags.host, metrics_port));
 
-  LoadedModel loaded = load(flags.model);
-  const ModelConfig model = loaded.weights.config;
-  const Tokenizer tokenizer = load_tokenizer(loaded.path, flags.model.tokenizer);
-  const KvCacheConfig kv = kv_config(flags.kv, model);
-  auto cache = make_cache(kv, model, flags.kv.pool_mb);
-  const int32_t pool_blocks = cache->num_blocks();
-  auto backend = make_backend(loaded.device, std::move(loaded.weights), *cache, loaded.backend);
-  auto engine =
-      std::make_unique<Engine>(model, std::move(cache), std::move(backend), flags.engine.options);
+  const Tokenizer tokenizer = load_tokenizer(spec.model, flags.model.tokenizer);
+  BuiltBackend built = build_backend(spec);
+  const ModelConfig model = built.model;
+  const KvCacheConfig kv = built.kv;
+  const int32_t pool_blocks = built.cache->num_blocks();
+  auto engine = build_engine(std::move(built), spec.engine);
   EngineLoopOptions loop_options;
   loop_options.max_queued_requests = flags.max_queued_requests;
   loop_options.on_device_lost = [](const std::string&) { wake_for_device_lost(); };
@@ -280,12 +277,12 @@ int run_serve(const ServeFlags& flags) {
   const auto warm_start = std::chrono::steady_clock::now();
   loop.start();
   loop.wait_until_warm();
-  service.start_serving(loop, tokenizer, model_info(loaded.path, model, kv, loaded.device));
+  service.start_serving(loop, tokenizer, model_info(spec.model, model, kv, spec.device));
   health->SetServingStatus(true);
   spdlog::info(
       "SERVING: model {} ({} layers, d={}, ctx {}), device {}, kv {}, pool {} blocks ({} MiB), "
       "gRPC {}, metrics :{}, warm-up {:.3f} s",
-      loaded.path, model.n_layer, model.n_embd, model.n_positions, loaded.device, describe(kv),
+      spec.model, model.n_layer, model.n_embd, model.n_positions, spec.device, describe(kv),
       pool_blocks, flags.kv.pool_mb, join_host_port(flags.host, port), metrics_port,
       std::chrono::duration<double>(std::chrono::steady_clock::now() - warm_start).count());
 

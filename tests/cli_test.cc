@@ -4,6 +4,8 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <string>
+#include <vector>
 
 #include "common/text_io.h"
 #include "tests/test_support.h"
@@ -121,6 +123,27 @@ TEST(Cli, BenchEngineRunsEveryRequestToItsLength) {
   EXPECT_GT(out["steps"].get<int>(), 6);  // two slots for five requests: more than one wave
   EXPECT_GT(out["output_throughput"].get<double>(), 0.0);
   EXPECT_EQ(out["warmup_requests"].get<int>(), 1);
+}
+
+// Every command builds its engine through engine/engine_builder, which logs the backend options
+// it builds with: `bench engine` used to drop --cuda-graphs and run with graphs regardless.
+TEST(Cli, CudaGraphsOffReachesTheBackendOfEveryCommand) {
+  const std::string model = model_flag() + " --device cpu --cuda-graphs off";
+  const std::vector<std::string> commands = {
+      "generate " + model + " --prompt-ids '464 318' --max-new-tokens 2 --ids",
+      "eval-ppl " + model + " --text " + testing::shared_eval_text() + " --windows 1 --seq 16",
+      "bench engine " + model +
+          " --requests 1 --concurrency 1 --prompt-len 4 --max-new-tokens 2 --warmup-requests 0",
+      "bench decode " + model + " --batches 1 --context 8 --steps 2 --warmup 0"};
+  for (const std::string& command : commands) {
+    const CommandResult r = run_kvserve(command);
+    ASSERT_EQ(r.status, 0) << command << "\n" << r.err;
+    EXPECT_NE(r.err.find("CUDA graphs off"), std::string::npos) << command << "\n" << r.err;
+    EXPECT_EQ(r.err.find("CUDA graphs on"), std::string::npos) << command << "\n" << r.err;
+  }
+  const CommandResult engine = run_kvserve(commands[2]);
+  ASSERT_EQ(engine.status, 0) << engine.err;
+  EXPECT_EQ(nlohmann::json::parse(engine.out)["cuda_graphs"], false);
 }
 
 }  // namespace

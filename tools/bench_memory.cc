@@ -1,4 +1,4 @@
-#include "server/bench_memory.h"
+#include "tools/bench_memory.h"
 
 #include <cstdio>
 #include <iostream>

@@ -1,4 +1,4 @@
-#include "server/commands.h"
+#include "tools/commands.h"
 
 #include <spdlog/spdlog.h>
 #include <unistd.h>
@@ -14,17 +14,15 @@
 #include <stdexcept>
 
 #include "common/text_io.h"
-#include "engine/backend_factory.h"
-#include "engine/checkpoint.h"
-#include "engine/engine.h"
+#include "engine/engine_builder.h"
 #include "engine/perplexity.h"
 #include "engine/tokenizer.h"
-#include "server/bench_decode.h"
-#include "server/bench_engine.h"
-#include "server/bench_memory.h"
 #include "server/cli_flags.h"
 #include "server/logging.h"
 #include "server/serve.h"
+#include "tools/bench_decode.h"
+#include "tools/bench_engine.h"
+#include "tools/bench_memory.h"
 
 namespace kvserve {
 namespace {
@@ -72,11 +70,10 @@ int run_generate(const GenerateFlags& flags) {
   if (flags.prompt.empty() == flags.prompt_ids.empty()) {
     throw UsageError("generate needs exactly one of --prompt TEXT or --prompt-ids \"ID ...\"");
   }
-  LoadedModel loaded = load(flags.model);
-  const ModelConfig model = loaded.weights.config;
+  const EngineSpec spec = engine_spec(flags.model, flags.kv, flags.engine);
   std::optional<Tokenizer> tokenizer;
   if (!flags.ids || !flags.prompt.empty())
-    tokenizer = load_tokenizer(loaded.path, flags.model.tokenizer);
+    tokenizer = load_tokenizer(spec.model, flags.model.tokenizer);
   GenerationRequest request;
   request.prompt =
       flags.prompt.empty() ? parse_ids(flags.prompt_ids) : tokenizer->encode(flags.prompt);
@@ -85,9 +82,8 @@ int run_generate(const GenerateFlags& flags) {
   request.sampling = flags.sampling;
   if (flags.greedy) request.sampling.temperature = 0.0f;
 
-  auto cache = make_cache(kv_config(flags.kv, model), model, flags.kv.pool_mb);
-  auto backend = make_backend(loaded.device, std::move(loaded.weights), *cache, loaded.backend);
-  Engine engine(model, std::move(cache), std::move(backend), flags.engine.options);
+  const std::unique_ptr<Engine> built = build_engine(spec);
+  Engine& engine = *built;
   const std::string problem = engine.validate(request);
   if (!problem.empty()) throw UsageError(problem);
   const size_t prompt_tokens = request.prompt.size();
@@ -152,20 +148,19 @@ struct EvalFlags {
 };
 
 int run_eval_ppl(const EvalFlags& flags) {
-  LoadedModel loaded = load(flags.model);
-  const ModelConfig model = loaded.weights.config;
+  const EngineSpec spec = engine_spec(flags.model, flags.kv);
+  const ModelConfig model = read_model_config(spec.model);
   if (flags.seq > model.n_positions) {
     throw UsageError("--seq " + std::to_string(flags.seq) + " exceeds the model's context of " +
                      std::to_string(model.n_positions));
   }
-  const Tokenizer tokenizer = load_tokenizer(loaded.path, flags.model.tokenizer);
+  const Tokenizer tokenizer = load_tokenizer(spec.model, flags.model.tokenizer);
   const std::vector<int32_t> tokens = evaluation_tokens(tokenizer, read_file(flags.text));
-  const KvCacheConfig config = kv_config(flags.kv, model);
-  auto cache = make_cache(config, model, flags.kv.pool_mb);
-  auto backend = make_backend(loaded.device, std::move(loaded.weights), *cache, loaded.backend);
+  const BuiltBackend built = build_backend(spec);
+  const KvCacheConfig& config = built.kv;
   const auto start = Clock::now();
   const PerplexityResult result =
-      evaluate_perplexity(*backend, *cache, tokens, flags.windows, flags.seq);
+      evaluate_perplexity(*built.backend, *built.cache, tokens, flags.windows, flags.seq);
   const double elapsed = seconds_since(start);
   const nlohmann::json out = {
       {"ppl", result.ppl},
@@ -180,8 +175,8 @@ int run_eval_ppl(const EvalFlags& flags) {
         {"residual", config.residual},
         {"page_tokens", config.page_tokens},
         {"per_token_keys", config.per_token_keys}}},
-      {"model", loaded.path},
-      {"device", backend->name()},
+      {"model", spec.model},
+      {"device", built.backend->name()},
       {"seconds", elapsed},
       {"window_nll", result.window_nll},
   };
