@@ -51,7 +51,10 @@ std::string resolve_model(const std::string& flag) {
 Tokenizer load_tokenizer(const std::string& model, const std::string& tokenizer_flag) {
   if (!tokenizer_flag.empty()) return Tokenizer::from_model_dir(tokenizer_flag);
   if (!is_dummy_model(model)) return Tokenizer::from_model_dir(model);
-  if (const char* env = std::getenv("KVSERVE_MODEL"); env != nullptr && *env != '\0') {
+  // $KVSERVE_MODEL lends its tokenizer only when it is a directory: when it names this dummy
+  // model itself, the model must find its tokenizer exactly as it does when given by --model.
+  if (const char* env = std::getenv("KVSERVE_MODEL");
+      env != nullptr && *env != '\0' && !is_dummy_model(env)) {
     return Tokenizer::from_model_dir(env);
   }
   if (auto shared = find_shared_model()) return Tokenizer::from_model_dir(*shared);
@@ -87,15 +90,15 @@ void add_kv_flags(CLI::App* app, KvFlags& flags, KvPoolFlag pool) {
                 "ablation: quantize keys per token instead of per channel");
   if (pool == KvPoolFlag::kOmit) return;
   app->add_option("--kv-pool-mb", flags.pool_mb, "KV pool size in MiB, allocated at start")
-      ->check(CLI::PositiveNumber);
+      ->check(positive());
 }
 
 void add_engine_flags(CLI::App* app, EngineFlags& flags) {
   app->add_option("--max-num-seqs", flags.options.max_num_seqs, "sequences per step")
-      ->check(CLI::PositiveNumber);
+      ->check(positive());
   app->add_option("--max-batch-tokens", flags.options.max_batch_tokens,
                   "tokens per step (decodes plus prompt chunks)")
-      ->check(CLI::PositiveNumber);
+      ->check(positive());
 }
 
 KvCacheConfig kv_config(const KvFlags& flags, const ModelConfig& model) {

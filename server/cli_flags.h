@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/command_line.h"
 #include "engine/engine_builder.h"
 #include "engine/tokenizer.h"
 
@@ -37,7 +38,8 @@ struct EngineFlags {
 // --model, else $KVSERVE_MODEL, else the shared test model beside the checkout; throws UsageError
 // explaining how to get a model when there is none.
 std::string resolve_model(const std::string& flag);
-// The model's tokenizer, or --tokenizer's; dummy models borrow $KVSERVE_MODEL's or the shared one.
+// The model's tokenizer, or --tokenizer's; dummy models borrow the one of $KVSERVE_MODEL when it is
+// a directory, else the shared test model's.
 Tokenizer load_tokenizer(const std::string& model, const std::string& tokenizer_flag);
 
 void add_model_flags(CLI::App* app, ModelFlags& flags);

@@ -14,10 +14,9 @@ void add_bench_decode_flags(CLI::App* app, BenchDecodeFlags& flags) {
   add_kv_flags(app, flags.kv, KvPoolFlag::kOmit);
   app->add_option("--batches", flags.batches, "batch sizes")->delimiter(',');
   app->add_option("--context", flags.context, "cached tokens per sequence before timing")
-      ->check(CLI::PositiveNumber);
-  app->add_option("--steps", flags.steps, "timed decode steps")->check(CLI::PositiveNumber);
-  app->add_option("--warmup", flags.warmup, "untimed decode steps first")
-      ->check(CLI::NonNegativeNumber);
+      ->check(positive());
+  app->add_option("--steps", flags.steps, "timed decode steps")->check(positive());
+  app->add_option("--warmup", flags.warmup, "untimed decode steps first")->check(non_negative());
 }
 
 namespace {

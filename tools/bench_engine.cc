@@ -17,18 +17,18 @@ void add_bench_engine_flags(CLI::App* app, BenchEngineFlags& flags) {
   add_model_flags(app, flags.model);
   add_kv_flags(app, flags.kv);
   add_engine_flags(app, flags.engine);
-  app->add_option("--requests", flags.requests, "generations to run")->check(CLI::PositiveNumber);
+  app->add_option("--requests", flags.requests, "generations to run")->check(positive());
   app->add_option("--concurrency", flags.concurrency, "generations in flight at most")
-      ->check(CLI::PositiveNumber);
+      ->check(positive());
   app->add_option("--prompt-len", flags.prompt_len, "prompt length in tokens (random ids)")
-      ->check(CLI::PositiveNumber);
+      ->check(positive());
   app->add_option("--max-new-tokens", flags.max_new_tokens, "tokens generated per request")
-      ->check(CLI::PositiveNumber);
+      ->check(positive());
   app->add_option("--temperature", flags.temperature, "sampling temperature, 0 for greedy")
       ->check(CLI::Range(0.0f, 100.0f))
       ->capture_default_str();
   app->add_option("--warmup-requests", flags.warmup_requests, "untimed requests run together first")
-      ->check(CLI::NonNegativeNumber)
+      ->check(non_negative())
       ->capture_default_str();
   app->add_option("--seed", flags.seed, "seed of the prompts and of sampling")
       ->capture_default_str();
