@@ -52,12 +52,7 @@ class InstantBackend : public Backend {
 };
 
 const ModelConfig& model_config() {
-  static const ModelConfig config = [] {
-    ModelFlags flags;
-    flags.model = resolve_model("");
-    flags.device = "cpu";
-    return load(flags).weights.config;
-  }();
+  static const ModelConfig config = read_model_config(resolve_model(""));
   return config;
 }
 
@@ -65,10 +60,14 @@ std::unique_ptr<Engine> make_engine(int batch) {
   const ModelConfig& model = model_config();
   KvFlags kv;
   kv.format = "kivi2";
+  const KvCacheConfig config = kv_config(kv, model);
   EngineOptions options;
   options.max_num_seqs = batch;
-  return std::make_unique<Engine>(model, make_cache(kv_config(kv, model), model, 1024),
-                                  std::make_unique<InstantBackend>(), options);
+  return std::make_unique<Engine>(
+      model,
+      std::make_unique<KvCacheManager>(
+          config, model, KvCacheManager::blocks_in_budget(int64_t{1024} << 20, config, model)),
+      std::make_unique<InstantBackend>(), options);
 }
 
 GenerationRequest request(int index) {

@@ -2,15 +2,18 @@
 # Latency under load through gRPC: for each KV format, starts `kvserve serve` on loopback and runs
 # `kvserve-cli load` at several Poisson request rates (concurrency capped) and, closed loop, at
 # several concurrencies.
-# Usage: bench/latency.sh [OUT_DIR]   (default docs/bench; writes OUT_DIR/latency.json)
+# Usage: bench/latency.sh [OUT_DIR]   (writes OUT_DIR/latency.json; default: a scratch folder,
+# bench/paths.sh; docs/bench holds the committed run)
 # The JSON holds the machine, the date, the server command and, for every run, its sweep, rate (a
 # number, or "inf" in the closed-loop sweep), concurrency, exact kvserve-cli command and full
 # result. The defaults keep a run to about five minutes on two CPU cores with the tiny test model;
 # every knob below and in bench/lib.sh can be overridden from the environment, e.g.
 # MODEL=dummy:gpt2 EXTRA_SERVE_FLAGS="--device cuda" RATES="8 16 32 64" bench/latency.sh /tmp/out
 set -euo pipefail
+caller_dir=$PWD
 cd "$(dirname "$0")/.."
-out=${1:-docs/bench}
+source bench/paths.sh
+out=$(output_path "${1:-}" latency)
 source bench/lib.sh
 read -r -a rates <<<"${RATES:-0.5 1 2 4}"
 read -r -a extra_serve_flags <<<"${EXTRA_SERVE_FLAGS:-}"

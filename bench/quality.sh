@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Perplexity of every KV format on the held-out text, each compared with fp16 in the same run.
-# Usage: bench/quality.sh [OUT_DIR] [WINDOWS]   (defaults: docs/quality, 64)
+# Usage: bench/quality.sh [OUT_DIR] [WINDOWS]   (defaults: a scratch folder (bench/paths.sh), 64;
+# docs/quality holds the committed run). A progress bar per format shows on a terminal.
 # Writes OUT_DIR/FORMAT.json (one `kvserve eval-ppl` result each) and OUT_DIR/summary.json, and
 # prints a markdown table. Extra flags for eval-ppl (e.g. --device cuda) go in $EVAL_FLAGS.
 set -euo pipefail
+caller_dir=$PWD
 cd "$(dirname "$0")/.."
-out=${1:-docs/quality}
+source bench/paths.sh
+out=$(output_path "${1:-}" quality)
 windows=${2:-64}
 kvserve=${KVSERVE:-build/bin/kvserve}
 text=../shared/data/docs-val.txt.xz
@@ -18,7 +21,10 @@ declare -A formats=(
   [kivi2-gv64]="--kv kivi2 --kv-value-group 64"
   [kivi2-per-token-keys]="--kv kivi2 --kv-per-token-keys"
 )
-for name in fp16 int8 kivi4 kivi2 kivi2-gv64 kivi2-per-token-keys; do
+names=(fp16 int8 kivi4 kivi2 kivi2-gv64 kivi2-per-token-keys)
+for i in "${!names[@]}"; do
+  name=${names[$i]}
+  echo "quality: $name ($((i + 1))/${#names[@]}), $windows windows -> $out/$name.json" >&2
   # shellcheck disable=SC2086
   "$kvserve" eval-ppl --text "$text" --windows "$windows" ${formats[$name]} ${EVAL_FLAGS:-} \
     --log-level warn >"$out/$name.json"

@@ -5,13 +5,15 @@
 # of PROMPT_LEN, NEW_TOKENS tokens each at TEMPERATURE (default 0: greedy), end-of-text ignored).
 # Both count output tokens over the wall time from the first request to the last token, prefill
 # included.
-# Usage: bench/serving.sh [OUT_FILE]   (default docs/bench/serving.json)
+# Usage: bench/serving.sh [OUT_FILE]   (default: serving.json in a scratch folder, bench/paths.sh)
 # Knobs from the environment (bench/lib.sh has the shared ones), e.g. for the GPU machine:
 #   MODEL=dummy:gpt2 EXTRA_FLAGS="--device cuda" POOL_MB=16384 bench/serving.sh /tmp/serving.json
 # REQUESTS_PER_SLOT (default 2) sets requests = C * REQUESTS_PER_SLOT, at least MIN_REQUESTS (16).
 set -euo pipefail
+caller_dir=$PWD
 cd "$(dirname "$0")/.."
-out=${1:-docs/bench/serving.json}
+source bench/paths.sh
+out=$(output_path "${1:-}" serving.json)
 source bench/lib.sh
 read -r -a extra_flags <<<"${EXTRA_FLAGS:-}"
 pool_mb=${POOL_MB:-512}

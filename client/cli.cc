@@ -15,6 +15,7 @@
 
 #include "client/generation_client.h"
 #include "client/load_generator.h"
+#include "common/command_line.h"
 
 namespace kvserve::client {
 namespace {
@@ -23,14 +24,14 @@ struct GenerateArgs {
   std::string addr;
   TlsFiles tls;
   std::string prompt;
-  std::vector<int32_t> prompt_ids;
+  std::vector<std::string> prompt_ids;
   uint32_t max_new_tokens = 0;
   float temperature = 0, top_p = 0, repetition_penalty = 0;
   int32_t top_k = 0;
   uint64_t seed = 0;
   std::vector<std::string> stop;
   std::vector<int32_t> stop_token_ids;
-  bool ignore_eos = false, logprobs = false;
+  bool greedy = false, ignore_eos = false, logprobs = false;
   double timeout_s = 0;
   // Options whose absence must leave the proto field unset (the server's default applies).
   CLI::Option *max_new_tokens_opt, *temperature_opt, *top_k_opt, *top_p_opt, *penalty_opt,
@@ -65,21 +66,25 @@ double ms(Clock::duration d) {
   return std::chrono::duration<double, std::milli>(d).count();
 }
 
-int fail(const std::string& what, const grpc::Status& status) {
+int fail(const std::string& what, const grpc::Status& status, const TlsFiles& tls) {
   std::cerr << "kvserve-cli: " << what << ": " << describe(status) << "\n";
+  if (const std::string why = explain_connection_failure(status, !tls.ca.empty()); !why.empty()) {
+    std::cerr << "kvserve-cli: " << why << "\n";
+  }
   return 1;
 }
 
 int run_generate(const GenerateArgs& a) {
   v1::GenerateRequest request;
   if (*a.prompt_ids_opt) {
-    request.mutable_prompt_token_ids()->mutable_ids()->Add(a.prompt_ids.begin(),
-                                                           a.prompt_ids.end());
+    const std::vector<int32_t> ids = parse_token_ids(a.prompt_ids);
+    request.mutable_prompt_token_ids()->mutable_ids()->Add(ids.begin(), ids.end());
   } else {
     request.set_prompt(a.prompt);
   }
   v1::SamplingParams& sampling = *request.mutable_sampling();
   if (*a.temperature_opt) sampling.set_temperature(a.temperature);
+  if (a.greedy) sampling.set_temperature(0.0f);
   if (*a.top_k_opt) sampling.set_top_k(a.top_k);
   if (*a.top_p_opt) sampling.set_top_p(a.top_p);
   if (*a.penalty_opt) sampling.set_repetition_penalty(a.repetition_penalty);
@@ -104,7 +109,7 @@ int run_generate(const GenerateArgs& a) {
   // The text carries no newline of its own; a terminal still wants the summary on its own line.
   if (isatty(STDOUT_FILENO)) std::fputc('\n', stdout);
   std::fflush(stdout);
-  if (!outcome.status.ok()) return fail("generate failed", outcome.status);
+  if (!outcome.status.ok()) return fail("generate failed", outcome.status, a.tls);
 
   const v1::GenerateFinal& final = *outcome.final;
   const StreamTiming& t = outcome.timing;
@@ -124,7 +129,7 @@ int run_health(const HealthArgs& a) {
   GenerationClient client(a.addr, a.tls);
   ServingStatus status = grpc::health::v1::HealthCheckResponse::UNKNOWN;
   const grpc::Status result = client.CheckHealth(a.service, a.timeout_s, &status);
-  if (!result.ok()) return fail("health check failed", result);
+  if (!result.ok()) return fail("health check failed", result, a.tls);
   std::cout << grpc::health::v1::HealthCheckResponse::ServingStatus_Name(status) << "\n";
   return status == grpc::health::v1::HealthCheckResponse::SERVING ? 0 : 1;
 }
@@ -171,10 +176,10 @@ int run_info(const InfoArgs& a) {
   GenerationClient client(a.addr, a.tls);
   v1::ModelInfo model;
   grpc::Status status = client.GetModelInfo(a.timeout_s, &model);
-  if (!status.ok()) return fail("GetModelInfo failed", status);
+  if (!status.ok()) return fail("GetModelInfo failed", status, a.tls);
   v1::CacheStats cache;
   status = client.GetCacheStats(a.timeout_s, &cache);
-  if (!status.ok()) return fail("GetCacheStats failed", status);
+  if (!status.ok()) return fail("GetCacheStats failed", status, a.tls);
   std::cout << nlohmann::json{{"model", to_json(model)}, {"cache", to_json(cache)}}.dump(2)
             << std::endl;
   return 0;
@@ -207,22 +212,36 @@ void add_addr(CLI::App* command, std::string& addr, TlsFiles& tls) {
 
 int run_cli(int argc, char** argv) {
   CLI::App app{"kvserve-cli: streaming generation, health checks and load tests against kvserve"};
+  configure_app(app, "kvserve-cli");
   app.require_subcommand(1);
+  app.footer(
+      "Exit status: 0 on success, 1 when the call failed (or health is not SERVING), 2 on a "
+      "usage error.");
 
   GenerateArgs g;
   CLI::App* generate = app.add_subcommand("generate", "stream one completion to stdout");
   add_addr(generate, g.addr, g.tls);
   CLI::Option_group* input = generate->add_option_group("prompt", "the prompt");
   input->add_option("--prompt", g.prompt, "prompt text");
-  g.prompt_ids_opt = input->add_option("--prompt-ids", g.prompt_ids, "prompt token ids");
+  g.prompt_ids_opt = input->add_option("--prompt-ids", g.prompt_ids, kPromptIdsHelp)
+                         ->check(token_ids())
+                         ->default_str("");
   input->require_option(1);
-  g.max_new_tokens_opt = generate->add_option("--max-new-tokens", g.max_new_tokens,
-                                              "tokens to generate at most (server default 16)");
-  g.temperature_opt = generate->add_option("--temperature", g.temperature, "0 means greedy");
-  g.top_k_opt = generate->add_option("--top-k", g.top_k, "0: off");
-  g.top_p_opt = generate->add_option("--top-p", g.top_p, "1: off");
-  g.penalty_opt = generate->add_option("--repetition-penalty", g.repetition_penalty, "1: off");
-  g.seed_opt = generate->add_option("--seed", g.seed, "sampling seed");
+  // Unset sampling and stopping fields take the server's defaults (docs/design.md section 5).
+  const std::string server_default = "the server's";
+  g.max_new_tokens_opt = generate
+                             ->add_option("--max-new-tokens", g.max_new_tokens,
+                                          "tokens to generate at most (server default 16)")
+                             ->default_str(server_default);
+  g.temperature_opt = generate->add_option("--temperature", g.temperature, "0 means greedy")
+                          ->default_str(server_default);
+  generate->add_flag("--greedy", g.greedy, "greedy decoding (temperature 0)")
+      ->excludes(g.temperature_opt);
+  g.top_k_opt = generate->add_option("--top-k", g.top_k, "0: off")->default_str(server_default);
+  g.top_p_opt = generate->add_option("--top-p", g.top_p, "1: off")->default_str(server_default);
+  g.penalty_opt = generate->add_option("--repetition-penalty", g.repetition_penalty, "1: off")
+                      ->default_str(server_default);
+  g.seed_opt = generate->add_option("--seed", g.seed, "sampling seed")->default_str(server_default);
   generate->add_option("--stop", g.stop, "stop strings");
   generate->add_option("--stop-token-id", g.stop_token_ids, "stop token ids");
   generate->add_flag("--ignore-eos", g.ignore_eos, "keep going past end-of-text");
@@ -233,7 +252,8 @@ int run_cli(int argc, char** argv) {
   CLI::App* health = app.add_subcommand(
       "health", "grpc.health.v1 check: prints the status, exits 0 only when SERVING");
   add_addr(health, h.addr, h.tls);
-  health->add_option("--service", h.service, "service name (default: the whole server)");
+  health->add_option("--service", h.service,
+                     "service name: kvserve.v1.Generation, or empty for the whole server");
   health->add_option("--timeout-s", h.timeout_s, "deadline in seconds")->capture_default_str();
 
   LoadArgs l;
@@ -243,22 +263,22 @@ int run_cli(int argc, char** argv) {
       "benchmark: many concurrent streams; one JSON result (vLLM's metric names) on stdout");
   add_addr(load, l.addr, l.tls);
   load->add_option("--requests", o.requests, "requests to send")
-      ->check(CLI::PositiveNumber)
+      ->check(positive())
       ->capture_default_str();
   load->add_option("--rate", o.rate,
                    "requests per second, Poisson arrivals; inf sends all at once (closed loop)")
       ->check(CLI::Validator(check_rate, "RATE|inf"))
       ->capture_default_str();
   load->add_option("--concurrency", o.concurrency, "requests in flight at most")
-      ->check(CLI::PositiveNumber)
+      ->check(positive())
       ->capture_default_str();
   load->add_option("--prompt-len", o.prompt_len,
                    "prompt tokens (random ids), or that times --chars-per-token characters of "
                    "--prompts-file")
-      ->check(CLI::PositiveNumber)
+      ->check(positive())
       ->capture_default_str();
   load->add_option("--max-new-tokens", o.max_new_tokens, "tokens to generate per request")
-      ->check(CLI::PositiveNumber)
+      ->check(positive())
       ->capture_default_str();
   load->add_option("--prompts-file", o.prompts_file,
                    "text (.xz is decompressed) to cut prompts from, e.g. "
@@ -266,14 +286,15 @@ int run_cli(int argc, char** argv) {
       ->check(CLI::ExistingFile);
   load->add_option("--chars-per-token", o.chars_per_token,
                    "characters of --prompts-file per prompt token")
-      ->check(CLI::PositiveNumber)
+      ->check(positive())
       ->capture_default_str();
   load->add_option("--seed", o.seed, "seed of prompts and arrival times")->capture_default_str();
   load->add_flag("--ignore-eos,!--no-ignore-eos", o.ignore_eos,
                  "generate exactly --max-new-tokens tokens (default on)");
   load->add_option("--temperature", o.temperature,
-                   "sampling temperature of every request, 0 for greedy (default: the server's)")
-      ->check(CLI::Range(0.0f, 100.0f));
+                   "sampling temperature of every request, 0 for greedy")
+      ->check(CLI::Range(0.0f, 100.0f))
+      ->default_str("the server's");
   load->add_option("--timeout-s", o.timeout_s, "deadline of each request in seconds (0: none)");
   load->add_option("--output", l.output, "also write the JSON result to this file");
 
@@ -282,12 +303,17 @@ int run_cli(int argc, char** argv) {
   add_addr(info, i.addr, i.tls);
   info->add_option("--timeout-s", i.timeout_s, "deadline in seconds")->capture_default_str();
 
-  CLI11_PARSE(app, argc, argv);
+  if (const std::optional<int> status = parse_command_line(app, argc, argv, "kvserve-cli")) {
+    return *status;
+  }
   try {
     if (*generate) return run_generate(g);
     if (*health) return run_health(h);
     if (*load) return run_load_command(l);
     return run_info(i);
+  } catch (const std::invalid_argument& e) {
+    std::cerr << "kvserve-cli: " << e.what() << "\n";
+    return kExitUsage;
   } catch (const std::exception& e) {
     std::cerr << "kvserve-cli: " << e.what() << "\n";
     return 1;

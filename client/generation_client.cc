@@ -1,5 +1,8 @@
 #include "client/generation_client.h"
+
 #include <absl/status/status.h>
+#include <algorithm>
+#include <cctype>
 
 #include <google/protobuf/util/json_util.h>
 
@@ -147,6 +150,41 @@ std::string status_code_name(grpc::StatusCode code) {
 
 std::string describe(const grpc::Status& status) {
   return status_code_name(status.error_code()) + ": " + status.error_message();
+}
+
+std::string explain_connection_failure(const grpc::Status& status, bool tls) {
+  if (status.error_code() != grpc::StatusCode::UNAVAILABLE) return "";
+  std::string text = status.error_message();
+  std::transform(text.begin(), text.end(), text.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  auto has = [&](const char* needle) { return text.find(needle) != std::string::npos; };
+  if (has("not in peer certificate")) {
+    return "the client refused the server: its certificate does not name the address dialled "
+           "(--addr must match a DNS name or IP in the certificate's subjectAltName)";
+  }
+  if (has("certificate verify failed") || has("certificate_verify_failed")) {
+    return "the client refused the server: its certificate is not signed by a CA in --tls-ca "
+           "(untrusted CA)";
+  }
+  if (has("certificate required")) {
+    return "the server refused the client: it requires a client certificate (mutual TLS); pass "
+           "--tls-cert and --tls-key";
+  }
+  if (has("alert unknown ca") || has("alert bad certificate") || has("certificate unknown")) {
+    return "the server refused the client: the client certificate is not signed by a CA the "
+           "server trusts (--tls-client-ca)";
+  }
+  if (has("wrong version number") || has("wrong_version_number") || has("packet length too long")) {
+    return "the server does not speak TLS: connect without --tls-ca, or start the server with "
+           "--tls-cert/--tls-key";
+  }
+  if (has("socket closed") || has("connection reset") || has("handshake")) {
+    return tls ? "the server closed the connection during the TLS handshake: it probably requires "
+                 "a client certificate (--tls-cert/--tls-key) or does not trust the one given"
+               : "the server closed the connection: it probably requires TLS (pass --tls-ca with "
+                 "the CA that signed its certificate)";
+  }
+  return "";
 }
 
 nlohmann::json to_json(const google::protobuf::Message& message) {

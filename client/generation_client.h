@@ -88,6 +88,12 @@ class GenerationClient {
 std::string status_code_name(grpc::StatusCode code);
 // "CODE: message", for people.
 std::string describe(const grpc::Status& status);
+// For a call that failed to connect (UNAVAILABLE), which side refused the connection and why,
+// from gRPC's TLS error text: the client refused the server's certificate (untrusted CA, name
+// mismatch), the server refused the client (no client certificate, an untrusted one), or one
+// side speaks TLS and the other plaintext. "" when the failure is not one of these. `tls`: whether
+// this client connected with TLS (--tls-ca).
+std::string explain_connection_failure(const grpc::Status& status, bool tls);
 // A reply as JSON with the proto's field names, zero values included (so every field is there).
 nlohmann::json to_json(const google::protobuf::Message& message);
 

@@ -23,7 +23,8 @@ std::vector<int32_t> evaluation_tokens(const Tokenizer& tokenizer, const std::st
 }
 
 PerplexityResult evaluate_perplexity(Backend& backend, KvCacheManager& cache,
-                                     const std::vector<int32_t>& tokens, int windows, int seq) {
+                                     const std::vector<int32_t>& tokens, int windows, int seq,
+                                     const WindowDone& on_window) {
   if (windows < 1 || seq < 2) throw std::invalid_argument("need at least 1 window of 2 tokens");
   if (static_cast<int64_t>(tokens.size()) < int64_t{windows} * seq) {
     throw std::invalid_argument("the text has " + std::to_string(tokens.size()) +
@@ -67,6 +68,7 @@ PerplexityResult evaluate_perplexity(Backend& backend, KvCacheManager& cache,
     }
     result.window_nll.push_back(window_total / (seq - 1));
     total += window_total;
+    if (on_window) on_window(w + 1);
   }
   result.tokens = int64_t{windows} * (seq - 1);
   result.nll = total / result.tokens;

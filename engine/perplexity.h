@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -25,8 +26,12 @@ struct PerplexityResult {
   std::vector<double> window_nll;  // mean NLL of each window
 };
 
+// Called after each window with the number of windows done (for a progress display).
+using WindowDone = std::function<void(int windows_done)>;
+
 // Throws std::invalid_argument when `tokens` holds fewer than windows * seq tokens.
 PerplexityResult evaluate_perplexity(Backend& backend, KvCacheManager& cache,
-                                     const std::vector<int32_t>& tokens, int windows, int seq);
+                                     const std::vector<int32_t>& tokens, int windows, int seq,
+                                     const WindowDone& on_window = nullptr);
 
 }  // namespace kvserve

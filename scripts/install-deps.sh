@@ -5,9 +5,11 @@
 # package there. Only the runtime libraries were renamed (the t64 transition), which is why the
 # runtime image derives its packages from the built binaries (scripts/runtime-packages.sh).
 # prometheus (for promtool) and python3-yaml serve the deploy/ checks in tests/deploy;
-# python3-grpcio and python3-protobuf the Python client (client/python), python3-matplotlib
+# python3-grpcio and python3-protobuf the Python client (client/python; python3-venv, python3-pip
+# and python3-setuptools install it in its test, with no index), python3-matplotlib
 # bench/plot.py. openssl makes the throwaway certificates of the TLS tests; clang and
-# libclang-rt-14-dev (its sanitizer and libFuzzer runtimes) build fuzz/ (scripts/fuzz.sh).
+# libclang-rt-14-dev (its sanitizer and libFuzzer runtimes) build fuzz/ (scripts/fuzz.sh); curl
+# serves scripts/fetch-model.sh.
 # Usage: scripts/install-deps.sh   (as root, or with sudo available)
 set -euo pipefail
 packages=(
@@ -17,6 +19,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc prometheus-cpp-dev
   prometheus python3-yaml python3-grpcio python3-protobuf python3-matplotlib
+  python3-venv python3-pip python3-setuptools curl
   openssl clang libclang-rt-14-dev
 )
 missing=()

@@ -7,7 +7,6 @@
 #include <optional>
 #include <vector>
 
-#include "engine/backend_factory.h"
 #include "engine/checkpoint.h"
 
 namespace kvserve {
@@ -52,7 +51,10 @@ std::string resolve_model(const std::string& flag) {
 Tokenizer load_tokenizer(const std::string& model, const std::string& tokenizer_flag) {
   if (!tokenizer_flag.empty()) return Tokenizer::from_model_dir(tokenizer_flag);
   if (!is_dummy_model(model)) return Tokenizer::from_model_dir(model);
-  if (const char* env = std::getenv("KVSERVE_MODEL"); env != nullptr && *env != '\0') {
+  // $KVSERVE_MODEL lends its tokenizer only when it is a directory: when it names this dummy
+  // model itself, the model must find its tokenizer exactly as it does when given by --model.
+  if (const char* env = std::getenv("KVSERVE_MODEL");
+      env != nullptr && *env != '\0' && !is_dummy_model(env)) {
     return Tokenizer::from_model_dir(env);
   }
   if (auto shared = find_shared_model()) return Tokenizer::from_model_dir(*shared);
@@ -74,7 +76,7 @@ void add_model_flags(CLI::App* app, ModelFlags& flags) {
       ->check(CLI::IsMember({"on", "off"}));
 }
 
-void add_kv_flags(CLI::App* app, KvFlags& flags) {
+void add_kv_flags(CLI::App* app, KvFlags& flags, KvPoolFlag pool) {
   app->add_option("--kv", flags.format, "KV cache format")
       ->check(CLI::IsMember({"fp16", "int8", "kivi4", "kivi2"}));
   app->add_option("--kv-group", flags.config.key_group, "KIVI key group G (tokens per channel)");
@@ -86,16 +88,17 @@ void add_kv_flags(CLI::App* app, KvFlags& flags) {
                   "tokens per page (a multiple of G)");
   app->add_flag("--kv-per-token-keys", flags.config.per_token_keys,
                 "ablation: quantize keys per token instead of per channel");
+  if (pool == KvPoolFlag::kOmit) return;
   app->add_option("--kv-pool-mb", flags.pool_mb, "KV pool size in MiB, allocated at start")
-      ->check(CLI::PositiveNumber);
+      ->check(positive());
 }
 
 void add_engine_flags(CLI::App* app, EngineFlags& flags) {
   app->add_option("--max-num-seqs", flags.options.max_num_seqs, "sequences per step")
-      ->check(CLI::PositiveNumber);
+      ->check(positive());
   app->add_option("--max-batch-tokens", flags.options.max_batch_tokens,
                   "tokens per step (decodes plus prompt chunks)")
-      ->check(CLI::PositiveNumber);
+      ->check(positive());
 }
 
 KvCacheConfig kv_config(const KvFlags& flags, const ModelConfig& model) {
@@ -106,24 +109,16 @@ KvCacheConfig kv_config(const KvFlags& flags, const ModelConfig& model) {
   return config;
 }
 
-LoadedModel load(const ModelFlags& flags) {
-  LoadedModel loaded;
-  loaded.path = resolve_model(flags.model);
-  std::string reason;
-  loaded.device = resolve_device(flags.device, reason);
-  spdlog::info("device: {} ({})", loaded.device, reason);
-  loaded.weights = load_model(loaded.path);  // logs what it loaded and how long it took
-  loaded.backend.cuda_graphs = flags.cuda_graphs == "on";
-  return loaded;
-}
-
-std::unique_ptr<KvCacheManager> make_cache(const KvCacheConfig& config, const ModelConfig& model,
-                                           int64_t pool_mb) {
-  const int32_t blocks = KvCacheManager::blocks_in_budget(pool_mb << 20, config, model);
-  auto cache = std::make_unique<KvCacheManager>(config, model, blocks);
-  spdlog::info("kv cache: {}, {} blocks of {} bytes ({} MiB pool)", describe(config), blocks,
-               cache->bytes_per_block(), pool_mb);
-  return cache;
+EngineSpec engine_spec(const ModelFlags& model, const KvFlags& kv, const EngineFlags& engine) {
+  EngineSpec spec;
+  spec.model = resolve_model(model.model);
+  spec.device = model.device;
+  spec.backend.cuda_graphs = model.cuda_graphs == "on";
+  spec.kv = kv_config(kv, read_model_config(spec.model));
+  spec.kv_pool_bytes = kv.pool_mb << 20;
+  spec.engine = engine.options;
+  if (const std::string problem = check(spec); !problem.empty()) throw UsageError(problem);
+  return spec;
 }
 
 }  // namespace kvserve

@@ -7,10 +7,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "engine/backend_factory.h"
-#include "engine/engine.h"
-#include "engine/kv_cache_manager.h"
-#include "engine/model_weights.h"
+#include "common/command_line.h"
+#include "engine/engine_builder.h"
 #include "engine/tokenizer.h"
 
 namespace kvserve {
@@ -40,27 +38,23 @@ struct EngineFlags {
 // --model, else $KVSERVE_MODEL, else the shared test model beside the checkout; throws UsageError
 // explaining how to get a model when there is none.
 std::string resolve_model(const std::string& flag);
-// The model's tokenizer, or --tokenizer's; dummy models borrow $KVSERVE_MODEL's or the shared one.
+// The model's tokenizer, or --tokenizer's; dummy models borrow the one of $KVSERVE_MODEL when it is
+// a directory, else the shared test model's.
 Tokenizer load_tokenizer(const std::string& model, const std::string& tokenizer_flag);
 
 void add_model_flags(CLI::App* app, ModelFlags& flags);
-void add_kv_flags(CLI::App* app, KvFlags& flags);
+// Commands that size the pool themselves (bench decode) leave --kv-pool-mb out.
+enum class KvPoolFlag { kTake, kOmit };
+void add_kv_flags(CLI::App* app, KvFlags& flags, KvPoolFlag pool = KvPoolFlag::kTake);
 void add_engine_flags(CLI::App* app, EngineFlags& flags);
 
 // The validated cache configuration; throws UsageError naming the flag to fix.
 KvCacheConfig kv_config(const KvFlags& flags, const ModelConfig& model);
 
-struct LoadedModel {
-  std::string path;
-  std::string device;
-  ModelWeights weights;
-  BackendOptions backend;
-};
-
-// Resolves the model and device (logging which device and why) and loads the weights.
-LoadedModel load(const ModelFlags& flags);
-
-std::unique_ptr<KvCacheManager> make_cache(const KvCacheConfig& config, const ModelConfig& model,
-                                           int64_t pool_mb);
+// What the flags ask the engine builder for: the resolved model, the device, the backend options,
+// the KV cache and the scheduler's limits. Reads the model's config.json (never its weights) to
+// check the KV settings against its geometry, so that a bad flag fails before a long load; throws
+// UsageError naming the flag to fix.
+EngineSpec engine_spec(const ModelFlags& model, const KvFlags& kv, const EngineFlags& engine = {});
 
 }  // namespace kvserve

@@ -158,26 +158,26 @@ void add_serve_flags(CLI::App* app, ServeFlags& flags) {
       ->check(CLI::Range(0, 65535));
   app->add_option("--max-queued-requests", flags.max_queued_requests,
                   "requests waiting for admission; beyond it RESOURCE_EXHAUSTED")
-      ->check(CLI::PositiveNumber);
+      ->check(positive());
   app->add_option("--max-concurrent-streams", flags.limits.max_concurrent_streams,
                   "open Generate streams; beyond it RESOURCE_EXHAUSTED")
-      ->check(CLI::PositiveNumber);
+      ->check(positive());
   app->add_option("--max-new-tokens-limit", flags.limits.max_new_tokens,
                   "largest max_new_tokens a request may ask for (0: the model's context)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(non_negative());
   app->add_option("--max-prompt-tokens", flags.limits.max_prompt_tokens,
                   "longest prompt in tokens (0: the model's context)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(non_negative());
   app->add_option("--stream-buffer-messages", flags.limits.stream_buffer_messages,
                   "messages buffered per stream before tokens are merged into one chunk")
-      ->check(CLI::PositiveNumber);
+      ->check(positive());
   app->add_option("--drain-timeout-s", flags.drain_timeout_s,
                   "on SIGTERM/SIGINT, how long streams in flight may run before they are "
                   "cancelled")
-      ->check(CLI::NonNegativeNumber);
+      ->check(non_negative());
   app->add_option("--max-receive-message-bytes", flags.max_receive_message_bytes,
                   "largest request message accepted")
-      ->check(CLI::PositiveNumber);
+      ->check(positive());
 
   CLI::Option* cert = app->add_option("--tls-cert", flags.tls_cert,
                                       "PEM certificate chain: serve gRPC over TLS only")
@@ -194,29 +194,29 @@ void add_serve_flags(CLI::App* app, ServeFlags& flags) {
   KeepaliveFlags& k = flags.keepalive;
   app->add_option("--keepalive-time-s", k.time_s,
                   "ping a connection after this long without activity (0: never)")
-      ->check(CLI::NonNegativeNumber)
+      ->check(non_negative())
       ->capture_default_str();
   app->add_option("--keepalive-timeout-s", k.timeout_s,
                   "close the connection when a ping is not answered within this")
-      ->check(CLI::PositiveNumber)
+      ->check(positive())
       ->capture_default_str();
   app->add_flag("--keepalive-permit-without-calls", k.permit_without_calls,
                 "allow keepalive pings on connections with no open call");
   app->add_option("--keepalive-min-ping-interval-s", k.min_ping_interval_s,
                   "shortest interval between client pings the server tolerates")
-      ->check(CLI::NonNegativeNumber)
+      ->check(non_negative())
       ->capture_default_str();
   app->add_option("--max-connection-idle-s", k.max_connection_idle_s,
                   "close a connection with no open call after this long (0: never)")
-      ->check(CLI::NonNegativeNumber)
+      ->check(non_negative())
       ->capture_default_str();
   app->add_option("--max-connection-age-s", k.max_connection_age_s,
                   "ask clients to reconnect (GOAWAY) after this long, to rebalance (0: never)")
-      ->check(CLI::NonNegativeNumber)
+      ->check(non_negative())
       ->capture_default_str();
   app->add_option("--max-connection-age-grace-s", k.max_connection_age_grace_s,
                   "after --max-connection-age-s, how long open calls may run on (0: unbounded)")
-      ->check(CLI::NonNegativeNumber)
+      ->check(non_negative())
       ->capture_default_str();
 }
 
@@ -225,10 +225,10 @@ int run_serve(const ServeFlags& flags) {
   // killing the process.
   install_signal_handlers();
 
-  const std::string model_path = resolve_model(flags.model.model);
+  EngineSpec spec = engine_spec(flags.model, flags.kv, flags.engine);
   std::string device_reason;
-  const std::string device = resolve_device(flags.model.device, device_reason);
-  Metrics metrics({KVSERVE_VERSION, device, flags.kv.format, model_path});
+  spec.device = resolve_device(spec.device, device_reason);
+  Metrics metrics({KVSERVE_VERSION, spec.device, flags.kv.format, spec.model});
   const MetricsHttpServer metrics_server(flags.host, flags.metrics_port, metrics.registry());
   const int metrics_port = metrics_server.port();
 
@@ -254,6 +254,9 @@ int run_serve(const ServeFlags& flags) {
                                     "refused: see gRPC's error above)"));
   }
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  // grpc.health.v1 answers for the whole server ("") and, as the health protocol expects, for
+  // the service by name; SetServingStatus(bool) below moves both together.
+  health->SetServingStatus(v1::Generation::service_full_name(), false);
   health->SetServingStatus(false);
   spdlog::info(
       "listening on {} (gRPC{}), metrics on http://{}/metrics; NOT_SERVING until the model is "
@@ -264,15 +267,12 @@ int run_serve(const ServeFlags& flags) {
                              : (flags.tls_client_ca.empty() ? " over TLS" : " over mutual TLS"),
       join_host_port(flags.host, metrics_port));
 
-  LoadedModel loaded = load(flags.model);
-  const ModelConfig model = loaded.weights.config;
-  const Tokenizer tokenizer = load_tokenizer(loaded.path, flags.model.tokenizer);
-  const KvCacheConfig kv = kv_config(flags.kv, model);
-  auto cache = make_cache(kv, model, flags.kv.pool_mb);
-  const int32_t pool_blocks = cache->num_blocks();
-  auto backend = make_backend(loaded.device, std::move(loaded.weights), *cache, loaded.backend);
-  auto engine =
-      std::make_unique<Engine>(model, std::move(cache), std::move(backend), flags.engine.options);
+  const Tokenizer tokenizer = load_tokenizer(spec.model, flags.model.tokenizer);
+  BuiltBackend built = build_backend(spec);
+  const ModelConfig model = built.model;
+  const KvCacheConfig kv = built.kv;
+  const int32_t pool_blocks = built.cache->num_blocks();
+  auto engine = build_engine(std::move(built), spec.engine);
   EngineLoopOptions loop_options;
   loop_options.max_queued_requests = flags.max_queued_requests;
   loop_options.on_device_lost = [](const std::string&) { wake_for_device_lost(); };
@@ -280,12 +280,12 @@ int run_serve(const ServeFlags& flags) {
   const auto warm_start = std::chrono::steady_clock::now();
   loop.start();
   loop.wait_until_warm();
-  service.start_serving(loop, tokenizer, model_info(loaded.path, model, kv, loaded.device));
+  service.start_serving(loop, tokenizer, model_info(spec.model, model, kv, spec.device));
   health->SetServingStatus(true);
   spdlog::info(
       "SERVING: model {} ({} layers, d={}, ctx {}), device {}, kv {}, pool {} blocks ({} MiB), "
       "gRPC {}, metrics :{}, warm-up {:.3f} s",
-      loaded.path, model.n_layer, model.n_embd, model.n_positions, loaded.device, describe(kv),
+      spec.model, model.n_layer, model.n_embd, model.n_positions, spec.device, describe(kv),
       pool_blocks, flags.kv.pool_mb, join_host_port(flags.host, port), metrics_port,
       std::chrono::duration<double>(std::chrono::steady_clock::now() - warm_start).count());
 

@@ -1,11 +1,16 @@
 // The kvserve executable end to end: exact command lines of docs/design.md section 7.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <regex>
 #include <sstream>
+#include <string>
+#include <vector>
 
 #include "common/text_io.h"
+#include "tests/server_harness.h"
 #include "tests/test_support.h"
 
 namespace kvserve {
@@ -140,6 +145,187 @@ TEST(Cli, BenchEngineRunsEveryRequestToItsLength) {
   EXPECT_GT(out["steps"].get<int>(), 6);  // two slots for five requests: more than one wave
   EXPECT_GT(out["output_throughput"].get<double>(), 0.0);
   EXPECT_EQ(out["warmup_requests"].get<int>(), 1);
+}
+
+// Every command builds its engine through engine/engine_builder, which logs the backend options
+// it builds with: `bench engine` used to drop --cuda-graphs and run with graphs regardless.
+TEST(Cli, CudaGraphsOffReachesTheBackendOfEveryCommand) {
+  const std::string model = model_flag() + " --device cpu --cuda-graphs off";
+  const std::vector<std::string> commands = {
+      "generate " + model + " --prompt-ids '464 318' --max-new-tokens 2 --ids",
+      "eval-ppl " + model + " --text " + testing::shared_eval_text() + " --windows 1 --seq 16",
+      "bench engine " + model +
+          " --requests 1 --concurrency 1 --prompt-len 4 --max-new-tokens 2 --warmup-requests 0",
+      "bench decode " + model + " --batches 1 --context 8 --steps 2 --warmup 0"};
+  for (const std::string& command : commands) {
+    const CommandResult r = run_kvserve(command);
+    ASSERT_EQ(r.status, 0) << command << "\n" << r.err;
+    EXPECT_NE(r.err.find("CUDA graphs off"), std::string::npos) << command << "\n" << r.err;
+    EXPECT_EQ(r.err.find("CUDA graphs on"), std::string::npos) << command << "\n" << r.err;
+  }
+  const CommandResult engine = run_kvserve(commands[2]);
+  ASSERT_EQ(engine.status, 0) << engine.err;
+  EXPECT_EQ(nlohmann::json::parse(engine.out)["cuda_graphs"], false);
+}
+
+CommandResult run_cli(const std::string& args) {
+  return testing::run_command(testing::kvserve_cli_binary() + " " + args);
+}
+
+// A usage error: exit status 2 and one line on stderr that names `reason`.
+void expect_usage_error(const CommandResult& r, const std::string& reason,
+                        const std::string& command) {
+  EXPECT_EQ(r.status, 2) << command << "\n" << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << command << "\n" << r.err;
+  EXPECT_NE(r.err.find(reason), std::string::npos) << command << "\n" << r.err;
+}
+
+// Every flag that has a default shows it in --help, in each command's own help.
+TEST(Cli, HelpListsTheDefaults) {
+  const std::map<std::string, std::vector<std::string>> expected = {
+      {"serve",
+       {"--host TEXT=0.0.0.0", "--port INT:INT in [0 - 65535]=50051", "=9464",
+        "--kv TEXT:{fp16,int8,kivi4,kivi2}=kivi2", "--kv-pool-mb INT:POSITIVE=512",
+        "--max-queued-requests UINT:POSITIVE=256", "--device TEXT:{auto,cpu,cuda}=auto",
+        "--drain-timeout-s FLOAT:NONNEGATIVE=30", "--max-num-seqs INT:POSITIVE=256",
+        "--max-batch-tokens INT:POSITIVE=2048", "--cuda-graphs TEXT:{on,off}=on"}},
+      {"generate", {"--max-new-tokens INT:POSITIVE=64", "--temperature FLOAT=1", "=kivi2"}},
+      {"eval-ppl", {"--windows INT:POSITIVE=64", "]=1024", "=kivi2"}},
+      {"bench memory", {"--kv-pool-mb INT:POSITIVE=1024"}},
+      {"bench decode",
+       {"--kv TEXT:{fp16,int8,kivi4,kivi2}=fp16", "--kv-group INT=32", "--kv-value-group INT=32",
+        "--context INT:POSITIVE=512"}},
+      {"bench engine", {"--requests INT:POSITIVE=256", "=kivi2"}},
+      {"tokenize", {"--log-level"}}};
+  for (const auto& [command, needles] : expected) {
+    const CommandResult r = run_kvserve(command + " --help");
+    ASSERT_EQ(r.status, 0) << command << "\n" << r.err;
+    for (const std::string& needle : needles) {
+      EXPECT_NE(r.out.find(needle), std::string::npos) << command << ": no " << needle << "\n"
+                                                       << r.out;
+    }
+    // Logging flags in every command's own help, not only at the top level.
+    EXPECT_NE(r.out.find("--log-level TEXT:{trace,debug,info,warn,error,off}=info"),
+              std::string::npos)
+        << command << "\n"
+        << r.out;
+    EXPECT_NE(r.out.find("--log-json"), std::string::npos) << command;
+  }
+  const CommandResult load = run_cli("load --help");
+  ASSERT_EQ(load.status, 0) << load.err;
+  for (const std::string needle :
+       {"--requests INT:POSITIVE=100", "--concurrency INT:POSITIVE=16", "=inf"}) {
+    EXPECT_NE(load.out.find(needle), std::string::npos) << needle << "\n" << load.out;
+  }
+  const CommandResult generate = run_cli("generate --help");
+  ASSERT_EQ(generate.status, 0) << generate.err;
+  EXPECT_NE(generate.out.find("--temperature FLOAT=the server's"), std::string::npos)
+      << generate.out;
+}
+
+// KVSERVE_MODEL=dummy:gpt2 used to look for dummy:gpt2/vocab.json as a tokenizer.
+TEST(Cli, ModelFromTheEnvironmentMeansWhatTheFlagMeans) {
+  const std::string args =
+      "generate --device cpu --kv fp16 --greedy --max-new-tokens 2 --prompt 'The kernel'";
+  const CommandResult flag = run_kvserve(args + " --model dummy:gpt2", "", "KVSERVE_MODEL=");
+  ASSERT_EQ(flag.status, 0) << flag.err;
+  const CommandResult env = run_kvserve(args, "", "KVSERVE_MODEL=dummy:gpt2");
+  ASSERT_EQ(env.status, 0) << env.err;
+  EXPECT_EQ(env.out, flag.out);
+  EXPECT_GT(env.out.size(), 1u);
+}
+
+TEST(Cli, OneFlagVocabularyAcrossBothBinaries) {
+  // --prompt-ids: separate arguments, one quoted argument, or commas; the same ids each way.
+  const std::string generate = "generate " + model_flag() + " --greedy --ids --max-new-tokens 4 ";
+  const CommandResult separate = run_kvserve(generate + "--prompt-ids 464 318");
+  ASSERT_EQ(separate.status, 0) << separate.err;
+  EXPECT_EQ(run_kvserve(generate + "--prompt-ids '464 318'").out, separate.out);
+  EXPECT_EQ(run_kvserve(generate + "--prompt-ids 464,318").out, separate.out);
+  expect_usage_error(run_kvserve(generate + "--prompt-ids 464 x"), "'x' is not a token id",
+                     "kvserve --prompt-ids");
+  // kvserve-cli takes the same forms (checked before it connects) and --greedy.
+  expect_usage_error(run_cli("generate --addr 127.0.0.1:1 --prompt-ids '464 x'"),
+                     "'x' is not a token id", "kvserve-cli --prompt-ids");
+  expect_usage_error(run_cli("generate --addr 127.0.0.1:1 --prompt-ids 464 --greedy "
+                             "--temperature 1"),
+                     "--greedy", "kvserve-cli --greedy --temperature");
+  // bench memory takes --kv-pool-mb like every other command.
+  const CommandResult memory = run_kvserve("bench memory --models dummy:gpt2 --kv-pool-mb 64");
+  ASSERT_EQ(memory.status, 0) << memory.err;
+  EXPECT_EQ(nlohmann::json::parse(memory.out)["results"][0]["pool_mb"], 64);
+  // bench decode: KIVI groups, checked against the geometry before the 6 GB of gpt2-xl load.
+  expect_usage_error(run_kvserve("bench decode --model dummy:gpt2-xl --device cpu --kv kivi2 "
+                                 "--kv-value-group 48"),
+                     "--kv-value-group", "bench decode --kv-value-group 48");
+  expect_usage_error(run_kvserve("bench decode --kv kivi3"), "--kv", "bench decode --kv kivi3");
+  const CommandResult decode =
+      run_kvserve("bench decode " + model_flag() +
+                  " --device cpu --kv kivi2 --kv-value-group 64 --batches 1 --context 8 --steps 2 "
+                  "--warmup 0");
+  ASSERT_EQ(decode.status, 0) << decode.err;
+  EXPECT_NE(decode.out.find("GV64"), std::string::npos) << decode.out;
+}
+
+// Every usage error exits 2 with a one-line reason; these exited 105 to 109 before.
+TEST(Cli, UsageErrorsExitTwoWithOneLine) {
+  expect_usage_error(run_kvserve("serve --kv-pool-mb 0"), "must be a positive number (got 0)",
+                     "serve --kv-pool-mb 0");
+  expect_usage_error(run_kvserve("generate --no-such-flag"), "--no-such-flag", "unknown flag");
+  expect_usage_error(run_kvserve("generate --max-new-tokens many"), "--max-new-tokens",
+                     "not a number");
+  expect_usage_error(run_kvserve("eval-ppl --windows 2"), "--text", "missing --text");
+  expect_usage_error(run_kvserve("eval-ppl --text /nonexistent.txt"), "/nonexistent.txt",
+                     "missing text file");
+  expect_usage_error(run_kvserve(""), "subcommand", "no command");
+  expect_usage_error(run_cli("load --addr 127.0.0.1:1 --requests 0"),
+                     "must be a positive number (got 0)", "kvserve-cli load --requests 0");
+  expect_usage_error(run_cli("health"), "--addr", "kvserve-cli health without --addr");
+  expect_usage_error(run_cli(""), "subcommand", "kvserve-cli without a command");
+}
+
+TEST(Cli, VersionNamesTheBuild) {
+  const std::regex version(
+      R"(^(kvserve|kvserve-cli) \d+\.\d+\.\d+ \(git [^ ,]+, CUDA (on|off), \w+ build\)\n$)");
+  for (const CommandResult& r : {run_kvserve("--version"), run_cli("--version")}) {
+    EXPECT_EQ(r.status, 0) << r.err;
+    EXPECT_TRUE(std::regex_match(r.out, version)) << r.out;
+  }
+}
+
+// grpc.health.v1 answers for the service by name, as the health protocol expects, not only for
+// the whole server.
+TEST(Cli, HealthAnswersForTheServiceByName) {
+  testing::ServerProcess server({"--model", testing::shared_model_dir(), "--device", "cpu"});
+  const std::string addr = " --addr 127.0.0.1:" + std::to_string(server.port());
+  const CommandResult by_name = run_cli("health" + addr + " --service kvserve.v1.Generation");
+  EXPECT_EQ(by_name.status, 0) << by_name.err;
+  EXPECT_EQ(by_name.out, "SERVING\n");
+  const CommandResult whole = run_cli("health" + addr);
+  EXPECT_EQ(whole.status, 0) << whole.err;
+  EXPECT_EQ(whole.out, "SERVING\n");
+  const CommandResult unknown = run_cli("health" + addr + " --service kvserve.v1.Nothing");
+  EXPECT_EQ(unknown.status, 1);
+  EXPECT_NE(unknown.err.find("NOT_FOUND"), std::string::npos) << unknown.err;
+}
+
+// eval-ppl draws its progress bar on stderr only when stderr is a terminal (a pty from script(1)
+// here); stdout holds only the JSON either way.
+TEST(Cli, EvalPplShowsProgressOnlyOnATerminal) {
+  const std::string dir = testing::make_temp_dir("kvserve-progress");
+  const std::string eval = testing::kvserve_binary() + " eval-ppl " + model_flag() + " --text " +
+                           testing::shared_eval_text() + " --windows 3 --seq 64 --kv fp16";
+  const CommandResult tty =
+      testing::run_command("script -qec '" + eval + " >" + dir + "/out.json' /dev/null");
+  ASSERT_EQ(tty.status, 0) << tty.out << tty.err;
+  EXPECT_NE(tty.out.find("3/3 windows"), std::string::npos) << tty.out;
+  EXPECT_NE(tty.out.find("tokens/s, ETA"), std::string::npos) << tty.out;
+  EXPECT_EQ(nlohmann::json::parse(read_file(dir + "/out.json"))["windows"], 3);
+
+  const CommandResult pipe = run_kvserve(eval.substr(eval.find(" eval-ppl") + 1));
+  ASSERT_EQ(pipe.status, 0) << pipe.err;
+  EXPECT_EQ(pipe.err.find("windows,"), std::string::npos) << pipe.err;
+  EXPECT_EQ(nlohmann::json::parse(pipe.out)["windows"], 3);
 }
 
 }  // namespace

@@ -38,8 +38,9 @@ void openssl(const std::string& args) {
   ASSERT_EQ(std::system(command.c_str()), 0) << command;
 }
 
-// ca.pem/ca.key, server.pem/server.key (CN localhost, SAN localhost and 127.0.0.1) and
-// client.pem/client.key, signed by the CA; other-ca.pem, a CA that signed none of them.
+// ca.pem/ca.key, server.pem/server.key (CN localhost, SAN localhost and 127.0.0.1),
+// client.pem/client.key and elsewhere.pem/elsewhere.key (a server certificate for another name),
+// signed by the CA; other-ca.pem, a CA that signed none of them.
 class Tls : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -53,8 +54,12 @@ class Tls : public ::testing::Test {
     write_file(d + "/server.ext",
                "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n");
     write_file(d + "/client.ext", "extendedKeyUsage=clientAuth\n");
-    for (const std::string who : {"server", "client"}) {
-      const std::string cn = who == "server" ? "localhost" : "kvserve-test-client";
+    write_file(d + "/elsewhere.ext",
+               "subjectAltName=DNS:elsewhere.example\nextendedKeyUsage=serverAuth\n");
+    for (const std::string who : {"server", "client", "elsewhere"}) {
+      const std::string cn = who == "server"   ? "localhost"
+                             : who == "client" ? "kvserve-test-client"
+                                               : "elsewhere.example";
       openssl("req" + key + " -subj /CN=" + cn + " -keyout " + d + "/" + who + ".key -out " + d +
               "/" + who + ".csr");
       openssl("x509 -req -days 1 -in " + d + "/" + who + ".csr -CA " + d + "/ca.pem -CAkey " + d +
@@ -147,6 +152,36 @@ TEST_F(Tls, MutualTlsRefusesClientsWithoutACertificate) {
                     file("client.key")),
             0);
   EXPECT_NE(run_cli("health" + addr + tls_ca + " --timeout-s 2"), 0);
+}
+
+// kvserve-cli says which side refused a connection and why, instead of gRPC's "Socket closed".
+TEST_F(Tls, CliSaysWhichSideRefusedAndWhy) {
+  ServerProcess server(server_args(true), true, tls("ca.pem", true));
+  const std::string addr = " --addr 127.0.0.1:" + std::to_string(server.port());
+  auto health_error = [&](const std::string& flags) {
+    const testing::CommandResult r =
+        testing::run_command(testing::kvserve_cli_binary() + " health" + addr + flags);
+    EXPECT_EQ(r.status, 1) << flags << "\n" << r.err;
+    return r.err;
+  };
+  const std::string untrusted = health_error(" --timeout-s 5 --tls-ca " + file("other-ca.pem"));
+  EXPECT_NE(untrusted.find("the client refused the server"), std::string::npos) << untrusted;
+  EXPECT_NE(untrusted.find("untrusted CA"), std::string::npos) << untrusted;
+  const std::string no_cert = health_error(" --timeout-s 5 --tls-ca " + file("ca.pem"));
+  EXPECT_NE(no_cert.find("client certificate"), std::string::npos) << no_cert;
+  const std::string plaintext = health_error(" --timeout-s 5");
+  EXPECT_NE(plaintext.find("requires TLS"), std::string::npos) << plaintext;
+
+  // A certificate for another name than the address dialled.
+  ServerProcess elsewhere({"--model", testing::shared_model_dir(), "--tls-cert",
+                           file("elsewhere.pem"), "--tls-key", file("elsewhere.key")},
+                          false);
+  const testing::CommandResult mismatch = testing::run_command(
+      testing::kvserve_cli_binary() + " health --timeout-s 5 --addr 127.0.0.1:" +
+      std::to_string(elsewhere.port()) + " --tls-ca " + file("ca.pem"));
+  EXPECT_EQ(mismatch.status, 1) << mismatch.err;
+  EXPECT_NE(mismatch.err.find("does not name the address dialled"), std::string::npos)
+      << mismatch.err;
 }
 
 TEST_F(Tls, ServeRefusesHalfATlsConfiguration) {

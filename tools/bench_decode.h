@@ -4,20 +4,24 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
-#include <string>
 #include <vector>
+
+#include "server/cli_flags.h"
 
 namespace kvserve {
 
 struct BenchDecodeFlags {
-  std::string model = "dummy:gpt2";
-  std::string device = "auto";
-  std::string kv = "fp16";
+  ModelFlags model;
+  // The pool is sized to hold every batch (--kv-pool-mb is not taken); fp16 unless --kv says.
+  KvFlags kv = [] {
+    KvFlags fp16;
+    fp16.format = "fp16";
+    return fp16;
+  }();
   std::vector<int> batches = {1, 16, 64, 256};
-  int context = 512;               // tokens in the cache before the timed steps
-  int steps = 64;                  // timed decode steps
-  int warmup = 8;                  // untimed decode steps first
-  std::string cuda_graphs = "on";  // CUDA backend: replay decode steps from CUDA graphs
+  int context = 512;  // tokens in the cache before the timed steps
+  int steps = 64;     // timed decode steps
+  int warmup = 8;     // untimed decode steps first
 };
 
 void add_bench_decode_flags(CLI::App* app, BenchDecodeFlags& flags);

@@ -1,10 +1,11 @@
-#include "server/commands.h"
+#include "tools/commands.h"
 
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <iostream>
 #include <iterator>
@@ -13,19 +14,18 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "common/command_line.h"
 #include "common/text_io.h"
-#include "engine/backend_factory.h"
-#include "engine/checkpoint.h"
-#include "engine/engine.h"
+#include "engine/engine_builder.h"
 #include "engine/perplexity.h"
 #include "engine/text_stream.h"
 #include "engine/tokenizer.h"
-#include "server/bench_decode.h"
-#include "server/bench_engine.h"
-#include "server/bench_memory.h"
 #include "server/cli_flags.h"
 #include "server/logging.h"
 #include "server/serve.h"
+#include "tools/bench_decode.h"
+#include "tools/bench_engine.h"
+#include "tools/bench_memory.h"
 
 namespace kvserve {
 namespace {
@@ -36,24 +36,6 @@ double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-std::vector<int32_t> parse_ids(const std::string& text) {
-  std::vector<int32_t> ids;
-  std::istringstream in(text);
-  std::string word;
-  while (in >> word) {
-    try {
-      size_t used = 0;
-      const long value = std::stol(word, &used);
-      if (used != word.size() || value < INT32_MIN || value > INT32_MAX)
-        throw std::out_of_range("");
-      ids.push_back(static_cast<int32_t>(value));
-    } catch (const std::logic_error&) {
-      throw UsageError("--prompt-ids: '" + word + "' is not a token id");
-    }
-  }
-  return ids;
-}
-
 // ---- generate ---------------------------------------------------------------------------------
 
 struct GenerateFlags {
@@ -61,7 +43,7 @@ struct GenerateFlags {
   KvFlags kv;
   EngineFlags engine;
   std::string prompt;
-  std::string prompt_ids;
+  std::vector<std::string> prompt_ids;
   int max_new_tokens = 64;
   bool greedy = false;
   bool ids = false;
@@ -72,24 +54,22 @@ struct GenerateFlags {
 
 int run_generate(const GenerateFlags& flags) {
   if (flags.prompt.empty() == flags.prompt_ids.empty()) {
-    throw UsageError("generate needs exactly one of --prompt TEXT or --prompt-ids \"ID ...\"");
+    throw UsageError("generate needs exactly one of --prompt TEXT or --prompt-ids ID ...");
   }
-  LoadedModel loaded = load(flags.model);
-  const ModelConfig model = loaded.weights.config;
+  const EngineSpec spec = engine_spec(flags.model, flags.kv, flags.engine);
   std::optional<Tokenizer> tokenizer;
   if (!flags.ids || !flags.prompt.empty())
-    tokenizer = load_tokenizer(loaded.path, flags.model.tokenizer);
+    tokenizer = load_tokenizer(spec.model, flags.model.tokenizer);
   GenerationRequest request;
   request.prompt =
-      flags.prompt.empty() ? parse_ids(flags.prompt_ids) : tokenizer->encode(flags.prompt);
+      flags.prompt.empty() ? parse_token_ids(flags.prompt_ids) : tokenizer->encode(flags.prompt);
   request.max_new_tokens = flags.max_new_tokens;
   request.ignore_eos = flags.ignore_eos;
   request.sampling = flags.sampling;
   if (flags.greedy) request.sampling.temperature = 0.0f;
 
-  auto cache = make_cache(kv_config(flags.kv, model), model, flags.kv.pool_mb);
-  auto backend = make_backend(loaded.device, std::move(loaded.weights), *cache, loaded.backend);
-  Engine engine(model, std::move(cache), std::move(backend), flags.engine.options);
+  const std::unique_ptr<Engine> built = build_engine(spec);
+  Engine& engine = *built;
   const std::string problem = engine.validate(request);
   if (!problem.empty()) throw UsageError(problem);
   const size_t prompt_tokens = request.prompt.size();
@@ -152,21 +132,46 @@ struct EvalFlags {
   int seq = 1024;
 };
 
+// eval-ppl's progress on a terminal, redrawn in place on stderr after each window: windows done,
+// tokens per second and the time left. Nothing when stderr is not a terminal (logs, CI), and never
+// on stdout, which holds only the JSON result.
+class WindowProgress {
+ public:
+  WindowProgress(int windows, int seq) : windows_(windows), seq_(seq), start_(Clock::now()) {}
+
+  void operator()(int done) const {
+    const double elapsed = seconds_since(start_);
+    const double tokens_per_second = elapsed > 0 ? done * static_cast<double>(seq_) / elapsed : 0;
+    const int left_s = static_cast<int>(elapsed / done * (windows_ - done) + 0.5);
+    constexpr int kWidth = 30;
+    const int filled = kWidth * done / windows_;
+    std::fprintf(stderr, "\r[%s%s] %d/%d windows, %.0f tokens/s, ETA %d:%02d ",
+                 std::string(filled, '#').c_str(), std::string(kWidth - filled, '.').c_str(), done,
+                 windows_, tokens_per_second, left_s / 60, left_s % 60);
+    if (done == windows_) std::fputc('\n', stderr);
+    std::fflush(stderr);
+  }
+
+ private:
+  int windows_, seq_;
+  Clock::time_point start_;
+};
+
 int run_eval_ppl(const EvalFlags& flags) {
-  LoadedModel loaded = load(flags.model);
-  const ModelConfig model = loaded.weights.config;
+  const EngineSpec spec = engine_spec(flags.model, flags.kv);
+  const ModelConfig model = read_model_config(spec.model);
   if (flags.seq > model.n_positions) {
     throw UsageError("--seq " + std::to_string(flags.seq) + " exceeds the model's context of " +
                      std::to_string(model.n_positions));
   }
-  const Tokenizer tokenizer = load_tokenizer(loaded.path, flags.model.tokenizer);
+  const Tokenizer tokenizer = load_tokenizer(spec.model, flags.model.tokenizer);
   const std::vector<int32_t> tokens = evaluation_tokens(tokenizer, read_file(flags.text));
-  const KvCacheConfig config = kv_config(flags.kv, model);
-  auto cache = make_cache(config, model, flags.kv.pool_mb);
-  auto backend = make_backend(loaded.device, std::move(loaded.weights), *cache, loaded.backend);
+  const BuiltBackend built = build_backend(spec);
+  const KvCacheConfig& config = built.kv;
   const auto start = Clock::now();
-  const PerplexityResult result =
-      evaluate_perplexity(*backend, *cache, tokens, flags.windows, flags.seq);
+  const PerplexityResult result = evaluate_perplexity(
+      *built.backend, *built.cache, tokens, flags.windows, flags.seq,
+      isatty(STDERR_FILENO) ? WindowDone(WindowProgress(flags.windows, flags.seq)) : WindowDone());
   const double elapsed = seconds_since(start);
   const nlohmann::json out = {
       {"ppl", result.ppl},
@@ -181,8 +186,8 @@ int run_eval_ppl(const EvalFlags& flags) {
         {"residual", config.residual},
         {"page_tokens", config.page_tokens},
         {"per_token_keys", config.per_token_keys}}},
-      {"model", loaded.path},
-      {"device", backend->name()},
+      {"model", spec.model},
+      {"device", built.backend->name()},
       {"seconds", elapsed},
       {"window_nll", result.window_nll},
   };
@@ -190,17 +195,29 @@ int run_eval_ppl(const EvalFlags& flags) {
   return 0;
 }
 
+struct LogFlags {
+  std::string level = "info";
+  bool json = false;
+};
+
+// Added to the top level and to every command, so that each command's --help lists them and they
+// may come before or after the command name.
+void add_log_flags(CLI::App* app, LogFlags& flags) {
+  app->add_option("--log-level", flags.level, "trace, debug, info, warn, error or off")
+      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
+  app->add_flag("--log-json", flags.json, "log JSON lines (time, level, logger, msg) to stderr");
+}
+
 }  // namespace
 
 int run_command_line(int argc, char** argv) {
   CLI::App app{"kvserve: GPT-2 serving with a paged KIVI-quantized KV cache"};
+  configure_app(app, "kvserve");
   app.require_subcommand(1);
-  app.fallthrough();  // global flags such as --log-level may also follow the command
-  std::string log_level = "info";
-  bool log_json = false;
-  app.add_option("--log-level", log_level, "trace, debug, info, warn, error or off")
-      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
-  app.add_flag("--log-json", log_json, "log JSON lines (time, level, logger, msg) to stderr");
+  app.footer("Exit status: 0 on success, 1 on an error, 2 on a usage error (a bad flag or value).");
+  LogFlags log;
+  // Before the command or after it: every command lists them in its own --help as well.
+  add_log_flags(&app, log);
 
   ServeFlags serve;
   CLI::App* serve_cmd = app.add_subcommand(
@@ -214,9 +231,11 @@ int run_command_line(int argc, char** argv) {
   add_kv_flags(generate_cmd, generate.kv);
   add_engine_flags(generate_cmd, generate.engine);
   generate_cmd->add_option("--prompt", generate.prompt, "prompt text");
-  generate_cmd->add_option("--prompt-ids", generate.prompt_ids, "prompt as space-separated ids");
+  generate_cmd->add_option("--prompt-ids", generate.prompt_ids, kPromptIdsHelp)
+      ->check(token_ids())
+      ->default_str("");
   generate_cmd->add_option("--max-new-tokens", generate.max_new_tokens, "tokens to generate")
-      ->check(CLI::PositiveNumber);
+      ->check(positive());
   generate_cmd->add_flag("--greedy", generate.greedy, "greedy decoding (temperature 0)");
   generate_cmd->add_flag("--ids", generate.ids, "print generated token ids instead of text");
   generate_cmd->add_flag("--ignore-eos", generate.ignore_eos, "keep generating after EOS");
@@ -240,9 +259,10 @@ int run_command_line(int argc, char** argv) {
       app.add_subcommand("eval-ppl", "perplexity on held-out text through the KV cache (JSON)");
   add_model_flags(eval_cmd, eval.model);
   add_kv_flags(eval_cmd, eval.kv);
-  eval_cmd->add_option("--text", eval.text, "text file (.xz allowed)")->required();
-  eval_cmd->add_option("--windows", eval.windows, "windows to evaluate")
-      ->check(CLI::PositiveNumber);
+  eval_cmd->add_option("--text", eval.text, "text file (.xz allowed)")
+      ->required()
+      ->check(CLI::ExistingFile);
+  eval_cmd->add_option("--windows", eval.windows, "windows to evaluate")->check(positive());
   eval_cmd->add_option("--seq", eval.seq, "tokens per window")->check(CLI::Range(2, 1 << 20));
 
   BenchMemoryFlags bench_memory;
@@ -260,12 +280,14 @@ int run_command_line(int argc, char** argv) {
       "engine", "closed-loop generation throughput of the in-process engine (no gRPC)");
   add_bench_engine_flags(engine_cmd, bench_engine);
 
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+  for (CLI::App* command :
+       {serve_cmd, generate_cmd, tokenize_cmd, eval_cmd, memory_cmd, decode_cmd, engine_cmd}) {
+    add_log_flags(command, log);
   }
-  configure_logging(log_level, log_json);
+  if (const std::optional<int> status = parse_command_line(app, argc, argv, "kvserve")) {
+    return *status;
+  }
+  configure_logging(log.level, log.json);
   try {
     if (serve_cmd->parsed()) return run_serve(serve);
     if (generate_cmd->parsed()) return run_generate(generate);

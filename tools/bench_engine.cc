@@ -1,4 +1,4 @@
-#include "server/bench_engine.h"
+#include "tools/bench_engine.h"
 
 #include <algorithm>
 #include <chrono>
@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "engine/backend_factory.h"
+#include "engine/engine_builder.h"
 
 namespace kvserve {
 
@@ -17,18 +17,18 @@ void add_bench_engine_flags(CLI::App* app, BenchEngineFlags& flags) {
   add_model_flags(app, flags.model);
   add_kv_flags(app, flags.kv);
   add_engine_flags(app, flags.engine);
-  app->add_option("--requests", flags.requests, "generations to run")->check(CLI::PositiveNumber);
+  app->add_option("--requests", flags.requests, "generations to run")->check(positive());
   app->add_option("--concurrency", flags.concurrency, "generations in flight at most")
-      ->check(CLI::PositiveNumber);
+      ->check(positive());
   app->add_option("--prompt-len", flags.prompt_len, "prompt length in tokens (random ids)")
-      ->check(CLI::PositiveNumber);
+      ->check(positive());
   app->add_option("--max-new-tokens", flags.max_new_tokens, "tokens generated per request")
-      ->check(CLI::PositiveNumber);
+      ->check(positive());
   app->add_option("--temperature", flags.temperature, "sampling temperature, 0 for greedy")
       ->check(CLI::Range(0.0f, 100.0f))
       ->capture_default_str();
   app->add_option("--warmup-requests", flags.warmup_requests, "untimed requests run together first")
-      ->check(CLI::NonNegativeNumber)
+      ->check(non_negative())
       ->capture_default_str();
   app->add_option("--seed", flags.seed, "seed of the prompts and of sampling")
       ->capture_default_str();
@@ -39,12 +39,12 @@ void add_bench_engine_flags(CLI::App* app, BenchEngineFlags& flags) {
 // The clock runs from the first request queued to the last finished: prefill included, as the load
 // generator counts it.
 int run_bench_engine(const BenchEngineFlags& flags) {
-  LoadedModel loaded = load(flags.model);
-  const ModelConfig model = loaded.weights.config;
-  const KvCacheConfig kv = kv_config(flags.kv, model);
-  auto cache = make_cache(kv, model, flags.kv.pool_mb);
-  auto backend = make_backend(loaded.device, std::move(loaded.weights), *cache);
-  Engine engine(model, std::move(cache), std::move(backend), flags.engine.options);
+  const EngineSpec spec = engine_spec(flags.model, flags.kv, flags.engine);
+  BuiltBackend built = build_backend(spec);
+  const ModelConfig model = built.model;
+  const std::string device = built.device;
+  const std::unique_ptr<Engine> built_engine = build_engine(std::move(built), spec.engine);
+  Engine& engine = *built_engine;
 
   std::mt19937_64 rng(flags.seed);
   // The last id is left out, as the load generator leaves it out: GPT-2 puts <|endoftext|> there.
@@ -87,9 +87,12 @@ int run_bench_engine(const BenchEngineFlags& flags) {
     }
   }
   const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  const GraphCounters graphs = engine.backend().graph_counters();
   const nlohmann::json out = {{"bench", "engine"},
-                              {"model", loaded.path},
-                              {"device", loaded.device},
+                              {"model", spec.model},
+                              {"device", device},
+                              {"cuda_graphs", spec.backend.cuda_graphs},
+                              {"graph_replays", graphs.replayed},
                               {"kv", flags.kv.format},
                               {"requests", flags.requests},
                               {"concurrency", flags.concurrency},

@@ -1,32 +1,22 @@
-#include "server/bench_decode.h"
+#include "tools/bench_decode.h"
 
-#include <spdlog/spdlog.h>
+#include <algorithm>
 #include <chrono>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
-#include "engine/backend_factory.h"
-#include "engine/checkpoint.h"
-#include "engine/kv_cache_manager.h"
-#include "engine/kv_format.h"
-#ifdef KVSERVE_WITH_CUDA
-#include "kernels/device_info.h"
-#endif
+#include "engine/engine_builder.h"
 
 namespace kvserve {
 
 void add_bench_decode_flags(CLI::App* app, BenchDecodeFlags& flags) {
-  app->add_option("--model", flags.model, "model directory or dummy:NAME");
-  app->add_option("--device", flags.device, "auto, cpu or cuda");
-  app->add_option("--kv", flags.kv, "fp16, int8, kivi4 or kivi2 (default groups)");
+  add_model_flags(app, flags.model);
+  add_kv_flags(app, flags.kv, KvPoolFlag::kOmit);
   app->add_option("--batches", flags.batches, "batch sizes")->delimiter(',');
   app->add_option("--context", flags.context, "cached tokens per sequence before timing")
-      ->check(CLI::PositiveNumber);
-  app->add_option("--steps", flags.steps, "timed decode steps")->check(CLI::PositiveNumber);
-  app->add_option("--warmup", flags.warmup, "untimed decode steps first");
-  app->add_option("--cuda-graphs", flags.cuda_graphs,
-                  "on: CUDA decode steps replay captured graphs; off: every kernel launched")
-      ->check(CLI::IsMember({"on", "off"}));
+      ->check(positive());
+  app->add_option("--steps", flags.steps, "timed decode steps")->check(positive());
+  app->add_option("--warmup", flags.warmup, "untimed decode steps first")->check(non_negative());
 }
 
 namespace {
@@ -34,16 +24,9 @@ namespace {
 // Bytes one decode step must read from memory at the least: every weight but the position table
 // (one row of it), and the KV cache the attention reads. Not the activations: at B = 256 they are
 // a few MB per layer, and L2-resident.
-double weight_bytes(const ModelWeights& w) {
-  size_t n = w.token_embedding.size() + w.ln_f_weight.size() + w.ln_f_bias.size();
-  for (const LayerWeights& l : w.layers) {
-    for (const auto* t : {&l.ln_1_weight, &l.ln_1_bias, &l.attn_qkv_weight, &l.attn_qkv_bias,
-                          &l.attn_proj_weight, &l.attn_proj_bias, &l.ln_2_weight, &l.ln_2_bias,
-                          &l.mlp_fc_weight, &l.mlp_fc_bias, &l.mlp_proj_weight, &l.mlp_proj_bias}) {
-      n += t->size();
-    }
-  }
-  return 2.0 * static_cast<double>(n);  // fp16 on the GPU
+double weight_bytes(const ModelConfig& m) {
+  const int64_t position_table = int64_t{m.n_positions} * m.n_embd;
+  return 2.0 * static_cast<double>(m.parameter_count() - position_table);  // fp16 on the GPU
 }
 
 // KV bytes a query at context `len` (keys 0 .. len-1) reads in all layers: its paged tokens at
@@ -65,31 +48,29 @@ double kv_bytes_read(const KvCacheConfig& config, const KvPageLayout& layout,
 // timed steps. The roofline is the step's least bytes (weight_bytes + kv_bytes_read) over the
 // device-to-device copy bandwidth measured in the same process (CUDA only).
 int run_bench_decode(const BenchDecodeFlags& flags) {
-  std::string reason;
-  const std::string device = resolve_device(flags.device, reason);
-  ModelWeights weights = load_model(flags.model);
-  const ModelConfig model = weights.config;
-  KvCacheConfig config;
-  config.format = parse_kv_format(flags.kv);
+  EngineSpec spec = engine_spec(flags.model, flags.kv);
+  const ModelConfig model = read_model_config(spec.model);
+  const KvCacheConfig& config = spec.kv;
   int max_batch = 0;
   for (int b : flags.batches) max_batch = std::max(max_batch, b);
   const int length = flags.context + flags.warmup + flags.steps;
-  if (length > model.n_positions) throw std::invalid_argument("context + steps beyond n_positions");
+  if (length > model.n_positions) {
+    throw UsageError("--context + --warmup + --steps = " + std::to_string(length) +
+                     " exceeds the model's context of " + std::to_string(model.n_positions));
+  }
   // A KIVI sequence holds the most blocks just before a flush, not at its final length, and one
   // step holds both its old and new residual blocks.
   KvCacheManager probe(config, model, 1);
   int32_t per_sequence = 0;
   for (int n = flags.context; n <= length; ++n)
     per_sequence = std::max(per_sequence, probe.blocks_needed(n));
-  auto cache = std::make_unique<KvCacheManager>(config, model, max_batch * 2 * per_sequence);
-  const double weights_read = weight_bytes(weights);
-  double copy_bytes_per_second = 0.0;
-#ifdef KVSERVE_WITH_CUDA
-  if (device == "cuda") copy_bytes_per_second = cuda::copy_bandwidth(size_t{1} << 30);
-#endif
-  BackendOptions backend_options;
-  backend_options.cuda_graphs = flags.cuda_graphs == "on";
-  auto backend = make_backend(device, std::move(weights), *cache, backend_options);
+  spec.kv_pool_blocks = max_batch * 2 * per_sequence;
+  BuiltBackend built = build_backend(spec);
+  const std::string& device = built.device;
+  KvCacheManager* cache = built.cache.get();
+  Backend* backend = built.backend.get();
+  const double weights_read = weight_bytes(model);
+  const double copy_bytes_per_second = device_copy_bandwidth(device, size_t{1} << 30);
   std::vector<float> logits;
   const SamplingParams greedy{0.0f, 0, 1.0f, 1.0f, 0};
   const std::vector<int32_t> no_history;  // greedy without a penalty reads no history
@@ -145,9 +126,10 @@ int run_bench_decode(const BenchDecodeFlags& flags) {
         copy_bytes_per_second > 0.0 ? 1e3 * bytes / flags.steps / copy_bytes_per_second : 0.0;
     const nlohmann::json out = {
         {"bench", "decode"},
-        {"model", flags.model},
+        {"model", spec.model},
         {"device", device},
-        {"kv", flags.kv},
+        {"kv", flags.kv.format},
+        {"kv_config", describe(config)},
         {"batch", batch},
         {"context", flags.context},
         {"steps", flags.steps},

@@ -1,9 +1,10 @@
-#include "server/bench_memory.h"
+#include "tools/bench_memory.h"
 
 #include <cstdio>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
+#include "common/command_line.h"
 #include "engine/checkpoint.h"
 #include "engine/kv_cache_manager.h"
 
@@ -58,8 +59,8 @@ int max_sequences(const KvCacheConfig& config, const ModelConfig& model, int64_t
 void add_bench_memory_flags(CLI::App* app, BenchMemoryFlags& flags) {
   app->add_option("--models", flags.models, "dummy: geometries to report")->delimiter(',');
   app->add_option("--lengths", flags.lengths, "sequence lengths")->delimiter(',');
-  app->add_option("--pool-mb", flags.pool_mb, "pool for the capacity figure (MiB)")
-      ->check(CLI::PositiveNumber);
+  app->add_option("--kv-pool-mb", flags.pool_mb, "KV pool for the capacity figure (MiB)")
+      ->check(positive());
   app->add_flag("--markdown", flags.markdown, "print a markdown table instead of JSON");
 }
 
