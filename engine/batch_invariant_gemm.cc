@@ -13,7 +13,7 @@ constexpr int kColumns = PackedWeights::kColumns;
 constexpr int kRows = 4;
 // Below this many multiply-adds a parallel region costs more than it saves (waking threads on a
 // busy machine takes longer than the work).
-constexpr int64_t kParallelWork = int64_t{1} << 21;
+constexpr int64_t kParallelWork = int64_t{1} << 23;
 
 // Eight floats: one AVX register, two SSE ones. GCC and clang vector extensions keep the kernel
 // portable (x86-64, ARM) while the compiler picks the instructions.
