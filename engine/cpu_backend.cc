@@ -1,7 +1,5 @@
 #include "engine/cpu_backend.h"
 
-#include <cblas.h>
-
 #include <algorithm>
 #include <cmath>
 #include <exception>
@@ -33,36 +31,6 @@ void layer_norm(const float* in, float* out, int rows, int cols, const std::vect
   }
 }
 
-// OpenBLAS hands products of up to about 2^20 multiply-adds to a small-matrix kernel whose
-// summation order differs from the blocked kernel's once K spans several blocks. A row's result
-// would then depend on how many rows share the call, i.e. on the batch. Small products are padded
-// with zero rows instead, so every row always takes the blocked kernel and a sequence's output
-// does not depend on what it is batched with.
-constexpr int64_t kSmallGemmWork = int64_t{1} << 20;
-
-// out[T][N] = in[T][K] @ weight[K][N] + bias[N]; with accumulate, out += instead of out =.
-void linear(const float* in, int rows, int k, const std::vector<float>& weight,
-            const std::vector<float>& bias, int n, float* out, bool accumulate) {
-  for (int r = 0; r < rows; ++r) {
-    float* y = out + static_cast<size_t>(r) * n;
-    for (int c = 0; c < n; ++c) y[c] = accumulate ? y[c] + bias[c] : bias[c];
-  }
-  if (int64_t{rows} * n * k > kSmallGemmWork) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, n, k, 1.0f, in, k,
-                weight.data(), n, 1.0f, out, n);
-    return;
-  }
-  const int padded = static_cast<int>(kSmallGemmWork / (int64_t{n} * k)) + 1;
-  thread_local std::vector<float> padded_in, padded_out;  // [padded][K], [padded][N]
-  padded_in.assign(static_cast<size_t>(padded) * k, 0.0f);
-  padded_out.assign(static_cast<size_t>(padded) * n, 0.0f);
-  std::copy(in, in + static_cast<size_t>(rows) * k, padded_in.begin());
-  std::copy(out, out + static_cast<size_t>(rows) * n, padded_out.begin());
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, padded, n, k, 1.0f, padded_in.data(), k,
-              weight.data(), n, 1.0f, padded_out.data(), n);
-  std::copy(padded_out.begin(), padded_out.begin() + static_cast<size_t>(rows) * n, out);
-}
-
 void gelu(float* x, size_t count, Activation activation) {
   constexpr float kSqrt2OverPi = 0.7978845608028654f;
 #pragma omp parallel for if (count >= kParallelRows * 1024)
@@ -77,7 +45,22 @@ void gelu(float* x, size_t count, Activation activation) {
 }  // namespace
 
 CpuBackend::CpuBackend(ModelWeights weights, const KvCacheManager& manager)
-    : weights_(std::move(weights)), manager_(manager), cache_(manager, weights_.config) {}
+    : weights_(std::move(weights)), manager_(manager), cache_(manager, weights_.config) {
+  const ModelConfig& cfg = weights_.config;
+  const int C = cfg.n_embd, F = cfg.n_inner;
+  // Each layer matrix is kept only in its packed form; the token embedding stays as it is for
+  // the lookups and is packed (transposed) once more for the tied LM head.
+  auto pack = [](std::vector<float>& matrix, int k, int n) {
+    PackedWeights packed(matrix.data(), k, n, false);
+    std::vector<float>().swap(matrix);
+    return packed;
+  };
+  for (LayerWeights& w : weights_.layers) {
+    packed_layers_.push_back({pack(w.attn_qkv_weight, C, 3 * C), pack(w.attn_proj_weight, C, C),
+                              pack(w.mlp_fc_weight, C, F), pack(w.mlp_proj_weight, F, C)});
+  }
+  lm_head_ = PackedWeights(weights_.token_embedding.data(), C, cfg.vocab_size, true);
+}
 
 void CpuBackend::forward(const std::vector<ForwardItem>& items, std::vector<float>& logits) {
   const ModelConfig& cfg = weights_.config;
@@ -118,8 +101,10 @@ void CpuBackend::forward(const std::vector<ForwardItem>& items, std::vector<floa
   const int tasks = static_cast<int>(items.size()) * H;
   for (int layer = 0; layer < cfg.n_layer; ++layer) {
     const LayerWeights& w = weights_.layers[layer];
+    const PackedLayer& packed = packed_layers_[layer];
     layer_norm(x_.data(), h_.data(), rows, C, w.ln_1_weight, w.ln_1_bias, cfg.layer_norm_epsilon);
-    linear(h_.data(), rows, C, w.attn_qkv_weight, w.attn_qkv_bias, 3 * C, qkv_.data(), false);
+    batch_invariant_linear(h_.data(), rows, packed.attn_qkv, w.attn_qkv_bias.data(), qkv_.data(),
+                           false);
     std::exception_ptr failure;
 #pragma omp parallel for schedule(dynamic) if (rows >= kParallelRows)
     for (int task = 0; task < tasks; ++task) {
@@ -135,11 +120,13 @@ void CpuBackend::forward(const std::vector<ForwardItem>& items, std::vector<floa
       }
     }
     if (failure) std::rethrow_exception(failure);
-    linear(att_.data(), rows, C, w.attn_proj_weight, w.attn_proj_bias, C, x_.data(), true);
+    batch_invariant_linear(att_.data(), rows, packed.attn_proj, w.attn_proj_bias.data(), x_.data(),
+                           true);
     layer_norm(x_.data(), h_.data(), rows, C, w.ln_2_weight, w.ln_2_bias, cfg.layer_norm_epsilon);
-    linear(h_.data(), rows, C, w.mlp_fc_weight, w.mlp_fc_bias, F, fc_.data(), false);
+    batch_invariant_linear(h_.data(), rows, packed.mlp_fc, w.mlp_fc_bias.data(), fc_.data(), false);
     gelu(fc_.data(), fc_.size(), cfg.activation);
-    linear(fc_.data(), rows, F, w.mlp_proj_weight, w.mlp_proj_bias, C, x_.data(), true);
+    batch_invariant_linear(fc_.data(), rows, packed.mlp_proj, w.mlp_proj_bias.data(), x_.data(),
+                           true);
   }
 
   // Final layer norm and the tied LM head, only for the rows whose logits are wanted.
@@ -153,10 +140,8 @@ void CpuBackend::forward(const std::vector<ForwardItem>& items, std::vector<floa
   const int logit_rows = static_cast<int>(wanted.size() / C);
   layer_norm(wanted.data(), wanted.data(), logit_rows, C, weights_.ln_f_weight, weights_.ln_f_bias,
              cfg.layer_norm_epsilon);
-  // The LM head is far above kSmallGemmWork (vocab * n_embd per row): no padding needed.
   logits.resize(static_cast<size_t>(logit_rows) * V);
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, logit_rows, V, C, 1.0f, wanted.data(), C,
-              weights_.token_embedding.data(), C, 0.0f, logits.data(), V);
+  batch_invariant_linear(wanted.data(), logit_rows, lm_head_, nullptr, logits.data(), false);
 }
 
 }  // namespace kvserve

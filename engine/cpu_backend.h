@@ -1,10 +1,12 @@
-// The CPU reference backend: GPT-2 in fp32 (OpenBLAS GEMMs) over the paged KV cache of
-// cpu_kv_cache.h. It serves --device cpu, runs every CI test and is the CUDA backend's oracle.
+// The CPU reference backend: GPT-2 in fp32 over the paged KV cache of cpu_kv_cache.h, its matrix
+// products batch-invariant by construction (batch_invariant_gemm.h). It serves --device cpu, runs
+// every CI test and is the CUDA backend's oracle.
 #pragma once
 
 #include <vector>
 
 #include "engine/backend.h"
+#include "engine/batch_invariant_gemm.h"
 #include "engine/cpu_kv_cache.h"
 #include "engine/kv_cache_manager.h"
 #include "engine/model_weights.h"
@@ -20,7 +22,13 @@ class CpuBackend : public Backend {
   void forward(const std::vector<ForwardItem>& items, std::vector<float>& logits) override;
 
  private:
-  ModelWeights weights_;
+  struct PackedLayer {
+    PackedWeights attn_qkv, attn_proj, mlp_fc, mlp_proj;
+  };
+
+  ModelWeights weights_;  // the layer matrices are moved into packed_layers_
+  std::vector<PackedLayer> packed_layers_;
+  PackedWeights lm_head_;  // the token embedding, transposed
   const KvCacheManager& manager_;
   CpuKvCache cache_;
   // Activations, reused across steps; T = tokens in the step.

@@ -14,7 +14,7 @@
 set -euo pipefail
 packages=(
   build-essential cmake ninja-build pkg-config ccache git xz-utils
-  libopenblas-dev liblzma-dev libpcre2-dev
+  liblzma-dev libpcre2-dev
   nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc prometheus-cpp-dev

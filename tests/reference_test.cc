@@ -3,6 +3,7 @@
 // batching invariance.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <memory>
@@ -36,6 +37,7 @@ struct LogitDifference {
   double max = 0.0;              // largest |ours - reference|
   double mean = 0.0;             // mean |ours - reference|
   double worst_reference = 0.0;  // the reference logit where the largest difference is
+  int64_t count = 0;             // logits compared
 };
 
 // Our logits against the dumped ones (a strided vocab sample plus the top 8) at every position of
@@ -54,11 +56,10 @@ LogitDifference logit_difference(const json& prompt, const std::string& format) 
   backend.forward({{1, 0, tokens, true}}, logits);
   const json& expected = prompt["formats"][format];
   LogitDifference result;
-  int64_t count = 0;
   auto compare = [&](float ours, double reference) {
     const double diff = std::fabs(ours - reference);
     result.mean += diff;
-    ++count;
+    ++result.count;
     if (diff > result.max) {
       result.max = diff;
       result.worst_reference = reference;
@@ -72,7 +73,7 @@ LogitDifference logit_difference(const json& prompt, const std::string& format) 
     const std::vector<double> top_values = expected[t]["top_values"];
     for (size_t i = 0; i < top_ids.size(); ++i) compare(row[top_ids[i]], top_values[i]);
   }
-  result.mean /= count;
+  result.mean /= result.count;
   std::printf(
       "%-22s prompt of %3zu tokens: |logit difference| max %.2e (at a logit of %.1f), "
       "mean %.2e\n",
@@ -91,24 +92,57 @@ TEST(Reference, Fp16LogitsMatchPyTorch) {
   }
 }
 
-// Each quantized format against the PyTorch simulation of the same cache semantics. A 1-ulp
-// difference in a key before quantization can flip a 2-bit code (one whole quantization step),
-// and that difference grows through later layers: single logits may differ by a few hundredths
-// (int8, which quantizes every token, shows it most) while the mean stays near 1e-3; a bug in
-// grouping, packing or the residual rule moves the mean by orders of magnitude.
+// What the format itself does to the simulation's logits: its strided sample against the fp16
+// view's, at the same positions of the same tokens.
+LogitDifference format_effect(const json& prompt, const std::string& format) {
+  const json& quantized = prompt["formats"][format];
+  const json& fp16 = prompt["formats"]["fp16"];
+  LogitDifference result;
+  for (size_t t = 0; t < quantized.size(); ++t) {
+    const std::vector<double> a = quantized[t]["strided"], b = fp16[t]["strided"];
+    for (size_t i = 0; i < a.size(); ++i) {
+      const double diff = std::fabs(a[i] - b[i]);
+      result.mean += diff;
+      ++result.count;
+      result.max = std::max(result.max, diff);
+    }
+  }
+  result.mean /= result.count;
+  return result;
+}
+
+// Each quantized format against the PyTorch simulation of the same cache semantics, measured
+// against what the format itself does to the simulation's logits (its "effect", against fp16).
+//
+// Two correct fp32 implementations differ by rounding, a relative delta of about 1e-6 here. A key
+// or value within delta of a rounding tie gets the neighbouring code in one of them: one element
+// moves by one step s, while the format's own rounding moves every element by up to s/2. So
+// - the largest difference a tie flip makes is below the format's largest effect (max bound);
+// - a flip happens with probability about delta / s and then moves its element by s: tie flips
+//   add about delta per element whatever the step, while the format adds about s / 4. Their share
+//   of the format's effect grows as 1 / s, i.e. as 2^bits - 1, so the mean over all prompts may be
+//   1% of the effect per code level: 3% for kivi2, 15% for kivi4, capped at half for int8, where
+//   flips are frequent and small (int8's semantics are checked code by code by CpuKvCache.*).
+// A bug in grouping, packing or the residual rule reads tokens through a different form than the
+// simulation does, an error of the format's own size wherever it acts: from the dump alone, kivi2
+// with value groups of 64 against the simulation's 32 scores 0.67, keys per token 1.6, no
+// quantization at all 1.0 (this machine's own share: int8 0.20, kivi4 0.022, kivi2 <= 0.012).
 TEST(Reference, QuantizedFormatsMatchTheSimulation) {
-  const std::map<std::string, std::pair<double, double>> bounds = {
-      {"int8", {5e-2, 2e-3}},
-      {"kivi4", {5e-2, 2e-3}},
-      {"kivi2", {1.5e-1, 3e-3}},
-      {"kivi2_gv64", {1.5e-1, 3e-3}},
-      {"kivi2_per_token_keys", {1.5e-1, 3e-3}}};
-  for (const auto& [format, bound] : bounds) {
+  for (const std::string format :
+       {"int8", "kivi4", "kivi2", "kivi2_gv64", "kivi2_per_token_keys"}) {
+    const int levels = (1 << kv_bits(fixture_format(format).format)) - 1;
+    double ours_sum = 0.0, effect_sum = 0.0;
     for (const json& prompt : fixture()["prompts"]) {
       const LogitDifference d = logit_difference(prompt, format);
-      EXPECT_LT(d.max, bound.first) << format << " " << prompt["text"];
-      EXPECT_LT(d.mean, bound.second) << format << " " << prompt["text"];
+      const LogitDifference effect = format_effect(prompt, format);
+      EXPECT_LT(d.max, effect.max) << format << " " << prompt["text"];
+      ours_sum += d.mean * d.count;
+      effect_sum += effect.mean * d.count;
     }
+    const double share = std::min(0.5, 0.01 * levels);
+    std::printf("%-22s mean |ours - simulation| / mean |format effect| = %.4f (bound %.2f)\n",
+                format.c_str(), ours_sum / effect_sum, share);
+    EXPECT_LT(ours_sum, share * effect_sum) << format;
   }
 }
 
@@ -204,6 +238,53 @@ TEST(Reference, BatchingInvariance) {
       EXPECT_EQ(together[i], alone[i]) << format << " request " << i;
     }
     EXPECT_EQ(engine->cache().usage().used_bytes, 0);
+  }
+}
+
+// The API's promise (proto/kvserve/v1/generation.proto, `seed`): on the CPU backend the same seed
+// and input give the same tokens and log-probabilities whatever runs beside the request. Plain
+// temperature-1 sampling keeps the whole distribution, so the smallest change in a logit moves
+// the sampled token sooner or later (issue 13, item 3: one other request was enough). The
+// log-probabilities show such a change at once; with OpenBLAS they differed from the fourth digit.
+TEST(Reference, SeededSamplingDoesNotDependOnTheBatch) {
+  GenerationRequest seeded = greedy_request(fixture()["prompts"][2], 48);
+  seeded.sampling = SamplingParams{1.0f, 0, 1.0f, 1.0f, 1007};
+  struct Generated {
+    std::vector<int32_t> tokens;
+    std::vector<float> logprobs;
+  };
+  auto generate = [&](int company) {
+    EngineOptions options;
+    options.max_batch_tokens = 40;  // the seeded prompt's prefill shares steps with decodes
+    auto engine = make_engine(fixture_format("kivi2"), options);
+    for (int i = 0; i < company; ++i) {
+      const json& other = fixture()["prompts"][i % fixture()["prompts"].size()];
+      GenerationRequest r = greedy_request(other, 16 + 8 * (i % 5));
+      if (i % 2 == 1) r.sampling = SamplingParams{1.0f, 0, 1.0f, 1.0f, static_cast<uint64_t>(i)};
+      engine->add_request(r);
+    }
+    const RequestId id = engine->add_request(seeded);
+    Generated out;
+    std::vector<StepEvent> events;
+    while (engine->has_work()) {
+      events.clear();
+      engine->step(events);
+      for (const StepEvent& e : events) {
+        EXPECT_NE(e.finish, FinishReason::kError) << e.error;
+        if (e.request == id && e.has_token) {
+          out.tokens.push_back(e.token);
+          out.logprobs.push_back(e.logprob);
+        }
+      }
+    }
+    return out;
+  };
+  const Generated alone = generate(0);
+  ASSERT_EQ(alone.tokens.size(), 48u);
+  for (int company : {1, 15}) {
+    const Generated together = generate(company);
+    EXPECT_EQ(together.tokens, alone.tokens) << "with " << company << " other requests";
+    EXPECT_EQ(together.logprobs, alone.logprobs) << "with " << company << " other requests";
   }
 }
 
