@@ -4,6 +4,7 @@
 #include <spdlog/spdlog.h>
 #include <sys/socket.h>
 
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
@@ -343,10 +344,11 @@ HttpServer::HttpServer(const HttpOptions& options, Metrics& metrics)
   const auto threads = static_cast<size_t>(std::max(options_.threads, kReservedHttpThreads + 1));
   server_.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
   // SO_REUSEADDR only: httplib's default adds SO_REUSEPORT, which would let a second server share
-  // the port silently instead of failing to start.
-  server_.set_socket_options([](socket_t socket) {
+  // the port silently instead of failing to start. The socket is kept to raise its backlog below.
+  server_.set_socket_options([this](socket_t socket) {
     const int yes = 1;
     setsockopt(socket, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+    listen_socket_ = socket;
   });
   server_.set_read_timeout(options_.read_timeout_s, 0);
   server_.set_write_timeout(options_.write_timeout_s, 0);
@@ -362,6 +364,12 @@ HttpServer::HttpServer(const HttpOptions& options, Metrics& metrics)
                              " (port in use or address not local?)");
   }
   if (options_.port != 0) port_ = options_.port;
+  // Debian's httplib 0.11 listens with a compiled-in backlog of 5: a burst of new connections
+  // (64 clients starting at once) overflows the accept queue and some of them fail. Calling
+  // listen() again on the listening socket raises its backlog.
+  if (::listen(listen_socket_, SOMAXCONN) != 0) {
+    spdlog::warn("http: cannot raise the listen backlog: {}", std::strerror(errno));
+  }
   thread_ = std::thread([this] { server_.listen_after_bind(); });
 }
 

@@ -87,6 +87,7 @@ class HttpServer {
   Metrics& metrics_;
   httplib::Server server_;
   int port_ = 0;
+  int listen_socket_ = -1;
   std::thread thread_;
   std::atomic<State> state_{State::kLoading};
   std::atomic<bool> stopping_{false};
