@@ -10,11 +10,14 @@
 
 #include <atomic>
 #include <chrono>
+#include <future>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "client/http_client.h"
+#include "client/load_generator.h"
 #include "tests/server_harness.h"
 #include "tests/test_support.h"
 
@@ -187,6 +190,40 @@ TEST_F(HttpApi, HealthAndModelsAnswerWhileServing) {
   const httplib::Result models = http.Get("/v1/models");
   ASSERT_TRUE(models);
   EXPECT_EQ(json::parse(models->body).at("data").at(0).at("kvserve").at("kv_format"), "kivi2");
+}
+
+// kvserve-cli load --api http: the HTTP client counts what the server counted, chunk by chunk.
+TEST_F(HttpApi, LoadThroughTheHttpClientCountsEveryToken) {
+  client::HttpGenerationClient http("127.0.0.1:" + std::to_string(server_->metrics_port()), "");
+  client::LoadOptions options;
+  options.requests = 6;
+  options.concurrency = 3;
+  options.prompt_len = 8;
+  options.max_new_tokens = 5;
+  const json result = client::run_load(http, options);
+  EXPECT_EQ(result.at("completed"), 6);
+  EXPECT_EQ(result.at("failed"), 0) << result.dump();
+  EXPECT_EQ(result.at("total_input_tokens"), 48);
+  EXPECT_EQ(result.at("total_output_tokens"), 30);
+  EXPECT_EQ(result.at("model").at("vocab_size"), 50257);
+  EXPECT_EQ(result.at("model").at("kv_format"), "kivi2");
+
+  // The chunks' token counts (from their ids) add up to the server's count.
+  v1::GenerateRequest request;
+  request.set_prompt("The cache");
+  request.mutable_stopping()->set_max_new_tokens(7);
+  request.mutable_stopping()->set_ignore_eos(true);
+  std::promise<client::GenerateOutcome> done;
+  http.StartGenerate(request, 60, nullptr,
+                     [&](client::GenerateOutcome outcome) { done.set_value(std::move(outcome)); });
+  const client::GenerateOutcome outcome = done.get_future().get();
+  ASSERT_TRUE(outcome.status.ok()) << outcome.status.error_message();
+  ASSERT_TRUE(outcome.final.has_value());
+  EXPECT_EQ(outcome.final->completion_tokens(), 7u);
+  EXPECT_EQ(outcome.final->finish_reason(), v1::FINISH_REASON_LENGTH);
+  int chunk_tokens = 0;
+  for (const client::ChunkArrival& chunk : outcome.timing.chunks) chunk_tokens += chunk.tokens;
+  EXPECT_EQ(chunk_tokens, 7);
 }
 
 // Issue 13, item 4: a client that sends its request one byte every 3 s, and idle connections,
