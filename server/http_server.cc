@@ -1,12 +1,16 @@
 #include "server/http_server.h"
 
+#include <dirent.h>
+#include <netinet/in.h>
 #include <prometheus/text_serializer.h>
 #include <spdlog/spdlog.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 
 #include <cerrno>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -291,6 +295,36 @@ constexpr size_t kMaxHeaderBytes = 64 << 10;
 // server's shutdown again.
 constexpr auto kPollInterval = std::chrono::milliseconds(100);
 
+// Shuts down (their workers close them) the connections accepted on `port` that are still open:
+// httplib gives no handle on them, so they are found among the process's file descriptors.
+void cut_connections_to(int port) {
+  DIR* fds = opendir("/proc/self/fd");
+  if (fds == nullptr) return;
+  while (const dirent* entry = readdir(fds)) {
+    const int fd = std::atoi(entry->d_name);
+    struct stat status {};
+    if (fd <= 2 || fd == dirfd(fds) || fstat(fd, &status) != 0 || !S_ISSOCK(status.st_mode)) {
+      continue;
+    }
+    int listening = 0;
+    socklen_t length = sizeof listening;
+    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &length) != 0 || listening != 0) {
+      continue;
+    }
+    sockaddr_storage local{};
+    length = sizeof local;
+    if (getsockname(fd, reinterpret_cast<sockaddr*>(&local), &length) != 0) continue;
+    int local_port = -1;
+    if (local.ss_family == AF_INET) {
+      local_port = ntohs(reinterpret_cast<const sockaddr_in*>(&local)->sin_port);
+    } else if (local.ss_family == AF_INET6) {
+      local_port = ntohs(reinterpret_cast<const sockaddr_in6*>(&local)->sin6_port);
+    }
+    if (local_port == port) ::shutdown(fd, SHUT_RDWR);
+  }
+  closedir(fds);
+}
+
 }  // namespace
 
 // One /v1/completions request in the engine: the channel the engine thread pushes into and the
@@ -370,7 +404,10 @@ HttpServer::HttpServer(const HttpOptions& options, Metrics& metrics)
   if (::listen(listen_socket_, SOMAXCONN) != 0) {
     spdlog::warn("http: cannot raise the listen backlog: {}", std::strerror(errno));
   }
-  thread_ = std::thread([this] { server_.listen_after_bind(); });
+  thread_ = std::thread([this] {
+    server_.listen_after_bind();
+    listener_done_.store(true);
+  });
 }
 
 HttpServer::~HttpServer() {
@@ -397,7 +434,16 @@ void HttpServer::shutdown(std::chrono::milliseconds timeout) {
   }
   stopping_.store(true);
   server_.stop();
-  if (thread_.joinable()) thread_.join();
+  if (!thread_.joinable()) return;
+  // The listening thread ends once every worker has finished its connection. A worker reading a
+  // request that a client trickles in byte by byte would keep it (and the process) alive for as
+  // long as the client wants: after a grace period the connections still open are cut.
+  const auto grace = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+  while (!listener_done_.load() && std::chrono::steady_clock::now() < grace) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  if (!listener_done_.load()) cut_connections_to(port_);
+  thread_.join();
 }
 
 void HttpServer::route() {

@@ -67,7 +67,8 @@ class HttpServer {
   // Completions whose response is not yet written to the end.
   int open_completions() const { return open_completions_.load(); }
   // Waits up to `timeout` for the open completions to end, then stops serving and joins every
-  // thread; completions still open are cut off. Call before the EngineLoop stops.
+  // thread; completions still open, and connections still open 1 s later (a client trickling
+  // its request), are cut off. Call before the EngineLoop stops.
   void shutdown(std::chrono::milliseconds timeout = std::chrono::seconds(5));
 
  private:
@@ -91,6 +92,7 @@ class HttpServer {
   std::thread thread_;
   std::atomic<State> state_{State::kLoading};
   std::atomic<bool> stopping_{false};
+  std::atomic<bool> listener_done_{false};  // listen_after_bind returned: every worker is done
   // Set before state_ becomes kServing (release) and read after it is seen (acquire).
   EngineLoop* loop_ = nullptr;
   const Tokenizer* tokenizer_ = nullptr;

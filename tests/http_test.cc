@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <httplib.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -281,6 +282,26 @@ TEST(HttpPort, GarbageGets400AndOversizedHeaders431InsteadOfAReset) {
   // The port still serves.
   EXPECT_NE(testing::http_get(server.metrics_port(), "/metrics").find("kvserve_build_info"),
             std::string::npos);
+}
+
+// A client that trickles its request in must not keep a draining server from exiting.
+TEST(HttpPort, SigtermExitsWhileAClientTricklesItsRequest) {
+  ServerProcess server({"--model", testing::shared_model_dir()});
+  RawConnection connection(server.metrics_port());
+  std::atomic<bool> stop{false};
+  std::thread trickle([&] {
+    const std::string request = "GET /metrics HTTP/1.1\r\nX-Slow: " + std::string(200, 'a');
+    for (size_t i = 0; i < request.size() && !stop.load(); ++i) {
+      if (!connection.send_bytes(request.substr(i, 1))) return;
+      std::this_thread::sleep_for(500ms);
+    }
+  });
+  std::this_thread::sleep_for(1s);
+  server.process().signal(SIGTERM);
+  const int status = server.process().wait(30s);
+  stop.store(true);
+  trickle.join();
+  EXPECT_EQ(status, 0) << server.process().log();
 }
 
 TEST(HttpPort, ASecondServerOnTheSamePortRefusesToStart) {
