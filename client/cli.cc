@@ -8,12 +8,14 @@
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
+#include <memory>
 #include <mutex>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "client/generation_client.h"
+#include "client/http_client.h"
 #include "client/load_generator.h"
 #include "common/command_line.h"
 
@@ -48,6 +50,8 @@ struct LoadArgs {
   std::string addr, output;
   TlsFiles tls;
   LoadOptions options;
+  std::string api = "grpc";  // or "http": the OpenAI completions API on the server's HTTP port
+  std::string api_key;
 };
 
 struct InfoArgs {
@@ -155,10 +159,16 @@ class ProgressBar {
 };
 
 int run_load_command(const LoadArgs& a) {
-  GenerationClient client(a.addr, a.tls);
+  std::unique_ptr<GenerateApi> client;
+  if (a.api == "http") {
+    client = std::make_unique<HttpGenerationClient>(a.addr, a.api_key);
+  } else {
+    client = std::make_unique<GenerationClient>(a.addr, a.tls);
+  }
   ProgressCallback progress;
   if (isatty(STDERR_FILENO)) progress = ProgressBar();
-  const nlohmann::json result = run_load(client, a.options, progress);
+  nlohmann::json result = run_load(*client, a.options, progress);
+  result["config"]["api"] = a.api;
   const std::string text = result.dump(2);
   std::cout << text << std::endl;
   if (!a.output.empty()) {
@@ -297,6 +307,13 @@ int run_cli(int argc, char** argv) {
       ->default_str("the server's");
   load->add_option("--timeout-s", o.timeout_s, "deadline of each request in seconds (0: none)");
   load->add_option("--output", l.output, "also write the JSON result to this file");
+  load->add_option("--api", l.api,
+                   "grpc, or http: the OpenAI completions API (streamed) at --addr, the server's "
+                   "HTTP port")
+      ->check(CLI::IsMember({"grpc", "http"}))
+      ->capture_default_str();
+  load->add_option("--api-key", l.api_key, "--api http: the server's --api-key")
+      ->envname("KVSERVE_API_KEY");
 
   InfoArgs i;
   CLI::App* info = app.add_subcommand("info", "the server's model info and cache stats as JSON");

@@ -58,8 +58,19 @@ struct TlsFiles {
 // A channel to "HOST:PORT", plaintext or TLS as `tls` says; throws when a file cannot be read.
 std::shared_ptr<grpc::Channel> make_channel(const std::string& address, const TlsFiles& tls = {});
 
+// What `kvserve-cli load` drives: a Generate stream and the model's description, through gRPC
+// (GenerationClient) or the OpenAI HTTP API (HttpGenerationClient, client/http_client.h).
+class GenerateApi {
+ public:
+  virtual ~GenerateApi() = default;
+  // Starts a Generate call and returns at once; on_done runs once it is over.
+  virtual void StartGenerate(v1::GenerateRequest request, double timeout_s, ChunkCallback on_chunk,
+                             DoneCallback on_done) = 0;
+  virtual grpc::Status GetModelInfo(double timeout_s, v1::ModelInfo* info) = 0;
+};
+
 // timeout_s <= 0 means no deadline.
-class GenerationClient {
+class GenerationClient final : public GenerateApi {
  public:
   explicit GenerationClient(const std::string& address, const TlsFiles& tls = {});
   explicit GenerationClient(std::shared_ptr<grpc::Channel> channel);
@@ -68,14 +79,14 @@ class GenerationClient {
   // holds no thread: hundreds of concurrent streams cost only their buffers. The client must
   // outlive every call it started (wait for on_done).
   void StartGenerate(v1::GenerateRequest request, double timeout_s, ChunkCallback on_chunk,
-                     DoneCallback on_done);
+                     DoneCallback on_done) override;
   // StartGenerate, waiting for the outcome.
   GenerateOutcome Generate(v1::GenerateRequest request, double timeout_s,
                            ChunkCallback on_chunk = nullptr);
 
   // grpc.health.v1.Health/Check; service "" asks about the server as a whole.
   grpc::Status CheckHealth(const std::string& service, double timeout_s, ServingStatus* status);
-  grpc::Status GetModelInfo(double timeout_s, v1::ModelInfo* info);
+  grpc::Status GetModelInfo(double timeout_s, v1::ModelInfo* info) override;
   grpc::Status GetCacheStats(double timeout_s, v1::CacheStats* stats);
 
  private:

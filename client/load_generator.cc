@@ -135,7 +135,7 @@ std::vector<v1::GenerateRequest> make_requests(const LoadOptions& options, int v
   return requests;
 }
 
-nlohmann::json run_load(GenerationClient& client, const LoadOptions& options,
+nlohmann::json run_load(GenerateApi& client, const LoadOptions& options,
                         const ProgressCallback& progress) {
   validate(options);
   v1::ModelInfo info;

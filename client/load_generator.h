@@ -66,7 +66,7 @@ std::vector<v1::GenerateRequest> make_requests(const LoadOptions& options, int v
 // mean_ttft_ms, median_ttft_ms, std_ttft_ms, p50/p90/p99_ttft_ms, likewise tpot, itl, e2el) and
 // failures by status code name. Throws std::runtime_error when the server cannot be asked for its
 // model (nothing is sent then).
-nlohmann::json run_load(GenerationClient& client, const LoadOptions& options,
+nlohmann::json run_load(GenerateApi& client, const LoadOptions& options,
                         const ProgressCallback& progress = nullptr);
 
 }  // namespace kvserve::client

@@ -7,9 +7,11 @@
 # prometheus (for promtool) and python3-yaml serve the deploy/ checks in tests/deploy;
 # python3-grpcio and python3-protobuf the Python client (client/python; python3-venv, python3-pip
 # and python3-setuptools install it in its test, with no index), python3-matplotlib
-# bench/plot.py. openssl makes the throwaway certificates of the TLS tests; clang and
-# libclang-rt-14-dev (its sanitizer and libFuzzer runtimes) build fuzz/ (scripts/fuzz.sh); curl
-# serves scripts/fetch-model.sh.
+# bench/plot.py. libcpp-httplib-dev serves the HTTP port (/metrics, /health, /v1/*); the OpenAI
+# SDK test (tests/http) needs Node 20 and npm, which are not Debian 12's (tests/README.md).
+# openssl makes the throwaway certificates of the TLS tests; clang and libclang-rt-14-dev (its
+# sanitizer and libFuzzer runtimes) build fuzz/ (scripts/fuzz.sh); curl serves
+# scripts/fetch-model.sh.
 # Usage: scripts/install-deps.sh   (as root, or with sudo available)
 set -euo pipefail
 packages=(
@@ -18,6 +20,7 @@ packages=(
   nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc prometheus-cpp-dev
+  libcpp-httplib-dev
   prometheus python3-yaml python3-grpcio python3-protobuf python3-matplotlib
   python3-venv python3-pip python3-setuptools curl
   openssl clang libclang-rt-14-dev

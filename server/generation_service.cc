@@ -281,6 +281,7 @@ grpc::Status GenerationService::convert(grpc::CallbackServerContext& context,
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+  metrics_.count_request("grpc");
   std::string id = request->request_id();
   if (id.empty()) id = "req-" + std::to_string(next_request_number_++);
   try {

@@ -61,6 +61,11 @@ Metrics::Metrics(const BuildInfo& build)
           counter(*registry_, "kvserve_generation_tokens_total", "Tokens generated and streamed")),
       preemptions_(counter(*registry_, "kvserve_preemptions_total",
                            "Sequences preempted because the KV pool was full")),
+      requests_(
+          prometheus::BuildCounter()
+              .Name("kvserve_requests_total")
+              .Help("Generation requests received, by API (grpc or http), rejected ones included")
+              .Register(*registry_)),
       success_(prometheus::BuildCounter()
                    .Name("kvserve_request_success_total")
                    .Help("Requests that ended with a final message, by finish reason")
@@ -84,6 +89,7 @@ Metrics::Metrics(const BuildInfo& build)
                               exponential(1, 2, 14))) {
   // Every label value that can occur exists from the start, so that rate() sees the first
   // increment and dashboards show zeros rather than gaps.
+  for (const char* api : {"grpc", "http"}) requests_.Add({{"api", api}});
   for (const char* reason : {"length", "eos", "stop", "cancelled"})
     success_.Add({{"finish_reason", reason}});
   for (const char* code : {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "CANCELLED",

@@ -42,6 +42,8 @@ class Metrics {
   void observe_ttft(double seconds) { ttft_seconds_.Observe(seconds); }
   void observe_inter_token(double seconds) { inter_token_seconds_.Observe(seconds); }
   void observe_e2e(double seconds) { e2e_seconds_.Observe(seconds); }
+  // A generation request that arrived through `api` ("grpc" or "http"), before any check.
+  void count_request(const std::string& api) { requests_.Add({{"api", api}}).Increment(); }
   // A request that ended with a final message (finish reason length, eos, stop or cancelled).
   void count_success(FinishReason reason);
   // A request that ended with a non-OK status; `code` is the gRPC code name, e.g.
@@ -64,6 +66,7 @@ class Metrics {
   prometheus::Counter& prompt_tokens_;
   prometheus::Counter& generation_tokens_;
   prometheus::Counter& preemptions_;
+  prometheus::Family<prometheus::Counter>& requests_;
   prometheus::Family<prometheus::Counter>& success_;
   prometheus::Family<prometheus::Counter>& failure_;
   prometheus::Histogram& ttft_seconds_;

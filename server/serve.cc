@@ -22,8 +22,8 @@
 #include "engine/checkpoint.h"
 #include "engine/engine.h"
 #include "server/engine_loop.h"
+#include "server/http_server.h"
 #include "server/metrics.h"
-#include "server/metrics_http.h"
 
 namespace kvserve {
 namespace {
@@ -154,8 +154,18 @@ void add_serve_flags(CLI::App* app, ServeFlags& flags) {
   app->add_option("--port", flags.port, "gRPC port (0: pick a free one; the log says which)")
       ->check(CLI::Range(0, 65535));
   app->add_option("--metrics-port", flags.metrics_port,
-                  "Prometheus /metrics port (0: pick a free one; the log says which)")
+                  "HTTP port: /metrics, /health and the OpenAI API /v1/* (0: pick a free one; the "
+                  "log says which)")
       ->check(CLI::Range(0, 65535));
+  app->add_option("--api-key", flags.api_key,
+                  "HTTP API key: /v1/* requests need 'Authorization: Bearer KEY' (/health and "
+                  "/metrics stay open)")
+      ->envname("KVSERVE_API_KEY");
+  app->add_option("--http-threads", flags.http_threads,
+                  "HTTP connections served at once; 4 stay for /metrics and /health, completions "
+                  "beyond the rest get 429")
+      ->check(CLI::Range(kReservedHttpThreads + 1, 100000))
+      ->capture_default_str();
   app->add_option("--max-queued-requests", flags.max_queued_requests,
                   "requests waiting for admission; beyond it RESOURCE_EXHAUSTED")
       ->check(positive());
@@ -229,8 +239,15 @@ int run_serve(const ServeFlags& flags) {
   std::string device_reason;
   spec.device = resolve_device(spec.device, device_reason);
   Metrics metrics({KVSERVE_VERSION, spec.device, flags.kv.format, spec.model});
-  const MetricsHttpServer metrics_server(flags.host, flags.metrics_port, metrics.registry());
-  const int metrics_port = metrics_server.port();
+  HttpOptions http_options;
+  http_options.host = flags.host;
+  http_options.port = flags.metrics_port;
+  http_options.api_key = flags.api_key;
+  http_options.threads = flags.http_threads;
+  http_options.max_body_bytes = static_cast<size_t>(flags.max_receive_message_bytes);
+  http_options.limits = flags.limits;
+  HttpServer http(http_options, metrics);
+  const int metrics_port = http.port();
 
   // The server listens while the model loads: health says NOT_SERVING and calls get
   // UNAVAILABLE, which is what load balancers and Kubernetes probes expect.
@@ -259,7 +276,8 @@ int run_serve(const ServeFlags& flags) {
   health->SetServingStatus(v1::Generation::service_full_name(), false);
   health->SetServingStatus(false);
   spdlog::info(
-      "listening on {} (gRPC{}), metrics on http://{}/metrics; NOT_SERVING until the model is "
+      "listening on {} (gRPC{}), metrics on http://{}/metrics (and /health, /v1); NOT_SERVING "
+      "until the model is "
       "loaded "
       "and warm",
       join_host_port(flags.host, port),
@@ -280,7 +298,9 @@ int run_serve(const ServeFlags& flags) {
   const auto warm_start = std::chrono::steady_clock::now();
   loop.start();
   loop.wait_until_warm();
-  service.start_serving(loop, tokenizer, model_info(spec.model, model, kv, spec.device));
+  const v1::ModelInfo info = model_info(spec.model, model, kv, spec.device);
+  service.start_serving(loop, tokenizer, info);
+  http.start_serving(loop, tokenizer, info);
   health->SetServingStatus(true);
   spdlog::info(
       "SERVING: model {} ({} layers, d={}, ctx {}), device {}, kv {}, pool {} blocks ({} MiB), "
@@ -297,18 +317,21 @@ int run_serve(const ServeFlags& flags) {
     // device back.
     health->SetServingStatus(false);
     service.start_draining();
+    http.start_draining();
     spdlog::error(
         "device lost: {}; NOT_SERVING, shutting down and exiting with status {} so that the "
         "orchestrator restarts the server",
         loop.device_lost(), kExitDeviceLost);
     wait_for_streams(service, std::chrono::seconds(2));
     server->Shutdown(std::chrono::system_clock::now());
+    http.shutdown(std::chrono::seconds(2));
     loop.stop();
     return kExitDeviceLost;
   }
   spdlog::info("{} received: draining (no new requests; up to {} s for {} in flight)",
                strsignal(signal), flags.drain_timeout_s, loop.in_flight());
   service.start_draining();
+  http.start_draining();
   health->SetServingStatus(false);
 
   // Poll: in-flight requests end on the engine thread; a second signal cuts the wait short.
@@ -333,6 +356,7 @@ int run_serve(const ServeFlags& flags) {
   // client that stopped reading) is cancelled by the shutdown.
   wait_for_streams(service, std::chrono::seconds(5));
   server->Shutdown(std::chrono::system_clock::now());
+  http.shutdown(std::chrono::seconds(5));
   loop.stop();
   if (const std::string lost = loop.device_lost(); !lost.empty()) {
     spdlog::error("device lost while draining: {}; exiting with status {}", lost, kExitDeviceLost);

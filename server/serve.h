@@ -32,7 +32,9 @@ struct ServeFlags {
   ServiceLimits limits;
   std::string host = "0.0.0.0";
   int port = 50051;
-  int metrics_port = 9464;
+  int metrics_port = 9464;  // HTTP: /metrics, /health and the OpenAI API (server/http_server.h)
+  std::string api_key;  // --api-key or $KVSERVE_API_KEY: the HTTP API needs it as a Bearer token
+  int http_threads = 128;
   size_t max_queued_requests = 256;
   double drain_timeout_s = 30;
   int max_receive_message_bytes = 4 << 20;
