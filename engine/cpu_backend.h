@@ -6,22 +6,22 @@
 
 #include "engine/backend.h"
 #include "engine/cpu_kv_cache.h"
-#include "engine/kv_cache_manager.h"
+#include "engine/kv_format.h"
 #include "engine/model_weights.h"
 
 namespace kvserve {
 
 class CpuBackend : public Backend {
  public:
-  // Reads block tables from `manager`, which must outlive the backend.
-  CpuBackend(ModelWeights weights, const KvCacheManager& manager);
+  // Allocates a pool of `num_blocks` blocks in `kv`'s format; each step's items say which blocks
+  // their sequences hold.
+  CpuBackend(ModelWeights weights, const KvCacheConfig& kv, int32_t num_blocks);
 
   std::string name() const override { return "cpu"; }
   void forward(const std::vector<ForwardItem>& items, std::vector<float>& logits) override;
 
  private:
   ModelWeights weights_;
-  const KvCacheManager& manager_;
   CpuKvCache cache_;
   // Activations, reused across steps; T = tokens in the step.
   std::vector<float> x_;    // [T][C] residual stream
