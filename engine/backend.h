@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/block_table.h"
 #include "engine/sampler.h"
 
 namespace kvserve {
@@ -25,11 +26,13 @@ struct SampleResult {
 };
 
 // A chunk of one sequence fed in one step: a prompt chunk (prefill) or one token (decode).
+// Everything a backend needs is in the item: it never looks a sequence up.
 struct ForwardItem {
-  int64_t sequence_id = 0;      // the KvCacheManager sequence, already grown to start + tokens
+  int64_t sequence_id = 0;      // the caller's name for the sequence (messages, test hooks)
   int start = 0;                // tokens of the sequence already in the cache
   std::vector<int32_t> tokens;  // the new tokens, at positions start .. start+tokens.size()-1
   bool all_logits = false;      // logits for every token (evaluation) or only for the last
+  BlockTableView blocks;        // the sequence's blocks, reserved for >= start + tokens.size()
 };
 
 // How a backend has run its decode steps so far (benchmarks report it): CUDA graphs captured (each
@@ -72,6 +75,11 @@ class Backend {
                               const std::vector<SampleRequest>& requests,
                               std::vector<SampleResult>& results);
   virtual GraphCounters graph_counters() const { return {}; }
+  // The engine's default token budget per step (decodes plus prompt chunks) on this backend: about
+  // where its steps stop getting cheaper per token (engine/README.md, "The token budget").
+  // kDefaultBatchTokens suits the CPU backend; the CUDA backend asks for more.
+  static constexpr int kDefaultBatchTokens = 2048;
+  virtual int preferred_batch_tokens() const { return kDefaultBatchTokens; }
 
  private:
   std::vector<float> sample_logits_;  // [items][vocab], the default forward_sample's scratch

@@ -67,7 +67,7 @@ std::string resolve_device(const std::string& requested, std::string& reason) {
 std::unique_ptr<Backend> make_backend(const std::string& device, ModelWeights weights,
                                       const KvCacheManager& cache, const BackendOptions& options) {
   if (device == "cpu") {
-    auto cpu = std::make_unique<CpuBackend>(std::move(weights), cache);
+    auto cpu = std::make_unique<CpuBackend>(std::move(weights), cache.config(), cache.num_blocks());
     if (const int64_t lose_at = injected_device_loss(); lose_at > 0) {
       return std::make_unique<DeviceLostInjector>(std::move(cpu), lose_at);
     }
@@ -79,7 +79,7 @@ std::unique_ptr<Backend> make_backend(const std::string& device, ModelWeights we
     CudaBackendOptions cuda_options;
     cuda_options.cuda_graphs = options.cuda_graphs && !(env != nullptr && std::string(env) == "0");
     cuda_options.trap_at_forward = injected_device_loss();
-    return std::make_unique<CudaBackend>(weights, cache, cuda_options);
+    return std::make_unique<CudaBackend>(weights, cache.config(), cache.num_blocks(), cuda_options);
   }
 #endif
   throw std::invalid_argument("no backend for device '" + device + "'");

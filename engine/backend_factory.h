@@ -24,6 +24,7 @@ struct BackendOptions {
 // device loss): the backend's Nth forward call, the warm-up's included, loses the device. The CPU
 // backend then throws DeviceLostError (engine/fault_injection.h); the CUDA backend launches a
 // trapping kernel first (kernels/trap.h), a real sticky error that its own probe must recognise.
+// The backend gets the pool's format and size from `cache`, never the cache itself.
 std::unique_ptr<Backend> make_backend(const std::string& device, ModelWeights weights,
                                       const KvCacheManager& cache,
                                       const BackendOptions& options = {});

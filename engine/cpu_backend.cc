@@ -44,8 +44,8 @@ void gelu(float* x, size_t count, Activation activation) {
 
 }  // namespace
 
-CpuBackend::CpuBackend(ModelWeights weights, const KvCacheManager& manager)
-    : weights_(std::move(weights)), manager_(manager), cache_(manager, weights_.config) {
+CpuBackend::CpuBackend(ModelWeights weights, const KvCacheConfig& kv, int32_t num_blocks)
+    : weights_(std::move(weights)), cache_(kv, num_blocks, weights_.config) {
   const ModelConfig& cfg = weights_.config;
   const int C = cfg.n_embd, F = cfg.n_inner;
   // Each layer matrix is kept only in its packed form; the token embedding stays as it is for
@@ -66,12 +66,10 @@ void CpuBackend::forward(const std::vector<ForwardItem>& items, std::vector<floa
   const ModelConfig& cfg = weights_.config;
   const int C = cfg.n_embd, F = cfg.n_inner, V = cfg.vocab_size, H = cfg.n_head;
   std::vector<int> first_row(items.size());
-  std::vector<const SequenceCache*> sequences(items.size());
   int rows = 0;
   for (size_t i = 0; i < items.size(); ++i) {
     first_row[i] = rows;
     rows += static_cast<int>(items[i].tokens.size());
-    sequences[i] = &manager_.sequence(items[i].sequence_id);
     if (items[i].tokens.empty()) throw std::invalid_argument("forward: an item has no tokens");
   }
   x_.resize(static_cast<size_t>(rows) * C);
@@ -110,7 +108,7 @@ void CpuBackend::forward(const std::vector<ForwardItem>& items, std::vector<floa
     for (int task = 0; task < tasks; ++task) {
       const int i = task / H, head = task % H;
       try {
-        cache_.append_and_attend(layer, head, *sequences[i], items[i].start,
+        cache_.append_and_attend(layer, head, items[i].blocks, items[i].start,
                                  static_cast<int>(items[i].tokens.size()),
                                  &qkv_[static_cast<size_t>(first_row[i]) * 3 * C], 3 * C,
                                  &att_[static_cast<size_t>(first_row[i]) * C], C);

@@ -8,15 +8,16 @@
 #include "engine/backend.h"
 #include "engine/batch_invariant_gemm.h"
 #include "engine/cpu_kv_cache.h"
-#include "engine/kv_cache_manager.h"
+#include "engine/kv_format.h"
 #include "engine/model_weights.h"
 
 namespace kvserve {
 
 class CpuBackend : public Backend {
  public:
-  // Reads block tables from `manager`, which must outlive the backend.
-  CpuBackend(ModelWeights weights, const KvCacheManager& manager);
+  // Allocates a pool of `num_blocks` blocks in `kv`'s format; each step's items say which blocks
+  // their sequences hold.
+  CpuBackend(ModelWeights weights, const KvCacheConfig& kv, int32_t num_blocks);
 
   std::string name() const override { return "cpu"; }
   void forward(const std::vector<ForwardItem>& items, std::vector<float>& logits) override;
@@ -29,7 +30,6 @@ class CpuBackend : public Backend {
   ModelWeights weights_;  // the layer matrices are moved into packed_layers_
   std::vector<PackedLayer> packed_layers_;
   PackedWeights lm_head_;  // the token embedding, transposed
-  const KvCacheManager& manager_;
   CpuKvCache cache_;
   // Activations, reused across steps; T = tokens in the step.
   std::vector<float> x_;    // [T][C] residual stream

@@ -50,16 +50,14 @@ void attend_block(const float* query, const float* keys, int key_stride, const f
 
 }  // namespace
 
-CpuKvCache::CpuKvCache(const KvCacheManager& manager, const ModelConfig& model)
-    : manager_(manager),
-      config_(manager.config()),
-      layout_(manager.layout()),
+CpuKvCache::CpuKvCache(const KvCacheConfig& config, int32_t num_blocks, const ModelConfig& model)
+    : config_(config),
+      layout_(make_page_layout(config, model)),
       n_head_(model.n_head),
       head_dim_(model.head_dim()),
       n_embd_(model.n_embd),
-      num_blocks_(manager.num_blocks()),
-      storage_bytes_(static_cast<size_t>(model.n_layer) * manager.num_blocks() *
-                     layout_.block_bytes),
+      num_blocks_(num_blocks),
+      storage_bytes_(static_cast<size_t>(model.n_layer) * num_blocks * layout_.block_bytes),
       storage_(static_cast<uint8_t*>(std::calloc(std::max<size_t>(storage_bytes_, 1), 1)),
                &std::free) {
   if (!storage_) {
@@ -68,7 +66,7 @@ CpuKvCache::CpuKvCache(const KvCacheManager& manager, const ModelConfig& model)
   }
 }
 
-void CpuKvCache::write_pages(int layer, int head, const SequenceCache& seq, int first, int last,
+void CpuKvCache::write_pages(int layer, int head, const BlockTableView& seq, int first, int last,
                              int window_start, const float* window_k, const float* window_v) {
   const int D = head_dim_, P = config_.page_tokens, G = config_.key_group;
   const int GV = config_.value_group, bits = kv_bits(config_.format);
@@ -190,7 +188,7 @@ void CpuKvCache::dequantize_page(int layer, int head, int32_t id, int valid, flo
   }
 }
 
-void CpuKvCache::append_and_attend(int layer, int head, const SequenceCache& seq, int start,
+void CpuKvCache::append_and_attend(int layer, int head, const BlockTableView& seq, int start,
                                    int count, const float* qkv, int qkv_stride, float* out,
                                    int out_stride) {
   const int D = head_dim_, C = n_embd_, P = config_.page_tokens;

@@ -8,7 +8,8 @@
 #include <memory>
 #include <vector>
 
-#include "engine/kv_cache_manager.h"
+#include "engine/block_table.h"
+#include "engine/kv_format.h"
 #include "engine/model_config.h"
 
 namespace kvserve {
@@ -16,16 +17,16 @@ namespace kvserve {
 class CpuKvCache {
  public:
   // Allocates n_layer * num_blocks * block_bytes of host memory, once.
-  CpuKvCache(const KvCacheManager& manager, const ModelConfig& model);
+  CpuKvCache(const KvCacheConfig& config, int32_t num_blocks, const ModelConfig& model);
 
   // One head of one sequence at one layer: appends the step's keys and values (positions
-  // start .. start+count-1, already reserved by KvCacheManager::grow) and writes the attention
-  // output of the step's queries.
+  // start .. start+count-1, within the blocks `seq` reserved) and writes the attention output of
+  // the step's queries.
   //   qkv: [count][3C] rows (row stride qkv_stride floats) of the c_attn output: q | k | v
   //   out: [count][C]  rows (row stride out_stride); this head writes columns head*D .. head*D+D-1
   // Query at position t reads key/value j through its quantized form when j < paged(t + 1), and
   // through its fp16 form otherwise: decode and prefill (chunked or not) give the same result.
-  void append_and_attend(int layer, int head, const SequenceCache& seq, int start, int count,
+  void append_and_attend(int layer, int head, const BlockTableView& seq, int start, int count,
                          const float* qkv, int qkv_stride, float* out, int out_stride);
 
   size_t bytes() const { return storage_bytes_; }
@@ -36,11 +37,10 @@ class CpuKvCache {
   uint8_t* block(int layer, int32_t id) {
     return storage_.get() + (static_cast<size_t>(layer) * num_blocks_ + id) * layout_.block_bytes;
   }
-  void write_pages(int layer, int head, const SequenceCache& seq, int first, int last,
+  void write_pages(int layer, int head, const BlockTableView& seq, int first, int last,
                    int window_start, const float* window_k, const float* window_v);
   void dequantize_page(int layer, int head, int32_t id, int valid, float* keys, float* values);
 
-  const KvCacheManager& manager_;
   KvCacheConfig config_;
   KvPageLayout layout_;
   int n_head_, head_dim_, n_embd_;

@@ -23,6 +23,7 @@ class DeviceLostInjector : public Backend {
                       const std::vector<SampleRequest>& requests,
                       std::vector<SampleResult>& results) override;
   GraphCounters graph_counters() const override { return inner_->graph_counters(); }
+  int preferred_batch_tokens() const override { return inner_->preferred_batch_tokens(); }
 
  private:
   void count_call();

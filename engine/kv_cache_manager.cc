@@ -45,6 +45,15 @@ int32_t KvCacheManager::blocks_needed(int tokens) const {
   return pages_for(tokens) + residual_blocks_for(tokens);
 }
 
+int32_t KvCacheManager::peak_blocks(int tokens) const {
+  // Pages only grow. The residual blocks of any step of the way are at most those of the longest
+  // residual the sequence ever has: all its tokens while it is shorter than R + G, else R + G - 1
+  // (the step that flushes the last group holds exactly pages_for(tokens) and those).
+  if (!is_kivi(config_.format)) return pages_for(tokens);
+  const int longest_residual = std::min(tokens, config_.residual + config_.key_group - 1);
+  return pages_for(tokens) + 2 * ceil_div(longest_residual, layout_.residual_tokens_per_block);
+}
+
 void KvCacheManager::add_sequence(int64_t id) {
   if (!sequences_.emplace(id, SequenceCache{}).second) {
     throw std::logic_error("KV cache: sequence " + std::to_string(id) + " already exists");
@@ -57,6 +66,13 @@ const SequenceCache& KvCacheManager::sequence(int64_t id) const {
     throw std::logic_error("KV cache: unknown sequence " + std::to_string(id));
   }
   return it->second;
+}
+
+BlockTableView KvCacheManager::block_table(int64_t id) const {
+  const SequenceCache& seq = sequence(id);
+  return {seq.length,
+          {seq.pages.data(), seq.pages.size()},
+          {seq.residual_blocks.data(), seq.residual_blocks.size()}};
 }
 
 bool KvCacheManager::grow(int64_t id, int new_length) {

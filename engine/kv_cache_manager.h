@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "engine/block_pool.h"
+#include "engine/block_table.h"
 #include "engine/kv_format.h"
 #include "engine/model_config.h"
 
@@ -60,6 +61,13 @@ class KvCacheManager {
 
   // Blocks a sequence of `tokens` tokens holds once its step is finished.
   int32_t blocks_needed(int tokens) const;
+  // The most blocks a sequence holds at once on its way to `tokens` tokens, whatever its steps:
+  // for KIVI more than blocks_needed(tokens), as the residual peaks at R + G - 1 tokens just before
+  // a flush and a step holds its old residual blocks while it writes the new ones. A sequence that
+  // decodes its way to `tokens` cached tokens holds exactly this many at its last flush, so it can
+  // run alone in the pool exactly when this fits in num_blocks() (validation and admission count
+  // it, for max_cached_tokens of the request).
+  int32_t peak_blocks(int tokens) const;
   // Whether a new sequence that will reach `tokens` tokens in its first step fits now.
   bool can_admit(int tokens) const { return blocks_needed(tokens) <= pool_.num_free(); }
 
@@ -73,6 +81,8 @@ class KvCacheManager {
   // Frees every block of the sequence (finished, cancelled or preempted).
   void remove_sequence(int64_t id);
   const SequenceCache& sequence(int64_t id) const;
+  // The sequence's blocks as a backend reads them; valid until that sequence next changes.
+  BlockTableView block_table(int64_t id) const;
 
   CacheUsage usage() const;
 

@@ -47,6 +47,7 @@ PerplexityResult evaluate_perplexity(Backend& backend, KvCacheManager& cache,
     item.sequence_id = id;
     item.tokens.assign(tokens.begin() + int64_t{w} * seq, tokens.begin() + int64_t{w + 1} * seq);
     item.all_logits = true;
+    item.blocks = cache.block_table(id);
     try {
       backend.forward({item}, logits);
     } catch (...) {

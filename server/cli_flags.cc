@@ -4,7 +4,9 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <map>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "engine/checkpoint.h"
@@ -97,8 +99,16 @@ void add_engine_flags(CLI::App* app, EngineFlags& flags) {
   app->add_option("--max-num-seqs", flags.options.max_num_seqs, "sequences per step")
       ->check(positive());
   app->add_option("--max-batch-tokens", flags.options.max_batch_tokens,
-                  "tokens per step (decodes plus prompt chunks)")
+                  "tokens per step (decodes plus prompt chunks); default: 16384 on cuda, 2048 on "
+                  "cpu (engine/README.md)")
       ->check(positive());
+  const std::map<std::string, AdmissionPolicy> admission = {
+      {"final-length", AdmissionPolicy::kReserveFinalLength}, {"prompt", AdmissionPolicy::kPrompt}};
+  app->add_option("--admission", flags.options.admission,
+                  "final-length: admit while every running request fits the pool at prompt + "
+                  "max_new_tokens (no preemption); prompt: while the prompt fits (preempts)")
+      ->transform(CLI::CheckedTransformer(admission))
+      ->default_str("final-length");
 }
 
 KvCacheConfig kv_config(const KvFlags& flags, const ModelConfig& model) {

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "engine/fp16.h"
+#include "engine/kv_cache_manager.h"
 #include "engine/kv_quant.h"
 #include "tests/kv_test_models.h"
 
@@ -158,7 +159,7 @@ std::vector<Case> all_formats() {
 void check_sequence(const Case& tc, const std::vector<int>& chunks, int n, uint32_t seed) {
   const ModelConfig model = testing::gpt2_geometry(1, kHeads, kEmbd);
   KvCacheManager manager(tc.config, model, 200);
-  CpuKvCache cache(manager, model);
+  CpuKvCache cache(manager.config(), manager.num_blocks(), model);
   const RandomSequence s(n, seed);
   const QuantizedView views[kHeads] = {quantized_view(s, n, 0, tc.config),
                                        quantized_view(s, n, 1, tc.config)};
@@ -169,7 +170,7 @@ void check_sequence(const Case& tc, const std::vector<int>& chunks, int n, uint3
     ASSERT_TRUE(manager.grow(1, pos + count));
     std::vector<float> out(static_cast<size_t>(count) * kEmbd);
     for (int h = 0; h < kHeads; ++h) {
-      cache.append_and_attend(0, h, manager.sequence(1), pos, count,
+      cache.append_and_attend(0, h, manager.block_table(1), pos, count,
                               &s.qkv[static_cast<size_t>(pos) * 3 * kEmbd], 3 * kEmbd, out.data(),
                               kEmbd);
     }
@@ -215,7 +216,7 @@ TEST(CpuKvCache, SequencesDoNotShareGroupsOrBlocks) {
   const ModelConfig model = testing::gpt2_geometry(1, kHeads, kEmbd);
   auto run = [&](bool interleaved, int which) {
     KvCacheManager manager(tc.config, model, 200);
-    CpuKvCache cache(manager, model);
+    CpuKvCache cache(manager.config(), manager.num_blocks(), model);
     const RandomSequence a(120, 21), b(120, 22);
     manager.add_sequence(1);
     manager.add_sequence(2);
@@ -227,7 +228,7 @@ TEST(CpuKvCache, SequencesDoNotShareGroupsOrBlocks) {
         EXPECT_TRUE(manager.grow(id, pos + 1));
         std::vector<float> out(kEmbd);
         for (int h = 0; h < kHeads; ++h) {
-          cache.append_and_attend(0, h, manager.sequence(id), pos, 1,
+          cache.append_and_attend(0, h, manager.block_table(id), pos, 1,
                                   &s.qkv[static_cast<size_t>(pos) * 3 * kEmbd], 3 * kEmbd,
                                   out.data(), kEmbd);
         }

@@ -58,7 +58,8 @@ std::unique_ptr<Engine> make_engine(std::function<void(int)> before_forward,
   const ModelConfig& model = shared_weights().config;
   auto cache = std::make_unique<KvCacheManager>(testing::fixture_format("kivi2"), model, 512);
   auto backend = std::make_unique<HookedBackend>(
-      std::make_unique<CpuBackend>(shared_weights(), *cache), std::move(before_forward));
+      std::make_unique<CpuBackend>(shared_weights(), cache->config(), cache->num_blocks()),
+      std::move(before_forward));
   EngineOptions options;
   options.max_num_seqs = max_num_seqs;
   return std::make_unique<Engine>(model, std::move(cache), std::move(backend), options);

@@ -15,6 +15,7 @@
 #include "engine/cuda/cuda_backend.h"
 #include "engine/engine.h"
 #include "kernels/device_info.h"
+#include "tests/block_tables.h"
 #include "tests/reference_fixture.h"
 #include "tests/test_support.h"
 
@@ -25,6 +26,7 @@ using nlohmann::json;
 using testing::fixture_format;
 using testing::ids_of;
 using testing::shared_weights;
+using testing::with_block_tables;
 
 const json& fixture() {
   return testing::logits_fixture();
@@ -36,8 +38,9 @@ const json& fixture() {
 // graphs: whether the CUDA backend replays decode steps from CUDA graphs.
 std::unique_ptr<Backend> make(bool gpu, const KvCacheManager& cache, bool graphs = true) {
   if (gpu)
-    return std::make_unique<CudaBackend>(shared_weights(), cache, CudaBackendOptions{graphs});
-  return std::make_unique<CpuBackend>(shared_weights(), cache);
+    return std::make_unique<CudaBackend>(shared_weights(), cache.config(), cache.num_blocks(),
+                                         CudaBackendOptions{graphs});
+  return std::make_unique<CpuBackend>(shared_weights(), cache.config(), cache.num_blocks());
 }
 
 // The CUDA backend's model with the host sampler: Backend's default forward_sample over
@@ -46,7 +49,7 @@ std::unique_ptr<Backend> make(bool gpu, const KvCacheManager& cache, bool graphs
 class HostSampledCudaBackend : public Backend {
  public:
   HostSampledCudaBackend(const ModelWeights& weights, const KvCacheManager& cache)
-      : cuda_(weights, cache) {}
+      : cuda_(weights, cache.config(), cache.num_blocks()) {}
   std::string name() const override { return "cuda, host sampler"; }
   void forward(const std::vector<ForwardItem>& items, std::vector<float>& logits) override {
     cuda_.forward(items, logits);
@@ -182,7 +185,8 @@ TEST(GpuBackend, ForwardSamplePicksWhatTheHostSamplerPicks) {
     SCOPED_TRACE(mixed ? std::string("mixed kinds") : "kind " + std::to_string(assignment));
     KvCacheManager cache_a(fixture_format("kivi2"), model, 4096),
         cache_b(fixture_format("kivi2"), model, 4096);
-    CudaBackend a(shared_weights(), cache_a), b(shared_weights(), cache_b);
+    CudaBackend a(shared_weights(), cache_a.config(), cache_a.num_blocks()),
+        b(shared_weights(), cache_b.config(), cache_b.num_blocks());
     std::vector<ForwardItem> items;
     std::vector<std::vector<int32_t>> history;
     for (const json& prompt : fixture()["prompts"]) {
@@ -198,11 +202,14 @@ TEST(GpuBackend, ForwardSamplePicksWhatTheHostSamplerPicks) {
         c->add_sequence(static_cast<int64_t>(i));
         ASSERT_TRUE(c->grow(static_cast<int64_t>(i), n - 1));
       }
-      items.push_back({static_cast<int64_t>(i), 0,
-                       std::vector<int32_t>(history[i].begin(), history[i].end() - 1), false});
+      items.push_back({static_cast<int64_t>(i),
+                       0,
+                       std::vector<int32_t>(history[i].begin(), history[i].end() - 1),
+                       false,
+                       {}});
     }
-    a.forward(items, logits);
-    b.forward(items, logits);
+    a.forward(with_block_tables(items, cache_a), logits);
+    b.forward(with_block_tables(items, cache_b), logits);
     cache_a.finish_step();
     cache_b.finish_step();
     for (int step = 0; step < 8; ++step) {
@@ -213,12 +220,12 @@ TEST(GpuBackend, ForwardSamplePicksWhatTheHostSamplerPicks) {
         for (KvCacheManager* c : {&cache_a, &cache_b}) {
           ASSERT_TRUE(c->grow(static_cast<int64_t>(i), n));
         }
-        items.push_back({static_cast<int64_t>(i), n - 1, {history[i].back()}, false});
+        items.push_back({static_cast<int64_t>(i), n - 1, {history[i].back()}, false, {}});
         requests.push_back({&params_of(i), &history[i], static_cast<uint64_t>(step)});
       }
       std::vector<SampleResult> results;
-      a.forward_sample(items, requests, results);
-      b.forward(items, logits);
+      a.forward_sample(with_block_tables(items, cache_a), requests, results);
+      b.forward(with_block_tables(items, cache_b), logits);
       cache_a.finish_step();
       cache_b.finish_step();
       ASSERT_EQ(results.size(), items.size());
@@ -242,7 +249,7 @@ TEST(GpuBackend, ForwardSampleRejectsWhatTheHostSamplerRejects) {
   SKIP_WITHOUT_GPU();
   const ModelConfig& model = shared_weights().config;
   KvCacheManager cache(fixture_format("fp16"), model, 4096);
-  CudaBackend backend(shared_weights(), cache);
+  CudaBackend backend(shared_weights(), cache.config(), cache.num_blocks());
   const auto prompt = fixture()["prompts"][0]["prompt_ids"].get<std::vector<int32_t>>();
   SamplingParams valid = sampling_kinds()[0], bad_top_p = valid;
   bad_top_p.top_p = 0.0f;
@@ -255,11 +262,11 @@ TEST(GpuBackend, ForwardSampleRejectsWhatTheHostSamplerRejects) {
   for (size_t i = 0; i < params.size(); ++i) {
     cache.add_sequence(static_cast<int64_t>(i));
     ASSERT_TRUE(cache.grow(static_cast<int64_t>(i), static_cast<int>(prompt.size())));
-    items.push_back({static_cast<int64_t>(i), 0, prompt, false});
+    items.push_back({static_cast<int64_t>(i), 0, prompt, false, {}});
     requests.push_back({params[i], histories[i], 0});
   }
   std::vector<SampleResult> results;
-  backend.forward_sample(items, requests, results);
+  backend.forward_sample(with_block_tables(items, cache), requests, results);
   cache.finish_step();
   ASSERT_EQ(results.size(), items.size());
   for (size_t i = 0; i < 3; ++i) {
@@ -273,12 +280,12 @@ TEST(GpuBackend, ForwardSampleRejectsWhatTheHostSamplerRejects) {
   // The same batch on a second backend gives the same logits bit for bit.
   std::vector<float> logits;
   KvCacheManager host_cache(fixture_format("fp16"), model, 4096);
-  CudaBackend host_backend(shared_weights(), host_cache);
+  CudaBackend host_backend(shared_weights(), host_cache.config(), host_cache.num_blocks());
   for (size_t i = 0; i < items.size(); ++i) {
     host_cache.add_sequence(static_cast<int64_t>(i));
     ASSERT_TRUE(host_cache.grow(static_cast<int64_t>(i), static_cast<int>(prompt.size())));
   }
-  host_backend.forward(items, logits);
+  host_backend.forward(with_block_tables(items, host_cache), logits);
   host_cache.finish_step();
   EXPECT_EQ(results[0].token.id,
             sample_token(logits.data(), model.vocab_size, valid, prompt, 0).id);
@@ -336,8 +343,10 @@ void expect_graphs_replay_eager_steps(const std::string& format, int joins, int 
   greedy.temperature = 0.0f;
   KvCacheManager cache_eager(fixture_format(format), model, pool_blocks),
       cache_graphs(fixture_format(format), model, pool_blocks);
-  CudaBackend eager(shared_weights(), cache_eager, CudaBackendOptions{false}),
-      graphs(shared_weights(), cache_graphs, CudaBackendOptions{true});
+  CudaBackend eager(shared_weights(), cache_eager.config(), cache_eager.num_blocks(),
+                    CudaBackendOptions{false}),
+      graphs(shared_weights(), cache_graphs.config(), cache_graphs.num_blocks(),
+             CudaBackendOptions{true});
   struct Live {
     int64_t id;
     std::vector<int32_t> history;  // prompt and generated ids
@@ -353,7 +362,7 @@ void expect_graphs_replay_eager_steps(const std::string& format, int joins, int 
       const int length = static_cast<int>(s.history.size()) - 1;  // the last id is not cached
       for (KvCacheManager* c : {&cache_eager, &cache_graphs})
         ASSERT_TRUE(c->grow(s.id, length + 1));
-      items.push_back({s.id, length, {s.history.back()}, false});
+      items.push_back({s.id, length, {s.history.back()}, false, {}});
     }
     const size_t decodes = items.size();
     if (step % join_every == 0) {
@@ -365,7 +374,7 @@ void expect_graphs_replay_eager_steps(const std::string& format, int joins, int 
           c->add_sequence(id);
           ASSERT_TRUE(c->grow(id, static_cast<int>(prompt.size())));
         }
-        items.push_back({id, 0, prompt, false});
+        items.push_back({id, 0, prompt, false, {}});
         live.push_back({id, prompt, prompt.size() + 20 + static_cast<size_t>(id * 29 % 111)});
       }
     }
@@ -375,8 +384,8 @@ void expect_graphs_replay_eager_steps(const std::string& format, int joins, int 
       requests.push_back({&greedy, &live[i].history, static_cast<uint64_t>(step)});
     }
     std::vector<SampleResult> expected, got;
-    eager.forward_sample(items, requests, expected);
-    graphs.forward_sample(items, requests, got);
+    eager.forward_sample(with_block_tables(items, cache_eager), requests, expected);
+    graphs.forward_sample(with_block_tables(items, cache_graphs), requests, got);
     cache_eager.finish_step();
     cache_graphs.finish_step();
     ASSERT_EQ(expected.size(), items.size());
@@ -444,7 +453,7 @@ TEST(GpuBackend, LogitsAreCloseToTheCpuBackend) {
         auto backend = make(gpu == 1, cache);
         cache.add_sequence(1);
         ASSERT_TRUE(cache.grow(1, static_cast<int>(tokens.size())));
-        backend->forward({{1, 0, tokens, true}}, logits[gpu]);
+        backend->forward(with_block_tables({{1, 0, tokens, true, {}}}, cache), logits[gpu]);
       }
       ASSERT_EQ(logits[0].size(), logits[1].size());
       double max_diff = 0.0, mean_diff = 0.0, max_logit = 0.0;

@@ -109,7 +109,8 @@ std::vector<Outcome> run(Engine& engine, const std::vector<GenerationRequest>& r
 std::unique_ptr<Engine> make_engine() {
   const ModelConfig& model = shared_weights().config;
   auto cache = std::make_unique<KvCacheManager>(testing::fixture_format("kivi2"), model, 4096);
-  auto backend = std::make_unique<CudaBackend>(shared_weights(), *cache);
+  auto backend =
+      std::make_unique<CudaBackend>(shared_weights(), cache->config(), cache->num_blocks());
   return std::make_unique<Engine>(model, std::move(cache), std::move(backend), EngineOptions{});
 }
 
@@ -167,7 +168,7 @@ TEST(GpuFault, PoolLargerThanFreeMemoryIsRefusedAtStart) {
       static_cast<int32_t>(std::min<size_t>(free_before / per_block + 1024, INT32_MAX));
   const KvCacheManager manager(config, model, blocks);
   try {
-    CudaKvCache cache(manager, model);
+    CudaKvCache cache(manager.config(), manager.num_blocks(), model);
     FAIL() << "a " << (static_cast<size_t>(blocks) * per_block >> 20) << " MiB pool was accepted";
   } catch (const std::runtime_error& e) {
     EXPECT_NE(std::string(e.what()).find("--kv-pool-mb"), std::string::npos) << e.what();

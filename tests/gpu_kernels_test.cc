@@ -21,9 +21,12 @@
 #include "kernels/embedding.h"
 #include "kernels/layer_norm.h"
 #include "kernels/paged_attention.h"
+#include "tests/block_tables.h"
 
 namespace kvserve {
 namespace {
+
+using testing::with_block_tables;
 
 #define SKIP_WITHOUT_GPU() \
   if (cuda::visible_device_count() == 0) GTEST_SKIP() << "no CUDA GPU visible"
@@ -158,7 +161,7 @@ void check_step(const KvCacheManager& manager, CpuKvCache& cpu, CudaKvCache& gpu
   cuda::DeviceBuffer<__half> qkv_device, out_device;
   int rows = 0;
   for (const ForwardItem& item : items) rows += static_cast<int>(item.tokens.size());
-  gpu.prepare(items, stream);
+  gpu.prepare(with_block_tables(items, manager), stream);
   for (int layer = 0; layer < model.n_layer; ++layer) {
     std::vector<float> qkv(static_cast<size_t>(rows) * 3 * C);  // [rows][3C], fp16 values
     for (size_t i = 0; i < qkv.size(); ++i) {
@@ -169,7 +172,7 @@ void check_step(const KvCacheManager& manager, CpuKvCache& cpu, CudaKvCache& gpu
     for (const ForwardItem& item : items) {
       const int count = static_cast<int>(item.tokens.size());
       for (int head = 0; head < H; ++head) {
-        cpu.append_and_attend(layer, head, manager.sequence(item.sequence_id), item.start, count,
+        cpu.append_and_attend(layer, head, manager.block_table(item.sequence_id), item.start, count,
                               &qkv[static_cast<size_t>(row) * 3 * C], 3 * C,
                               &expected[static_cast<size_t>(row) * C], C);
       }
@@ -214,8 +217,8 @@ TEST(GpuKvCache, MatchesTheCpuCacheInEveryFormat) {
     SCOPED_TRACE(test.name);
     std::mt19937 rng(1234);
     KvCacheManager manager(test.config, model, 400);
-    CpuKvCache cpu(manager, model);
-    CudaKvCache gpu(manager, model);
+    CpuKvCache cpu(manager.config(), manager.num_blocks(), model);
+    CudaKvCache gpu(manager.config(), manager.num_blocks(), model);
     ASSERT_EQ(cpu.bytes(), gpu.bytes());
     cudaStream_t stream = nullptr;
     KVSERVE_CUDA_CHECK(cudaStreamCreate(&stream));
@@ -241,7 +244,7 @@ TEST(GpuKvCache, MatchesTheCpuCacheInEveryFormat) {
         if (length == 0 || rng() % 4 == 0) count = 1 + static_cast<int>(rng() % 90);
         count = std::min(count, s.target - length);
         ASSERT_TRUE(manager.grow(s.id, length + count));
-        items.push_back({s.id, length, std::vector<int32_t>(count, 0), false});
+        items.push_back({s.id, length, std::vector<int32_t>(count, 0), false, {}});
       }
       ASSERT_NO_FATAL_FAILURE(
           check_step(manager, cpu, gpu, items, channel_scale, rng, stream, steps, worst));
@@ -279,11 +282,11 @@ TEST(GpuKvCache, DecodeStepsMatchTheCpuCacheSplitAndUnsplit) {
   for (const VariantCase& test : variant_cases(cache_cases())) {
     const ScopedDecodeVariant variant(test.variant);
     KvCacheManager manager(test.config, model, many * 16);
-    CudaKvCache gpu(manager, model);
+    CudaKvCache gpu(manager.config(), manager.num_blocks(), model);
     if (!gpu.decode_attention_supported()) continue;
     SCOPED_TRACE(test.name);
     std::mt19937 rng(99);
-    CpuKvCache cpu(manager, model);
+    CpuKvCache cpu(manager.config(), manager.num_blocks(), model);
     cudaStream_t stream = nullptr;
     KVSERVE_CUDA_CHECK(cudaStreamCreate(&stream));
     const std::vector<float> channel_scale = random_channel_scale(model.n_embd, rng);
@@ -295,7 +298,7 @@ TEST(GpuKvCache, DecodeStepsMatchTheCpuCacheSplitAndUnsplit) {
       manager.add_sequence(i);
       const int length = 1 + static_cast<int>(rng() % 150);
       ASSERT_TRUE(manager.grow(i, length));
-      prefill.push_back({i, 0, std::vector<int32_t>(length, 0), false});
+      prefill.push_back({i, 0, std::vector<int32_t>(length, 0), false, {}});
     }
     ASSERT_NO_FATAL_FAILURE(
         check_step(manager, cpu, gpu, prefill, channel_scale, rng, stream, 0, worst));
@@ -309,7 +312,7 @@ TEST(GpuKvCache, DecodeStepsMatchTheCpuCacheSplitAndUnsplit) {
       for (int64_t id : ids) {
         const int length = manager.sequence(id).length;
         ASSERT_TRUE(manager.grow(id, length + 1));
-        items.push_back({id, length, {0}, false});
+        items.push_back({id, length, {0}, false, {}});
       }
       ASSERT_NO_FATAL_FAILURE(
           check_step(manager, cpu, gpu, items, channel_scale, rng, stream, step, worst));
@@ -339,7 +342,7 @@ TEST(GpuKvCache, DecodeAttentionThroughput) {
     const ScopedDecodeVariant variant(test.variant);
     const KvCacheConfig& config = test.config;
     KvCacheManager manager(config, model, batch * 48);
-    CudaKvCache gpu(manager, model);
+    CudaKvCache gpu(manager.config(), manager.num_blocks(), model);
     cudaStream_t stream = nullptr;
     KVSERVE_CUDA_CHECK(cudaStreamCreate(&stream));
     // Random q | k | v rows, reused by every prefill chunk and the decode step.
@@ -356,18 +359,18 @@ TEST(GpuKvCache, DecodeAttentionThroughput) {
       for (int i = first; i < first + chunk_items; ++i) {
         manager.add_sequence(i);
         ASSERT_TRUE(manager.grow(i, context));
-        items.push_back({i, 0, std::vector<int32_t>(context, 0), false});
+        items.push_back({i, 0, std::vector<int32_t>(context, 0), false, {}});
       }
-      gpu.prepare(items, stream);
+      gpu.prepare(with_block_tables(items, manager), stream);
       gpu.append_and_attend(0, qkv_d, out_d, stream);
       manager.finish_step();
     }
     std::vector<ForwardItem> items;
     for (int i = 0; i < batch; ++i) {
       ASSERT_TRUE(manager.grow(i, context + 1));
-      items.push_back({i, context, {0}, false});
+      items.push_back({i, context, {0}, false, {}});
     }
-    gpu.prepare(items, stream);
+    gpu.prepare(with_block_tables(items, manager), stream);
     cudaEvent_t start, stop;
     KVSERVE_CUDA_CHECK(cudaEventCreate(&start));
     KVSERVE_CUDA_CHECK(cudaEventCreate(&stop));

@@ -43,7 +43,7 @@ TEST(Perplexity, WindowsMatchTransformersAndTheSimulation) {
     KvCacheConfig config;
     config.format = check.format;
     KvCacheManager cache(config, model, 256);
-    CpuBackend backend(weights, cache);
+    CpuBackend backend(weights, cache.config(), cache.num_blocks());
     const PerplexityResult r = evaluate_perplexity(backend, cache, eval_tokens(), 2, 1024);
     EXPECT_EQ(r.tokens, 2 * 1023);
     EXPECT_EQ(cache.usage().used_bytes, 0);
@@ -62,7 +62,7 @@ TEST(Perplexity, WindowsMatchTransformersAndTheSimulation) {
 TEST(Perplexity, RejectsTooLittleText) {
   ModelWeights weights = load_model(testing::shared_model_dir());
   KvCacheManager cache(KvCacheConfig{}, weights.config, 64);
-  CpuBackend backend(weights, cache);
+  CpuBackend backend(weights, cache.config(), cache.num_blocks());
   EXPECT_THROW(evaluate_perplexity(backend, cache, {1, 2, 3}, 1, 16), std::invalid_argument);
 }
 

@@ -29,7 +29,8 @@ const json& fixture() {
 std::unique_ptr<Engine> make_engine(const KvCacheConfig& config, EngineOptions options = {}) {
   const ModelConfig& model = shared_weights().config;
   auto cache = std::make_unique<KvCacheManager>(config, model, 4096);
-  auto backend = std::make_unique<CpuBackend>(shared_weights(), *cache);
+  auto backend =
+      std::make_unique<CpuBackend>(shared_weights(), cache->config(), cache->num_blocks());
   return std::make_unique<Engine>(model, std::move(cache), std::move(backend), options);
 }
 
@@ -49,11 +50,11 @@ LogitDifference logit_difference(const json& prompt, const std::string& format) 
   tokens.insert(tokens.end(), greedy.begin(), greedy.end());
   const ModelConfig& model = shared_weights().config;
   KvCacheManager cache(fixture_format(format), model, 4096);
-  CpuBackend backend(shared_weights(), cache);
+  CpuBackend backend(shared_weights(), cache.config(), cache.num_blocks());
   cache.add_sequence(1);
   EXPECT_TRUE(cache.grow(1, static_cast<int>(tokens.size())));
   std::vector<float> logits;
-  backend.forward({{1, 0, tokens, true}}, logits);
+  backend.forward({{1, 0, tokens, true, cache.block_table(1)}}, logits);
   const json& expected = prompt["formats"][format];
   LogitDifference result;
   auto compare = [&](float ours, double reference) {
@@ -152,13 +153,14 @@ TEST(Reference, LogitsDoNotDependOnTheBatch) {
   const std::vector<int32_t> prompt = ids_of(fixture()["prompts"][1]["prompt_ids"]);
   auto logits_with_company = [&](int company) {
     KvCacheManager cache(fixture_format("kivi2"), model, 4096);
-    CpuBackend backend(shared_weights(), cache);
+    CpuBackend backend(shared_weights(), cache.config(), cache.num_blocks());
     std::vector<ForwardItem> prefill, decode;
     for (int s = 0; s <= company; ++s) {
       cache.add_sequence(s);
       EXPECT_TRUE(cache.grow(s, static_cast<int>(prompt.size()) + 1));
-      prefill.push_back({s, 0, prompt, false});
-      decode.push_back({s, static_cast<int>(prompt.size()), {prompt.front()}, false});
+      prefill.push_back({s, 0, prompt, false, cache.block_table(s)});
+      decode.push_back(
+          {s, static_cast<int>(prompt.size()), {prompt.front()}, false, cache.block_table(s)});
     }
     std::vector<float> logits;
     backend.forward(prefill, logits);
@@ -291,12 +293,15 @@ TEST(Reference, SeededSamplingDoesNotDependOnTheBatch) {
 TEST(Reference, PreemptionRecomputesWithoutChangingResults) {
   GenerationRequest r = greedy_request(fixture()["prompts"][0], 150);
   const std::vector<int32_t> expected = generate_alone(fixture_format("kivi2"), r);
-  // Four short prompts are admitted, but as they grow the pool cannot hold all four (up to 15
-  // blocks each): the newest are preempted and recomputed.
+  // Admitted on their prompts alone (vLLM's rule), four short prompts all start, but as they grow
+  // the pool cannot hold all four (up to 15 blocks each): the newest are preempted and recomputed.
   const ModelConfig& model = shared_weights().config;
   auto cache = std::make_unique<KvCacheManager>(fixture_format("kivi2"), model, 36);
-  auto backend = std::make_unique<CpuBackend>(shared_weights(), *cache);
-  Engine engine(model, std::move(cache), std::move(backend), EngineOptions{});
+  auto backend =
+      std::make_unique<CpuBackend>(shared_weights(), cache->config(), cache->num_blocks());
+  EngineOptions options;
+  options.admission = AdmissionPolicy::kPrompt;
+  Engine engine(model, std::move(cache), std::move(backend), options);
   std::map<RequestId, std::vector<int32_t>> out;
   for (int i = 0; i < 4; ++i) out[engine.add_request(r)];
   std::vector<StepEvent> events;

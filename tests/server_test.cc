@@ -428,6 +428,28 @@ TEST(ServerLimits, FullQueueIsResourceExhausted) {
   expect_third_request_refused({"--max-queued-requests", "1"}, "queue");
 }
 
+// Issue 13, item 2: with --kv-pool-mb 1 (28 kivi2 blocks of the test model), prompt [464] + 739
+// new tokens was accepted, stopped at 604 tokens and froze the engine in a preemption loop. It is
+// INVALID_ARGUMENT up front now, and what does fit is served.
+TEST(ServerLimits, RequestThatCanNeverFitThePoolIsInvalidArgument) {
+  ServerProcess server(
+      {"--model", testing::shared_model_dir(), "--kv", "kivi2", "--kv-pool-mb", "1"});
+  auto stub = server.stub();
+  v1::GenerateRequest request;
+  request.mutable_prompt_token_ids()->add_ids(464);
+  request.mutable_stopping()->set_max_new_tokens(739);
+  request.mutable_stopping()->set_ignore_eos(true);
+  const StreamResult refused = testing::generate(*stub, request);
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(refused.status.error_message().find("--kv-pool-mb"), std::string::npos)
+      << refused.status.error_message();
+  request.mutable_stopping()->set_max_new_tokens(400);  // peaks at 23 blocks
+  const StreamResult served = testing::generate(*stub, request);
+  ASSERT_TRUE(served.status.ok()) << served.status.error_message();
+  EXPECT_EQ(served.ids.size(), 400u);
+  expect_cache_drains(server);
+}
+
 TEST(ServerLimits, TooManyStreamsIsResourceExhausted) {
   // The running and the waiting request hold the two streams allowed.
   expect_third_request_refused({"--max-queued-requests", "100", "--max-concurrent-streams", "2"},

@@ -89,7 +89,7 @@ int run_bench_decode(const BenchDecodeFlags& flags) {
         cache->grow(ids[i], flags.context);
         std::vector<int32_t> tokens(flags.context);
         for (int t = 0; t < flags.context; ++t) tokens[t] = (i * 131 + t * 7) % model.vocab_size;
-        items.push_back({ids[i], 0, tokens, false});
+        items.push_back({ids[i], 0, tokens, false, cache->block_table(ids[i])});
       }
       backend->forward(items, logits);
       cache->finish_step();
@@ -110,7 +110,7 @@ int run_bench_decode(const BenchDecodeFlags& flags) {
       std::vector<SampleRequest> requests;
       for (int i = 0; i < batch; ++i) {
         if (!cache->grow(ids[i], pos + 1)) throw std::runtime_error("bench: KV pool too small");
-        items.push_back({ids[i], pos, {next[i]}, false});
+        items.push_back({ids[i], pos, {next[i]}, false, cache->block_table(ids[i])});
         requests.push_back({&greedy, &no_history, static_cast<uint64_t>(step)});
       }
       backend->forward_sample(items, requests, picked);

@@ -70,14 +70,16 @@ int run_bench_engine(const BenchEngineFlags& flags) {
   using Clock = std::chrono::steady_clock;
   const Clock::time_point start = Clock::now();
   int queued = 0, in_flight = 0, finished = 0, failed = 0, steps = 0;
-  int64_t output_tokens = 0;
+  int64_t output_tokens = 0, preemptions = 0, recomputed_tokens = 0;
   while (finished < flags.requests) {
     for (; in_flight < flags.concurrency && queued < flags.requests; ++queued, ++in_flight) {
       engine.add_request(requests[flags.warmup_requests + queued]);
     }
     events.clear();
-    engine.step(events);
+    const StepStats stats = engine.step(events);
     ++steps;
+    preemptions += stats.preemptions;
+    recomputed_tokens += stats.recomputed_tokens;
     for (const StepEvent& event : events) {
       if (event.has_token) ++output_tokens;
       if (event.finish == FinishReason::kNone) continue;
@@ -100,6 +102,11 @@ int run_bench_engine(const BenchEngineFlags& flags) {
                               {"max_new_tokens", flags.max_new_tokens},
                               {"temperature", flags.temperature},
                               {"warmup_requests", flags.warmup_requests},
+                              {"max_num_seqs", engine.options().max_num_seqs},
+                              {"max_batch_tokens", engine.options().max_batch_tokens},
+                              {"admission", to_string(engine.options().admission)},
+                              {"preemptions", preemptions},
+                              {"recomputed_tokens", recomputed_tokens},
                               {"failed", failed},
                               {"steps", steps},
                               {"duration_s", seconds},

@@ -27,10 +27,10 @@ constexpr size_t kMaxDecodeGraphs = 128;
 
 }  // namespace
 
-CudaBackend::CudaBackend(const ModelWeights& weights, const KvCacheManager& manager,
+CudaBackend::CudaBackend(const ModelWeights& weights, const KvCacheConfig& kv, int32_t num_blocks,
                          CudaBackendOptions options)
     : config_(weights.config),
-      cache_(manager, weights.config),
+      cache_(kv, num_blocks, weights.config),
       use_graphs_(options.cuda_graphs),
       trap_at_forward_(options.trap_at_forward) {
   const ModelConfig& cfg = config_;

@@ -26,7 +26,7 @@
 #include "engine/backend.h"
 #include "engine/cuda/cuda_kv_cache.h"
 #include "engine/cuda/device_buffer.h"
-#include "engine/kv_cache_manager.h"
+#include "engine/kv_format.h"
 #include "engine/model_weights.h"
 
 namespace kvserve {
@@ -40,9 +40,9 @@ struct CudaBackendOptions {
 
 class CudaBackend : public Backend {
  public:
-  // Uploads the weights (converted to fp16 once) and allocates the KV pool on the current device.
-  // Reads block tables from `manager`, which must outlive the backend.
-  CudaBackend(const ModelWeights& weights, const KvCacheManager& manager,
+  // Uploads the weights (converted to fp16 once) and allocates a KV pool of `num_blocks` blocks in
+  // `kv`'s format on the current device; each step's items say which blocks their sequences hold.
+  CudaBackend(const ModelWeights& weights, const KvCacheConfig& kv, int32_t num_blocks,
               CudaBackendOptions options = {});
   ~CudaBackend() override;
   CudaBackend(const CudaBackend&) = delete;
@@ -58,6 +58,9 @@ class CudaBackend : public Backend {
                       const std::vector<SampleRequest>& requests,
                       std::vector<SampleResult>& results) override;
   GraphCounters graph_counters() const override { return graph_counters_; }
+  // GPU steps keep getting cheaper per token up to about this size (engine/README.md, "The token
+  // budget": on an H100 a 2,048-token budget halves end-to-end throughput).
+  int preferred_batch_tokens() const override { return 16384; }
   // The whole KV pool, [n_layer][num_blocks][block_bytes], for tests.
   std::vector<uint8_t> download_cache() const { return cache_.download(stream_); }
 

@@ -13,9 +13,8 @@
 namespace kvserve {
 namespace {
 
-cuda::KvCacheView make_view(const KvCacheManager& manager, const ModelConfig& model) {
-  const KvCacheConfig& c = manager.config();
-  const KvPageLayout& l = manager.layout();
+cuda::KvCacheView make_view(const KvCacheConfig& c, const ModelConfig& model) {
+  const KvPageLayout l = make_page_layout(c, model);
   cuda::KvCacheView v;
   v.block_bytes = static_cast<int64_t>(l.block_bytes);
   v.key_codes = static_cast<int64_t>(l.key_codes);
@@ -39,12 +38,12 @@ cuda::KvCacheView make_view(const KvCacheManager& manager, const ModelConfig& mo
 
 }  // namespace
 
-CudaKvCache::CudaKvCache(const KvCacheManager& manager, const ModelConfig& model)
-    : manager_(manager),
-      view_(make_view(manager, model)),
+CudaKvCache::CudaKvCache(const KvCacheConfig& config, int32_t num_blocks, const ModelConfig& model)
+    : num_blocks_(num_blocks),
+      view_(make_view(config, model)),
       n_layer_(model.n_layer),
       channels_(model.n_embd),
-      layer_bytes_(static_cast<size_t>(manager.num_blocks()) * manager.layout().block_bytes),
+      layer_bytes_(static_cast<size_t>(num_blocks) * static_cast<size_t>(view_.block_bytes)),
       bytes_(layer_bytes_ * model.n_layer) {
   size_t free_bytes = 0, total_bytes = 0;
   KVSERVE_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
@@ -85,7 +84,7 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
   int rows = 0, max_len = 0;
   decode_ = n > 0 && cuda::decode_attention_supported(view_);
   for (int i = 0; i < n; ++i) {
-    const SequenceCache& seq = manager_.sequence(items[i].sequence_id);
+    const BlockTableView& seq = items[i].blocks;
     const int tokens = static_cast<int>(items[i].tokens.size());
     if (items[i].start + tokens > seq.length) {
       throw std::logic_error("KV cache: append beyond the reserved length of the sequence");
@@ -120,7 +119,7 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
   // that many keeps the buffer (and the graphs that address it) in place as contexts grow.
   const size_t ids = pages.size() + residual.size();
   int32_t* device =
-      device_meta_.reserve(host_meta_.size() + std::max<size_t>(ids, manager_.num_blocks()) - ids);
+      device_meta_.reserve(host_meta_.size() + std::max<size_t>(ids, num_blocks_) - ids);
   std::memcpy(pinned, host_meta_.data(), host_meta_.size() * sizeof(int32_t));
   KVSERVE_CUDA_CHECK(cudaMemcpyAsync(device, pinned, host_meta_.size() * sizeof(int32_t),
                                      cudaMemcpyHostToDevice, stream));

@@ -11,7 +11,7 @@
 
 #include "engine/backend.h"
 #include "engine/cuda/device_buffer.h"
-#include "engine/kv_cache_manager.h"
+#include "engine/kv_format.h"
 #include "engine/model_config.h"
 #include "kernels/decode_attention.h"
 #include "kernels/kv_cache_view.h"
@@ -22,12 +22,12 @@ class CudaKvCache {
  public:
   // Allocates n_layer * num_blocks * block_bytes of device memory once, after checking that it
   // fits in the free memory of the current device.
-  CudaKvCache(const KvCacheManager& manager, const ModelConfig& model);
+  CudaKvCache(const KvCacheConfig& config, int32_t num_blocks, const ModelConfig& model);
   ~CudaKvCache();
   CudaKvCache(const CudaKvCache&) = delete;
   CudaKvCache& operator=(const CudaKvCache&) = delete;
 
-  // Uploads the step's item geometry and block tables (sequences already grown) together with
+  // Uploads the step's item geometry and block tables (the items' `blocks`) together with
   // `step_indices` (the caller's per-step ints: tokens, positions, ...) in one asynchronous copy;
   // the items' rows in qkv/out are consecutive in item order. Returns the device copy of
   // step_indices, valid until the next prepare(). Every device address the step's kernels get
@@ -53,7 +53,7 @@ class CudaKvCache {
   std::vector<uint8_t> download(cudaStream_t stream) const;
 
  private:
-  const KvCacheManager& manager_;
+  int32_t num_blocks_;
   cuda::KvCacheView view_;  // blocks points at layer 0
   int n_layer_, channels_;
   size_t layer_bytes_, bytes_;
