@@ -9,6 +9,7 @@
 #include "engine/checkpoint.h"
 #include "engine/kv_cache_manager.h"
 #include "engine/kv_format.h"
+#include "server/cli_flags.h"
 #ifdef KVSERVE_WITH_CUDA
 #include "kernels/device_info.h"
 #endif
@@ -27,6 +28,7 @@ void add_bench_decode_flags(CLI::App* app, BenchDecodeFlags& flags) {
   app->add_option("--cuda-graphs", flags.cuda_graphs,
                   "on: CUDA decode steps replay captured graphs; off: every kernel launched")
       ->check(CLI::IsMember({"on", "off"}));
+  add_decode_attention_flag(app, flags.decode_attention);
 }
 
 namespace {
@@ -89,6 +91,7 @@ int run_bench_decode(const BenchDecodeFlags& flags) {
 #endif
   BackendOptions backend_options;
   backend_options.cuda_graphs = flags.cuda_graphs == "on";
+  backend_options.decode_attention = cuda::parse_decode_attention_variant(flags.decode_attention);
   auto backend = make_backend(device, std::move(weights), *cache, backend_options);
   std::vector<float> logits;
   const SamplingParams greedy{0.0f, 0, 1.0f, 1.0f, 0};
@@ -148,6 +151,7 @@ int run_bench_decode(const BenchDecodeFlags& flags) {
         {"model", flags.model},
         {"device", device},
         {"kv", flags.kv},
+        {"decode_attention", flags.decode_attention},
         {"batch", batch},
         {"context", flags.context},
         {"steps", flags.steps},

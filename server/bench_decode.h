@@ -17,6 +17,8 @@ struct BenchDecodeFlags {
   int steps = 64;                  // timed decode steps
   int warmup = 8;                  // untimed decode steps first
   std::string cuda_graphs = "on";  // CUDA backend: replay decode steps from CUDA graphs
+  // CUDA backend: the KIVI decode attention kernel (kernels/decode_attention_variant.h)
+  std::string decode_attention = "packed";
 };
 
 void add_bench_decode_flags(CLI::App* app, BenchDecodeFlags& flags);

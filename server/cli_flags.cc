@@ -61,6 +61,13 @@ Tokenizer load_tokenizer(const std::string& model, const std::string& tokenizer_
                    "vocab.json and merges.txt) or give the prompt as ids with --prompt-ids");
 }
 
+void add_decode_attention_flag(CLI::App* app, std::string& variant) {
+  app->add_option("--decode-attention", variant,
+                  "CUDA KIVI decode attention kernel: packed (2-bit codes on tensor cores), "
+                  "online (fp32) or tensor")
+      ->check(CLI::IsMember({"packed", "online", "tensor"}));
+}
+
 void add_model_flags(CLI::App* app, ModelFlags& flags) {
   app->add_option("--model", flags.model,
                   "Hugging Face GPT-2 directory or dummy:gpt2[-medium|-large|-xl] (default: "
@@ -72,6 +79,7 @@ void add_model_flags(CLI::App* app, ModelFlags& flags) {
   app->add_option("--cuda-graphs", flags.cuda_graphs,
                   "on: CUDA decode steps replay captured graphs; off: every kernel launched")
       ->check(CLI::IsMember({"on", "off"}));
+  add_decode_attention_flag(app, flags.decode_attention);
 }
 
 void add_kv_flags(CLI::App* app, KvFlags& flags) {
@@ -114,6 +122,7 @@ LoadedModel load(const ModelFlags& flags) {
   spdlog::info("device: {} ({})", loaded.device, reason);
   loaded.weights = load_model(loaded.path);  // logs what it loaded and how long it took
   loaded.backend.cuda_graphs = flags.cuda_graphs == "on";
+  loaded.backend.decode_attention = cuda::parse_decode_attention_variant(flags.decode_attention);
   return loaded;
 }
 

@@ -25,6 +25,8 @@ struct ModelFlags {
   std::string tokenizer;
   std::string device = "auto";
   std::string cuda_graphs = "on";  // CUDA backend: replay decode steps from CUDA graphs
+  // CUDA backend: the KIVI decode attention kernel (kernels/decode_attention_variant.h)
+  std::string decode_attention = "packed";
 };
 
 struct KvFlags {
@@ -44,6 +46,8 @@ std::string resolve_model(const std::string& flag);
 Tokenizer load_tokenizer(const std::string& model, const std::string& tokenizer_flag);
 
 void add_model_flags(CLI::App* app, ModelFlags& flags);
+// --decode-attention packed|online|tensor (part of add_model_flags).
+void add_decode_attention_flag(CLI::App* app, std::string& variant);
 void add_kv_flags(CLI::App* app, KvFlags& flags);
 void add_engine_flags(CLI::App* app, EngineFlags& flags);
 
