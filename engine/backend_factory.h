@@ -7,6 +7,7 @@
 #include "engine/backend.h"
 #include "engine/kv_cache_manager.h"
 #include "engine/model_weights.h"
+#include "kernels/decode_attention_variant.h"
 
 namespace kvserve {
 
@@ -18,6 +19,8 @@ struct BackendOptions {
   // CUDA backend: replay decode steps from CUDA graphs. KVSERVE_CUDA_GRAPHS=0 in the environment
   // turns them off as well.
   bool cuda_graphs = true;
+  // CUDA backend: the kernel of KIVI decode attention (`--decode-attention`).
+  cuda::DecodeAttentionVariant decode_attention = cuda::DecodeAttentionVariant::kPacked;
 };
 
 // KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD=N in the environment (fault injection, for the tests of

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "kernels/decode_attention_variant.h"
 #include "kernels/kv_cache_view.h"
 
 namespace kvserve::cuda {
@@ -34,12 +35,10 @@ DecodeSplit decode_attention_split(int items, int n_head, int max_len, int sm_co
 //   out:     fp16 [items][C]  (row stride out_stride)
 //   partial: fp32 [items][n_head][splits][head_dim + 2] scratch (output, max, sum of each
 //            split); unused (may be null) when splits == 1
-// KIVI runs the kernel named by the environment variable KVSERVE_DECODE_ATTENTION_VARIANT, read
-// at each call: "online" (default; one pass with a running softmax per warp, fp32 arithmetic) or
-// "tensor" (the same with 2-bit keys and values by tensor cores, sm_80 or newer; 4-bit runs
-// "online"); any other value throws std::invalid_argument.
+// KIVI pages run the kernel `variant` names (decode_attention_variant.h; the tensor-core ones
+// need sm_80 or newer); fp16 pages have one kernel and ignore it.
 void decode_attention(const KvCacheView& cache, const KvBatchView& batch, DecodeSplit split,
                       const __half* qkv, int qkv_stride, __half* out, int out_stride,
-                      float* partial, cudaStream_t stream);
+                      float* partial, DecodeAttentionVariant variant, cudaStream_t stream);
 
 }  // namespace kvserve::cuda

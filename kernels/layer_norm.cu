@@ -9,6 +9,7 @@
 #include <stdexcept>
 
 #include "kernels/cuda_check.h"
+#include "kernels/warp_reduce.cuh"
 
 namespace kvserve::cuda {
 namespace {
@@ -16,11 +17,6 @@ namespace {
 constexpr int kWarpsPerBlock = 4;
 
 // ---- CUDA kernels
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 __device__ __forceinline__ float4 load_half4(const __half* p) {
   const uint2 raw = *reinterpret_cast<const uint2*>(p);

@@ -14,6 +14,7 @@
 
 #include "kernels/cuda_check.h"
 #include "kernels/kv_cache_device.cuh"
+#include "kernels/warp_reduce.cuh"
 
 namespace kvserve::cuda {
 namespace {
@@ -59,16 +60,6 @@ __device__ __forceinline__ float paged_element(const KvCacheView& c, const int32
     return dequantize((word >> (BITS * (d % kPerWord))) & kMask, __half2float(p[0]),
                       __half2float(p[1]));
   }
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
 }
 
 template <int D, KvKind KIND, int BITS>

@@ -65,6 +65,13 @@ Tokenizer load_tokenizer(const std::string& model, const std::string& tokenizer_
                    "vocab.json and merges.txt) or give the prompt as ids with --prompt-ids");
 }
 
+void add_decode_attention_flag(CLI::App* app, std::string& variant) {
+  app->add_option("--decode-attention", variant,
+                  "CUDA KIVI decode attention kernel: packed (2-bit codes on tensor cores), "
+                  "online (fp32) or tensor")
+      ->check(CLI::IsMember({"packed", "online", "tensor"}));
+}
+
 void add_model_flags(CLI::App* app, ModelFlags& flags) {
   app->add_option("--model", flags.model,
                   "Hugging Face GPT-2 directory or dummy:gpt2[-medium|-large|-xl] (default: "
@@ -76,6 +83,7 @@ void add_model_flags(CLI::App* app, ModelFlags& flags) {
   app->add_option("--cuda-graphs", flags.cuda_graphs,
                   "on: CUDA decode steps replay captured graphs; off: every kernel launched")
       ->check(CLI::IsMember({"on", "off"}));
+  add_decode_attention_flag(app, flags.decode_attention);
 }
 
 void add_kv_flags(CLI::App* app, KvFlags& flags, KvPoolFlag pool) {
@@ -124,6 +132,7 @@ EngineSpec engine_spec(const ModelFlags& model, const KvFlags& kv, const EngineF
   spec.model = resolve_model(model.model);
   spec.device = model.device;
   spec.backend.cuda_graphs = model.cuda_graphs == "on";
+  spec.backend.decode_attention = cuda::parse_decode_attention_variant(model.decode_attention);
   spec.kv = kv_config(kv, read_model_config(spec.model));
   spec.kv_pool_bytes = kv.pool_mb << 20;
   spec.engine = engine.options;

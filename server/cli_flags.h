@@ -23,6 +23,8 @@ struct ModelFlags {
   std::string tokenizer;
   std::string device = "auto";
   std::string cuda_graphs = "on";  // CUDA backend: replay decode steps from CUDA graphs
+  // CUDA backend: the KIVI decode attention kernel (kernels/decode_attention_variant.h)
+  std::string decode_attention = "packed";
 };
 
 struct KvFlags {
@@ -43,6 +45,8 @@ std::string resolve_model(const std::string& flag);
 Tokenizer load_tokenizer(const std::string& model, const std::string& tokenizer_flag);
 
 void add_model_flags(CLI::App* app, ModelFlags& flags);
+// --decode-attention packed|online|tensor (part of add_model_flags).
+void add_decode_attention_flag(CLI::App* app, std::string& variant);
 // Commands that size the pool themselves (bench decode) leave --kv-pool-mb out.
 enum class KvPoolFlag { kTake, kOmit };
 void add_kv_flags(CLI::App* app, KvFlags& flags, KvPoolFlag pool = KvPoolFlag::kTake);

@@ -106,6 +106,19 @@ TEST(Cli, BadKvCombinationIsAUsageError) {
   EXPECT_NE(r.err.find("--kv-residual"), std::string::npos) << r.err;
 }
 
+// --decode-attention picks a CUDA kernel: every command that takes --device accepts the three
+// names (a CPU run ignores them) and refuses any other.
+TEST(Cli, DecodeAttentionFlagTakesTheKernelNames) {
+  const CommandResult ok = run_kvserve("generate " + model_flag() +
+                                       " --device cpu --decode-attention online --greedy "
+                                       "--max-new-tokens 2 --prompt hi");
+  EXPECT_EQ(ok.status, 0) << ok.err;
+  const CommandResult bad =
+      run_kvserve("generate " + model_flag() + " --decode-attention fast --prompt hi");
+  EXPECT_NE(bad.status, 0);
+  EXPECT_NE(bad.err.find("--decode-attention"), std::string::npos) << bad.err;
+}
+
 TEST(Cli, PromptBeyondTheContextIsRejected) {
   const CommandResult r =
       run_kvserve("generate " + model_flag() + " --prompt hi --max-new-tokens 5000");

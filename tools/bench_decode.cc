@@ -130,6 +130,7 @@ int run_bench_decode(const BenchDecodeFlags& flags) {
         {"device", device},
         {"kv", flags.kv.format},
         {"kv_config", describe(config)},
+        {"decode_attention", flags.model.decode_attention},
         {"batch", batch},
         {"context", flags.context},
         {"steps", flags.steps},

@@ -30,7 +30,7 @@ constexpr size_t kMaxDecodeGraphs = 128;
 CudaBackend::CudaBackend(const ModelWeights& weights, const KvCacheConfig& kv, int32_t num_blocks,
                          CudaBackendOptions options)
     : config_(weights.config),
-      cache_(kv, num_blocks, weights.config),
+      cache_(kv, num_blocks, weights.config, options.decode_attention),
       use_graphs_(options.cuda_graphs),
       trap_at_forward_(options.trap_at_forward) {
   const ModelConfig& cfg = config_;
@@ -192,7 +192,8 @@ void CudaBackend::replay_decode(int items, const int32_t* index) {
     graphs_buffer_moves_ = buffer_moves();
   }
   const cuda::DecodeSplit split = cache_.decode_split();
-  const DecodeGraphKey key{items, split.chunk, split.splits};
+  const DecodeGraphKey key{items, split.chunk, split.splits,
+                           static_cast<int>(cache_.decode_attention_variant())};
   if (auto it = decode_graphs_.find(key); it != decode_graphs_.end()) {
     it->second.last_used = ++graph_clock_;
     KVSERVE_CUDA_CHECK(cudaGraphLaunch(it->second.exec.get(), stream_));

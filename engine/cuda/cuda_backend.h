@@ -36,6 +36,8 @@ struct CudaBackendOptions {
   // Fault injection (tests of device loss): the Nth forward or forward_sample call (from 1)
   // launches a trapping kernel before its step (kernels/trap.h); 0: never.
   int64_t trap_at_forward = 0;
+  // The kernel of KIVI decode attention (kernels/decode_attention_variant.h).
+  cuda::DecodeAttentionVariant decode_attention = cuda::DecodeAttentionVariant::kPacked;
 };
 
 class CudaBackend : public Backend {
@@ -101,9 +103,10 @@ class CudaBackend : public Backend {
     GraphExec exec;
     uint64_t last_used = 0;
   };
-  // What a decode graph bakes in besides buffer addresses: items (= T = R) and the decode split
-  // (chunk, splits).
-  using DecodeGraphKey = std::tuple<int, int, int>;
+  // What a decode graph bakes in besides buffer addresses: items (= T = R), the decode split
+  // (chunk, splits) and the decode attention variant (fixed for a backend today, but a graph
+  // captured with one kernel must never replay for another).
+  using DecodeGraphKey = std::tuple<int, int, int, int>;
 
   // Device pointers into weights_, GPT-2 layout (Conv1D weights [in][out]).
   struct Layer {

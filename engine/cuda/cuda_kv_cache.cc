@@ -38,13 +38,15 @@ cuda::KvCacheView make_view(const KvCacheConfig& c, const ModelConfig& model) {
 
 }  // namespace
 
-CudaKvCache::CudaKvCache(const KvCacheConfig& config, int32_t num_blocks, const ModelConfig& model)
+CudaKvCache::CudaKvCache(const KvCacheConfig& config, int32_t num_blocks, const ModelConfig& model,
+                         cuda::DecodeAttentionVariant variant)
     : num_blocks_(num_blocks),
       view_(make_view(config, model)),
       n_layer_(model.n_layer),
       channels_(model.n_embd),
       layer_bytes_(static_cast<size_t>(num_blocks) * static_cast<size_t>(view_.block_bytes)),
-      bytes_(layer_bytes_ * model.n_layer) {
+      bytes_(layer_bytes_ * model.n_layer),
+      decode_variant_(variant) {
   size_t free_bytes = 0, total_bytes = 0;
   KVSERVE_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
   if (bytes_ > free_bytes) {
@@ -150,14 +152,22 @@ void CudaKvCache::append_and_attend(int layer, const __half* qkv, __half* out,
   view.blocks = pool_ + layer * layer_bytes_;
   const int qkv_stride = 3 * channels_;
   cuda::kv_quantize_pages(view, batch_, qkv, qkv_stride, stream);
+  attend(layer, qkv, out, stream);
+  cuda::kv_compact_residual(view, batch_, qkv, qkv_stride, stream);
+}
+
+void CudaKvCache::attend(int layer, const __half* qkv, __half* out, cudaStream_t stream) {
+  if (layer < 0 || layer >= n_layer_) throw std::out_of_range("KV cache: layer out of range");
+  cuda::KvCacheView view = view_;
+  view.blocks = pool_ + layer * layer_bytes_;
+  const int qkv_stride = 3 * channels_;
   if (decode_) {
     cuda::decode_attention(view, batch_, decode_split_, qkv, qkv_stride, out, channels_,
-                           decode_partial_.get(), stream);
+                           decode_partial_.get(), decode_variant_, stream);
   } else {
     cuda::paged_attention(view, batch_, tiles_, num_tiles_, qkv, qkv_stride, out, channels_,
                           stream);
   }
-  cuda::kv_compact_residual(view, batch_, qkv, qkv_stride, stream);
 }
 
 std::vector<uint8_t> CudaKvCache::download(cudaStream_t stream) const {

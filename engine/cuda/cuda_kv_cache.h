@@ -21,8 +21,10 @@ namespace kvserve {
 class CudaKvCache {
  public:
   // Allocates n_layer * num_blocks * block_bytes of device memory once, after checking that it
-  // fits in the free memory of the current device.
-  CudaKvCache(const KvCacheConfig& config, int32_t num_blocks, const ModelConfig& model);
+  // fits in the free memory of the current device. Decode steps of KIVI caches run the
+  // decode_attention kernel `variant` names.
+  CudaKvCache(const KvCacheConfig& config, int32_t num_blocks, const ModelConfig& model,
+              cuda::DecodeAttentionVariant variant = cuda::DecodeAttentionVariant::kPacked);
   ~CudaKvCache();
   CudaKvCache(const CudaKvCache&) = delete;
   CudaKvCache& operator=(const CudaKvCache&) = delete;
@@ -38,11 +40,15 @@ class CudaKvCache {
   // One layer: quantizes the positions that enter pages, attends, compacts the residual.
   //   qkv: fp16 [rows][3C] (q | k | v, biases added)   out: fp16 [rows][C]
   void append_and_attend(int layer, const __half* qkv, __half* out, cudaStream_t stream);
+  // The attention of append_and_attend alone, without the write path, for benchmarks of the
+  // attention kernels: right only once append_and_attend has run for the prepared step.
+  void attend(int layer, const __half* qkv, __half* out, cudaStream_t stream);
 
   // Whether the prepared step is a decode step (every item one token) run by decode_attention,
   // and how that splits the contexts: what a CUDA graph of append_and_attend bakes in.
   bool decode_step() const { return decode_; }
   cuda::DecodeSplit decode_split() const { return decode_split_; }
+  cuda::DecodeAttentionVariant decode_attention_variant() const { return decode_variant_; }
   // Grows whenever a device buffer that append_and_attend's kernels address has moved.
   uint64_t buffer_moves() const { return device_meta_.moves() + decode_partial_.moves(); }
 
@@ -65,6 +71,7 @@ class CudaKvCache {
   // along the context as decode_split_ says; other steps use paged_attention's tiles.
   bool decode_ = false;
   cuda::DecodeSplit decode_split_;
+  cuda::DecodeAttentionVariant decode_variant_;
   int sm_count_ = 0;
   cuda::DeviceBuffer<float> decode_partial_;  // [items][n_head][splits][head_dim + 2]
   std::vector<int32_t> host_meta_;
