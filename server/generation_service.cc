@@ -63,7 +63,7 @@ bool cancel_is_deadline(std::chrono::system_clock::time_point arrival,
 namespace {
 
 // A stream that ends before it starts (rejected request).
-class RejectedStream final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+class RejectedStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
   explicit RejectedStream(const grpc::Status& status) { Finish(status); }
   void OnDone() override { delete this; }
@@ -79,7 +79,7 @@ class RejectedStream final : public grpc::ServerWriteReactor<v1::GenerateRespons
 // once; one that comes while a write is in flight finishes when that write is done, whether gRPC
 // reports it failed or (it was already on its way) succeeded; after the final message there is
 // nothing left to finish.
-class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::GenerateResponse>,
+class GenerationService::Stream final : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
                                         public StreamListener,
                                         public WriteStallCheck {
  public:
@@ -189,9 +189,10 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
         chunk->mutable_token_ids()->Add(message.token_ids.begin(), message.token_ids.end());
         chunk->set_text(std::move(message.text));
         chunk->mutable_logprobs()->Add(message.logprobs.begin(), message.logprobs.end());
+        if (!serialize_response()) break;
         writing_ = true;
         write_started_ = std::chrono::steady_clock::now();
-        StartWrite(&response_);
+        StartWrite(&wire_);
         break;
       }
       case StreamMessage::Kind::kFinal: {
@@ -204,15 +205,28 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
         final->set_time_to_first_token_seconds(in.ttft_seconds);
         final->set_total_seconds(in.total_seconds);
         final->set_matched_stop(in.matched_stop);
+        if (!serialize_response()) break;
         finished_ = true;
         write_started_ = std::chrono::steady_clock::now();
-        StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK);
+        StartWriteAndFinish(&wire_, grpc::WriteOptions(), grpc::Status::OK);
         break;
       }
       case StreamMessage::Kind::kError:
         finish_locked(grpc::Status(to_code(message.error), message.error_message));
         break;
     }
+  }
+
+  // response_ into wire_, the bytes gRPC writes; on failure (never expected) ends the stream.
+  bool serialize_response() {
+    bool own_buffer = false;
+    wire_.Clear();  // the previous message's; gRPC serializes only into an empty buffer
+    if (grpc::SerializationTraits<v1::GenerateResponse>::Serialize(response_, &wire_, &own_buffer)
+            .ok()) {
+      return true;
+    }
+    finish_locked(grpc::Status(grpc::StatusCode::INTERNAL, "cannot serialize a response"));
+    return false;
   }
 
   void finish_locked(const grpc::Status& status) {
@@ -239,6 +253,7 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
   bool stall_cancelled_ = false;
   std::optional<std::chrono::steady_clock::time_point> write_started_;  // of the write in flight
   v1::GenerateResponse response_;
+  grpc::ByteBuffer wire_;  // response_ serialized, alive until its write is done
 };
 
 GenerationService::GenerationService(Metrics& metrics, ServiceLimits limits)
@@ -369,8 +384,19 @@ grpc::Status GenerationService::convert(grpc::CallbackServerContext& context,
   return grpc::Status::OK;
 }
 
-grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
-    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* GenerationService::Generate(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* raw_request) {
+  v1::GenerateRequest parsed;
+  grpc::ByteBuffer bytes(*raw_request);  // a reference to the same slices; parsing consumes it
+  if (!grpc::SerializationTraits<v1::GenerateRequest>::Deserialize(&bytes, &parsed).ok()) {
+    return new RejectedStream(reject(
+        "req-" + std::to_string(next_request_number_++),
+        grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                     "the request is not a valid GenerateRequest: malformed, or a string field "
+                     "(prompt, request_id, a stop string) is not valid UTF-8; send other bytes "
+                     "as prompt_token_ids")));
+  }
+  const v1::GenerateRequest* request = &parsed;
   std::string id = request->request_id();
   if (id.empty()) id = "req-" + std::to_string(next_request_number_++);
   // Too long to log whole; convert() refuses it below, the log shows its start.
@@ -391,6 +417,7 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
     ServeRequest serve;
     serve.id = id;
     if (grpc::Status status = convert(*context, *request, serve); !status.ok()) {
+      slot_to_release = false;
       release_stream_slot();
       return new RejectedStream(reject(id, status));
     }

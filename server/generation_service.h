@@ -5,6 +5,10 @@
 // one write in flight (the route_guide pattern); when the engine thread has pushed a message, the
 // service's StreamWriter thread pokes the reactor, so gRPC writes never run on the engine thread.
 // No exception crosses into gRPC: every failure is a grpc::Status.
+//
+// Generate is registered raw (bytes in, bytes out) and parses its request itself: a request gRPC
+// cannot parse (invalid UTF-8 in a proto3 string field, malformed bytes) then gets INVALID_ARGUMENT
+// with a reason, where gRPC's own parse failure answers UNIMPLEMENTED with an empty message.
 #pragma once
 
 #include <grpcpp/grpcpp.h>
@@ -53,7 +57,8 @@ bool cancel_is_deadline(std::chrono::system_clock::time_point arrival,
 // The gRPC code's name as Prometheus labels and logs spell it, e.g. "RESOURCE_EXHAUSTED".
 std::string status_code_name(grpc::StatusCode code);
 
-class GenerationService final : public v1::Generation::CallbackService {
+class GenerationService final
+    : public v1::Generation::WithRawCallbackMethod_Generate<v1::Generation::CallbackService> {
  public:
   GenerationService(Metrics& metrics, ServiceLimits limits);
 
@@ -65,8 +70,9 @@ class GenerationService final : public v1::Generation::CallbackService {
   // Generate calls not yet done (their last write may still be in flight).
   int open_streams() const { return open_streams_.load(); }
 
-  grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
-      grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override;
+  // `request`: a serialized v1::GenerateRequest; the reactor writes serialized GenerateResponses.
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Generate(grpc::CallbackServerContext* context,
+                                                       const grpc::ByteBuffer* request) override;
   grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
                                          const v1::GetModelInfoRequest* request,
                                          v1::ModelInfo* response) override;

@@ -5,6 +5,7 @@
 #include <signal.h>
 
 #include <chrono>
+#include <functional>
 #include <future>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -12,6 +13,8 @@
 #include <thread>
 #include <vector>
 
+#include "engine/tokenizer.h"
+#include "server/generation_service.h"
 #include "server/logging.h"
 #include "tests/server_harness.h"
 #include "tests/test_support.h"
@@ -206,6 +209,45 @@ TEST(ServerReliability, ClientThatNeverReadsLosesItsStreamAfterTheWriteStallTime
   v1::GenerateResponse response;
   while (reader->Read(&response)) continue;
   EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+}
+
+TEST(ServerReliability, InvalidUtf8InAStringFieldIsInvalidArgumentWithAReason) {
+  ServerProcess server({"--model", testing::shared_model_dir()});
+  auto stub = server.stub();
+  const std::vector<std::function<void(v1::GenerateRequest&)>> edits = {
+      [](v1::GenerateRequest& r) { r.set_prompt("caf\xc3"); },
+      [](v1::GenerateRequest& r) { r.set_request_id("id-\xff"); },
+      [](v1::GenerateRequest& r) { r.mutable_stopping()->add_stop("\xe2\x82"); },
+  };
+  for (const auto& edit : edits) {
+    v1::GenerateRequest request = long_generation(2);
+    edit(request);
+    const StreamResult result = testing::generate(*stub, request);
+    EXPECT_EQ(result.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
+        << result.status.error_message();
+    EXPECT_NE(result.status.error_message().find("UTF-8"), std::string::npos)
+        << result.status.error_message();
+  }
+  // The same bytes as token ids are served.
+  v1::GenerateRequest request = long_generation(2);
+  const Tokenizer tokenizer = Tokenizer::from_model_dir(testing::shared_model_dir());
+  for (const int32_t id : tokenizer.encode("caf\xc3"))
+    request.mutable_prompt_token_ids()->add_ids(id);
+  EXPECT_TRUE(testing::generate(*stub, request).status.ok());
+  EXPECT_EQ(metric(server, R"(kvserve_request_failure_total{code="INVALID_ARGUMENT"})"), 3);
+}
+
+TEST(ServerReliability, CancelNearTheDeadlineCountsAsTheDeadline) {
+  using std::chrono::system_clock;
+  const system_clock::time_point arrival{};
+  const system_clock::time_point none = system_clock::time_point::max();
+  EXPECT_FALSE(cancel_is_deadline(arrival, none, arrival + 1h));
+  // 10 s timeout: 100 ms + 2% (200 ms) of slack before the server's deadline.
+  const system_clock::time_point deadline = arrival + 10s;
+  EXPECT_TRUE(cancel_is_deadline(arrival, deadline, deadline + 1ms));
+  EXPECT_TRUE(cancel_is_deadline(arrival, deadline, deadline - 299ms));
+  EXPECT_FALSE(cancel_is_deadline(arrival, deadline, deadline - 301ms));
+  EXPECT_FALSE(cancel_is_deadline(arrival, deadline, arrival + 1s));
 }
 
 }  // namespace
