@@ -94,21 +94,20 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<grpc::By
     self_ = self;
     id_ = request.id;
     channel_->set_listener(self);
-    const std::string id = request.id;
     const auto result = service_.loop_->submit(std::move(request), channel_, ticket_);
     std::lock_guard<std::mutex> lock(mu_);
     if (result == EngineLoop::SubmitResult::kQueueFull) {
       finish_locked(service_.reject(
-          id, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                           "the request queue is full (--max-queued-requests); retry with "
-                           "backoff or add replicas")));
+          id_, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                            "the request queue is full (--max-queued-requests); retry with "
+                            "backoff or add replicas")));
       return;
     }
     if (result == EngineLoop::SubmitResult::kDeviceLost) {
       finish_locked(service_.reject(
-          id, grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                           "the device failed (device lost) and this server is restarting; "
-                           "retry on another replica")));
+          id_, grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                            "the device failed (device lost) and this server is restarting; "
+                            "retry on another replica")));
       return;
     }
     submitted_ = true;
@@ -240,7 +239,7 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<grpc::By
   const std::chrono::system_clock::time_point arrival_;
   std::shared_ptr<StreamChannel> channel_;
   std::shared_ptr<Stream> self_;
-  std::string id_;  // for logs
+  std::string id_;  // the request's, for logs
   EngineLoop::Ticket ticket_ = 0;
   // Reactions, engine-thread pokes (through the writer thread) and the stall watchdog may run
   // concurrently; all of the state below is theirs.
