@@ -1,7 +1,8 @@
 // Arbitrary bytes as a GenerateRequest on the wire, through the server's request conversion: it
 // either answers INVALID_ARGUMENT with a message or hands the engine a request within the limits
 // (a prompt, max_new_tokens >= 1 within the limit, sampling values the sampler accepts, no empty
-// stop string). Nothing else may come out, and nothing may crash.
+// stop string, a request_id within kMaxRequestIdBytes). Nothing else may come out, and nothing may
+// crash.
 #include <google/protobuf/stubs/logging.h>
 
 #include <cstdlib>
@@ -38,6 +39,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   if (g.max_new_tokens < 1 || g.max_new_tokens > limits.max_new_tokens) std::abort();
   if (!kvserve::validate(g.sampling).empty()) std::abort();
+  if (request.request_id().size() > kvserve::kMaxRequestIdBytes) std::abort();
   for (const std::string& stop : out.stop) {
     if (stop.empty()) std::abort();
   }

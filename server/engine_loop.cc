@@ -4,6 +4,9 @@
 
 #include <algorithm>
 #include <stdexcept>
+#include <thread>
+
+#include "server/injected_delay.h"
 
 namespace kvserve {
 namespace {
@@ -114,6 +117,7 @@ void EngineLoop::run() {
   }
   warm_cv_.notify_all();
 
+  const std::chrono::milliseconds pause = injected_delay("KVSERVE_INJECT_ENGINE_PAUSE_MS");
   std::deque<InboxItem> items;
   while (true) {
     {
@@ -142,6 +146,7 @@ void EngineLoop::run() {
       fail_inbox_after_device_lost();
       return;
     }
+    if (pause.count() > 0) std::this_thread::sleep_for(pause);
     update_throughput(Clock::now());
   }
 }

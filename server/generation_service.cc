@@ -5,8 +5,11 @@
 
 #include <memory>
 #include <mutex>
+#include <optional>
+#include <thread>
 
 #include "engine/sampler.h"
+#include "server/injected_delay.h"
 
 namespace kvserve {
 
@@ -44,12 +47,23 @@ grpc::StatusCode to_code(StreamError error) {
   }
 }
 
-bool deadline_passed(const grpc::CallbackServerContext& context) {
-  return context.deadline() <= std::chrono::system_clock::now();
+}  // namespace
+
+bool cancel_is_deadline(std::chrono::system_clock::time_point arrival,
+                        std::chrono::system_clock::time_point deadline,
+                        std::chrono::system_clock::time_point now) {
+  if (deadline == std::chrono::system_clock::time_point::max()) return false;
+  // The client's deadline passes before the server's: the server counts its timeout from when the
+  // request arrived, and gRPC rounds a timeout up on the wire (to 3 significant digits). The
+  // client's cancellation then arrives just before the server's own deadline.
+  const auto slack = std::chrono::milliseconds(100) + (deadline - arrival) / 50;
+  return now + slack >= deadline;
 }
 
+namespace {
+
 // A stream that ends before it starts (rejected request).
-class RejectedStream final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+class RejectedStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
   explicit RejectedStream(const grpc::Status& status) { Finish(status); }
   void OnDone() override { delete this; }
@@ -59,37 +73,46 @@ class RejectedStream final : public grpc::ServerWriteReactor<v1::GenerateRespons
 
 // One Generate call. Owned by a shared_ptr to itself until OnDone, so that the writer thread,
 // which holds it weakly through the channel, can still poke it safely while gRPC finishes.
-class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::GenerateResponse>,
-                                        public StreamListener {
+//
+// Every path ends in exactly one Finish (or StartWriteAndFinish), and gRPC then calls OnDone, which
+// gives the stream slot back: a cancellation before the first write or between writes finishes at
+// once; one that comes while a write is in flight finishes when that write is done, whether gRPC
+// reports it failed or (it was already on its way) succeeded; after the final message there is
+// nothing left to finish.
+class GenerationService::Stream final : public grpc::ServerWriteReactor<grpc::ByteBuffer>,
+                                        public StreamListener,
+                                        public WriteStallCheck {
  public:
   Stream(GenerationService& service, grpc::CallbackServerContext& context, size_t buffer)
       : service_(service),
         context_(context),
+        arrival_(std::chrono::system_clock::now()),
         channel_(std::make_shared<StreamChannel>(buffer, &service.writer_)) {}
 
   // Called once, right after construction, with the owning pointer.
   void start(std::shared_ptr<Stream> self, ServeRequest request) {
     self_ = self;
+    id_ = request.id;
     channel_->set_listener(self);
-    const std::string id = request.id;
     const auto result = service_.loop_->submit(std::move(request), channel_, ticket_);
     std::lock_guard<std::mutex> lock(mu_);
     if (result == EngineLoop::SubmitResult::kQueueFull) {
       finish_locked(service_.reject(
-          id, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                           "the request queue is full (--max-queued-requests); retry with "
-                           "backoff or add replicas")));
+          id_, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                            "the request queue is full (--max-queued-requests); retry with "
+                            "backoff or add replicas")));
       return;
     }
     if (result == EngineLoop::SubmitResult::kDeviceLost) {
       finish_locked(service_.reject(
-          id, grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                           "the device failed (device lost) and this server is restarting; "
-                           "retry on another replica")));
+          id_, grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                            "the device failed (device lost) and this server is restarting; "
+                            "retry on another replica")));
       return;
     }
     submitted_ = true;
     pump_locked();
+    service_.stall_watchdog_.watch(self);
   }
 
   void on_message_ready() override {
@@ -98,9 +121,15 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
   }
 
   void OnWriteDone(bool ok) override {
+    if (service_.write_done_delay_.count() > 0) {
+      std::this_thread::sleep_for(service_.write_done_delay_);
+    }
     std::lock_guard<std::mutex> lock(mu_);
     writing_ = false;
-    if (!ok) {  // the call is broken (client gone); OnCancel tells the engine
+    write_started_.reset();
+    // A write already on its way when the call was cancelled can still succeed; then no OnCancel
+    // is left to finish the stream, and the engine sends nothing more to a cancelled request.
+    if (!ok || cancelled_) {  // OnCancel tells the engine
       finish_locked(grpc::Status::CANCELLED);
       return;
     }
@@ -108,20 +137,48 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
   }
 
   void OnCancel() override {
-    if (submitted_) service_.loop_->cancel(ticket_, deadline_passed(context_));
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!writing_) finish_locked(grpc::Status::CANCELLED);
+    bool submitted = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      cancelled_ = true;
+      submitted = submitted_;
+      if (!writing_) finish_locked(grpc::Status::CANCELLED);
+    }
+    if (submitted) {
+      service_.loop_->cancel(ticket_, cancel_is_deadline(arrival_, context_.deadline(),
+                                                         std::chrono::system_clock::now()));
+    }
   }
 
   void OnDone() override {
-    --service_.open_streams_;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      done_ = true;  // context_ is gone now
+    }
+    service_.release_stream_slot();
     std::shared_ptr<Stream> last = std::move(self_);  // may delete this when `last` goes
+  }
+
+  bool check_write_stall(std::chrono::steady_clock::time_point now,
+                         std::chrono::steady_clock::duration timeout) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (done_) return false;
+    if (write_started_ && now - *write_started_ >= timeout && !stall_cancelled_) {
+      stall_cancelled_ = true;
+      spdlog::warn(
+          "request {}: no write progress for {:.1f} s, the client stopped reading; cancelling its "
+          "stream (--write-stall-timeout-s)",
+          id_, std::chrono::duration<double>(now - *write_started_).count());
+      // gRPC runs OnCancel and the failed write's OnWriteDone on its own threads, not inline.
+      context_.TryCancel();
+    }
+    return true;
   }
 
  private:
   // Starts the next write if none is in flight and a message waits.
   void pump_locked() {
-    if (finished_ || writing_) return;
+    if (finished_ || writing_ || cancelled_) return;
     StreamMessage message;
     if (!channel_->pop(message)) return;
     response_.Clear();
@@ -131,8 +188,10 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
         chunk->mutable_token_ids()->Add(message.token_ids.begin(), message.token_ids.end());
         chunk->set_text(std::move(message.text));
         chunk->mutable_logprobs()->Add(message.logprobs.begin(), message.logprobs.end());
+        if (!serialize_response()) break;
         writing_ = true;
-        StartWrite(&response_);
+        write_started_ = std::chrono::steady_clock::now();
+        StartWrite(&wire_);
         break;
       }
       case StreamMessage::Kind::kFinal: {
@@ -145,14 +204,28 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
         final->set_time_to_first_token_seconds(in.ttft_seconds);
         final->set_total_seconds(in.total_seconds);
         final->set_matched_stop(in.matched_stop);
+        if (!serialize_response()) break;
         finished_ = true;
-        StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK);
+        write_started_ = std::chrono::steady_clock::now();
+        StartWriteAndFinish(&wire_, grpc::WriteOptions(), grpc::Status::OK);
         break;
       }
       case StreamMessage::Kind::kError:
         finish_locked(grpc::Status(to_code(message.error), message.error_message));
         break;
     }
+  }
+
+  // response_ into wire_, the bytes gRPC writes; on failure (never expected) ends the stream.
+  bool serialize_response() {
+    bool own_buffer = false;
+    wire_.Clear();  // the previous message's; gRPC serializes only into an empty buffer
+    if (grpc::SerializationTraits<v1::GenerateResponse>::Serialize(response_, &wire_, &own_buffer)
+            .ok()) {
+      return true;
+    }
+    finish_locked(grpc::Status(grpc::StatusCode::INTERNAL, "cannot serialize a response"));
+    return false;
   }
 
   void finish_locked(const grpc::Status& status) {
@@ -162,19 +235,32 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<v1::Gene
   }
 
   GenerationService& service_;
-  grpc::CallbackServerContext& context_;
+  grpc::CallbackServerContext& context_;  // valid until OnDone
+  const std::chrono::system_clock::time_point arrival_;
   std::shared_ptr<StreamChannel> channel_;
   std::shared_ptr<Stream> self_;
+  std::string id_;  // the request's, for logs
   EngineLoop::Ticket ticket_ = 0;
-  bool submitted_ = false;  // written in start(), before any reaction can run
-  std::mutex mu_;           // reactions and engine-thread pokes may run concurrently
-  bool writing_ = false;
-  bool finished_ = false;
+  // Reactions, engine-thread pokes (through the writer thread) and the stall watchdog may run
+  // concurrently; all of the state below is theirs.
+  std::mutex mu_;
+  bool submitted_ = false;
+  bool writing_ = false;    // a StartWrite not yet done
+  bool finished_ = false;   // Finish or StartWriteAndFinish called
+  bool cancelled_ = false;  // OnCancel ran
+  bool done_ = false;       // OnDone ran
+  bool stall_cancelled_ = false;
+  std::optional<std::chrono::steady_clock::time_point> write_started_;  // of the write in flight
   v1::GenerateResponse response_;
+  grpc::ByteBuffer wire_;  // response_ serialized, alive until its write is done
 };
 
 GenerationService::GenerationService(Metrics& metrics, ServiceLimits limits)
-    : metrics_(metrics), limits_(limits) {}
+    : metrics_(metrics),
+      limits_(limits),
+      write_done_delay_(injected_delay("KVSERVE_INJECT_WRITE_DONE_DELAY_MS")),
+      stall_watchdog_(std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+          std::chrono::duration<double>(limits.write_stall_timeout_s))) {}
 
 void GenerationService::start_serving(EngineLoop& loop, const Tokenizer& tokenizer,
                                       v1::ModelInfo info) {
@@ -198,6 +284,20 @@ grpc::Status GenerationService::availability() const {
   return grpc::Status::OK;
 }
 
+bool GenerationService::acquire_stream_slot() {
+  if (open_streams_.fetch_add(1) >= limits_.max_concurrent_streams) {
+    --open_streams_;
+    return false;
+  }
+  metrics_.stream_opened();
+  return true;
+}
+
+void GenerationService::release_stream_slot() {
+  --open_streams_;
+  metrics_.stream_closed();
+}
+
 grpc::Status GenerationService::reject(const std::string& request_id, const grpc::Status& status) {
   spdlog::warn("request {} rejected: {}: {}", request_id, status_code_name(status.error_code()),
                status.error_message());
@@ -210,6 +310,10 @@ grpc::Status convert_request(const v1::GenerateRequest& in, const Tokenizer& tok
   const auto invalid = [](const std::string& message) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, message);
   };
+  if (in.request_id().size() > kMaxRequestIdBytes) {
+    return invalid("request_id has " + std::to_string(in.request_id().size()) +
+                   " bytes, more than the limit of " + std::to_string(kMaxRequestIdBytes));
+  }
   switch (in.input_case()) {
     case v1::GenerateRequest::kPrompt:
       if (in.prompt().empty()) return invalid("prompt is empty: give at least one character");
@@ -279,33 +383,50 @@ grpc::Status GenerationService::convert(grpc::CallbackServerContext& context,
   return grpc::Status::OK;
 }
 
-grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationService::Generate(
-    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* GenerationService::Generate(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* raw_request) {
   metrics_.count_request("grpc");
+  v1::GenerateRequest parsed;
+  grpc::ByteBuffer bytes(*raw_request);  // a reference to the same slices; parsing consumes it
+  if (!grpc::SerializationTraits<v1::GenerateRequest>::Deserialize(&bytes, &parsed).ok()) {
+    return new RejectedStream(reject(
+        "req-" + std::to_string(next_request_number_++),
+        grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                     "the request is not a valid GenerateRequest: malformed, or a string field "
+                     "(prompt, request_id, a stop string) is not valid UTF-8; send other bytes "
+                     "as prompt_token_ids")));
+  }
+  const v1::GenerateRequest* request = &parsed;
   std::string id = request->request_id();
   if (id.empty()) id = "req-" + std::to_string(next_request_number_++);
+  // Too long to log whole; convert() refuses it below, the log shows its start.
+  if (id.size() > kMaxRequestIdBytes) id = id.substr(0, 32) + "...";
+  bool slot_to_release = false;  // acquired and not yet owned by a stream
   try {
     if (grpc::Status status = availability(); !status.ok()) {
       return new RejectedStream(reject(id, status));
     }
-    if (open_streams_.fetch_add(1) >= limits_.max_concurrent_streams) {
-      --open_streams_;
+    if (!acquire_stream_slot()) {
       return new RejectedStream(
           reject(id, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                                   "too many concurrent streams (--max-concurrent-streams " +
                                       std::to_string(limits_.max_concurrent_streams) +
                                       "); retry with backoff")));
     }
+    slot_to_release = true;
     ServeRequest serve;
     serve.id = id;
     if (grpc::Status status = convert(*context, *request, serve); !status.ok()) {
-      --open_streams_;
+      slot_to_release = false;
+      release_stream_slot();
       return new RejectedStream(reject(id, status));
     }
     auto stream = std::make_shared<Stream>(*this, *context, limits_.stream_buffer_messages);
+    slot_to_release = false;  // the stream's OnDone releases it
     stream->start(stream, std::move(serve));
     return stream.get();
   } catch (const std::exception& e) {  // e.g. bad_alloc: fail this call, keep the server
+    if (slot_to_release) release_stream_slot();
     return new RejectedStream(reject(
         id, grpc::Status(grpc::StatusCode::INTERNAL, std::string("internal error: ") + e.what())));
   }

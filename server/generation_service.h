@@ -5,11 +5,16 @@
 // one write in flight (the route_guide pattern); when the engine thread has pushed a message, the
 // service's StreamWriter thread pokes the reactor, so gRPC writes never run on the engine thread.
 // No exception crosses into gRPC: every failure is a grpc::Status.
+//
+// Generate is registered raw (bytes in, bytes out) and parses its request itself: a request gRPC
+// cannot parse (invalid UTF-8 in a proto3 string field, malformed bytes) then gets INVALID_ARGUMENT
+// with a reason, where gRPC's own parse failure answers UNIMPLEMENTED with an empty message.
 #pragma once
 
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <string>
 
@@ -18,6 +23,7 @@
 #include "server/engine_loop.h"
 #include "server/metrics.h"
 #include "server/stream_writer.h"
+#include "server/write_stall_watchdog.h"
 
 namespace kvserve {
 
@@ -26,19 +32,33 @@ struct ServiceLimits {
   int max_new_tokens = 0;              // 0: up to the model's context
   int max_prompt_tokens = 0;           // 0: up to the model's context
   size_t stream_buffer_messages = 64;  // per stream; beyond it tokens are merged into one chunk
+  // A stream whose write has made no progress this long is cancelled (the client stopped
+  // reading); 0: never.
+  double write_stall_timeout_s = 60;
 };
 
+// Longest request_id accepted (bytes): it is echoed in every log line of its request.
+constexpr size_t kMaxRequestIdBytes = 256;
+
 // Converts `in` into `out` (all but arrival and deadline) and checks what needs no engine: a
-// prompt, limits, sampling values, stop strings; INVALID_ARGUMENT saying why, else OK. The engine
-// thread checks the rest with Engine::validate(). No gRPC call or clock: fuzz/ drives it with any
-// bytes.
+// prompt, limits, sampling values, stop strings, the request_id's length; INVALID_ARGUMENT saying
+// why, else OK. The engine thread checks the rest with Engine::validate(). No gRPC call or clock:
+// fuzz/ drives it with any bytes.
 grpc::Status convert_request(const v1::GenerateRequest& in, const Tokenizer& tokenizer,
                              const ServiceLimits& limits, int context_length, ServeRequest& out);
+
+// Whether a call cancelled at `now` was cancelled because its deadline passed (the client's clock
+// runs out a little before the server's, see the definition) rather than by the client.
+// `arrival`: when the server got the call; `deadline`: the server's deadline for it (max: none).
+bool cancel_is_deadline(std::chrono::system_clock::time_point arrival,
+                        std::chrono::system_clock::time_point deadline,
+                        std::chrono::system_clock::time_point now);
 
 // The gRPC code's name as Prometheus labels and logs spell it, e.g. "RESOURCE_EXHAUSTED".
 std::string status_code_name(grpc::StatusCode code);
 
-class GenerationService final : public v1::Generation::CallbackService {
+class GenerationService final
+    : public v1::Generation::WithRawCallbackMethod_Generate<v1::Generation::CallbackService> {
  public:
   GenerationService(Metrics& metrics, ServiceLimits limits);
 
@@ -50,8 +70,9 @@ class GenerationService final : public v1::Generation::CallbackService {
   // Generate calls not yet done (their last write may still be in flight).
   int open_streams() const { return open_streams_.load(); }
 
-  grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
-      grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override;
+  // `request`: a serialized v1::GenerateRequest; the reactor writes serialized GenerateResponses.
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Generate(grpc::CallbackServerContext* context,
+                                                       const grpc::ByteBuffer* request) override;
   grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
                                          const v1::GetModelInfoRequest* request,
                                          v1::ModelInfo* response) override;
@@ -70,6 +91,10 @@ class GenerationService final : public v1::Generation::CallbackService {
   grpc::Status convert(grpc::CallbackServerContext& context, const v1::GenerateRequest& in,
                        ServeRequest& out);
   grpc::Status reject(const std::string& request_id, const grpc::Status& status);
+  // One of --max-concurrent-streams; false when all are taken. Every slot acquired is released
+  // once: by the stream's OnDone, or by Generate when it fails before a stream exists.
+  bool acquire_stream_slot();
+  void release_stream_slot();
 
   Metrics& metrics_;
   const ServiceLimits limits_;
@@ -80,6 +105,9 @@ class GenerationService final : public v1::Generation::CallbackService {
   v1::ModelInfo info_;
   std::atomic<int> open_streams_{0};
   std::atomic<uint64_t> next_request_number_{1};
+  // KVSERVE_INJECT_WRITE_DONE_DELAY_MS (server/injected_delay.h), for the tests of cancellation.
+  const std::chrono::milliseconds write_done_delay_;
+  WriteStallWatchdog stall_watchdog_;
   StreamWriter writer_;  // outlives every stream: the server is shut down before the service goes
 };
 

@@ -52,6 +52,8 @@ Metrics::Metrics(const BuildInfo& build)
           gauge(*registry_, "kvserve_requests_running", "Requests in the running batch")),
       requests_waiting_(gauge(*registry_, "kvserve_requests_waiting",
                               "Requests queued for admission (including preempted ones)")),
+      streams_open_(gauge(*registry_, "kvserve_streams_open",
+                          "Generate streams open, counted against --max-concurrent-streams")),
       tokens_per_second_(gauge(*registry_, "kvserve_generation_tokens_per_second",
                                "Generated tokens per second over the last 5 seconds")),
       prompt_tokens_(counter(

@@ -33,6 +33,9 @@ class Metrics {
 
   void set_cache(const CacheUsage& usage);
   void set_requests(size_t running, size_t waiting);
+  // Generate streams open (counted against --max-concurrent-streams), until gRPC's OnDone.
+  void stream_opened() { streams_open_.Increment(); }
+  void stream_closed() { streams_open_.Decrement(); }
   void set_tokens_per_second(double rate) { tokens_per_second_.Set(rate); }
   void add_prompt_tokens(int64_t n) { prompt_tokens_.Increment(static_cast<double>(n)); }
   void add_generation_tokens(int64_t n) { generation_tokens_.Increment(static_cast<double>(n)); }
@@ -62,6 +65,7 @@ class Metrics {
   prometheus::Gauge& blocks_total_;
   prometheus::Gauge& requests_running_;
   prometheus::Gauge& requests_waiting_;
+  prometheus::Gauge& streams_open_;
   prometheus::Gauge& tokens_per_second_;
   prometheus::Counter& prompt_tokens_;
   prometheus::Counter& generation_tokens_;

@@ -181,6 +181,10 @@ void add_serve_flags(CLI::App* app, ServeFlags& flags) {
   app->add_option("--stream-buffer-messages", flags.limits.stream_buffer_messages,
                   "messages buffered per stream before tokens are merged into one chunk")
       ->check(positive());
+  app->add_option("--write-stall-timeout-s", flags.limits.write_stall_timeout_s,
+                  "cancel a stream whose write has made no progress this long: the client "
+                  "stopped reading (0: never)")
+      ->check(non_negative());
   app->add_option("--drain-timeout-s", flags.drain_timeout_s,
                   "on SIGTERM/SIGINT, how long streams in flight may run before they are "
                   "cancelled")
@@ -260,15 +264,20 @@ int run_serve(const ServeFlags& flags) {
                            &port);
   builder.RegisterService(&service);
   builder.SetMaxReceiveMessageSize(flags.max_receive_message_bytes);
+  // gRPC sets SO_REUSEPORT by default on Linux: a second server on a port in use would start and
+  // silently take a share of its connections. Without it, binding a port in use fails.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   set_keepalive(flags.keepalive, builder);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server || port == 0) {
     // gRPC logs why a certificate or key was refused just above; this says what to look at.
     throw std::runtime_error("cannot listen on " + join_host_port(flags.host, flags.port) +
                              (flags.tls_cert.empty()
-                                  ? " (port in use or address not local?)"
-                                  : " (port in use, address not local, or --tls-cert/--tls-key "
-                                    "refused: see gRPC's error above)"));
+                                  ? ": the port is in use (another server?) or the address is "
+                                    "not local"
+                                  : ": the port is in use (another server?), the address is not "
+                                    "local, or --tls-cert/--tls-key were refused (see gRPC's "
+                                    "error above)"));
   }
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
   // grpc.health.v1 answers for the whole server ("") and, as the health protocol expects, for
