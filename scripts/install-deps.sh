@@ -14,8 +14,9 @@
 #              throwaway certificates of the TLS tests; clang and libclang-rt-14-dev (its
 #              sanitizer and libFuzzer runtimes) build fuzz/ (scripts/fuzz.sh).
 #   container  podman and what scripts/container-check.sh needs to build and run the image
-#              offline (Debian base made with debootstrap, runc, podman-compose for the compose
-#              file); only that script asks for it.
+#              offline: debootstrap (the Debian base image), runc (crun fails on hybrid cgroups),
+#              slirp4netns (published ports without a CNI bridge), docker-compose (validates
+#              deploy/docker-compose.yml); only that script asks for it.
 # Usage: scripts/install-deps.sh [GROUP...]   (as root, or with sudo available)
 #   no GROUP = build and tools, what scripts/test.sh needs.
 set -euo pipefail
@@ -27,8 +28,7 @@ declare -A groups=(
     libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc prometheus-cpp-dev"
   [tools]="prometheus python3-yaml python3-grpcio python3-protobuf python3-matplotlib
     openssl clang libclang-rt-14-dev"
-  [container]="podman buildah runc conmon containernetworking-plugins slirp4netns fuse-overlayfs
-    uidmap debootstrap podman-compose iptables curl"
+  [container]="podman buildah runc slirp4netns debootstrap docker-compose curl"
 )
 [ $# -gt 0 ] || set -- build tools
 packages=()
