@@ -52,6 +52,7 @@ for tool in podman debootstrap runc slirp4netns docker-compose curl; do
 done
 
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/kvserve-container.XXXXXX")
+name=kvserve-check-$$
 mkdir -p "$work/tmp"
 export TMPDIR=$work/tmp
 podman_global=(--root "$work/storage" --runroot "$work/run" --tmpdir "$work/libpod"
@@ -79,6 +80,9 @@ done
 cleanup() {
   local status=$?
   set +e
+  if [ "$status" -ne 0 ] && pm container exists "$name" 2>/dev/null; then
+    pm logs --tail 40 "$name" 2>&1 | sed 's/^/container-check:   kvserve: /'
+  fi
   pm rm --all --force --time 0 >/dev/null 2>&1
   pm system reset --force >/dev/null 2>&1
   grep -o " $work/[^ ]*" /proc/mounts | sort -r | xargs -r umount -l
@@ -180,7 +184,6 @@ socks = [socket.socket() for _ in range(2)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))')
-name=kvserve-check-$$
 step=$SECONDS
 # podman's stderr goes to a file, shown on failure: without systemd it logs an error for the
 # HEALTHCHECK timer it cannot schedule (the check below runs the HEALTHCHECK itself).
@@ -203,7 +206,7 @@ uid=$(pm exec "$name" id -u)
 
 health=$("$cli" health --addr "127.0.0.1:$grpc_port") || fail "kvserve-cli health from the host: $health"
 log "kvserve-cli health from the host: $health"
-generated=$("$cli" generate --addr "127.0.0.1:$grpc_port" --prompt "The kernel" --max-new-tokens 16 \
+generated=$("$cli" generate --addr "127.0.0.1:$grpc_port" --prompt "The kernel" --max-new-tokens 16 --timeout-s 60 \
   2>"$work/generate.err") || { cat "$work/generate.err"; fail "kvserve-cli generate from the host failed"; }
 grep -q 'finish_reason=LENGTH .*completion_tokens=16 ' "$work/generate.err" ||
   fail "kvserve-cli generate did not get 16 tokens: $(cat "$work/generate.err")"
@@ -220,7 +223,7 @@ log "HEALTHCHECK $healthcheck: healthy"
 # SIGTERM with a request in flight: kvserve drains it (the stream completes), then exits 0.
 # The request is long enough (100 tokens) to be still running when the signal comes, short enough
 # to finish within the 30 s drain on a busy machine; the server's drain log line must count it.
-"$cli" generate --addr "127.0.0.1:$grpc_port" --prompt "The kernel" --max-new-tokens 100 --ignore-eos \
+"$cli" generate --addr "127.0.0.1:$grpc_port" --prompt "The kernel" --max-new-tokens 100 --ignore-eos --timeout-s 60 \
   >"$work/inflight.txt" 2>"$work/inflight.err" &
 inflight=$!
 until [ -s "$work/inflight.txt" ]; do

@@ -7,8 +7,9 @@ limited to its "build" group, build.sh may get extra -D cache options, e.g. the 
 architectures) and nothing else that installs or compiles, so the image cannot drift from what
 CI tests. The bases are build arguments: by default they must be NVIDIA's CUDA images (the CUDA
 image); CI's scripts/container-check.sh overrides them to build and run the CPU image. The
-builder must build the kvserve and kvserve-cli targets and pass KVSERVE_CUDA through. The runtime stage must install only the package list
-that scripts/runtime-packages.sh derived from the binaries, and keep the contract of DESIGN.md:
+builder must build the kvserve and kvserve-cli targets and pass KVSERVE_CUDA through. The
+runtime stage must install only the package list that scripts/runtime-packages.sh derived from
+the binaries, and keep the contract of DESIGN.md:
 exec-form `kvserve serve` entrypoint, non-root, /models volume, ports 50051 and 9464, and a
 health check through `kvserve-cli health`.
 
