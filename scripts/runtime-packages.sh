@@ -12,21 +12,6 @@ for binary in "$@"; do
   [ -f "$binary" ] || { echo "runtime-packages: $binary: no such file" >&2; exit 1; }
 done
 
-# dpkg records a file under the path its package shipped it at; with merged /usr the loader may
-# report /lib/... for a file recorded as /usr/lib/... (or the reverse), and alternatives add
-# symlinks, so try the reported path, its /usr twin and the resolved path.
-owner() {
-  local path=$1 candidate
-  for candidate in "$path" "/usr$path" "${path#/usr}" "$(readlink -f "$path")"; do
-    if dpkg-query -S "$candidate" >/dev/null 2>&1; then
-      dpkg-query -S "$candidate" | head -n1 | cut -d: -f1
-      return 0
-    fi
-  done
-  echo "runtime-packages: no package owns $path" >&2
-  return 1
-}
-
 missing=0
 libs=()
 while read -r name arrow path _; do
@@ -45,6 +30,30 @@ done < <(ldd "$@" | grep -v ':$')
 [ "$missing" -eq 0 ] || exit 1
 [ ${#libs[@]} -gt 0 ] || exit 0
 
-for lib in $(printf '%s\n' "${libs[@]}" | sort -u); do
-  owner "$lib" || exit 1
+# dpkg records a file under the path its package shipped it at; with merged /usr the loader may
+# report /lib/... for a file recorded as /usr/lib/... (or the reverse), and alternatives add
+# symlinks, so try the reported path, its /usr twin and the resolved path, in that order.
+# One dpkg-query for all of them: each call reads every package's file list (about a second on a
+# busy machine), and the binaries load dozens of libraries.
+candidates() { printf '%s\n' "$1" "/usr$1" "${1#/usr}" "$(readlink -f "$1")"; }
+mapfile -t libs < <(printf '%s\n' "${libs[@]}" | sort -u)
+mapfile -t paths < <(for lib in "${libs[@]}"; do candidates "$lib"; done)
+declare -A owner
+# Lines are "package[:arch][, package...]: path"; paths owned by several packages name them all.
+while IFS= read -r line; do
+  [[ $line == *": /"* ]] || continue
+  package=${line%%: /*}
+  package=${package%%,*}
+  owner[${line#*: }]=${package%%:*}
+done < <(dpkg-query -S "${paths[@]}" 2>/dev/null || true)
+for lib in "${libs[@]}"; do
+  found=""
+  while read -r candidate; do
+    if [ -n "${owner[$candidate]:-}" ]; then
+      found=${owner[$candidate]}
+      break
+    fi
+  done < <(candidates "$lib")
+  [ -n "$found" ] || { echo "runtime-packages: no package owns $lib" >&2; exit 1; }
+  echo "$found"
 done | sort -u

@@ -2,12 +2,16 @@
 """Checks the Dockerfile without a Docker engine: it must build the way CI does.
 
 CI (.ci/run -> scripts/test.sh) installs with scripts/install-deps.sh and builds with
-scripts/build.sh. The builder stage must run exactly those commands (build.sh may get extra
--D cache options, e.g. the GPU architectures) and nothing else that installs or compiles, so
-the image cannot drift from what CI tests. The runtime stage must install only the package list
-that scripts/runtime-packages.sh derived from the binaries, and keep the contract of
-docs/design.md and docs/deploy.md: exec-form `kvserve serve` entrypoint, non-root, /models
-volume, ports 50051 and 9464, and a health check through `kvserve-cli health`.
+scripts/build.sh. The builder stage must run exactly those commands (install-deps.sh may be
+limited to its "build" group, build.sh may get extra -D cache options, e.g. the GPU
+architectures) and nothing else that installs or compiles, so the image cannot drift from what
+CI tests. The bases are build arguments: by default they must be NVIDIA's CUDA images (the CUDA
+image); CI's scripts/container-check.sh overrides them to build and run the CPU image. The
+builder must build the kvserve and kvserve-cli targets and pass KVSERVE_CUDA through. The
+runtime stage must install only the package list that scripts/runtime-packages.sh derived from
+the binaries, and keep the contract of docs/design.md and docs/deploy.md:
+exec-form `kvserve serve` entrypoint, non-root, /models volume, ports 50051 and 9464, and a
+health check through `kvserve-cli health`.
 
 With --binary, also runs scripts/runtime-packages.sh on that binary here (Debian 12), which must
 name installed packages only.
@@ -35,7 +39,8 @@ def check(condition, message):
 
 
 def instructions(text):
-    """[(stage, KEYWORD, arguments)] with continuation lines joined and comments dropped."""
+    """[(stage, KEYWORD, arguments)] with continuation lines joined and comments dropped.
+    Instructions before the first FROM (global ARGs) are stage -1."""
     result, stage, pending = [], -1, ""
     for line in text.splitlines():
         if line.lstrip().startswith("#"):
@@ -68,26 +73,47 @@ def ci_commands(root):
             if line.strip().startswith("scripts/")]
 
 
-def check_builder(runs, ci):
+def arg_defaults(stage):
+    """{name: default} of a stage's ARG instructions (quotes removed)."""
+    defaults = {}
+    for keyword, arguments in stage:
+        if keyword == "ARG":
+            name, _, value = arguments.partition("=")
+            defaults[name] = shlex.split(value)[0] if value else ""
+    return defaults
+
+
+def substitute(text, defaults):
+    """${NAME} and $NAME replaced by the ARG defaults, as the builder would without --build-arg."""
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: defaults.get(m.group(1) or m.group(2), m.group(0)), text)
+
+
+def check_builder(stage, ci):
+    runs = [run_command(a) for k, a in stage if k == "RUN"]
+    defaults = arg_defaults(stage)
     install = [c for c in ci if c.split()[0] == "scripts/install-deps.sh"]
     build = [c for c in ci if c.split()[0] == "scripts/build.sh"]
     if not check(install and build, f"scripts/test.sh no longer runs install-deps.sh and build.sh: {ci}"):
         return
+    check(set(defaults.get("KVSERVE_BUILD_TARGETS", "").split()) == {"kvserve", "kvserve-cli"},
+          "builder: ARG KVSERVE_BUILD_TARGETS must name the kvserve and kvserve-cli targets (build.sh reads it)")
+    check(defaults.get("KVSERVE_CUDA") == "ON", "builder: ARG KVSERVE_CUDA must default to ON (the CUDA image)")
     order = []
     for command in runs:
         words = shlex.split(command)
-        if command == install[0]:
+        if words == shlex.split(install[0]) + ["build"]:
             order.append("install")
         elif words[:len(shlex.split(build[0]))] == shlex.split(build[0]):
             extra = words[len(shlex.split(build[0])):]
             check(all(w.startswith("-D") for w in extra),
                   f"builder: {command!r} passes build.sh more than -D cache options")
+            check("-DKVSERVE_CUDA=${KVSERVE_CUDA}" in extra, f"builder: {command!r} must pass -DKVSERVE_CUDA=${{KVSERVE_CUDA}}")
             order.append("build")
         elif words[0] == "scripts/runtime-packages.sh":
             order.append("packages")
         else:
             errors.append(f"builder: {command!r} is not a command CI runs (install with "
-                          "scripts/install-deps.sh, build with scripts/build.sh)")
+                          "scripts/install-deps.sh build, build with scripts/build.sh)")
     check(order == ["install", "build", "packages"],
           f"builder must run install-deps.sh, build.sh, runtime-packages.sh once each in that order, runs {order}")
 
@@ -151,16 +177,20 @@ def main():
 
     parsed = instructions((root / "Dockerfile").read_text())
     stages = [[(k, a) for s, k, a in parsed if s == i] for i in range(max(s for s, _, _ in parsed) + 1)]
+    bases = arg_defaults([(k, a) for s, k, a in parsed if s == -1])
     if check(len(stages) == 2, f"Dockerfile must have two stages (builder, runtime), has {len(stages)}"):
-        builder_from = CUDA_BASE.fullmatch(stages[0][0][1].split(" AS ")[0])
-        runtime_from = CUDA_BASE.fullmatch(stages[1][0][1])
+        check(stages[0][0][1] == "${BUILDER_IMAGE} AS builder" and stages[1][0][1] == "${RUNTIME_IMAGE}",
+              "the stages must start FROM ${BUILDER_IMAGE} AS builder and FROM ${RUNTIME_IMAGE} "
+              "(build arguments, so the CPU image is built from this same file)")
+        builder_from = CUDA_BASE.fullmatch(substitute(stages[0][0][1], bases).split(" AS ")[0])
+        runtime_from = CUDA_BASE.fullmatch(substitute(stages[1][0][1], bases))
         check(builder_from and builder_from.group(2) == "devel" and stages[0][0][1].endswith(" AS builder"),
-              "builder must be FROM nvidia/cuda:13.x.y-devel-ubuntu24.04 AS builder")
+              "ARG BUILDER_IMAGE must default to nvidia/cuda:13.x.y-devel-ubuntu24.04")
         check(runtime_from and runtime_from.group(2) == "runtime",
-              "runtime must be FROM nvidia/cuda:13.x.y-runtime-ubuntu24.04 (cuBLAS included)")
+              "ARG RUNTIME_IMAGE must default to nvidia/cuda:13.x.y-runtime-ubuntu24.04 (cuBLAS included)")
         check(builder_from and runtime_from and builder_from.group(1) == runtime_from.group(1),
               "builder and runtime must use the same CUDA release")
-        check_builder([run_command(a) for k, a in stages[0] if k == "RUN"], ci_commands(root))
+        check_builder(stages[0], ci_commands(root))
         check_runtime(stages[1], root)
 
     ignored = set((root / ".dockerignore").read_text().split())
