@@ -4,7 +4,6 @@
 
 #include <cstdlib>
 #include <filesystem>
-#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -107,16 +106,14 @@ void add_engine_flags(CLI::App* app, EngineFlags& flags) {
   app->add_option("--max-num-seqs", flags.options.max_num_seqs, "sequences per step")
       ->check(positive());
   app->add_option("--max-batch-tokens", flags.options.max_batch_tokens,
-                  "tokens per step (decodes plus prompt chunks); default: 16384 on cuda, 2048 on "
-                  "cpu (engine/README.md)")
-      ->check(positive());
-  const std::map<std::string, AdmissionPolicy> admission = {
-      {"final-length", AdmissionPolicy::kReserveFinalLength}, {"prompt", AdmissionPolicy::kPrompt}};
-  app->add_option("--admission", flags.options.admission,
+                  "tokens per step (decodes plus prompt chunks); by default the backend's "
+                  "(engine/README.md)")
+      ->check(positive())
+      ->default_str("16384 on cuda, 2048 on cpu");
+  app->add_option("--admission", flags.admission,
                   "final-length: admit while every running request fits the pool at prompt + "
                   "max_new_tokens (no preemption); prompt: while the prompt fits (preempts)")
-      ->transform(CLI::CheckedTransformer(admission))
-      ->default_str("final-length");
+      ->check(CLI::IsMember({"final-length", "prompt"}));
 }
 
 KvCacheConfig kv_config(const KvFlags& flags, const ModelConfig& model) {
@@ -136,6 +133,8 @@ EngineSpec engine_spec(const ModelFlags& model, const KvFlags& kv, const EngineF
   spec.kv = kv_config(kv, read_model_config(spec.model));
   spec.kv_pool_bytes = kv.pool_mb << 20;
   spec.engine = engine.options;
+  spec.engine.admission = engine.admission == "prompt" ? AdmissionPolicy::kPrompt
+                                                       : AdmissionPolicy::kReserveFinalLength;
   if (const std::string problem = check(spec); !problem.empty()) throw UsageError(problem);
   return spec;
 }

@@ -35,6 +35,7 @@ struct KvFlags {
 
 struct EngineFlags {
   EngineOptions options;
+  std::string admission = "final-length";  // or "prompt": AdmissionPolicy
 };
 
 // --model, else $KVSERVE_MODEL, else the shared test model beside the checkout; throws UsageError
