@@ -75,9 +75,8 @@ std::unique_ptr<Backend> make_backend(const std::string& device, ModelWeights we
   }
 #ifdef KVSERVE_WITH_CUDA
   if (device == "cuda") {
-    const char* env = std::getenv("KVSERVE_CUDA_GRAPHS");
     CudaBackendOptions cuda_options;
-    cuda_options.cuda_graphs = options.cuda_graphs && !(env != nullptr && std::string(env) == "0");
+    cuda_options.cuda_graphs = options.cuda_graphs;
     cuda_options.trap_at_forward = injected_device_loss();
     cuda_options.decode_attention = options.decode_attention;
     return std::make_unique<CudaBackend>(weights, cache.config(), cache.num_blocks(), cuda_options);

@@ -16,8 +16,7 @@ namespace kvserve {
 std::string resolve_device(const std::string& requested, std::string& reason);
 
 struct BackendOptions {
-  // CUDA backend: replay decode steps from CUDA graphs. KVSERVE_CUDA_GRAPHS=0 in the environment
-  // turns them off as well.
+  // CUDA backend: replay decode steps from CUDA graphs (`--cuda-graphs`).
   bool cuda_graphs = true;
   // CUDA backend: the kernel of KIVI decode attention (`--decode-attention`).
   cuda::DecodeAttentionVariant decode_attention = cuda::DecodeAttentionVariant::kPacked;
