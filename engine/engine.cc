@@ -27,45 +27,48 @@ Engine::Engine(const ModelConfig& model, std::unique_ptr<KvCacheManager> cache,
       backend_(std::move(backend)),
       scheduler_(model, std::move(cache), scheduler_options(options, backend_.get())) {}
 
-std::string Engine::validate(const GenerationRequest& r) const {
-  if (r.prompt.empty()) return "the prompt is empty";
+absl::Status Engine::validate(const GenerationRequest& r) const {
+  if (r.prompt.empty()) return absl::InvalidArgumentError("the prompt is empty");
   for (size_t i = 0; i < r.prompt.size(); ++i) {
     if (r.prompt[i] < 0 || r.prompt[i] >= model_.vocab_size) {
-      return "prompt token id " + std::to_string(r.prompt[i]) + " at position " +
-             std::to_string(i) + " is outside the vocabulary [0, " +
-             std::to_string(model_.vocab_size) + ")";
+      return absl::InvalidArgumentError(
+          "prompt token id " + std::to_string(r.prompt[i]) + " at position " + std::to_string(i) +
+          " is outside the vocabulary [0, " + std::to_string(model_.vocab_size) + ")");
     }
   }
   for (int32_t id : r.stop_token_ids) {
     if (id < 0 || id >= model_.vocab_size) {
-      return "stop token id " + std::to_string(id) + " is outside the vocabulary";
+      return absl::InvalidArgumentError("stop token id " + std::to_string(id) +
+                                        " is outside the vocabulary");
     }
   }
-  if (r.max_new_tokens < 1) return "max_new_tokens must be at least 1";
+  if (r.max_new_tokens < 1) return absl::InvalidArgumentError("max_new_tokens must be at least 1");
   const int64_t total = static_cast<int64_t>(r.prompt.size()) + r.max_new_tokens;
   if (total > model_.n_positions) {
-    return "prompt (" + std::to_string(r.prompt.size()) + " tokens) + max_new_tokens (" +
-           std::to_string(r.max_new_tokens) + ") exceeds the model's context of " +
-           std::to_string(model_.n_positions) + " tokens";
+    return absl::InvalidArgumentError(
+        "prompt (" + std::to_string(r.prompt.size()) + " tokens) + max_new_tokens (" +
+        std::to_string(r.max_new_tokens) + ") exceeds the model's context of " +
+        std::to_string(model_.n_positions) + " tokens");
   }
-  const std::string sampling = kvserve::validate(r.sampling);
-  if (!sampling.empty()) return sampling;
+  if (absl::Status sampling = kvserve::validate(r.sampling); !sampling.ok()) return sampling;
   // What the pool really holds on the way to the final length (the KIVI residual peaks before a
   // flush), not only at it: a request that passes can always finish once it runs alone.
   const int32_t blocks = cache().peak_blocks(max_cached_tokens(r));
   if (blocks > cache().num_blocks()) {
-    return "prompt + max_new_tokens (" + std::to_string(total) + " tokens) needs up to " +
-           std::to_string(blocks) + " KV blocks but the whole pool has " +
-           std::to_string(cache().num_blocks()) +
-           ": use a larger --kv-pool-mb or fewer max_new_tokens";
+    return absl::InvalidArgumentError("prompt + max_new_tokens (" + std::to_string(total) +
+                                      " tokens) needs up to " + std::to_string(blocks) +
+                                      " KV blocks but the whole pool has " +
+                                      std::to_string(cache().num_blocks()) +
+                                      ": use a larger --kv-pool-mb or fewer max_new_tokens");
   }
-  return "";
+  return absl::OkStatus();
 }
 
 RequestId Engine::add_request(GenerationRequest request) {
   if (!device_lost_.empty()) throw DeviceLostError(device_lost_);
-  const std::string problem = validate(request);
-  if (!problem.empty()) throw std::invalid_argument(problem);
+  if (const absl::Status problem = validate(request); !problem.ok()) {
+    throw std::invalid_argument(std::string(problem.message()));
+  }
   return scheduler_.add_request(std::move(request));
 }
 

@@ -13,6 +13,8 @@
 // has_work() is false and add_request() throws DeviceLostError. The process must restart.
 #pragma once
 
+#include <absl/status/status.h>
+
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -50,8 +52,8 @@ class Engine {
   Engine(const ModelConfig& model, std::unique_ptr<KvCacheManager> cache,
          std::unique_ptr<Backend> backend, EngineOptions options);
 
-  // Returns "" if the request is acceptable, else why not (INVALID_ARGUMENT material).
-  std::string validate(const GenerationRequest& request) const;
+  // OK if the request is acceptable, else INVALID_ARGUMENT saying why.
+  absl::Status validate(const GenerationRequest& request) const;
   // Queues a validated request; throws std::invalid_argument if validate() would complain, and
   // DeviceLostError once the device is lost.
   RequestId add_request(GenerationRequest request);

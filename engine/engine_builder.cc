@@ -16,30 +16,33 @@ ModelConfig read_model_config(const std::string& model) {
   return parse_model_config(model + "/config.json");
 }
 
-std::string check(const EngineSpec& spec) {
+absl::Status check(const EngineSpec& spec) {
   if (spec.device != "auto" && spec.device != "cpu" && spec.device != "cuda") {
-    return "unknown device '" + spec.device + "' (use auto, cpu or cuda)";
+    return absl::InvalidArgumentError("unknown device '" + spec.device +
+                                      "' (use auto, cpu or cuda)");
   }
-  if (spec.kv_pool_blocks < 0) return "the KV pool needs a positive number of blocks";
+  if (spec.kv_pool_blocks < 0) {
+    return absl::InvalidArgumentError("the KV pool needs a positive number of blocks");
+  }
   if (spec.kv_pool_blocks == 0 && spec.kv_pool_bytes <= 0) {
-    return "the KV pool needs a positive size";
+    return absl::InvalidArgumentError("the KV pool needs a positive size");
   }
   const ModelConfig model = read_model_config(spec.model);
-  const std::string problem = validate(spec.kv, model);
-  if (!problem.empty()) return problem;
+  if (absl::Status problem = validate(spec.kv, model); !problem.ok()) return problem;
   const int32_t blocks = spec.kv_pool_blocks > 0
                              ? spec.kv_pool_blocks
                              : KvCacheManager::blocks_in_budget(spec.kv_pool_bytes, spec.kv, model);
   if (blocks < 1) {
-    return "a KV pool of " + std::to_string(spec.kv_pool_bytes >> 20) + " MiB holds no block of " +
-           describe(spec.kv) + " for this model";
+    return absl::InvalidArgumentError("a KV pool of " + std::to_string(spec.kv_pool_bytes >> 20) +
+                                      " MiB holds no block of " + describe(spec.kv) +
+                                      " for this model");
   }
-  return "";
+  return absl::OkStatus();
 }
 
 BuiltBackend build_backend(const EngineSpec& spec) {
-  if (const std::string problem = check(spec); !problem.empty()) {
-    throw std::invalid_argument(problem);
+  if (const absl::Status problem = check(spec); !problem.ok()) {
+    throw std::invalid_argument(std::string(problem.message()));
   }
   BuiltBackend built;
   std::string reason;

@@ -9,6 +9,8 @@
 #include <memory>
 #include <string>
 
+#include <absl/status/status.h>
+
 #include "engine/backend.h"
 #include "engine/backend_factory.h"
 #include "engine/engine.h"
@@ -32,9 +34,10 @@ struct EngineSpec {
 // The model's geometry without its weights: config.json of a directory, or a dummy geometry.
 ModelConfig read_model_config(const std::string& model);
 
-// Why `spec` cannot be built (an unknown device, KV settings the model's geometry does not allow,
-// an empty pool), or "" when it can. Reads only the model's config, never its weights.
-std::string check(const EngineSpec& spec);
+// INVALID_ARGUMENT saying why `spec` cannot be built (an unknown device, KV settings the model's
+// geometry does not allow, an empty pool), or OK when it can. Reads only the model's config, never
+// its weights.
+absl::Status check(const EngineSpec& spec);
 
 // The backend over its cache, before an Engine (or the perplexity evaluation, or a benchmark that
 // drives the backend directly) takes them. The backend reads the cache's block tables: keep the

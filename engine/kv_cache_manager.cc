@@ -20,8 +20,9 @@ KvCacheManager::KvCacheManager(const KvCacheConfig& config, const ModelConfig& m
       layout_(make_page_layout(config, model)),
       bytes_per_block_(static_cast<int64_t>(layout_.block_bytes) * model.n_layer),
       pool_(num_blocks) {
-  const std::string problem = validate(config, model);
-  if (!problem.empty()) throw std::invalid_argument(problem);
+  if (const absl::Status problem = validate(config, model); !problem.ok()) {
+    throw std::invalid_argument(std::string(problem.message()));
+  }
 }
 
 int32_t KvCacheManager::blocks_in_budget(int64_t bytes, const KvCacheConfig& config,

@@ -39,31 +39,36 @@ int kv_bits(KvFormat format) {
   return 0;
 }
 
-std::string validate(const KvCacheConfig& c, const ModelConfig& model) {
+absl::Status validate(const KvCacheConfig& c, const ModelConfig& model) {
   const int head_dim = model.head_dim();
-  if (c.page_tokens <= 0) return "--kv-page-tokens must be positive";
-  if (head_dim > 256) return "head dimensions above 256 are not supported";
-  if (!is_kivi(c.format)) return "";
+  if (c.page_tokens <= 0) return absl::InvalidArgumentError("--kv-page-tokens must be positive");
+  if (head_dim > 256)
+    return absl::InvalidArgumentError("head dimensions above 256 are not supported");
+  if (!is_kivi(c.format)) return absl::OkStatus();
   const int codes_per_word = 32 / kv_bits(c.format);
   const std::string bits = std::to_string(kv_bits(c.format));
   if (c.key_group <= 0 || c.key_group > 256 || c.key_group % codes_per_word != 0) {
-    return "--kv-group must be a multiple of " + std::to_string(codes_per_word) + " up to 256" +
-           " for " + bits + "-bit codes (got " + std::to_string(c.key_group) + ")";
+    return absl::InvalidArgumentError(
+        "--kv-group must be a multiple of " + std::to_string(codes_per_word) + " up to 256" +
+        " for " + bits + "-bit codes (got " + std::to_string(c.key_group) + ")");
   }
   if (c.value_group <= 0 || c.value_group % codes_per_word != 0 || head_dim % c.value_group != 0) {
-    return "--kv-value-group must divide the head dimension " + std::to_string(head_dim) +
-           " and be a multiple of " + std::to_string(codes_per_word) + " (got " +
-           std::to_string(c.value_group) + ")";
+    return absl::InvalidArgumentError("--kv-value-group must divide the head dimension " +
+                                      std::to_string(head_dim) + " and be a multiple of " +
+                                      std::to_string(codes_per_word) + " (got " +
+                                      std::to_string(c.value_group) + ")");
   }
   if (c.residual <= 0 || c.residual % c.key_group != 0) {
-    return "--kv-residual must be a positive multiple of --kv-group " +
-           std::to_string(c.key_group) + " (got " + std::to_string(c.residual) + ")";
+    return absl::InvalidArgumentError("--kv-residual must be a positive multiple of --kv-group " +
+                                      std::to_string(c.key_group) + " (got " +
+                                      std::to_string(c.residual) + ")");
   }
   if (c.page_tokens % c.key_group != 0) {
-    return "--kv-page-tokens must be a multiple of --kv-group " + std::to_string(c.key_group) +
-           " (got " + std::to_string(c.page_tokens) + ")";
+    return absl::InvalidArgumentError("--kv-page-tokens must be a multiple of --kv-group " +
+                                      std::to_string(c.key_group) + " (got " +
+                                      std::to_string(c.page_tokens) + ")");
   }
-  return "";
+  return absl::OkStatus();
 }
 
 std::string describe(const KvCacheConfig& c) {

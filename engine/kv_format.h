@@ -17,6 +17,8 @@
 // Residual blocks come in pairs (keys, values) so that no byte of a block is wasted on a split.
 #pragma once
 
+#include <absl/status/status.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -44,8 +46,9 @@ struct KvCacheConfig {
   bool per_token_keys = false;  // ablation: quantize keys per token, as values are
 };
 
-// Returns "" when `config` works with the model geometry, else what is wrong and how to fix it.
-std::string validate(const KvCacheConfig& config, const ModelConfig& model);
+// OK when `config` works with the model geometry, else INVALID_ARGUMENT saying what is wrong and
+// how to fix it.
+absl::Status validate(const KvCacheConfig& config, const ModelConfig& model);
 // "kivi2 (G32 GV32 R32, pages of 32)" for logs and reports.
 std::string describe(const KvCacheConfig& config);
 

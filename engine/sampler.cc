@@ -155,7 +155,7 @@ int32_t draw(const float* w, float w_max, bool weights_ready, size_t vocab,
 
 }  // namespace
 
-std::string validate(const SamplingParams& params) {
+absl::Status validate(const SamplingParams& params) {
   std::string errors;
   auto add = [&errors](const std::string& error) {
     errors += errors.empty() ? error : "; " + error;
@@ -171,7 +171,8 @@ std::string validate(const SamplingParams& params) {
   if (!(params.repetition_penalty > 0.0f && params.repetition_penalty <= 10.0f)) {
     add(out_of_range("repetition_penalty", "in (0, 10]", params.repetition_penalty, "1 means off"));
   }
-  return errors;
+  if (errors.empty()) return absl::OkStatus();
+  return absl::InvalidArgumentError(errors);
 }
 
 double sampling_uniform(uint64_t seed, uint64_t step) {
@@ -184,7 +185,9 @@ const char* const kLogitsNanError = "sample_token: the logits hold a NaN";
 
 std::string sample_input_error(const SamplingParams& params, int vocab_size,
                                const std::vector<int32_t>& history) {
-  if (const std::string error = validate(params); !error.empty()) return "sample_token: " + error;
+  if (const absl::Status error = validate(params); !error.ok()) {
+    return "sample_token: " + std::string(error.message());
+  }
   if (vocab_size < 1) {
     return "sample_token: vocab_size must be >= 1 (got " + std::to_string(vocab_size) + ")";
   }

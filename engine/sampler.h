@@ -34,6 +34,8 @@
 // rounding (~1e-15 relative) of a cumulative boundary, or c_j lies that close to top_p.
 #pragma once
 
+#include <absl/status/status.h>
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -49,11 +51,11 @@ struct SamplingParams {
   bool greedy() const { return temperature == 0.0f; }
 };
 
-// Returns an empty string when `params` are valid, else a message a person can act on that names
+// OK when `params` are valid, else INVALID_ARGUMENT with a message a person can act on that names
 // the field, e.g. "temperature must be in [0, 100] (got -1)". Limits: temperature in [0, 100],
 // top_k >= 0 (values beyond the vocabulary mean off), top_p in (0, 1], repetition_penalty in
 // (0, 10], all finite.
-std::string validate(const SamplingParams& params);
+absl::Status validate(const SamplingParams& params);
 
 struct SampledToken {
   int32_t id;

@@ -38,7 +38,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     std::abort();
   }
   if (g.max_new_tokens < 1 || g.max_new_tokens > limits.max_new_tokens) std::abort();
-  if (!kvserve::validate(g.sampling).empty()) std::abort();
+  if (!kvserve::validate(g.sampling).ok()) std::abort();
   if (request.request_id().size() > kvserve::kMaxRequestIdBytes) std::abort();
   for (const std::string& stop : out.stop) {
     if (stop.empty()) std::abort();

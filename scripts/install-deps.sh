@@ -30,7 +30,7 @@ declare -A groups=(
     nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev
     libgtest-dev libgmock-dev libbenchmark-dev
     libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc prometheus-cpp-dev
-    libcpp-httplib-dev"
+    libabsl-dev libcpp-httplib-dev"
   [tools]="prometheus python3-yaml python3-grpcio python3-protobuf python3-matplotlib
     python3-venv python3-pip python3-setuptools curl
     openssl clang libclang-rt-14-dev"

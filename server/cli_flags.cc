@@ -119,8 +119,9 @@ void add_engine_flags(CLI::App* app, EngineFlags& flags) {
 KvCacheConfig kv_config(const KvFlags& flags, const ModelConfig& model) {
   KvCacheConfig config = flags.config;
   config.format = parse_kv_format(flags.format);
-  const std::string problem = validate(config, model);
-  if (!problem.empty()) throw UsageError(problem);
+  if (const absl::Status problem = validate(config, model); !problem.ok()) {
+    throw UsageError(std::string(problem.message()));
+  }
   return config;
 }
 
@@ -135,7 +136,9 @@ EngineSpec engine_spec(const ModelFlags& model, const KvFlags& kv, const EngineF
   spec.engine = engine.options;
   spec.engine.admission = engine.admission == "prompt" ? AdmissionPolicy::kPrompt
                                                        : AdmissionPolicy::kReserveFinalLength;
-  if (const std::string problem = check(spec); !problem.empty()) throw UsageError(problem);
+  if (const absl::Status problem = check(spec); !problem.ok()) {
+    throw UsageError(std::string(problem.message()));
+  }
   return spec;
 }
 

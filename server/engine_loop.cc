@@ -183,8 +183,9 @@ void EngineLoop::process_inbox(std::deque<InboxItem>& items) {
 }
 
 void EngineLoop::admit(Submission& submission) {
-  const std::string problem = engine_->validate(submission.request.generation);
-  if (!problem.empty()) {
+  const absl::Status status = engine_->validate(submission.request.generation);
+  if (!status.ok()) {
+    const std::string problem(status.message());
     spdlog::warn("request {} rejected: INVALID_ARGUMENT: {}", submission.request.id, problem);
     metrics_.count_failure("INVALID_ARGUMENT");
     --in_flight_;

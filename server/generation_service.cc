@@ -343,7 +343,9 @@ grpc::Status convert_request(const v1::GenerateRequest& in, const Tokenizer& tok
   if (sampling.has_top_p()) params.top_p = sampling.top_p();
   if (sampling.has_repetition_penalty()) params.repetition_penalty = sampling.repetition_penalty();
   if (sampling.has_seed()) params.seed = sampling.seed();
-  if (const std::string problem = validate(params); !problem.empty()) return invalid(problem);
+  if (const absl::Status problem = validate(params); !problem.ok()) {
+    return invalid(std::string(problem.message()));
+  }
 
   const v1::StoppingCriteria& stopping = in.stopping();
   const int max_new = limits.max_new_tokens > 0 ? limits.max_new_tokens : context_length;

@@ -31,20 +31,22 @@ TEST(EngineBuilder, ReadsTheGeometryWithoutTheWeights) {
 }
 
 TEST(EngineBuilder, ChecksTheSpecAgainstTheModelGeometry) {
-  EXPECT_EQ(check(tiny_cpu_spec()), "");
+  EXPECT_TRUE(check(tiny_cpu_spec()).ok()) << check(tiny_cpu_spec());
   EngineSpec bad_group = tiny_cpu_spec();
   bad_group.kv.value_group = 48;  // does not divide the head dimension
-  EXPECT_NE(check(bad_group).find("--kv-value-group"), std::string::npos) << check(bad_group);
+  EXPECT_EQ(check(bad_group).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(check(bad_group).message().find("--kv-value-group"), std::string::npos)
+      << check(bad_group);
   EXPECT_THROW(build_backend(bad_group), std::invalid_argument);
   EngineSpec bad_device = tiny_cpu_spec();
   bad_device.device = "tpu";
-  EXPECT_NE(check(bad_device).find("tpu"), std::string::npos);
+  EXPECT_NE(check(bad_device).message().find("tpu"), std::string::npos);
   EngineSpec no_pool = tiny_cpu_spec();
   no_pool.kv_pool_bytes = 0;
-  EXPECT_NE(check(no_pool), "");
+  EXPECT_FALSE(check(no_pool).ok());
   EngineSpec pool_below_one_block = tiny_cpu_spec();
   pool_below_one_block.kv_pool_bytes = 1;
-  EXPECT_NE(check(pool_below_one_block).find("holds no block"), std::string::npos);
+  EXPECT_NE(check(pool_below_one_block).message().find("holds no block"), std::string::npos);
 }
 
 TEST(EngineBuilder, BuildsThePoolTheSpecAsksFor) {

@@ -32,18 +32,18 @@ CacheUsage usage_at(const KvCacheConfig& config, int tokens) {
 
 TEST(KvFormat, ValidatesCombinations) {
   const ModelConfig model = gpt2_small();
-  EXPECT_EQ(validate(kivi(KvFormat::kKivi2), model), "");
+  EXPECT_TRUE(validate(kivi(KvFormat::kKivi2), model).ok());
   KvCacheConfig c = kivi(KvFormat::kKivi2);
   c.residual = 48;
-  EXPECT_NE(validate(c, model).find("--kv-residual"), std::string::npos);
+  EXPECT_NE(validate(c, model).message().find("--kv-residual"), std::string::npos);
   c = kivi(KvFormat::kKivi2);
   c.page_tokens = 48;
-  EXPECT_NE(validate(c, model).find("--kv-page-tokens"), std::string::npos);
+  EXPECT_NE(validate(c, model).message().find("--kv-page-tokens"), std::string::npos);
   c = kivi(KvFormat::kKivi2, 48);
-  EXPECT_NE(validate(c, model).find("--kv-value-group"), std::string::npos);
+  EXPECT_NE(validate(c, model).message().find("--kv-value-group"), std::string::npos);
   c = kivi(KvFormat::kKivi2);
   c.key_group = 8;  // 2-bit codes pack 16 to a word
-  EXPECT_NE(validate(c, model).find("--kv-group"), std::string::npos);
+  EXPECT_NE(validate(c, model).message().find("--kv-group"), std::string::npos);
   EXPECT_THROW(parse_kv_format("int4"), std::invalid_argument);
   EXPECT_EQ(parse_kv_format("kivi4"), KvFormat::kKivi4);
 }

@@ -338,15 +338,15 @@ TEST(Reference, CancelFreesBlocksAtTheNextStep) {
 TEST(Reference, InvalidRequestsAreRejectedWithReasons) {
   auto engine = make_engine(fixture_format("fp16"));
   GenerationRequest r;
-  EXPECT_NE(engine->validate(r).find("empty"), std::string::npos);
+  EXPECT_NE(engine->validate(r).message().find("empty"), std::string::npos);
   r.prompt = {1, 2, 50257};
-  EXPECT_NE(engine->validate(r).find("outside the vocabulary"), std::string::npos);
+  EXPECT_NE(engine->validate(r).message().find("outside the vocabulary"), std::string::npos);
   r.prompt = std::vector<int32_t>(1000, 5);
   r.max_new_tokens = 100;
-  EXPECT_NE(engine->validate(r).find("context"), std::string::npos);
+  EXPECT_NE(engine->validate(r).message().find("context"), std::string::npos);
   r.prompt = {1, 2};
   r.sampling.temperature = -1.0f;
-  EXPECT_NE(engine->validate(r).find("temperature"), std::string::npos);
+  EXPECT_NE(engine->validate(r).message().find("temperature"), std::string::npos);
   EXPECT_THROW(engine->add_request(r), std::invalid_argument);
 }
 

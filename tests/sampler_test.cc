@@ -451,17 +451,17 @@ TEST(SamplerTopK, NegativeZeroTiesWithZero) {
 }
 
 TEST(SamplerValidate, AcceptsTheDefaultsAndTheLimits) {
-  EXPECT_EQ(validate(SamplingParams{}), "");
+  EXPECT_TRUE(validate(SamplingParams{}).ok());
   SamplingParams limits;
   limits.temperature = 100.0f;
   limits.top_k = 1 << 30;
   limits.top_p = 1.0f;
   limits.repetition_penalty = 10.0f;
-  EXPECT_EQ(validate(limits), "");
+  EXPECT_TRUE(validate(limits).ok()) << validate(limits);
   limits.temperature = 0.0f;
   limits.top_p = 1e-6f;
   limits.repetition_penalty = 1e-6f;
-  EXPECT_EQ(validate(limits), "");
+  EXPECT_TRUE(validate(limits).ok()) << validate(limits);
 }
 
 TEST(SamplerValidate, RejectsEachBadValueNamingTheField) {
@@ -486,18 +486,19 @@ TEST(SamplerValidate, RejectsEachBadValueNamingTheField) {
     bad.back().params.repetition_penalty = p;
   }
   for (const Bad& b : bad) {
-    const std::string message = validate(b.params);
+    const std::string message(validate(b.params).message());
     EXPECT_NE(message.find(b.field), std::string::npos) << message;
     EXPECT_NE(message.find("(got "), std::string::npos) << message;
   }
-  EXPECT_EQ(validate(bad[0].params), "temperature must be in [0, 100] (got -1); 0 means greedy");
+  EXPECT_EQ(validate(bad[0].params),
+            absl::InvalidArgumentError("temperature must be in [0, 100] (got -1); 0 means greedy"));
 }
 
 TEST(SamplerValidate, ReportsEveryBadField) {
   SamplingParams params;
   params.temperature = -1.0f;
   params.top_k = -2;
-  const std::string message = validate(params);
+  const std::string message(validate(params).message());
   EXPECT_NE(message.find("temperature"), std::string::npos) << message;
   EXPECT_NE(message.find("top_k must be >= 0 (got -2)"), std::string::npos) << message;
 }

@@ -355,7 +355,9 @@ TEST(EngineValidation, RejectsARequestWhoseResidualPeakExceedsThePool) {
   auto engine = stub_engine(KvFormat::kKivi2, blocks);
   GenerationRequest r = request(1, 739);
   r.prompt = {464};
-  const std::string problem = engine->validate(r);
+  const absl::Status status = engine->validate(r);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  const std::string problem(status.message());
   EXPECT_NE(problem.find("--kv-pool-mb"), std::string::npos) << problem;
   EXPECT_THROW(engine->add_request(r), std::invalid_argument);
 }
@@ -375,7 +377,7 @@ TEST(EngineValidation, AcceptsExactlyWhatCanFinishAlone) {
       const int final_length = cached + 1;
 
       auto engine = stub_engine(f, peak);
-      ASSERT_EQ(engine->validate(r), "");
+      ASSERT_TRUE(engine->validate(r).ok()) << engine->validate(r);
       engine->add_request(r);
       std::vector<StepEvent> events;
       int preemptions = 0, tokens = 0;
@@ -392,7 +394,7 @@ TEST(EngineValidation, AcceptsExactlyWhatCanFinishAlone) {
       EXPECT_EQ(tokens, final_length - 1);
       EXPECT_EQ(preemptions, 0);
 
-      EXPECT_NE(stub_engine(f, peak - 1)->validate(r), "");
+      EXPECT_FALSE(stub_engine(f, peak - 1)->validate(r).ok());
       // Past validation (the scheduler alone), one block less cannot finish it: peak is tight.
       SchedulerOptions options;
       options.admission = AdmissionPolicy::kPrompt;

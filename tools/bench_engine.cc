@@ -56,8 +56,9 @@ int run_bench_engine(const BenchEngineFlags& flags) {
     r.sampling.seed = flags.seed;
     r.max_new_tokens = flags.max_new_tokens;
     r.ignore_eos = true;
-    const std::string problem = engine.validate(r);
-    if (!problem.empty()) throw std::invalid_argument("bench engine: " + problem);
+    if (const absl::Status problem = engine.validate(r); !problem.ok()) {
+      throw std::invalid_argument("bench engine: " + std::string(problem.message()));
+    }
   }
 
   std::vector<StepEvent> events;

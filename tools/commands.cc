@@ -70,8 +70,9 @@ int run_generate(const GenerateFlags& flags) {
 
   const std::unique_ptr<Engine> built = build_engine(spec);
   Engine& engine = *built;
-  const std::string problem = engine.validate(request);
-  if (!problem.empty()) throw UsageError(problem);
+  if (const absl::Status problem = engine.validate(request); !problem.ok()) {
+    throw UsageError(std::string(problem.message()));
+  }
   const size_t prompt_tokens = request.prompt.size();
   engine.add_request(std::move(request));
 
