@@ -13,6 +13,17 @@
 
 namespace kvserve {
 
+grpc::StatusCode to_code(StreamError error) {
+  switch (error) {
+    case StreamError::kInvalidArgument:
+      return grpc::StatusCode::INVALID_ARGUMENT;
+    case StreamError::kDeadlineExceeded:
+      return grpc::StatusCode::DEADLINE_EXCEEDED;
+    default:
+      return grpc::StatusCode::INTERNAL;
+  }
+}
+
 std::string status_code_name(grpc::StatusCode code) {
   // gRPC's status codes are absl's, number for number.
   const std::string name = absl::StatusCodeToString(static_cast<absl::StatusCode>(code));
@@ -33,17 +44,6 @@ v1::FinishReason to_proto(FinishReason reason) {
       return v1::FINISH_REASON_CANCELLED;
     default:
       return v1::FINISH_REASON_UNSPECIFIED;
-  }
-}
-
-grpc::StatusCode to_code(StreamError error) {
-  switch (error) {
-    case StreamError::kInvalidArgument:
-      return grpc::StatusCode::INVALID_ARGUMENT;
-    case StreamError::kDeadlineExceeded:
-      return grpc::StatusCode::DEADLINE_EXCEEDED;
-    default:
-      return grpc::StatusCode::INTERNAL;
   }
 }
 

@@ -56,6 +56,8 @@ bool cancel_is_deadline(std::chrono::system_clock::time_point arrival,
 
 // The gRPC code's name as Prometheus labels and logs spell it, e.g. "RESOURCE_EXHAUSTED".
 std::string status_code_name(grpc::StatusCode code);
+// The gRPC status of a stream that ended without a final message (the HTTP API maps the same).
+grpc::StatusCode to_code(StreamError error);
 
 class GenerationService final
     : public v1::Generation::WithRawCallbackMethod_Generate<v1::Generation::CallbackService> {

@@ -86,17 +86,6 @@ ApiError from_status(const grpc::Status& status) {
   return error;
 }
 
-grpc::StatusCode to_code(StreamError error) {
-  switch (error) {
-    case StreamError::kInvalidArgument:
-      return grpc::StatusCode::INVALID_ARGUMENT;
-    case StreamError::kDeadlineExceeded:
-      return grpc::StatusCode::DEADLINE_EXCEEDED;
-    default:
-      return grpc::StatusCode::INTERNAL;
-  }
-}
-
 // OpenAI's finish_reason: "stop" for EOS and stop strings or ids, "length" at max_tokens; a
 // request cancelled by the server's drain says "abort", as vLLM's do.
 json finish_reason(FinishReason reason) {
