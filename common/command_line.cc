@@ -108,6 +108,8 @@ std::optional<int> parse_command_line(CLI::App& app, int argc, char** argv,
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
     std::string reason = e.what();
+    // CLI11 names a hidden option (the test hooks) with "", which leaves a bare ": " in front.
+    if (reason.rfind(": ", 0) == 0) reason.erase(0, 2);
     for (char& c : reason) {
       if (c == '\n') c = ' ';
     }

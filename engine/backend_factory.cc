@@ -2,7 +2,6 @@
 
 #include <spdlog/spdlog.h>
 
-#include <cstdlib>
 #include <stdexcept>
 
 #include "engine/cpu_backend.h"
@@ -13,28 +12,6 @@
 #endif
 
 namespace kvserve {
-namespace {
-
-// KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD (backend_factory.h), or 0 when unset.
-int64_t injected_device_loss() {
-  const char* env = std::getenv("KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD");
-  if (env == nullptr || *env == '\0') return 0;
-  size_t parsed = 0;
-  int64_t call = 0;
-  try {
-    call = std::stoll(env, &parsed);
-  } catch (const std::exception&) {
-    parsed = 0;
-  }
-  if (parsed != std::string(env).size() || call < 1) {
-    throw std::invalid_argument(std::string("KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD=") + env +
-                                ": expected a forward call number >= 1");
-  }
-  spdlog::warn("fault injection: the device will be lost at forward call {}", call);
-  return call;
-}
-
-}  // namespace
 
 std::string resolve_device(const std::string& requested, std::string& reason) {
   if (requested != "auto" && requested != "cpu" && requested != "cuda") {
@@ -68,8 +45,10 @@ std::unique_ptr<Backend> make_backend(const std::string& device, ModelWeights we
                                       const KvCacheManager& cache, const BackendOptions& options) {
   if (device == "cpu") {
     auto cpu = std::make_unique<CpuBackend>(std::move(weights), cache.config(), cache.num_blocks());
-    if (const int64_t lose_at = injected_device_loss(); lose_at > 0) {
-      return std::make_unique<DeviceLostInjector>(std::move(cpu), lose_at);
+    if (options.lose_device_at_forward > 0) {
+      spdlog::warn("test hook: the device will be lost at forward call {}",
+                   options.lose_device_at_forward);
+      return std::make_unique<DeviceLostInjector>(std::move(cpu), options.lose_device_at_forward);
     }
     return cpu;
   }
@@ -77,7 +56,11 @@ std::unique_ptr<Backend> make_backend(const std::string& device, ModelWeights we
   if (device == "cuda") {
     CudaBackendOptions cuda_options;
     cuda_options.cuda_graphs = options.cuda_graphs;
-    cuda_options.trap_at_forward = injected_device_loss();
+    if (options.lose_device_at_forward > 0) {
+      spdlog::warn("test hook: a kernel will trap at forward call {}",
+                   options.lose_device_at_forward);
+    }
+    cuda_options.trap_at_forward = options.lose_device_at_forward;
     cuda_options.decode_attention = options.decode_attention;
     return std::make_unique<CudaBackend>(weights, cache.config(), cache.num_blocks(), cuda_options);
   }

@@ -20,12 +20,13 @@ struct BackendOptions {
   bool cuda_graphs = true;
   // CUDA backend: the kernel of KIVI decode attention (`--decode-attention`).
   cuda::DecodeAttentionVariant decode_attention = cuda::DecodeAttentionVariant::kPacked;
+  // Test hook (`kvserve serve --test-lose-device-at-forward N`, a hidden flag): the backend's Nth
+  // forward call, the warm-up's included, loses the device; 0: never. The CPU backend then throws
+  // DeviceLostError (engine/fault_injection.h); the CUDA backend launches a trapping kernel first
+  // (kernels/trap.h), a real sticky error that its own probe must recognise.
+  int64_t lose_device_at_forward = 0;
 };
 
-// KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD=N in the environment (fault injection, for the tests of
-// device loss): the backend's Nth forward call, the warm-up's included, loses the device. The CPU
-// backend then throws DeviceLostError (engine/fault_injection.h); the CUDA backend launches a
-// trapping kernel first (kernels/trap.h), a real sticky error that its own probe must recognise.
 // The backend gets the pool's format and size from `cache`, never the cache itself.
 std::unique_ptr<Backend> make_backend(const std::string& device, ModelWeights weights,
                                       const KvCacheManager& cache,

@@ -8,7 +8,7 @@ DeviceLostInjector::DeviceLostInjector(std::unique_ptr<Backend> inner, int64_t l
 void DeviceLostInjector::count_call() {
   if (++calls_ >= lose_at_) {
     throw DeviceLostError("injected device loss at forward call " + std::to_string(calls_) +
-                          " (KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD)");
+                          " (--test-lose-device-at-forward)");
   }
 }
 

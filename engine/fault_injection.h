@@ -1,4 +1,4 @@
-// Fault injection for the tests of device loss (KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD, see
+// Fault injection for the tests of device loss (BackendOptions::lose_device_at_forward, see
 // backend_factory.h): a backend whose device is lost at a chosen forward call.
 #pragma once
 

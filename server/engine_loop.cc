@@ -6,8 +6,6 @@
 #include <stdexcept>
 #include <thread>
 
-#include "server/injected_delay.h"
-
 namespace kvserve {
 namespace {
 
@@ -117,7 +115,6 @@ void EngineLoop::run() {
   }
   warm_cv_.notify_all();
 
-  const std::chrono::milliseconds pause = injected_delay("KVSERVE_INJECT_ENGINE_PAUSE_MS");
   std::deque<InboxItem> items;
   while (true) {
     {
@@ -146,7 +143,8 @@ void EngineLoop::run() {
       fail_inbox_after_device_lost();
       return;
     }
-    if (pause.count() > 0) std::this_thread::sleep_for(pause);
+    if (options_.pause_after_step.count() > 0)
+      std::this_thread::sleep_for(options_.pause_after_step);
     update_throughput(Clock::now());
   }
 }

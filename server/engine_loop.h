@@ -61,6 +61,10 @@ struct EngineLoopOptions {
   // Called once on the engine thread when the device is lost, after every request in flight has
   // been told, with Engine::device_lost()'s message. Must not block or call back into the loop.
   std::function<void(const std::string&)> on_device_lost;
+  // Test hook (`kvserve serve --test-engine-pause-ms`, hidden): the engine thread pauses this long
+  // after each step's messages, before it reads its inbox again, so that the tests of timing races
+  // see them every time; zero in production.
+  std::chrono::milliseconds pause_after_step{0};
 };
 
 class EngineLoop {

@@ -9,7 +9,6 @@
 #include <thread>
 
 #include "engine/sampler.h"
-#include "server/injected_delay.h"
 
 namespace kvserve {
 
@@ -255,10 +254,11 @@ class GenerationService::Stream final : public grpc::ServerWriteReactor<grpc::By
   grpc::ByteBuffer wire_;  // response_ serialized, alive until its write is done
 };
 
-GenerationService::GenerationService(Metrics& metrics, ServiceLimits limits)
+GenerationService::GenerationService(Metrics& metrics, ServiceLimits limits,
+                                     std::chrono::milliseconds write_done_delay)
     : metrics_(metrics),
       limits_(limits),
-      write_done_delay_(injected_delay("KVSERVE_INJECT_WRITE_DONE_DELAY_MS")),
+      write_done_delay_(write_done_delay),
       stall_watchdog_(std::chrono::duration_cast<std::chrono::steady_clock::duration>(
           std::chrono::duration<double>(limits.write_stall_timeout_s))) {}
 

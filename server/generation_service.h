@@ -62,7 +62,11 @@ grpc::StatusCode to_code(StreamError error);
 class GenerationService final
     : public v1::Generation::WithRawCallbackMethod_Generate<v1::Generation::CallbackService> {
  public:
-  GenerationService(Metrics& metrics, ServiceLimits limits);
+  // write_done_delay: a test hook (`kvserve serve --test-write-done-delay-ms`, hidden): each
+  // stream's OnWriteDone waits this long before it acts, as when gRPC's threads are starved of
+  // CPU, so that the tests of cancellation races see them every time; zero in production.
+  GenerationService(Metrics& metrics, ServiceLimits limits,
+                    std::chrono::milliseconds write_done_delay = std::chrono::milliseconds(0));
 
   // Once the model is loaded and warm: from now on requests are served. `loop` and `tokenizer`
   // must outlive the server.
@@ -107,7 +111,7 @@ class GenerationService final
   v1::ModelInfo info_;
   std::atomic<int> open_streams_{0};
   std::atomic<uint64_t> next_request_number_{1};
-  // KVSERVE_INJECT_WRITE_DONE_DELAY_MS (server/injected_delay.h), for the tests of cancellation.
+  // The constructor's test hook.
   const std::chrono::milliseconds write_done_delay_;
   WriteStallWatchdog stall_watchdog_;
   StreamWriter writer_;  // outlives every stream: the server is shut down before the service goes

@@ -232,6 +232,23 @@ void add_serve_flags(CLI::App* app, ServeFlags& flags) {
                   "after --max-connection-age-s, how long open calls may run on (0: unbounded)")
       ->check(non_negative())
       ->capture_default_str();
+
+  // An empty group hides these from --help: they are for the tests only (TestHookFlags). CLI11
+  // leaves a hidden option's name out of its errors, so the check names it.
+  const auto add_hook = [app](const std::string& name, auto& target) {
+    const CLI::Validator check = non_negative();
+    app->add_option(name, target)
+        ->check(CLI::Validator(
+            [check, name](std::string& value) {
+              const std::string problem = check(value);
+              return problem.empty() ? problem : name + ": " + problem;
+            },
+            ""))
+        ->group("");
+  };
+  add_hook("--test-lose-device-at-forward", flags.test_hooks.lose_device_at_forward);
+  add_hook("--test-engine-pause-ms", flags.test_hooks.engine_pause_ms);
+  add_hook("--test-write-done-delay-ms", flags.test_hooks.write_done_delay_ms);
 }
 
 int run_serve(const ServeFlags& flags) {
@@ -240,6 +257,7 @@ int run_serve(const ServeFlags& flags) {
   install_signal_handlers();
 
   EngineSpec spec = engine_spec(flags.model, flags.kv, flags.engine);
+  spec.backend.lose_device_at_forward = flags.test_hooks.lose_device_at_forward;
   std::string device_reason;
   spec.device = resolve_device(spec.device, device_reason);
   Metrics metrics({KVSERVE_VERSION, spec.device, flags.kv.format, spec.model});
@@ -255,7 +273,8 @@ int run_serve(const ServeFlags& flags) {
 
   // The server listens while the model loads: health says NOT_SERVING and calls get
   // UNAVAILABLE, which is what load balancers and Kubernetes probes expect.
-  GenerationService service(metrics, flags.limits);
+  GenerationService service(metrics, flags.limits,
+                            std::chrono::milliseconds(flags.test_hooks.write_done_delay_ms));
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -303,6 +322,7 @@ int run_serve(const ServeFlags& flags) {
   EngineLoopOptions loop_options;
   loop_options.max_queued_requests = flags.max_queued_requests;
   loop_options.on_device_lost = [](const std::string&) { wake_for_device_lost(); };
+  loop_options.pause_after_step = std::chrono::milliseconds(flags.test_hooks.engine_pause_ms);
   EngineLoop loop(std::move(engine), tokenizer, loop_options, metrics);
   const auto warm_start = std::chrono::steady_clock::now();
   loop.start();

@@ -3,6 +3,7 @@
 
 #include <CLI/CLI.hpp>
 #include <cstddef>
+#include <cstdint>
 #include <string>
 
 #include "server/cli_flags.h"
@@ -25,6 +26,15 @@ struct KeepaliveFlags {
   int max_connection_age_grace_s = 0;
 };
 
+// Test hooks: hidden flags (--test-*, absent from --help) that make faults and timing races happen
+// on cue in the tests (tests/device_lost_test.cc, server_reliability_test.cc, gpu_fault_test.cc).
+// Zero, their default, turns each off; production never sets them.
+struct TestHookFlags {
+  int64_t lose_device_at_forward = 0;  // BackendOptions::lose_device_at_forward
+  int engine_pause_ms = 0;             // EngineLoopOptions::pause_after_step
+  int write_done_delay_ms = 0;         // GenerationService's write_done_delay
+};
+
 struct ServeFlags {
   ModelFlags model;
   KvFlags kv;
@@ -44,6 +54,7 @@ struct ServeFlags {
   std::string tls_client_ca;
   // HTTP/2 keepalive and connection lifetime (server/README.md); 0 turns a limit off.
   KeepaliveFlags keepalive;
+  TestHookFlags test_hooks;
 };
 
 void add_serve_flags(CLI::App* app, ServeFlags& flags);

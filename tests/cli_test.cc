@@ -237,6 +237,18 @@ TEST(Cli, HelpListsTheDefaults) {
       << generate.out;
 }
 
+// The test hooks of `kvserve serve` (TestHookFlags) are flags, not environment variables: absent
+// from --help so that no operator sets them, and checked like every other flag.
+TEST(Cli, TestHookFlagsAreHiddenAndValidated) {
+  const CommandResult help = run_kvserve("serve --help");
+  ASSERT_EQ(help.status, 0) << help.err;
+  EXPECT_EQ(help.out.find("--test-"), std::string::npos) << help.out;
+  for (const std::string hook :
+       {"--test-lose-device-at-forward", "--test-engine-pause-ms", "--test-write-done-delay-ms"}) {
+    expect_usage_error(run_kvserve("serve " + hook + " -1"), hook, "kvserve serve " + hook);
+  }
+}
+
 // KVSERVE_MODEL=dummy:gpt2 used to look for dummy:gpt2/vocab.json as a tokenizer.
 TEST(Cli, ModelFromTheEnvironmentMeansWhatTheFlagMeans) {
   const std::string args =

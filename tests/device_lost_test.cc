@@ -334,16 +334,11 @@ TEST_F(EngineLoopFault, PlainBackendErrorFailsItsStepAndTheLoopKeepsServing) {
   EXPECT_EQ(loop_->in_flight(), 0u);
 }
 
-// KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD=4: the warm-up makes calls 1 and 2, the request's
-// prefill call 3 (its first token) and its first decode call 4, which loses the device.
+// --test-lose-device-at-forward 4: the warm-up makes calls 1 and 2, the request's prefill call 3
+// (its first token) and its first decode call 4, which loses the device.
 TEST(DeviceLostServer, StreamFailsInternalAndTheServerExitsWithItsStatus) {
-  std::unique_ptr<testing::ServerProcess> started;
-  {
-    const testing::ScopedEnvironmentVariable inject("KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD", "4");
-    started = std::make_unique<testing::ServerProcess>(
-        std::vector<std::string>{"--model", testing::shared_model_dir(), "--device", "cpu"});
-  }
-  testing::ServerProcess& server = *started;
+  testing::ServerProcess server({"--model", testing::shared_model_dir(), "--device", "cpu",
+                                 "--test-lose-device-at-forward", "4"});
 
   v1::GenerateRequest request;
   request.set_prompt("The cache");
@@ -354,7 +349,7 @@ TEST(DeviceLostServer, StreamFailsInternalAndTheServerExitsWithItsStatus) {
   EXPECT_EQ(result.status.error_code(), grpc::StatusCode::INTERNAL);
   EXPECT_EQ(result.status.error_message(),
             "device lost: injected device loss at forward call 4 "
-            "(KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD)");
+            "(--test-lose-device-at-forward)");
   EXPECT_EQ(result.ids.size(), 1u);
 
   EXPECT_EQ(server.process().wait(std::chrono::seconds(30)), kExitDeviceLost);

@@ -216,20 +216,15 @@ TEST(GpuFault, ServerAnswersInternalOnOutOfMemoryAndKeepsServing) {
   EXPECT_EQ(server.cache_stats().used_bytes(), 0);
 }
 
-// A kernel that traps (KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD=4: calls 1 and 2 are the warm-up's,
-// 3 the request's prefill, 4 its first decode) poisons the CUDA context for real: the backend's
+// A kernel that traps (--test-lose-device-at-forward 4: calls 1 and 2 are the warm-up's, 3 the
+// request's prefill, 4 its first decode) poisons the CUDA context for real: the backend's
 // probe must call it a device loss, the stream fail INTERNAL and the server exit with status 3.
 // A separate process, since the fault would end every later GPU test of this one.
 TEST(GpuFault, KernelTrapLosesTheDeviceAndTheServerExits) {
   SKIP_WITHOUT_GPU();
-  std::unique_ptr<testing::ServerProcess> started;
-  {
-    const testing::ScopedEnvironmentVariable inject("KVSERVE_INJECT_DEVICE_LOST_AT_FORWARD", "4");
-    started = std::make_unique<testing::ServerProcess>(
-        std::vector<std::string>{"--model", testing::shared_model_dir(), "--device", "cuda", "--kv",
-                                 "kivi2", "--kv-pool-mb", "256"});
-  }
-  testing::ServerProcess& server = *started;
+  testing::ServerProcess server({"--model", testing::shared_model_dir(), "--device", "cuda", "--kv",
+                                 "kivi2", "--kv-pool-mb", "256", "--test-lose-device-at-forward",
+                                 "4"});
   GenerationRequest generation = long_requests()[0];
   generation.prompt.resize(8);
   const testing::StreamResult result = testing::generate(*server.stub(), as_proto(generation));

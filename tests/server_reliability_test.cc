@@ -59,18 +59,17 @@ void expect_metric_reaches(const ServerProcess& server, const std::string& name,
   EXPECT_EQ(metric(server, name), value) << name;
 }
 
-// The race of issue 13, made to happen every time (server/injected_delay.h): OnWriteDone waits
-// 30 ms, as when gRPC's threads wait for a core, and the engine pauses 100 ms after each step. The
-// client's cancellation then reaches the server while the write of the chunk it has just read is
-// still "in flight", and the engine takes the cancellation before it produces anything more: the
-// write reports success and no message is left to finish the stream. The stream kept its slot,
-// and SIGTERM then waited forever in grpc::Server::Shutdown.
+// The race of issue 13, made to happen every time (the test hooks of server/serve.h): OnWriteDone
+// waits 30 ms, as when gRPC's threads wait for a core, and the engine pauses 100 ms after each
+// step. The client's cancellation then reaches the server while the write of the chunk it has just
+// read is still "in flight", and the engine takes the cancellation before it produces anything
+// more: the write reports success and no message is left to finish the stream. The stream kept its
+// slot, and SIGTERM then waited forever in grpc::Server::Shutdown.
 TEST(ServerReliability, CancelWhileAWriteIsInFlightStillFinishesTheStream) {
-  const testing::ScopedEnvironmentVariable write_done("KVSERVE_INJECT_WRITE_DONE_DELAY_MS", "30");
-  const testing::ScopedEnvironmentVariable pause("KVSERVE_INJECT_ENGINE_PAUSE_MS", "100");
   constexpr int kSlots = 4;
   ServerProcess server({"--model", testing::shared_model_dir(), "--max-concurrent-streams",
-                        std::to_string(kSlots), "--drain-timeout-s", "1"});
+                        std::to_string(kSlots), "--drain-timeout-s", "1",
+                        "--test-write-done-delay-ms", "30", "--test-engine-pause-ms", "100"});
   auto stub = server.stub();
   for (int chunks = 1; chunks <= 6; ++chunks) {
     EXPECT_EQ(cancel_after(*stub, chunks).error_code(), grpc::StatusCode::CANCELLED);

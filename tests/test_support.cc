@@ -38,17 +38,6 @@ std::string shared_model_dir() {
   return dir;
 }
 
-ScopedEnvironmentVariable::ScopedEnvironmentVariable(std::string name, const std::string& value)
-    : name_(std::move(name)) {
-  if (setenv(name_.c_str(), value.c_str(), 1) != 0) {
-    throw std::runtime_error("setenv " + name_ + " failed");
-  }
-}
-
-ScopedEnvironmentVariable::~ScopedEnvironmentVariable() {
-  unsetenv(name_.c_str());
-}
-
 std::string shared_eval_text() {
   return source_path("../shared/data/docs-val.txt.xz");
 }

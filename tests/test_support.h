@@ -30,17 +30,4 @@ struct CommandResult {
 // Runs the shell command line `command` with `stdin_text` as its standard input.
 CommandResult run_command(const std::string& command, const std::string& stdin_text = "");
 
-// Sets an environment variable (for the processes a test starts) and unsets it when it goes, even
-// when an assertion ends the test early.
-class ScopedEnvironmentVariable {
- public:
-  ScopedEnvironmentVariable(std::string name, const std::string& value);
-  ~ScopedEnvironmentVariable();
-  ScopedEnvironmentVariable(const ScopedEnvironmentVariable&) = delete;
-  ScopedEnvironmentVariable& operator=(const ScopedEnvironmentVariable&) = delete;
-
- private:
-  std::string name_;
-};
-
 }  // namespace kvserve::testing
