@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "engine/block_table.h"
+#include "engine/kv_quantization_error.h"
 #include "engine/sampler.h"
 
 namespace kvserve {
@@ -75,6 +76,12 @@ class Backend {
                               const std::vector<SampleRequest>& requests,
                               std::vector<SampleResult>& results);
   virtual GraphCounters graph_counters() const { return {}; }
+  // The sampled quantization error of the groups each step flushes into the pages
+  // (engine/kv_quantization_error.h): the share of groups measured, in [0, 1]. A backend that
+  // cannot measure (this default) reports no samples. Measuring never changes the tokens.
+  virtual void set_kv_error_sample_rate(double rate) { (void)rate; }
+  // Moves the errors measured since the last call to the end of `errors`.
+  virtual void take_kv_errors(KvQuantizationErrors& errors) { (void)errors; }
   // The engine's default token budget per step (decodes plus prompt chunks) on this backend: about
   // where its steps stop getting cheaper per token (engine/README.md, "The token budget").
   // kDefaultBatchTokens suits the CPU backend; the CUDA backend asks for more.

@@ -96,6 +96,7 @@ void CpuBackend::forward(const std::vector<ForwardItem>& items, std::vector<floa
     }
   }
 
+  cache_.begin_step();
   const int tasks = static_cast<int>(items.size()) * H;
   for (int layer = 0; layer < cfg.n_layer; ++layer) {
     const LayerWeights& w = weights_.layers[layer];

@@ -8,6 +8,7 @@
 
 #include "engine/fp16.h"
 #include "engine/kv_quant.h"
+#include "kernels/kv_error_sample.h"
 
 namespace kvserve {
 namespace {
@@ -229,6 +230,15 @@ void CpuKvCache::append_and_attend(int layer, int head, const BlockTableView& se
 
   write_pages(layer, head, seq, paged_before, paged_after, window_start, window_k.data(),
               window_v.data());
+  if (error_sample_rate_ > 0.0 && paged_after > paged_before) {
+    KvQuantizationErrors errors;
+    measure_flush_errors(layer, head, seq, paged_before, paged_after, window_start, window_k.data(),
+                         window_v.data(), errors);
+    if (!errors.empty()) {
+      const std::lock_guard<std::mutex> lock(errors_mutex_);
+      errors_.append(errors);
+    }
+  }
   if (is_kivi(config_.format)) {
     for (int pos = paged_after; pos < end; ++pos) {
       uint16_t* k = residual_row(pos - paged_after, 0);
@@ -271,6 +281,66 @@ void CpuKvCache::append_and_attend(int layer, int head, const BlockTableView& se
     float* o = out + static_cast<size_t>(i) * out_stride + head * D;
     for (int d = 0; d < D; ++d) o[d] = acc[i * D + d] / state[i].sum;
   }
+}
+
+// ---- The sampled quantization error (engine/kv_quantization_error.h)
+
+void CpuKvCache::measure_flush_errors(int layer, int head, const BlockTableView& seq, int first,
+                                      int last, int window_start, const float* window_k,
+                                      const float* window_v, KvQuantizationErrors& errors) {
+  if (config_.format == KvFormat::kFp16) return;
+  const int D = head_dim_, P = config_.page_tokens, G = config_.key_group;
+  // Per-token groups: int8 keys and values (all D channels), kivi values and per-token keys.
+  const int token_group = config_.format == KvFormat::kInt8 ? D : config_.value_group;
+  const bool keys_per_channel = is_kivi(config_.format) && !config_.per_token_keys;
+  std::vector<float> page_k, page_v;  // [P][D], dequantized on the page's first sampled group
+  for (int page = first / P; page * P < last; ++page) {
+    const int32_t id = seq.pages[page];
+    const int from = std::max(first, page * P), to = std::min(last, (page + 1) * P);
+    bool loaded = false;
+    auto sampled = [&](int which, int group) {
+      if (!kv_error_sampled(error_sample_rate_, step_, layer, id, head, which, group)) return false;
+      if (!loaded) {
+        page_k.resize(static_cast<size_t>(P) * D);
+        page_v.resize(static_cast<size_t>(P) * D);
+        dequantize_page(layer, head, id, to - page * P, page_k.data(), page_v.data());
+        loaded = true;
+      }
+      return true;
+    };
+    auto window_row = [&](const float* window, int pos) {
+      return window + static_cast<size_t>(pos - window_start) * D;
+    };
+    for (int pos = from; pos < to; ++pos) {
+      const int slot = pos % P;
+      for (int g = 0; g < D / token_group; ++g) {
+        const int group = slot * (D / token_group) + g, at = slot * D + g * token_group;
+        if (sampled(1, group)) {
+          errors.value.push_back(static_cast<float>(relative_error(
+              window_row(window_v, pos) + g * token_group, &page_v[at], token_group, 1)));
+        }
+        if (!keys_per_channel && sampled(0, group)) {
+          errors.key.push_back(static_cast<float>(relative_error(
+              window_row(window_k, pos) + g * token_group, &page_k[at], token_group, 1)));
+        }
+      }
+    }
+    if (!keys_per_channel) continue;
+    for (int group_start = from; group_start < to; group_start += G) {
+      const int slot = group_start % P;
+      for (int d = 0; d < D; ++d) {
+        if (!sampled(0, d * (P / G) + slot / G)) continue;
+        errors.key.push_back(static_cast<float>(
+            relative_error(window_row(window_k, group_start) + d, &page_k[slot * D + d], G, D)));
+      }
+    }
+  }
+}
+
+void CpuKvCache::take_errors(KvQuantizationErrors& errors) {
+  const std::lock_guard<std::mutex> lock(errors_mutex_);
+  errors.append(errors_);
+  errors_.clear();
 }
 
 }  // namespace kvserve

@@ -6,10 +6,12 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "engine/block_table.h"
 #include "engine/kv_format.h"
+#include "engine/kv_quantization_error.h"
 #include "engine/model_config.h"
 
 namespace kvserve {
@@ -29,6 +31,15 @@ class CpuKvCache {
   void append_and_attend(int layer, int head, const BlockTableView& seq, int start, int count,
                          const float* qkv, int qkv_stride, float* out, int out_stride);
 
+  // The sampled quantization error (engine/kv_quantization_error.h): the share of flushed groups
+  // measured, in [0, 1]; 0 (the default) measures nothing.
+  void set_error_sample_rate(double rate) { error_sample_rate_ = rate; }
+  // Called once per forward step, before its append_and_attend calls: the step enters the choice
+  // of sampled groups (kernels/kv_error_sample.h).
+  void begin_step() { ++step_; }
+  // Moves the errors measured since the last call to the end of `errors`.
+  void take_errors(KvQuantizationErrors& errors);
+
   size_t bytes() const { return storage_bytes_; }
   // The whole pool, [n_layer][num_blocks][block_bytes]: the CUDA cache is tested against it.
   const uint8_t* data() const { return storage_.get(); }
@@ -40,6 +51,11 @@ class CpuKvCache {
   void write_pages(int layer, int head, const BlockTableView& seq, int first, int last,
                    int window_start, const float* window_k, const float* window_v);
   void dequantize_page(int layer, int head, int32_t id, int valid, float* keys, float* values);
+  // Measures the sampled groups of positions [first, last), just written into the pages from the
+  // fp16 window (as write_pages takes it), by reading them back with dequantize_page.
+  void measure_flush_errors(int layer, int head, const BlockTableView& seq, int first, int last,
+                            int window_start, const float* window_k, const float* window_v,
+                            KvQuantizationErrors& errors);
 
   KvCacheConfig config_;
   KvPageLayout layout_;
@@ -49,6 +65,10 @@ class CpuKvCache {
   // [n_layer][num_blocks][block_bytes], zeroed by calloc: the OS maps pages lazily, so a large
   // pool costs no start-up time and no resident memory until it is used.
   std::unique_ptr<uint8_t, decltype(&std::free)> storage_;
+  double error_sample_rate_ = 0.0;
+  uint64_t step_ = 0;
+  std::mutex errors_mutex_;  // append_and_attend runs in parallel over heads and items
+  KvQuantizationErrors errors_;
 };
 
 }  // namespace kvserve

@@ -2,6 +2,7 @@
 
 #include <exception>
 #include <stdexcept>
+#include <string>
 
 namespace kvserve {
 namespace {
@@ -16,6 +17,10 @@ SchedulerOptions scheduler_options(const EngineOptions& options, const Backend* 
   s.max_batch_tokens =
       options.max_batch_tokens > 0 ? options.max_batch_tokens : backend->preferred_batch_tokens();
   s.admission = options.admission;
+  if (const absl::Status problem = validate_kv_error_sample_rate(options.kv_error_sample_rate);
+      !problem.ok()) {
+    throw std::invalid_argument("engine: " + std::string(problem.message()));
+  }
   return s;
 }
 
@@ -25,7 +30,9 @@ Engine::Engine(const ModelConfig& model, std::unique_ptr<KvCacheManager> cache,
                std::unique_ptr<Backend> backend, EngineOptions options)
     : model_(model),
       backend_(std::move(backend)),
-      scheduler_(model, std::move(cache), scheduler_options(options, backend_.get())) {}
+      scheduler_(model, std::move(cache), scheduler_options(options, backend_.get())) {
+  backend_->set_kv_error_sample_rate(options.kv_error_sample_rate);
+}
 
 absl::Status Engine::validate(const GenerationRequest& r) const {
   if (r.prompt.empty()) return absl::InvalidArgumentError("the prompt is empty");
@@ -96,6 +103,7 @@ StepStats Engine::step(std::vector<StepEvent>& events) {
     scheduler_.fail_step(plan, e.what(), events);
     return stats;
   }
+  backend_->take_kv_errors(stats.kv_errors);
   scheduler_.update_from_output(plan, samples_, events);
   return stats;
 }

@@ -33,6 +33,10 @@ struct EngineOptions {
   // Tokens per step (decodes + prefill chunks); 0: the backend's preferred_batch_tokens().
   int max_batch_tokens = 0;
   AdmissionPolicy admission = AdmissionPolicy::kReserveFinalLength;
+  // Share of the groups flushed into KV pages whose quantization error the backend measures
+  // (engine/kv_quantization_error.h), in [0, 1]; 0 measures nothing. `kvserve serve` defaults to
+  // kDefaultKvErrorSampleRate.
+  double kv_error_sample_rate = 0.0;
 };
 
 struct StepStats {
@@ -43,6 +47,9 @@ struct StepStats {
   // Requests that entered the batch in this step (after preemption too): the server's queue time
   // ends at a request's first admission.
   std::vector<RequestId> admitted;
+  // Relative errors of the sampled groups flushed into pages since the previous step that reported
+  // (normally this step's own; none while kv_error_sample_rate is 0).
+  KvQuantizationErrors kv_errors;
 };
 
 class Engine {

@@ -83,3 +83,45 @@ __device__ __forceinline__ void quantize_to_words(Fetch x, int n, int bits, uint
 }
 
 }  // namespace kvserve::cuda
+
+namespace kvserve::cuda {
+
+// ---- Reading a page back
+
+// Element d of the key (which = 0) or value (1) in slot `slot` of one head of `page`, as the cache
+// holds it for attention: dequantized with its group's (scale, zero), or the stored fp16. Bit-exact
+// with engine/cpu_kv_cache.cc's dequantize_page; a new page format extends this reader with it.
+__device__ __forceinline__ float page_element(const KvCacheView& c, const uint8_t* page, int head,
+                                              int slot, int d, int which) {
+  const int P = c.page_tokens, D = c.head_dim;
+  const int64_t codes = which == 0 ? c.key_codes : c.value_codes;
+  const int64_t params = which == 0 ? c.key_params : c.value_params;
+  const int64_t token = static_cast<int64_t>(head) * P + slot;
+  if (c.kind == KvKind::kFp16) {
+    return __half2float(reinterpret_cast<const __half*>(page + codes)[token * D + d]);
+  }
+  if (c.kind == KvKind::kInt8) {
+    const __half* p = reinterpret_cast<const __half*>(page + params) + 2 * token;
+    return dequantize(page[codes + token * D + d], __half2float(p[0]), __half2float(p[1]));
+  }
+  const int per_word = 32 / c.bits;
+  const uint32_t mask = (1u << c.bits) - 1u;
+  const auto* words = reinterpret_cast<const uint32_t*>(page + codes);
+  if (which == 0 && !c.per_token_keys) {  // kivi keys: per channel, packed along tokens
+    const int G = c.key_group;
+    const int64_t channel = static_cast<int64_t>(head) * D + d;
+    const uint32_t word = words[channel * (P / per_word) + slot / per_word];
+    const __half* p =
+        reinterpret_cast<const __half*>(page + params) + 2 * (channel * (P / G) + slot / G);
+    return dequantize((word >> (c.bits * (slot % per_word))) & mask, __half2float(p[0]),
+                      __half2float(p[1]));
+  }
+  const int GV = c.value_group;  // per token, packed along channels
+  const uint32_t word = words[token * (D / per_word) + d / per_word];
+  const __half* p =
+      reinterpret_cast<const __half*>(page + params) + 2 * (token * (D / GV) + d / GV);
+  return dequantize((word >> (c.bits * (d % per_word))) & mask, __half2float(p[0]),
+                    __half2float(p[1]));
+}
+
+}  // namespace kvserve::cuda

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "engine/checkpoint.h"
+#include "engine/kv_quantization_error.h"
 
 namespace kvserve {
 
@@ -114,6 +115,15 @@ void add_engine_flags(CLI::App* app, EngineFlags& flags) {
                   "final-length: admit while every running request fits the pool at prompt + "
                   "max_new_tokens (no preemption); prompt: while the prompt fits (preempts)")
       ->check(CLI::IsMember({"final-length", "prompt"}));
+}
+
+void add_kv_error_sample_rate_flag(CLI::App* app, EngineFlags& flags) {
+  flags.options.kv_error_sample_rate = kDefaultKvErrorSampleRate;
+  app->add_option("--kv-error-sample-rate", flags.options.kv_error_sample_rate,
+                  "share of the groups flushed into KV pages whose quantization error is "
+                  "measured (kvserve_kv_quantization_relative_error), 0 to 1; 0 disables")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
 }
 
 KvCacheConfig kv_config(const KvFlags& flags, const ModelConfig& model) {

@@ -52,6 +52,8 @@ void add_decode_attention_flag(CLI::App* app, std::string& variant);
 enum class KvPoolFlag { kTake, kOmit };
 void add_kv_flags(CLI::App* app, KvFlags& flags, KvPoolFlag pool = KvPoolFlag::kTake);
 void add_engine_flags(CLI::App* app, EngineFlags& flags);
+// --kv-error-sample-rate (serve, bench engine): sets the default to kDefaultKvErrorSampleRate.
+void add_kv_error_sample_rate_flag(CLI::App* app, EngineFlags& flags);
 
 // The validated cache configuration; throws UsageError naming the flag to fix.
 KvCacheConfig kv_config(const KvFlags& flags, const ModelConfig& model);

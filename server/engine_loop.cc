@@ -245,6 +245,7 @@ void EngineLoop::step() {
   if (stats.decode_tokens + stats.prefill_tokens > 0) {
     metrics_.observe_batch_tokens(stats.decode_tokens + stats.prefill_tokens);
   }
+  metrics_.observe_kv_errors(stats.kv_errors);
   // Before any final message: a client that has seen its stream end also sees the blocks freed.
   publish_snapshot();
   // Likewise, a client told of the loss finds new submissions refused and the loss reported.

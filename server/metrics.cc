@@ -1,6 +1,7 @@
 #include "server/metrics.h"
 
 #include <cmath>
+#include <vector>
 
 namespace kvserve {
 namespace {
@@ -28,6 +29,21 @@ prometheus::Histogram::BucketBoundaries exponential(double first, double factor,
   prometheus::Histogram::BucketBoundaries bounds;
   for (int i = 0; i < count; ++i) bounds.push_back(first * std::pow(factor, i));
   return bounds;
+}
+
+// The buckets both backends bin relative errors into (kernels/kv_error_sample.h).
+prometheus::Histogram& kv_error_histogram(prometheus::Family<prometheus::Histogram>& family,
+                                          const char* kind, const std::string& format) {
+  prometheus::Histogram::BucketBoundaries bounds;
+  for (int k = 0; k < kKvErrorBuckets; ++k) bounds.push_back(kv_error_bucket_bound(k));
+  return family.Add({{"kind", kind}, {"format", format}}, bounds);
+}
+
+void observe(prometheus::Histogram& histogram, const std::vector<float>& errors,
+             const KvErrorBins& bins) {
+  for (float e : errors) histogram.Observe(e);
+  if (bins.total() == 0) return;
+  histogram.ObserveMultiple(std::vector<double>(bins.counts.begin(), bins.counts.end()), bins.sum);
 }
 
 }  // namespace
@@ -88,7 +104,15 @@ Metrics::Metrics(const BuildInfo& build)
                                exponential(0.0005, 2, 20))),
       batch_tokens_(histogram(*registry_, "kvserve_batch_tokens",
                               "Tokens per engine step (decodes plus prompt chunks)",
-                              exponential(1, 2, 14))) {
+                              exponential(1, 2, 14))),
+      kv_error_family_(prometheus::BuildHistogram()
+                           .Name("kvserve_kv_quantization_relative_error")
+                           .Help("Relative reconstruction error ||x - deq(q(x))|| / ||x|| of "
+                                 "sampled KV quantization groups as they are flushed into pages "
+                                 "(--kv-error-sample-rate), by kind (key, value) and format")
+                           .Register(*registry_)),
+      kv_key_error_(kv_error_histogram(kv_error_family_, "key", build.kv_format)),
+      kv_value_error_(kv_error_histogram(kv_error_family_, "value", build.kv_format)) {
   // Every label value that can occur exists from the start, so that rate() sees the first
   // increment and dashboards show zeros rather than gaps.
   for (const char* api : {"grpc", "http"}) requests_.Add({{"api", api}});
@@ -118,6 +142,11 @@ void Metrics::set_cache(const CacheUsage& usage) {
   cache_tokens_.Set(static_cast<double>(usage.tokens));
   blocks_used_.Set(usage.blocks_used);
   blocks_total_.Set(usage.blocks_total);
+}
+
+void Metrics::observe_kv_errors(const KvQuantizationErrors& errors) {
+  observe(kv_key_error_, errors.key, errors.key_bins);
+  observe(kv_value_error_, errors.value, errors.value_bins);
 }
 
 void Metrics::set_requests(size_t running, size_t waiting) {

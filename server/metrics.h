@@ -15,6 +15,7 @@
 
 #include "engine/engine.h"
 #include "engine/kv_cache_manager.h"
+#include "engine/kv_quantization_error.h"
 
 namespace kvserve {
 
@@ -45,6 +46,9 @@ class Metrics {
   void observe_ttft(double seconds) { ttft_seconds_.Observe(seconds); }
   void observe_inter_token(double seconds) { inter_token_seconds_.Observe(seconds); }
   void observe_e2e(double seconds) { e2e_seconds_.Observe(seconds); }
+  // The relative errors of a step's sampled KV quantization groups
+  // (engine/kv_quantization_error.h).
+  void observe_kv_errors(const KvQuantizationErrors& errors);
   // A generation request that arrived through `api` ("grpc" or "http"), before any check.
   void count_request(const std::string& api) { requests_.Add({{"api", api}}).Increment(); }
   // A request that ended with a final message (finish reason length, eos, stop or cancelled).
@@ -78,6 +82,9 @@ class Metrics {
   prometheus::Histogram& e2e_seconds_;
   prometheus::Histogram& queue_seconds_;
   prometheus::Histogram& batch_tokens_;
+  prometheus::Family<prometheus::Histogram>& kv_error_family_;
+  prometheus::Histogram& kv_key_error_;
+  prometheus::Histogram& kv_value_error_;
 };
 
 }  // namespace kvserve

@@ -150,6 +150,7 @@ void add_serve_flags(CLI::App* app, ServeFlags& flags) {
   add_model_flags(app, flags.model);
   add_kv_flags(app, flags.kv);
   add_engine_flags(app, flags.engine);
+  add_kv_error_sample_rate_flag(app, flags.engine);
   app->add_option("--host", flags.host, "address to listen on (gRPC and metrics)");
   app->add_option("--port", flags.port, "gRPC port (0: pick a free one; the log says which)")
       ->check(CLI::Range(0, 65535));

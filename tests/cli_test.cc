@@ -202,14 +202,17 @@ TEST(Cli, HelpListsTheDefaults) {
         "--max-queued-requests UINT:POSITIVE=256", "--device TEXT:{auto,cpu,cuda}=auto",
         "--drain-timeout-s FLOAT:NONNEGATIVE=30", "--max-num-seqs INT:POSITIVE=256",
         "--max-batch-tokens INT:POSITIVE=16384 on cuda, 2048 on cpu",
-        "--admission TEXT:{final-length,prompt}=final-length", "--cuda-graphs TEXT:{on,off}=on"}},
+        "--admission TEXT:{final-length,prompt}=final-length", "--cuda-graphs TEXT:{on,off}=on",
+        "--kv-error-sample-rate FLOAT:FLOAT in [0 - 1]=0.01"}},
       {"generate", {"--max-new-tokens INT:POSITIVE=64", "--temperature FLOAT=1", "=kivi2"}},
       {"eval-ppl", {"--windows INT:POSITIVE=64", "]=1024", "=kivi2"}},
       {"bench memory", {"--kv-pool-mb INT:POSITIVE=1024"}},
       {"bench decode",
        {"--kv TEXT:{fp16,int8,kivi4,kivi2}=fp16", "--kv-group INT=32", "--kv-value-group INT=32",
         "--context INT:POSITIVE=512"}},
-      {"bench engine", {"--requests INT:POSITIVE=256", "=kivi2"}},
+      {"bench engine",
+       {"--requests INT:POSITIVE=256", "=kivi2",
+        "--kv-error-sample-rate FLOAT:FLOAT in [0 - 1]=0.01"}},
       {"tokenize", {"--log-level"}}};
   for (const auto& [command, needles] : expected) {
     const CommandResult r = run_kvserve(command + " --help");
@@ -303,6 +306,10 @@ TEST(Cli, UsageErrorsExitTwoWithOneLine) {
   expect_usage_error(run_kvserve("eval-ppl --windows 2"), "--text", "missing --text");
   expect_usage_error(run_kvserve("eval-ppl --text /nonexistent.txt"), "/nonexistent.txt",
                      "missing text file");
+  expect_usage_error(run_kvserve("serve --kv-error-sample-rate 1.5"), "--kv-error-sample-rate",
+                     "serve --kv-error-sample-rate 1.5");
+  expect_usage_error(run_kvserve("bench engine --kv-error-sample-rate -0.5"),
+                     "--kv-error-sample-rate", "bench engine --kv-error-sample-rate -0.5");
   expect_usage_error(run_kvserve(""), "subcommand", "no command");
   expect_usage_error(run_cli("load --addr 127.0.0.1:1 --requests 0"),
                      "must be a positive number (got 0)", "kvserve-cli load --requests 0");

@@ -14,6 +14,7 @@
 
 #include "client/generation_client.h"
 #include "common/text_io.h"
+#include "engine/engine_builder.h"
 #include "engine/tokenizer.h"
 #include "server/stream_channel.h"
 #include "tests/server_harness.h"
@@ -545,6 +546,7 @@ const char* const kDesignMetrics[] = {"kvserve_kv_cache_capacity_bytes",
                                       "kvserve_e2e_request_latency_seconds",
                                       "kvserve_request_queue_seconds",
                                       "kvserve_batch_tokens",
+                                      "kvserve_kv_quantization_relative_error",
                                       "kvserve_build_info"};
 
 TEST(ServerMetrics, ExposesEveryDesignMetricWithValuesThatMatchTheWork) {
@@ -584,6 +586,35 @@ TEST(ServerMetrics, ExposesEveryDesignMetricWithValuesThatMatchTheWork) {
   EXPECT_NE(text.find(R"(kvserve_build_info{)"), std::string::npos);
   EXPECT_NE(text.find(R"(kv_format="kivi4")"), std::string::npos);
   EXPECT_NE(text.find(R"(device="cpu")"), std::string::npos);
+}
+
+// Every group flushed into the pages at --kv-error-sample-rate 1 reaches the histogram, under both
+// kinds, with errors in the range of 2-bit quantization.
+TEST(ServerMetrics, SampledQuantizationErrorOfKeysAndValuesAfterARequest) {
+  ServerProcess server(
+      {"--model", testing::shared_model_dir(), "--kv", "kivi2", "--kv-error-sample-rate", "1"});
+  auto stub = server.stub();
+  v1::GenerateRequest request;
+  for (int i = 0; i < 100; ++i) request.mutable_prompt_token_ids()->add_ids(464 + 7 * i);
+  request.mutable_stopping()->set_max_new_tokens(40);
+  request.mutable_stopping()->set_ignore_eos(true);
+  ASSERT_TRUE(testing::generate(*stub, request).status.ok());
+  const std::string text = server.metrics_text();
+  // 139 tokens cached (the last one generated is never fed back): kivi2's defaults (G 32, GV 32,
+  // R 32) flush 96 into pages; per layer and head that is D channels x 3 key groups and 96 tokens
+  // x D/32 value groups.
+  const ModelConfig model = read_model_config(testing::shared_model_dir());
+  const double groups = 3.0 * model.n_layer * model.n_head * model.head_dim();
+  for (const char* kind : {"key", "value"}) {
+    const std::string labels = std::string(R"({format="kivi2",kind=")") + kind + R"("})";
+    const double count =
+        testing::metric_value(text, "kvserve_kv_quantization_relative_error_count" + labels);
+    const double sum =
+        testing::metric_value(text, "kvserve_kv_quantization_relative_error_sum" + labels);
+    EXPECT_EQ(count, groups) << kind;
+    EXPECT_GT(sum / count, 0.05) << kind;
+    EXPECT_LT(sum / count, 0.6) << kind;
+  }
 }
 
 TEST(StreamChannel, MergesTokensIntoTheLastChunkWhenFull) {

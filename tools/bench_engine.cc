@@ -17,6 +17,7 @@ void add_bench_engine_flags(CLI::App* app, BenchEngineFlags& flags) {
   add_model_flags(app, flags.model);
   add_kv_flags(app, flags.kv);
   add_engine_flags(app, flags.engine);
+  add_kv_error_sample_rate_flag(app, flags.engine);
   app->add_option("--requests", flags.requests, "generations to run")->check(positive());
   app->add_option("--concurrency", flags.concurrency, "generations in flight at most")
       ->check(positive());
@@ -72,6 +73,7 @@ int run_bench_engine(const BenchEngineFlags& flags) {
   const Clock::time_point start = Clock::now();
   int queued = 0, in_flight = 0, finished = 0, failed = 0, steps = 0;
   int64_t output_tokens = 0, preemptions = 0, recomputed_tokens = 0;
+  KvQuantizationErrors kv_errors;
   while (finished < flags.requests) {
     for (; in_flight < flags.concurrency && queued < flags.requests; ++queued, ++in_flight) {
       engine.add_request(requests[flags.warmup_requests + queued]);
@@ -81,6 +83,7 @@ int run_bench_engine(const BenchEngineFlags& flags) {
     ++steps;
     preemptions += stats.preemptions;
     recomputed_tokens += stats.recomputed_tokens;
+    kv_errors.append(stats.kv_errors);
     for (const StepEvent& event : events) {
       if (event.has_token) ++output_tokens;
       if (event.finish == FinishReason::kNone) continue;
@@ -91,6 +94,15 @@ int run_bench_engine(const BenchEngineFlags& flags) {
   }
   const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
   const GraphCounters graphs = engine.backend().graph_counters();
+  // The sampled quantization error of the timed part, as the metric's buckets give it.
+  auto summary = [](const std::vector<float>& single, KvErrorBins bins) {
+    bins.add(bin_errors(single));
+    const uint64_t n = bins.total();
+    return nlohmann::json{{"samples", n},
+                          {"mean", n > 0 ? bins.sum / static_cast<double>(n) : 0.0},
+                          {"p50", histogram_quantile(bins, 0.5)},
+                          {"p99", histogram_quantile(bins, 0.99)}};
+  };
   const nlohmann::json out = {{"bench", "engine"},
                               {"model", spec.model},
                               {"device", device},
@@ -113,7 +125,11 @@ int run_bench_engine(const BenchEngineFlags& flags) {
                               {"duration_s", seconds},
                               {"output_tokens", output_tokens},
                               {"output_throughput", output_tokens / seconds},
-                              {"request_throughput", flags.requests / seconds}};
+                              {"request_throughput", flags.requests / seconds},
+                              {"kv_error_sample_rate", spec.engine.kv_error_sample_rate},
+                              {"kv_quantization_error",
+                               {{"key", summary(kv_errors.key, kv_errors.key_bins)},
+                                {"value", summary(kv_errors.value, kv_errors.value_bins)}}}};
   std::cout << out.dump() << std::endl;
   return failed == 0 ? 0 : 1;
 }

@@ -60,6 +60,8 @@ class CudaBackend : public Backend {
                       const std::vector<SampleRequest>& requests,
                       std::vector<SampleResult>& results) override;
   GraphCounters graph_counters() const override { return graph_counters_; }
+  void set_kv_error_sample_rate(double rate) override { cache_.set_error_sample_rate(rate); }
+  void take_kv_errors(KvQuantizationErrors& errors) override { cache_.take_errors(errors); }
   // GPU steps keep getting cheaper per token up to about this size (engine/README.md, "The token
   // budget": on an H100 a 2,048-token budget halves end-to-end throughput).
   int preferred_batch_tokens() const override { return 16384; }

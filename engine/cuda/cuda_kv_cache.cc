@@ -71,11 +71,12 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
                                     const std::vector<int32_t>& step_indices) {
   const int n = static_cast<int>(items.size());
   // Layout of the metadata buffer: start, count, row [n] each; page_offset, residual_offset
-  // [n + 1] each; step_indices; block ids (every item's pages, then every item's residual blocks,
-  // so one base pointer serves both and the offsets hold the variable part); tiles [num_tiles][2]
-  // (paged_attention steps only). Every region's address depends on n and step_indices.size()
-  // alone, never on the block tables' lengths.
-  const size_t header = 5 * static_cast<size_t>(n) + 2;
+  // [n + 1] each; the step counter (two words); step_indices; block ids (every item's pages, then
+  // every item's residual blocks, so one base pointer serves both and the offsets hold the variable
+  // part); tiles [num_tiles][2] (paged_attention steps only). Every region's address depends on n
+  // and step_indices.size() alone, never on the block tables' lengths.
+  const size_t step_at = 5 * static_cast<size_t>(n) + 2;
+  const size_t header = step_at + 2;
   const size_t ids_at = header + step_indices.size();
   host_meta_.assign(header, 0);
   int32_t* start = host_meta_.data();
@@ -109,6 +110,9 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
   host_meta_[page_offset + n] = static_cast<int32_t>(pages.size());
   for (int i = 0; i < n; ++i) host_meta_[residual_offset + i] += static_cast<int32_t>(pages.size());
   host_meta_[residual_offset + n] = static_cast<int32_t>(pages.size() + residual.size());
+  ++step_;
+  host_meta_[step_at] = static_cast<int32_t>(static_cast<uint32_t>(step_));
+  host_meta_[step_at + 1] = static_cast<int32_t>(static_cast<uint32_t>(step_ >> 32));
   host_meta_.insert(host_meta_.end(), step_indices.begin(), step_indices.end());
   host_meta_.insert(host_meta_.end(), pages.begin(), pages.end());
   host_meta_.insert(host_meta_.end(), residual.begin(), residual.end());
@@ -134,6 +138,7 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
   batch_.pages = device + ids_at;
   batch_.residual_blocks = device + ids_at;
   tiles_ = device + tiles_at;
+  step_words_ = device + step_at;
   num_tiles_ = decode_ ? 0 : static_cast<int>(tiles.size() / 2);
   if (decode_) {
     decode_split_ = cuda::decode_attention_split(n, view_.n_head, max_len, sm_count_);
@@ -152,6 +157,17 @@ void CudaKvCache::append_and_attend(int layer, const __half* qkv, __half* out,
   view.blocks = pool_ + layer * layer_bytes_;
   const int qkv_stride = 3 * channels_;
   cuda::kv_quantize_pages(view, batch_, qkv, qkv_stride, stream);
+  if (error_sample_rate_ > 0.0) {
+    cuda::kv_quantization_error(view, batch_, qkv, qkv_stride, error_sample_rate_, step_words_,
+                                layer, error_bins_.get(), stream);
+    if (layer == n_layer_ - 1) {  // the step's errors, read by take_errors after its sync
+      KVSERVE_CUDA_CHECK(cudaMemcpyAsync(error_bins_host_.get(), error_bins_.get(),
+                                         sizeof(cuda::KvErrorDeviceBins), cudaMemcpyDeviceToHost,
+                                         stream));
+      KVSERVE_CUDA_CHECK(
+          cudaMemsetAsync(error_bins_.get(), 0, sizeof(cuda::KvErrorDeviceBins), stream));
+    }
+  }
   attend(layer, qkv, out, stream);
   cuda::kv_compact_residual(view, batch_, qkv, qkv_stride, stream);
 }
@@ -168,6 +184,28 @@ void CudaKvCache::attend(int layer, const __half* qkv, __half* out, cudaStream_t
     cuda::paged_attention(view, batch_, tiles_, num_tiles_, qkv, qkv_stride, out, channels_,
                           stream);
   }
+}
+
+void CudaKvCache::set_error_sample_rate(double rate) {
+  if (const absl::Status problem = validate_kv_error_sample_rate(rate); !problem.ok()) {
+    throw std::invalid_argument(std::string(problem.message()));
+  }
+  error_sample_rate_ = rate;
+  if (rate == 0.0) return;
+  KVSERVE_CUDA_CHECK(cudaMemset(error_bins_.reserve(1), 0, sizeof(cuda::KvErrorDeviceBins)));
+  std::memset(error_bins_host_.reserve(1), 0, sizeof(cuda::KvErrorDeviceBins));
+}
+
+void CudaKvCache::take_errors(KvQuantizationErrors& errors) {
+  if (error_sample_rate_ == 0.0) return;
+  cuda::KvErrorDeviceBins& step = *error_bins_host_.get();
+  KvErrorBins* kinds[2] = {&errors.key_bins, &errors.value_bins};
+  for (int which = 0; which < 2; ++which) {
+    for (int k = 0; k <= kKvErrorBuckets; ++k) kinds[which]->counts[k] += step.counts[which][k];
+    kinds[which]->sum += step.sum[which];
+  }
+  // A step that fails before its last layer copies nothing: it must not count this one again.
+  std::memset(&step, 0, sizeof(step));
 }
 
 std::vector<uint8_t> CudaKvCache::download(cudaStream_t stream) const {

@@ -12,9 +12,11 @@
 #include "engine/backend.h"
 #include "engine/cuda/device_buffer.h"
 #include "engine/kv_format.h"
+#include "engine/kv_quantization_error.h"
 #include "engine/model_config.h"
 #include "kernels/decode_attention.h"
 #include "kernels/kv_cache_view.h"
+#include "kernels/kv_quantization_error.h"
 
 namespace kvserve {
 
@@ -50,7 +52,17 @@ class CudaKvCache {
   cuda::DecodeSplit decode_split() const { return decode_split_; }
   cuda::DecodeAttentionVariant decode_attention_variant() const { return decode_variant_; }
   // Grows whenever a device buffer that append_and_attend's kernels address has moved.
-  uint64_t buffer_moves() const { return device_meta_.moves() + decode_partial_.moves(); }
+  uint64_t buffer_moves() const {
+    return device_meta_.moves() + decode_partial_.moves() + error_bins_.moves();
+  }
+
+  // The sampled quantization error (engine/kv_quantization_error.h): the share of flushed groups
+  // measured, in [0, 1]; 0 (the default) launches nothing. Set it before the first step (a
+  // captured decode graph keeps what it was captured with).
+  void set_error_sample_rate(double rate);
+  // Adds the errors the last completed step measured to `errors`. Only after that step's
+  // synchronising copy (forward's and forward_sample's last), as the Engine calls it.
+  void take_errors(KvQuantizationErrors& errors);
 
   size_t bytes() const { return bytes_; }
   // Whether decode steps use decode_attention (else paged_attention), for tests.
@@ -77,6 +89,13 @@ class CudaKvCache {
   std::vector<int32_t> host_meta_;
   cuda::PinnedBuffer<int32_t> pinned_meta_;
   cuda::DeviceBuffer<int32_t> device_meta_;
+  // The sampled quantization error: the step counter (uploaded in the metadata header), the
+  // device bins the last layer copies into pinned memory and then clears.
+  double error_sample_rate_ = 0.0;
+  uint64_t step_ = 0;
+  const int32_t* step_words_ = nullptr;  // device copy of step_, two int32 words (low, high)
+  cuda::DeviceBuffer<cuda::KvErrorDeviceBins> error_bins_;
+  cuda::PinnedBuffer<cuda::KvErrorDeviceBins> error_bins_host_;
 };
 
 }  // namespace kvserve
