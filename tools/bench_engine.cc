@@ -91,12 +91,15 @@ int run_bench_engine(const BenchEngineFlags& flags) {
   }
   const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
   const GraphCounters graphs = engine.backend().graph_counters();
+  const double prompt_tokens = static_cast<double>(flags.requests) * flags.prompt_len;
   const nlohmann::json out = {{"bench", "engine"},
                               {"model", spec.model},
                               {"device", device},
                               {"cuda_graphs", spec.backend.cuda_graphs},
                               {"graph_replays", graphs.replayed},
                               {"kv", flags.kv.format},
+                              {"decode_attention", flags.model.decode_attention},
+                              {"prefill_attention", flags.model.prefill_attention},
                               {"requests", flags.requests},
                               {"concurrency", flags.concurrency},
                               {"prompt_len", flags.prompt_len},
@@ -113,6 +116,7 @@ int run_bench_engine(const BenchEngineFlags& flags) {
                               {"duration_s", seconds},
                               {"output_tokens", output_tokens},
                               {"output_throughput", output_tokens / seconds},
+                              {"prompt_throughput", prompt_tokens / seconds},
                               {"request_throughput", flags.requests / seconds}};
   std::cout << out.dump() << std::endl;
   return failed == 0 ? 0 : 1;

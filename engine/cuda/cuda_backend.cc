@@ -30,7 +30,7 @@ constexpr size_t kMaxDecodeGraphs = 128;
 CudaBackend::CudaBackend(const ModelWeights& weights, const KvCacheConfig& kv, int32_t num_blocks,
                          CudaBackendOptions options)
     : config_(weights.config),
-      cache_(kv, num_blocks, weights.config, options.decode_attention),
+      cache_(kv, num_blocks, weights.config, options.decode_attention, options.prefill_attention),
       use_graphs_(options.cuda_graphs),
       trap_at_forward_(options.trap_at_forward) {
   const ModelConfig& cfg = config_;
