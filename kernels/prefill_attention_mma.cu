@@ -11,6 +11,13 @@
 // page form below paged(t + 1), fp16 form from there to t; a tile that some queries read in one
 // form and others in the other (a flush inside a prefill chunk) is loaded and attended twice, once
 // per form, each pass masking the keys its queries do not read in that form.
+//
+// Precision: q, fp16 pages and the fp16 window are exact in fp16. Keys and values dequantized from
+// int8 or KIVI pages are fp32 (code * scale + zero, as the CPU computes them) and are not: they are
+// split into a high and a low fp16 part (x = hi + lo to about 2^-22 relative), and Q K and P V take
+// one mma per part. Rounding them to one fp16 moved attention outputs by up to 3.2e-3 where the
+// CPU gives 0.06 (int8, GpuKvCache tests on an H100), beyond the GPU tests' tolerance. The
+// probabilities P are rounded to fp16 (the sum divides by the rounded values).
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -25,6 +32,7 @@ namespace {
 
 constexpr int kD = 64;
 constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
 constexpr int kWarpRows = 16;  // queries of a warp: the m of m16n8k16
 static_assert(kWarps * kWarpRows == kPrefillQueryTile, "16 queries per warp");
 constexpr int kKeyTile = 64;
@@ -33,11 +41,20 @@ constexpr int kKeyTile = 64;
 constexpr int kRowHalves = kD + 8;
 constexpr float kLog2e = 1.4426950408889634f;
 
-// One tile of keys and values in fp16, as the mma operands read them.
+// One tile of keys and values in fp16, as the mma operands read them; the low parts only for
+// dequantized pages (key = keys + keys_low, value = values + values_low).
 struct SharedTile {
-  __half keys[kKeyTile][kRowHalves];    // fp16 [key][channel]: B of Q K^T via ldmatrix
-  __half values[kKeyTile][kRowHalves];  // fp16 [key][channel]: B of P V via ldmatrix.trans
+  __half keys[kKeyTile][kRowHalves];        // fp16 [key][channel]: B of Q K^T via ldmatrix
+  __half values[kKeyTile][kRowHalves];      // fp16 [key][channel]: B of P V via ldmatrix.trans
+  __half keys_low[kKeyTile][kRowHalves];    // fp16 [key][channel]: key - keys, rounded
+  __half values_low[kKeyTile][kRowHalves];  // fp16 [key][channel]: value - values, rounded
 };
+
+// x as an fp16 high part and an fp16 low part (x - high, rounded).
+__device__ __forceinline__ void split_half(float x, __half& high, __half& low) {
+  high = __float2half_rn(x);
+  low = __float2half_rn(x - __half2float(high));
+}
 
 enum class Form { kPage, kWindow };
 
@@ -48,7 +65,8 @@ __device__ __forceinline__ void load_page_tile(const KvCacheView& c, const int32
                                                int k0, int from, int to, SharedTile& s) {
   if constexpr (KIND == KvKind::kFp16) {
     // fp16 [H][P][D] pages: 16-byte chunks, 8 per row.
-    for (int e = threadIdx.x; e < kKeyTile * kD / 8; e += blockDim.x) {
+#pragma unroll
+    for (int e = threadIdx.x; e < kKeyTile * kD / 8; e += kThreads) {
       const int j = e / (kD / 8), chunk = e % (kD / 8), pos = k0 + j;
       uint4 k = make_uint4(0, 0, 0, 0), v = k;
       if (pos >= from && pos < to) {
@@ -67,19 +85,21 @@ __device__ __forceinline__ void load_page_tile(const KvCacheView& c, const int32
     // of one channel and share its code words and parameters. Values (and per-token keys) are
     // packed along channels: neighbouring lanes take neighbouring channels of one token.
     const bool keys_along_tokens = KIND == KvKind::kKivi && !c.per_token_keys;
-    for (int e = threadIdx.x; e < kKeyTile * kD; e += blockDim.x) {
+    // Unrolled so that several elements' loads are in flight at once.
+#pragma unroll 4
+    for (int e = threadIdx.x; e < kKeyTile * kD; e += kThreads) {
       int j = e / kD, d = e % kD, pos = k0 + j;
-      s.values[j][d] = __float2half_rn(
-          pos >= from && pos < to ? paged_element<kD, KIND, BITS>(c, pages, head, pos, d, 1)
-                                  : 0.0f);
+      const bool value_read = pos >= from && pos < to;
+      split_half(value_read ? paged_element<kD, KIND, BITS>(c, pages, head, pos, d, 1) : 0.0f,
+                 s.values[j][d], s.values_low[j][d]);
       if (keys_along_tokens) {
         j = e % kKeyTile;
         d = e / kKeyTile;
         pos = k0 + j;
       }
-      s.keys[j][d] = __float2half_rn(pos >= from && pos < to
-                                         ? paged_element<kD, KIND, BITS>(c, pages, head, pos, d, 0)
-                                         : 0.0f);
+      const bool key_read = pos >= from && pos < to;
+      split_half(key_read ? paged_element<kD, KIND, BITS>(c, pages, head, pos, d, 0) : 0.0f,
+                 s.keys[j][d], s.keys_low[j][d]);
     }
   }
 }
@@ -88,7 +108,8 @@ __device__ __forceinline__ void load_page_tile(const KvCacheView& c, const int32
 // tile's other rows are zeroed.
 __device__ __forceinline__ void load_window_tile(const KvWindow& w, int k0, int from, int to,
                                                  SharedTile& s) {
-  for (int e = threadIdx.x; e < kKeyTile * kD / 8; e += blockDim.x) {
+#pragma unroll
+  for (int e = threadIdx.x; e < kKeyTile * kD / 8; e += kThreads) {
     const int j = e / (kD / 8), chunk = e % (kD / 8), pos = k0 + j;
     uint4 k = make_uint4(0, 0, 0, 0), v = k;
     if (pos >= from && pos < to) {
@@ -117,8 +138,8 @@ struct WarpRows {
 // Attends one warp's rows to the tile in shared memory (keys k0 .. k0 + 63) in `form`: a key j is
 // read by row r in this form iff j < paged_limit[r] (page form) or paged_limit[r] <= j <= pos[r]
 // (fp16 form). masked: whether some key of the tile is not read by some row (else the mask is
-// skipped).
-template <Form kForm>
+// skipped). kLow: the tile holds low parts too (dequantized pages), which add their own mma.
+template <Form kForm, bool kLow>
 __device__ __forceinline__ void attend_tile(WarpRows& w, const SharedTile& s, int k0, bool masked,
                                             int lane) {
   const int t = lane % 4;
@@ -136,6 +157,12 @@ __device__ __forceinline__ void attend_tile(WarpRows& w, const SharedTile& s, in
       mma_m16n8k16(scores[nt], w.q[kk][0], w.q[kk][1], w.q[kk][2], w.q[kk][3], b[0], b[1]);
       mma_m16n8k16(scores[nt], w.q[kk + 1][0], w.q[kk + 1][1], w.q[kk + 1][2], w.q[kk + 1][3], b[2],
                    b[3]);
+      if constexpr (kLow) {
+        ldmatrix_x4(b, &s.keys_low[8 * nt + lane % 8][16 * kk + 8 * (lane / 8)]);
+        mma_m16n8k16(scores[nt], w.q[kk][0], w.q[kk][1], w.q[kk][2], w.q[kk][3], b[0], b[1]);
+        mma_m16n8k16(scores[nt], w.q[kk + 1][0], w.q[kk + 1][1], w.q[kk + 1][2], w.q[kk + 1][3],
+                     b[2], b[3]);
+      }
     }
   }
   // Scale into the exp2 domain and mask; register e of an n-tile is row e / 2, key 2 t + e % 2.
@@ -204,12 +231,20 @@ __device__ __forceinline__ void attend_tile(WarpRows& w, const SharedTile& s, in
                    b[0], b[1]);
       mma_m16n8k16(w.o[2 * np + 1], p[2 * kk][0], p[2 * kk][1], p[2 * kk + 1][0], p[2 * kk + 1][1],
                    b[2], b[3]);
+      if constexpr (kLow) {
+        ldmatrix_x4_trans(
+            b, &s.values_low[16 * kk + lane % 8 + 8 * ((lane / 8) % 2)][8 * (2 * np + lane / 16)]);
+        mma_m16n8k16(w.o[2 * np], p[2 * kk][0], p[2 * kk][1], p[2 * kk + 1][0], p[2 * kk + 1][1],
+                     b[0], b[1]);
+        mma_m16n8k16(w.o[2 * np + 1], p[2 * kk][0], p[2 * kk][1], p[2 * kk + 1][0],
+                     p[2 * kk + 1][1], b[2], b[3]);
+      }
     }
   }
 }
 
 template <KvKind KIND, int BITS>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kThreads)
     prefill_attention_kernel(const KvCacheView cache, const KvBatchView batch, const int32_t* tiles,
                              const __half* qkv, int qkv_stride, __half* out, int out_stride) {
   __shared__ __align__(16) SharedTile tile;
@@ -276,7 +311,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       if (k0 < warp_page_end) {
         // Unmasked when every row reads every key of the tile from pages.
         const bool masked = k0 + kKeyTile > paged_count(cache, warp_first + 1);
-        attend_tile<Form::kPage>(w, tile, k0, masked, lane);
+        attend_tile<Form::kPage, KIND != KvKind::kFp16>(w, tile, k0, masked, lane);
       }
     }
     if (k1 > window_begin) {
@@ -286,7 +321,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       if (warp_rows > 0 && k0 <= warp_last && k0 + kKeyTile > warp_window_begin) {
         const bool masked =
             k0 < paged_count(cache, warp_last + 1) || k0 + kKeyTile - 1 > warp_first;
-        attend_tile<Form::kWindow>(w, tile, k0, masked, lane);
+        attend_tile<Form::kWindow, false>(w, tile, k0, masked, lane);
       }
     }
   }
@@ -310,7 +345,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 template <KvKind KIND, int BITS>
 void launch(const KvCacheView& cache, const KvBatchView& batch, const int32_t* tiles, int num_tiles,
             const __half* qkv, int qkv_stride, __half* out, int out_stride, cudaStream_t stream) {
-  prefill_attention_kernel<KIND, BITS><<<dim3(num_tiles, cache.n_head), kWarps * 32, 0, stream>>>(
+  prefill_attention_kernel<KIND, BITS><<<dim3(num_tiles, cache.n_head), kThreads, 0, stream>>>(
       cache, batch, tiles, qkv, qkv_stride, out, out_stride);
 }
 
