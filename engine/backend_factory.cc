@@ -62,6 +62,7 @@ std::unique_ptr<Backend> make_backend(const std::string& device, ModelWeights we
     }
     cuda_options.trap_at_forward = options.lose_device_at_forward;
     cuda_options.decode_attention = options.decode_attention;
+    cuda_options.prefill_attention = options.prefill_attention;
     return std::make_unique<CudaBackend>(weights, cache.config(), cache.num_blocks(), cuda_options);
   }
 #endif

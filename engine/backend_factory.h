@@ -8,6 +8,7 @@
 #include "engine/kv_cache_manager.h"
 #include "engine/model_weights.h"
 #include "kernels/decode_attention_variant.h"
+#include "kernels/prefill_attention_variant.h"
 
 namespace kvserve {
 
@@ -20,6 +21,8 @@ struct BackendOptions {
   bool cuda_graphs = true;
   // CUDA backend: the kernel of KIVI decode attention (`--decode-attention`).
   cuda::DecodeAttentionVariant decode_attention = cuda::DecodeAttentionVariant::kPacked;
+  // CUDA backend: the kernel of prefill and mixed steps (`--prefill-attention`).
+  cuda::PrefillAttentionVariant prefill_attention = cuda::PrefillAttentionVariant::kTensor;
   // Test hook (`kvserve serve --test-lose-device-at-forward N`, a hidden flag): the backend's Nth
   // forward call, the warm-up's included, loses the device; 0: never. The CPU backend then throws
   // DeviceLostError (engine/fault_injection.h); the CUDA backend launches a trapping kernel first

@@ -54,6 +54,65 @@ __device__ __forceinline__ float dequantize(uint32_t code, float scale, float ze
   return __fadd_rn(__fmul_rn(static_cast<float>(code), scale), zero);
 }
 
+// Element d of the key (which = 0) or value (1) in slot `slot` of one head of `page`, as the cache
+// holds it for attention: dequantized with its group's (scale, zero), or the stored fp16. Bit-exact
+// with engine/cpu_kv_cache.cc's dequantize_page; a new page format extends this reader with it.
+// KIND and BITS as the view's kind and bits, D its head_dim (compile-time where kernels know them).
+template <KvKind KIND, int BITS>
+__device__ __forceinline__ float page_element(const KvCacheView& c, const uint8_t* page, int head,
+                                              int slot, int d, int which, int D) {
+  const int P = c.page_tokens;
+  const int64_t codes = which == 0 ? c.key_codes : c.value_codes;
+  const int64_t params = which == 0 ? c.key_params : c.value_params;
+  const int64_t token = static_cast<int64_t>(head) * P + slot;
+  if constexpr (KIND == KvKind::kFp16) {
+    return __half2float(reinterpret_cast<const __half*>(page + codes)[token * D + d]);
+  } else if constexpr (KIND == KvKind::kInt8) {
+    const __half* p = reinterpret_cast<const __half*>(page + params) + 2 * token;
+    return dequantize(page[codes + token * D + d], __half2float(p[0]), __half2float(p[1]));
+  } else {
+    constexpr int kPerWord = 32 / BITS;
+    constexpr uint32_t kMask = (1u << BITS) - 1u;
+    const auto* words = reinterpret_cast<const uint32_t*>(page + codes);
+    if (which == 0 && !c.per_token_keys) {  // kivi keys: per channel, packed along tokens
+      const int G = c.key_group;
+      const int64_t channel = static_cast<int64_t>(head) * D + d;
+      const uint32_t word = words[channel * (P / kPerWord) + slot / kPerWord];
+      const __half* p =
+          reinterpret_cast<const __half*>(page + params) + 2 * (channel * (P / G) + slot / G);
+      return dequantize((word >> (BITS * (slot % kPerWord))) & kMask, __half2float(p[0]),
+                        __half2float(p[1]));
+    }
+    const int GV = c.value_group;  // per token, packed along channels
+    const uint32_t word = words[token * (D / kPerWord) + d / kPerWord];
+    const __half* p =
+        reinterpret_cast<const __half*>(page + params) + 2 * (token * (D / GV) + d / GV);
+    return dequantize((word >> (BITS * (d % kPerWord))) & kMask, __half2float(p[0]),
+                      __half2float(p[1]));
+  }
+}
+
+// The same element at position pos of one item (pages: the item's logical page -> block id).
+template <int D, KvKind KIND, int BITS>
+__device__ __forceinline__ float paged_element(const KvCacheView& c, const int32_t* pages, int head,
+                                               int pos, int d, int which) {
+  const int P = c.page_tokens;
+  return page_element<KIND, BITS>(c, block_ptr(c, pages[pos / P]), head, pos % P, d, which, D);
+}
+
+// page_element with the format read from the view at run time, for kernels that are not
+// specialised on it (the sampled quantization error).
+__device__ __forceinline__ float page_element(const KvCacheView& c, const uint8_t* page, int head,
+                                              int slot, int d, int which) {
+  const int D = c.head_dim;
+  if (c.kind == KvKind::kFp16)
+    return page_element<KvKind::kFp16, 16>(c, page, head, slot, d, which, D);
+  if (c.kind == KvKind::kInt8)
+    return page_element<KvKind::kInt8, 8>(c, page, head, slot, d, which, D);
+  if (c.bits == 4) return page_element<KvKind::kKivi, 4>(c, page, head, slot, d, which, D);
+  return page_element<KvKind::kKivi, 2>(c, page, head, slot, d, which, D);
+}
+
 // Quantizes x(0) .. x(n-1) (fp16 values) with `bits`-bit codes into whole 32-bit words (n is a
 // multiple of 32 / bits), LSB first, and stores (scale, zero) as an fp16 pair at params.
 template <typename Fetch>
@@ -80,48 +139,6 @@ __device__ __forceinline__ void quantize_to_words(Fetch x, int n, int bits, uint
     }
     words[w] = word;
   }
-}
-
-}  // namespace kvserve::cuda
-
-namespace kvserve::cuda {
-
-// ---- Reading a page back
-
-// Element d of the key (which = 0) or value (1) in slot `slot` of one head of `page`, as the cache
-// holds it for attention: dequantized with its group's (scale, zero), or the stored fp16. Bit-exact
-// with engine/cpu_kv_cache.cc's dequantize_page; a new page format extends this reader with it.
-__device__ __forceinline__ float page_element(const KvCacheView& c, const uint8_t* page, int head,
-                                              int slot, int d, int which) {
-  const int P = c.page_tokens, D = c.head_dim;
-  const int64_t codes = which == 0 ? c.key_codes : c.value_codes;
-  const int64_t params = which == 0 ? c.key_params : c.value_params;
-  const int64_t token = static_cast<int64_t>(head) * P + slot;
-  if (c.kind == KvKind::kFp16) {
-    return __half2float(reinterpret_cast<const __half*>(page + codes)[token * D + d]);
-  }
-  if (c.kind == KvKind::kInt8) {
-    const __half* p = reinterpret_cast<const __half*>(page + params) + 2 * token;
-    return dequantize(page[codes + token * D + d], __half2float(p[0]), __half2float(p[1]));
-  }
-  const int per_word = 32 / c.bits;
-  const uint32_t mask = (1u << c.bits) - 1u;
-  const auto* words = reinterpret_cast<const uint32_t*>(page + codes);
-  if (which == 0 && !c.per_token_keys) {  // kivi keys: per channel, packed along tokens
-    const int G = c.key_group;
-    const int64_t channel = static_cast<int64_t>(head) * D + d;
-    const uint32_t word = words[channel * (P / per_word) + slot / per_word];
-    const __half* p =
-        reinterpret_cast<const __half*>(page + params) + 2 * (channel * (P / G) + slot / G);
-    return dequantize((word >> (c.bits * (slot % per_word))) & mask, __half2float(p[0]),
-                      __half2float(p[1]));
-  }
-  const int GV = c.value_group;  // per token, packed along channels
-  const uint32_t word = words[token * (D / per_word) + d / per_word];
-  const __half* p =
-      reinterpret_cast<const __half*>(page + params) + 2 * (token * (D / GV) + d / GV);
-  return dequantize((word >> (c.bits * (d % per_word))) & mask, __half2float(p[0]),
-                    __half2float(p[1]));
 }
 
 }  // namespace kvserve::cuda

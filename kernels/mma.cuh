@@ -30,6 +30,16 @@
 //   row 7: e0 e1 .. e7  <- lane 8i+7
 //
 // which is the B (or A) register layout above with k = the row and n (or m) = the column.
+//
+// ldmatrix.x4 (not transposed): the same addressing, but lane (g, t) receives in r[i] row g,
+// elements 2t (low half) and 2t + 1 (high half), of matrix i:
+//
+//   matrix i in shared memory          r[i] of lane (g, t)
+//   row g: e0 e1 .. e7  <- lane 8i+g   = (row g element 2t, row g element 2t+1)
+//
+// which is the B register layout above for a matrix stored with n as the row and k as the column
+// (keys [key][channel] for the scores Q K^T: b0 from the channels 0 .. 7 of a k-step, b1 from
+// 8 .. 15).
 #pragma once
 
 #include <cstdint>
@@ -70,6 +80,20 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 #if __CUDA_ARCH__ >= 800
   const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(row));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address)
+               : "memory");
+#else
+  __trap();
+#endif
+}
+
+// Four 8x8 b16 matrices from shared memory, not transposed (layout above); addressing as in
+// ldmatrix_x4_trans.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+#if __CUDA_ARCH__ >= 800
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(address)
                : "memory");

@@ -25,43 +25,6 @@ constexpr int kQueriesPerWarp = kAttentionQueryTile / kWarps;
 
 // ---- CUDA kernels
 
-// Dequantized element d of the key (which = 0) or value (1) at position pos, from its page.
-template <int D, KvKind KIND, int BITS>
-__device__ __forceinline__ float paged_element(const KvCacheView& c, const int32_t* pages, int head,
-                                               int pos, int d, int which) {
-  const int P = c.page_tokens, slot = pos % P;
-  const uint8_t* page = block_ptr(c, pages[pos / P]);
-  const int64_t codes = which == 0 ? c.key_codes : c.value_codes;
-  const int64_t params = which == 0 ? c.key_params : c.value_params;
-  const int64_t token = static_cast<int64_t>(head) * P + slot;
-  if constexpr (KIND == KvKind::kFp16) {
-    return __half2float(reinterpret_cast<const __half*>(page + codes)[token * D + d]);
-  } else if constexpr (KIND == KvKind::kInt8) {
-    const __half* p = reinterpret_cast<const __half*>(page + params) + 2 * token;
-    return dequantize(page[codes + token * D + d], __half2float(p[0]), __half2float(p[1]));
-  } else {
-    constexpr int kPerWord = 32 / BITS;
-    constexpr uint32_t kMask = (1u << BITS) - 1u;
-    if (which == 0 && !c.per_token_keys) {  // per channel, packed along tokens
-      const int G = c.key_group;
-      const int64_t channel = static_cast<int64_t>(head) * D + d;
-      const uint32_t word = reinterpret_cast<const uint32_t*>(
-          page + codes)[channel * (P / kPerWord) + slot / kPerWord];
-      const __half* p =
-          reinterpret_cast<const __half*>(page + params) + 2 * (channel * (P / G) + slot / G);
-      return dequantize((word >> (BITS * (slot % kPerWord))) & kMask, __half2float(p[0]),
-                        __half2float(p[1]));
-    }
-    const int GV = c.value_group;  // per token, packed along channels
-    const uint32_t word =
-        reinterpret_cast<const uint32_t*>(page + codes)[token * (D / kPerWord) + d / kPerWord];
-    const __half* p =
-        reinterpret_cast<const __half*>(page + params) + 2 * (token * (D / GV) + d / GV);
-    return dequantize((word >> (BITS * (d % kPerWord))) & kMask, __half2float(p[0]),
-                      __half2float(p[1]));
-  }
-}
-
 template <int D, KvKind KIND, int BITS>
 __global__ void __launch_bounds__(kWarps * 32)
     paged_attention_kernel(const KvCacheView cache, const KvBatchView batch, const int32_t* tiles,

@@ -24,6 +24,11 @@
 #                         and kivi2, each with its transformers baseline;
 #              --serving  serving.json and latency.json: bench/serving.sh (in-process against
 #                         gRPC, concurrency 1..256) and bench/latency.sh on the GPU;
+#              --prefill  prefill.jsonl: prefill alone, `kvserve bench engine` P512 N1 (512 requests,
+#                         concurrency 256, budget 16,384) in fp16, int8, kivi4 and kivi2 with each
+#                         --prefill-attention kernel (tensor, tiled), then transformers' one batched
+#                         forward of 256 x 512 (bench/hf_prefill.py); with --baseline DIR the
+#                         kvserve runs repeat with DIR's binaries (default kernel, fp16 and kivi2);
 #              --e2e      e2e.jsonl: the end-to-end table of docs/gpu.md with default flags:
 #                         `kvserve bench engine` P512 N128 (512 requests, concurrency 256), the
 #                         capacity-bound runs (gpt2 in a 2 GiB pool, P512 N512, 512 requests at
@@ -51,7 +56,7 @@ case "$mode" in
       "$stripped/kvserve_tests" "$stripped/kvserve" "$stripped/kvserve-cli"
     strip --strip-unneeded "$stripped"/cuda-bundle/lib/*.so*
     cp "$0" "$stripped/cuda-bundle/gpu-check.sh"
-    cp bench/hf_decode.py bench/hf_generate.py "$stripped/cuda-bundle/"
+    cp bench/hf_decode.py bench/hf_generate.py bench/hf_prefill.py "$stripped/cuda-bundle/"
     git -C "$repo" describe --always --dirty >"$stripped/cuda-bundle/COMMIT"
     rm -rf "$checkout/.device/cuda-bundle"
     tar -C "$stripped" -cf - cuda-bundle | xz -T0 -6 >"$checkout/.device/cuda-bundle.tar.xz"
@@ -61,13 +66,14 @@ case "$mode" in
   run)
     bundle=$(cd "$(dirname "$0")" && pwd)
     [ -x "$bundle/run" ] || bundle=$PWD/.device/cuda-bundle
-    ppl_windows=0 bench=0 models=0 serving=0 e2e=0 baseline='' tests=1 filter='Gpu*'
+    ppl_windows=0 bench=0 models=0 serving=0 prefill=0 e2e=0 baseline='' tests=1 filter='Gpu*'
     while [ $# -gt 0 ]; do
       case "$1" in
         --ppl) ppl_windows=$2; shift 2 ;;
         --bench) bench=1; shift ;;
         --models) models=1; shift ;;
         --serving) serving=1; shift ;;
+        --prefill) prefill=1; shift ;;
         --e2e) e2e=1; shift ;;
         --baseline) baseline=$(cd "$2" && pwd); shift 2 ;;
         --tests) filter=$2; shift 2 ;;
@@ -119,6 +125,25 @@ case "$mode" in
         python3 "$bundle/hf_decode.py" --geometry "$geometry" --batches 64 --context 512 \
           2>> "$out/hf-decode.log" | tee -a "$out/models.jsonl" || status=1
       done
+    fi
+    if [ "$prefill" = 1 ]; then
+      prefill_run() {  # which dir kv [flags...]
+        local which=$1 dir=$2 kv=$3 line
+        shift 3
+        line=$("$dir/run" kvserve bench engine --model dummy:gpt2 --device cuda --kv "$kv" \
+          --kv-pool-mb 16384 --requests 512 --concurrency 256 --prompt-len 512 \
+          --max-new-tokens 1 --max-batch-tokens 16384 "$@") || status=1
+        echo "{\"case\":\"p512n1\",\"binary\":\"$which\",\"result\":${line:-null}}" |
+          tee -a "$out/prefill.jsonl"
+      }
+      for kv in fp16 int8 kivi4 kivi2; do
+        for kernel in tensor tiled; do prefill_run new "$bundle" "$kv" --prefill-attention "$kernel"; done
+      done
+      if [ -n "$baseline" ]; then
+        for kv in fp16 kivi2; do prefill_run baseline "$baseline" "$kv"; done
+      fi
+      python3 "$bundle/hf_prefill.py" --cases 256x512 2> "$out/hf-prefill.log" |
+        tee -a "$out/prefill.jsonl" || status=1
     fi
     if [ "$e2e" = 1 ]; then
       # name model pool-mb requests concurrency prompt new

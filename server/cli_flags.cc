@@ -84,6 +84,10 @@ void add_model_flags(CLI::App* app, ModelFlags& flags) {
                   "on: CUDA decode steps replay captured graphs; off: every kernel launched")
       ->check(CLI::IsMember({"on", "off"}));
   add_decode_attention_flag(app, flags.decode_attention);
+  app->add_option("--prefill-attention", flags.prefill_attention,
+                  "CUDA attention kernel of prefill and mixed steps: tensor (mma on tensor cores, "
+                  "sm_80 or newer) or tiled (fp32)")
+      ->check(CLI::IsMember({"tensor", "tiled"}));
 }
 
 void add_kv_flags(CLI::App* app, KvFlags& flags, KvPoolFlag pool) {
@@ -141,6 +145,7 @@ EngineSpec engine_spec(const ModelFlags& model, const KvFlags& kv, const EngineF
   spec.device = model.device;
   spec.backend.cuda_graphs = model.cuda_graphs == "on";
   spec.backend.decode_attention = cuda::parse_decode_attention_variant(model.decode_attention);
+  spec.backend.prefill_attention = cuda::parse_prefill_attention_variant(model.prefill_attention);
   spec.kv = kv_config(kv, read_model_config(spec.model));
   spec.kv_pool_bytes = kv.pool_mb << 20;
   spec.engine = engine.options;

@@ -25,6 +25,8 @@ struct ModelFlags {
   std::string cuda_graphs = "on";  // CUDA backend: replay decode steps from CUDA graphs
   // CUDA backend: the KIVI decode attention kernel (kernels/decode_attention_variant.h)
   std::string decode_attention = "packed";
+  // CUDA backend: the prefill attention kernel (kernels/prefill_attention_variant.h)
+  std::string prefill_attention = "tensor";
 };
 
 struct KvFlags {

@@ -328,6 +328,29 @@ TEST(GpuBackend, BatchedChunkedPrefillMatchesTheCpuBackend) {
   }
 }
 
+// Both prefill attention kernels (--prefill-attention tensor and tiled) in every format: the
+// fixture prompts together, prefilled in chunks of 48 tokens beside decodes (mixed steps whose
+// chunks cross pages and KIVI flushes), must give the CPU backend's greedy tokens.
+TEST(GpuBackend, EitherPrefillKernelGivesTheCpuBackendsGreedyTokens) {
+  SKIP_WITHOUT_GPU();
+  for (const std::string format : {"fp16", "int8", "kivi4", "kivi2"}) {
+    const auto cpu = generate(false, format, 32, 48);
+    for (cuda::PrefillAttentionVariant prefill :
+         {cuda::PrefillAttentionVariant::kTensor, cuda::PrefillAttentionVariant::kTiled}) {
+      const BackendFactory factory = [prefill](const KvCacheManager& cache) {
+        CudaBackendOptions options;
+        options.prefill_attention = prefill;
+        return std::make_unique<CudaBackend>(shared_weights(), cache.config(), cache.num_blocks(),
+                                             options);
+      };
+      EXPECT_EQ(
+          generate_with(factory, format, 32, 48, [](size_t) { return greedy_params(); }).tokens,
+          cpu)
+          << format << ", prefill kernel " << cuda::prefill_attention_variant_name(prefill);
+    }
+  }
+}
+
 // Two CUDA backends, decode graphs on and off, run the same schedule: every `join_every` steps
 // sequences join until `max_live` are live (a prompt beside decodes: an eager step), they decode
 // (pure decode steps: graphs) and finish after 20 to 130 new tokens, so batch sizes change,

@@ -22,6 +22,8 @@
 #include "kernels/embedding.h"
 #include "kernels/layer_norm.h"
 #include "kernels/paged_attention.h"
+#include "kernels/prefill_attention.h"
+#include "kernels/prefill_attention_variant.h"
 #include "tests/block_tables.h"
 
 namespace kvserve {
@@ -99,6 +101,7 @@ std::vector<CacheCase> cache_cases() {
 }
 
 using cuda::DecodeAttentionVariant;
+using cuda::PrefillAttentionVariant;
 
 // The decode_attention kernels a format runs under: the variant picks the KIVI one; "tensor" and
 // "packed" differ from "online" for 2-bit pages only, and fp16 has a single kernel. Every one
@@ -252,6 +255,85 @@ TEST(GpuKvCache, MatchesTheCpuCacheInEveryFormat) {
     std::printf("%-34s %3d steps, pools equal, worst |attention difference| %.2e\n",
                 test.name.c_str(), steps, worst);
     KVSERVE_CUDA_CHECK(cudaStreamDestroy(stream));
+  }
+}
+
+// The device's compute capability (major), which decides whether prefill_attention can run.
+int compute_capability_major() {
+  int device = 0, major = 0;
+  KVSERVE_CUDA_CHECK(cudaGetDevice(&device));
+  KVSERVE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major;
+}
+
+// Runs `steps` ((start, count) of sequences 0, 1, 2 in each step) through a CPU cache and a CUDA
+// cache with the `prefill` kernel: each step must leave the pool equal to the CPU's byte for byte
+// and give the CPU's attention within the GPU tests' tolerance.
+void check_prefill_steps(const CacheCase& c, PrefillAttentionVariant prefill,
+                         const std::vector<std::vector<std::pair<int, int>>>& steps) {
+  const ModelConfig model = cache_test_model();
+  const std::string name =
+      std::string(c.name) + " " + cuda::prefill_attention_variant_name(prefill);
+  SCOPED_TRACE(name);
+  std::mt19937 rng(77);
+  KvCacheManager manager(c.config, model, 200);
+  CpuKvCache cpu(manager.config(), manager.num_blocks(), model);
+  CudaKvCache gpu(manager.config(), manager.num_blocks(), model, DecodeAttentionVariant::kPacked,
+                  prefill);
+  // The tensor-core kernel must really run where the device allows it (every cache case here has
+  // head_dim 64 and aligned blocks), not fall back to the tiled one unnoticed.
+  if (prefill == PrefillAttentionVariant::kTensor && compute_capability_major() >= 8) {
+    ASSERT_EQ(gpu.prefill_attention_variant(), PrefillAttentionVariant::kTensor);
+  } else {
+    ASSERT_EQ(gpu.prefill_attention_variant(), PrefillAttentionVariant::kTiled);
+  }
+  cudaStream_t stream = nullptr;
+  KVSERVE_CUDA_CHECK(cudaStreamCreate(&stream));
+  const std::vector<float> channel_scale = random_channel_scale(model.n_embd, rng);
+  for (int id = 0; id < 3; ++id) manager.add_sequence(id);
+  // Failures reported so far in this test: this case stops at its first own one.
+  auto failures = [] {
+    return ::testing::UnitTest::GetInstance()->current_test_info()->result()->total_part_count();
+  };
+  const int failures_before = failures();
+  double worst = 0.0;
+  for (size_t step = 0; step < steps.size(); ++step) {
+    std::vector<ForwardItem> items;
+    for (int id = 0; id < 3; ++id) {
+      const auto [start, count] = steps[step][id];
+      ASSERT_EQ(manager.sequence(id).length, start);
+      ASSERT_TRUE(manager.grow(id, start + count));
+      items.push_back({id, start, std::vector<int32_t>(count, 0), false, {}});
+    }
+    check_step(manager, cpu, gpu, items, channel_scale, rng, stream, static_cast<int>(step), worst);
+    if (failures() != failures_before) break;
+    manager.finish_step();
+  }
+  KVSERVE_CUDA_CHECK(cudaStreamDestroy(stream));
+  if (failures() == failures_before) {
+    std::printf("%-34s prefill steps agree, worst |attention difference| %.2e\n", name.c_str(),
+                worst);
+  }
+}
+
+// Prefill and mixed steps under both prefill kernels, chunks chosen to hit every case of the
+// prefill contract: several sequences of different lengths per step; chunks longer than one
+// 64-query tile and shorter; single-token items beside prompt chunks; chunks that cross a page
+// boundary and a KIVI flush (keys read in page form by the chunk's later queries and in fp16 by
+// its earlier ones); chunks after a context already in pages. Every cache case runs, whatever an
+// earlier one did, so that one call of the GPU machine reports them all.
+TEST(GpuKvCache, PrefillStepsMatchTheCpuCacheWithEitherKernel) {
+  SKIP_WITHOUT_GPU();
+  const std::vector<std::vector<std::pair<int, int>>> steps = {{{0, 100}, {0, 37}, {0, 1}},
+                                                               {{100, 70}, {37, 1}, {1, 129}},
+                                                               {{170, 1}, {38, 162}, {130, 1}},
+                                                               {{171, 129}, {200, 65}, {131, 64}},
+                                                               {{300, 3}, {265, 200}, {195, 33}}};
+  for (const CacheCase& c : cache_cases()) {
+    for (PrefillAttentionVariant prefill :
+         {PrefillAttentionVariant::kTensor, PrefillAttentionVariant::kTiled}) {
+      check_prefill_steps(c, prefill, steps);
+    }
   }
 }
 
@@ -427,6 +509,82 @@ TEST(GpuKvCache, DecodeAttentionThroughput) {
   }
 }
 
+// The prefill kernel micro-benchmark of docs/gpu.md, both prefill kernels in one process: one
+// GPT-2 layer (12 heads of 64) of a prefill step of 16 sequences, either a whole 512-token prompt
+// each (8,192 queries over their own keys) or a second 512-token chunk after a first one (the
+// first chunk's keys then come from pages, dequantized for KIVI and int8). It times the attention
+// alone (attend, median of 20 launches) and prints one JSON line per format, kernel and case. Its
+// check: the tensor-core kernel gives the tiled kernel's output within the GPU tests' tolerance
+// at this size, which the small-model tests do not reach.
+TEST(GpuKvCache, PrefillAttentionThroughput) {
+  SKIP_WITHOUT_GPU();
+  ModelConfig model = cache_test_model();
+  model.n_layer = 1;
+  model.n_head = 12;
+  model.n_embd = 768;
+  const int sequences = 16, chunk = 512, C = model.n_embd, rows = sequences * chunk;
+  KvCacheConfig fp16, int8, kivi4, kivi2;
+  fp16.format = KvFormat::kFp16;
+  int8.format = KvFormat::kInt8;
+  kivi4.format = KvFormat::kKivi4;
+  const std::vector<CacheCase> formats = {
+      {"fp16", fp16}, {"int8", int8}, {"kivi4", kivi4}, {"kivi2", kivi2}};
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<uint16_t> qkv(static_cast<size_t>(rows) * 3 * C);
+  for (uint16_t& h : qkv) h = float_to_half(normal(rng));
+  cuda::DeviceBuffer<__half> qkv_device, out_device;
+  const __half* qkv_d = upload(qkv_device, qkv.data(), qkv.size());
+  __half* out_d = out_device.reserve(static_cast<size_t>(rows) * C);
+  for (const CacheCase& format : formats) {
+    for (const int chunks : {1, 2}) {
+      std::vector<float> tiled_out;
+      for (PrefillAttentionVariant prefill :
+           {PrefillAttentionVariant::kTiled, PrefillAttentionVariant::kTensor}) {
+        KvCacheManager manager(format.config, model, sequences * 48);
+        CudaKvCache gpu(manager.config(), manager.num_blocks(), model,
+                        DecodeAttentionVariant::kPacked, prefill);
+        cudaStream_t stream = nullptr;
+        KVSERVE_CUDA_CHECK(cudaStreamCreate(&stream));
+        for (int i = 0; i < sequences; ++i) manager.add_sequence(i);
+        for (int c = 0; c < chunks; ++c) {
+          std::vector<ForwardItem> items;
+          for (int i = 0; i < sequences; ++i) {
+            ASSERT_TRUE(manager.grow(i, (c + 1) * chunk));
+            items.push_back({i, c * chunk, std::vector<int32_t>(chunk, 0), false, {}});
+          }
+          gpu.prepare(with_block_tables(items, manager), stream);
+          gpu.append_and_attend(0, qkv_d, out_d, stream);  // the last one: warm-up
+          if (c + 1 < chunks) manager.finish_step();
+        }
+        const double seconds =
+            median_seconds(stream, 20, [&] { gpu.attend(0, qkv_d, out_d, stream); });
+        const char* kernel = cuda::prefill_attention_variant_name(gpu.prefill_attention_variant());
+        const double queries_per_second = rows / seconds;
+        std::printf(
+            "{\"bench\": \"prefill_attention\", \"case\": \"%s\", \"kernel\": \"%s\", "
+            "\"sequences\": %d, \"chunk\": %d, \"context\": %d, \"attention_us\": %.2f, "
+            "\"queries_per_second\": %.4g}\n",
+            format.name, kernel, sequences, chunk, chunks * chunk, seconds * 1e6,
+            queries_per_second);
+        const std::vector<__half> got = download(out_d, static_cast<size_t>(rows) * C);
+        std::vector<float> out(got.size());
+        for (size_t i = 0; i < got.size(); ++i) out[i] = __half2float(got[i]);
+        if (prefill == PrefillAttentionVariant::kTiled) {
+          tiled_out = out;
+        } else {
+          for (size_t i = 0; i < out.size(); ++i) {
+            ASSERT_LE(std::fabs(out[i] - tiled_out[i]), 2e-3 + 2e-3 * std::fabs(tiled_out[i]))
+                << format.name << " context " << chunks * chunk << ": row " << i / C << " channel "
+                << i % C;
+          }
+        }
+        KVSERVE_CUDA_CHECK(cudaStreamDestroy(stream));
+      }
+    }
+  }
+}
+
 TEST(GpuKernels, EmbeddingLayerNormAndBiasGeluMatchPlainLoops) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(7);
@@ -522,6 +680,8 @@ TEST(GpuKernels, LaunchersRejectBadInputs) {
   batch.start = batch.count = batch.row = batch.page_offset = batch.pages = batch.residual_offset =
       &dummy;
   EXPECT_THROW(cuda::paged_attention(cache, batch, &dummy, 1, nullptr, 0, nullptr, 0, nullptr),
+               std::invalid_argument);
+  EXPECT_THROW(cuda::prefill_attention(cache, batch, &dummy, 1, nullptr, 0, nullptr, 0, nullptr),
                std::invalid_argument);
 }
 

@@ -131,6 +131,7 @@ int run_bench_decode(const BenchDecodeFlags& flags) {
         {"kv", flags.kv.format},
         {"kv_config", describe(config)},
         {"decode_attention", flags.model.decode_attention},
+        {"prefill_attention", flags.model.prefill_attention},
         {"batch", batch},
         {"context", flags.context},
         {"steps", flags.steps},

@@ -94,6 +94,7 @@ int run_bench_engine(const BenchEngineFlags& flags) {
   }
   const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
   const GraphCounters graphs = engine.backend().graph_counters();
+  const double prompt_tokens = static_cast<double>(flags.requests) * flags.prompt_len;
   // The sampled quantization error of the timed part, as the metric's buckets give it.
   auto summary = [](const std::vector<float>& single, KvErrorBins bins) {
     bins.add(bin_errors(single));
@@ -109,6 +110,8 @@ int run_bench_engine(const BenchEngineFlags& flags) {
                               {"cuda_graphs", spec.backend.cuda_graphs},
                               {"graph_replays", graphs.replayed},
                               {"kv", flags.kv.format},
+                              {"decode_attention", flags.model.decode_attention},
+                              {"prefill_attention", flags.model.prefill_attention},
                               {"requests", flags.requests},
                               {"concurrency", flags.concurrency},
                               {"prompt_len", flags.prompt_len},
@@ -125,6 +128,8 @@ int run_bench_engine(const BenchEngineFlags& flags) {
                               {"duration_s", seconds},
                               {"output_tokens", output_tokens},
                               {"output_throughput", output_tokens / seconds},
+                              {"prompt_throughput", prompt_tokens / seconds},
+                              {"request_throughput", flags.requests / seconds}};
                               {"request_throughput", flags.requests / seconds},
                               {"kv_error_sample_rate", spec.engine.kv_error_sample_rate},
                               {"kv_quantization_error",

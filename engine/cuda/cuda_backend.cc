@@ -31,7 +31,7 @@ CudaBackend::CudaBackend(const ModelWeights& weights, const KvCacheConfig& kv, i
                          CudaBackendOptions options)
     : config_(weights.config),
       logits_stride_((weights.config.vocab_size + 63) / 64 * 64),
-      cache_(kv, num_blocks, weights.config, options.decode_attention),
+      cache_(kv, num_blocks, weights.config, options.decode_attention, options.prefill_attention),
       use_graphs_(options.cuda_graphs),
       trap_at_forward_(options.trap_at_forward) {
   const ModelConfig& cfg = config_;

@@ -38,6 +38,8 @@ struct CudaBackendOptions {
   int64_t trap_at_forward = 0;
   // The kernel of KIVI decode attention (kernels/decode_attention_variant.h).
   cuda::DecodeAttentionVariant decode_attention = cuda::DecodeAttentionVariant::kPacked;
+  // The kernel of prefill and mixed steps (kernels/prefill_attention_variant.h).
+  cuda::PrefillAttentionVariant prefill_attention = cuda::PrefillAttentionVariant::kTensor;
 };
 
 class CudaBackend : public Backend {

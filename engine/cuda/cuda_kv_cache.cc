@@ -9,6 +9,7 @@
 #include "kernels/kv_compact_residual.h"
 #include "kernels/kv_quantize_pages.h"
 #include "kernels/paged_attention.h"
+#include "kernels/prefill_attention.h"
 
 namespace kvserve {
 namespace {
@@ -39,7 +40,8 @@ cuda::KvCacheView make_view(const KvCacheConfig& c, const ModelConfig& model) {
 }  // namespace
 
 CudaKvCache::CudaKvCache(const KvCacheConfig& config, int32_t num_blocks, const ModelConfig& model,
-                         cuda::DecodeAttentionVariant variant)
+                         cuda::DecodeAttentionVariant variant,
+                         cuda::PrefillAttentionVariant prefill)
     : num_blocks_(num_blocks),
       view_(make_view(config, model)),
       n_layer_(model.n_layer),
@@ -61,6 +63,12 @@ CudaKvCache::CudaKvCache(const KvCacheConfig& config, int32_t num_blocks, const 
   int device = 0;
   KVSERVE_CUDA_CHECK(cudaGetDevice(&device));
   KVSERVE_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device));
+  int major = 0;
+  KVSERVE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  prefill_variant_ = prefill == cuda::PrefillAttentionVariant::kTensor &&
+                             cuda::prefill_attention_supported(view_, major)
+                         ? cuda::PrefillAttentionVariant::kTensor
+                         : cuda::PrefillAttentionVariant::kTiled;
 }
 
 CudaKvCache::~CudaKvCache() {
@@ -85,6 +93,9 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
   const int page_offset = 3 * n, residual_offset = 4 * n + 1;
   std::vector<int32_t> pages, residual, tiles;
   int rows = 0, max_len = 0;
+  const int query_tile = prefill_variant_ == cuda::PrefillAttentionVariant::kTensor
+                             ? cuda::kPrefillQueryTile
+                             : cuda::kAttentionQueryTile;
   decode_ = n > 0 && cuda::decode_attention_supported(view_);
   for (int i = 0; i < n; ++i) {
     const BlockTableView& seq = items[i].blocks;
@@ -102,7 +113,7 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
     host_meta_[residual_offset + i] = static_cast<int32_t>(residual.size());
     pages.insert(pages.end(), seq.pages.begin(), seq.pages.end());
     residual.insert(residual.end(), seq.residual_blocks.begin(), seq.residual_blocks.end());
-    for (int q = 0; q < tokens; q += cuda::kAttentionQueryTile) {
+    for (int q = 0; q < tokens; q += query_tile) {
       tiles.push_back(i);
       tiles.push_back(q);
     }
@@ -180,6 +191,9 @@ void CudaKvCache::attend(int layer, const __half* qkv, __half* out, cudaStream_t
   if (decode_) {
     cuda::decode_attention(view, batch_, decode_split_, qkv, qkv_stride, out, channels_,
                            decode_partial_.get(), decode_variant_, stream);
+  } else if (prefill_variant_ == cuda::PrefillAttentionVariant::kTensor) {
+    cuda::prefill_attention(view, batch_, tiles_, num_tiles_, qkv, qkv_stride, out, channels_,
+                            stream);
   } else {
     cuda::paged_attention(view, batch_, tiles_, num_tiles_, qkv, qkv_stride, out, channels_,
                           stream);

@@ -17,6 +17,7 @@
 #include "kernels/decode_attention.h"
 #include "kernels/kv_cache_view.h"
 #include "kernels/kv_quantization_error.h"
+#include "kernels/prefill_attention_variant.h"
 
 namespace kvserve {
 
@@ -24,9 +25,12 @@ class CudaKvCache {
  public:
   // Allocates n_layer * num_blocks * block_bytes of device memory once, after checking that it
   // fits in the free memory of the current device. Decode steps of KIVI caches run the
-  // decode_attention kernel `variant` names.
+  // decode_attention kernel `variant` names; the other steps run the kernel `prefill` names
+  // (prefill_attention on tensor cores where the device and geometry allow it, else
+  // paged_attention).
   CudaKvCache(const KvCacheConfig& config, int32_t num_blocks, const ModelConfig& model,
-              cuda::DecodeAttentionVariant variant = cuda::DecodeAttentionVariant::kPacked);
+              cuda::DecodeAttentionVariant variant = cuda::DecodeAttentionVariant::kPacked,
+              cuda::PrefillAttentionVariant prefill = cuda::PrefillAttentionVariant::kTensor);
   ~CudaKvCache();
   CudaKvCache(const CudaKvCache&) = delete;
   CudaKvCache& operator=(const CudaKvCache&) = delete;
@@ -67,6 +71,9 @@ class CudaKvCache {
   size_t bytes() const { return bytes_; }
   // Whether decode steps use decode_attention (else paged_attention), for tests.
   bool decode_attention_supported() const { return cuda::decode_attention_supported(view_); }
+  // The kernel that runs the steps decode_attention does not: kTensor (prefill_attention) when
+  // asked for and supported here, else kTiled (paged_attention).
+  cuda::PrefillAttentionVariant prefill_attention_variant() const { return prefill_variant_; }
   // The whole pool, [n_layer][num_blocks][block_bytes], for tests.
   std::vector<uint8_t> download(cudaStream_t stream) const;
 
@@ -78,12 +85,13 @@ class CudaKvCache {
   uint8_t* pool_ = nullptr;
   cuda::KvBatchView batch_;
   int num_tiles_ = 0;
-  const int32_t* tiles_ = nullptr;
+  const int32_t* tiles_ = nullptr;  // [num_tiles][2]: (item, first query) of the prefill kernel
   // A decode step (every item one token) in a geometry decode_attention handles uses it, split
   // along the context as decode_split_ says; other steps use paged_attention's tiles.
   bool decode_ = false;
   cuda::DecodeSplit decode_split_;
   cuda::DecodeAttentionVariant decode_variant_;
+  cuda::PrefillAttentionVariant prefill_variant_;
   int sm_count_ = 0;
   cuda::DeviceBuffer<float> decode_partial_;  // [items][n_head][splits][head_dim + 2]
   std::vector<int32_t> host_meta_;
