@@ -16,6 +16,7 @@ SchedulerOptions scheduler_options(const EngineOptions& options, const Backend* 
   s.max_batch_tokens =
       options.max_batch_tokens > 0 ? options.max_batch_tokens : backend->preferred_batch_tokens();
   s.admission = options.admission;
+  s.prefix_cache = options.prefix_cache;
   return s;
 }
 
@@ -80,6 +81,8 @@ StepStats Engine::step(std::vector<StepEvent>& events) {
   stats.prefill_tokens = plan.prefill_tokens;
   stats.preemptions = static_cast<int>(plan.preempted.size());
   stats.recomputed_tokens = plan.recomputed_tokens;
+  stats.prefix_cache_queries = plan.prefix_cache_queries;
+  stats.prefix_cache_hits = plan.prefix_cache_hits;
   stats.admitted = plan.admitted;
   if (plan.items.empty()) {
     scheduler_.update_from_output(plan, {}, events);
