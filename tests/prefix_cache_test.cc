@@ -218,6 +218,7 @@ class SharingCheckingBackend : public Backend {
   }
   void forward_sample(const std::vector<ForwardItem>& items, const std::vector<SampleRequest>&,
                       std::vector<SampleResult>& results) override {
+    if (lose_device_) throw DeviceLostError("stub: device lost");
     std::map<int32_t, int> written, read;
     for (const ForwardItem& item : items) {
       EXPECT_GE(item.blocks.length, item.start + static_cast<int>(item.tokens.size()));
@@ -238,8 +239,10 @@ class SharingCheckingBackend : public Backend {
     for (SampleResult& r : results) r.token = {kToken, -1.0f};
   }
   int shared_reads() const { return shared_reads_; }
+  void lose_device() { lose_device_ = true; }
 
  private:
+  bool lose_device_ = false;
   KvCacheConfig config_;
   int32_t num_blocks_;
   int shared_reads_ = 0;
@@ -437,6 +440,34 @@ TEST(PrefixCacheScheduler, FailAllReleasesEveryReferenceAndDropsTheCache) {
   EXPECT_EQ(scheduler->cache().usage().cached_pages, 0);
   EXPECT_EQ(scheduler->cache().num_free_blocks(), 64);
   EXPECT_EQ(scheduler->reserved_blocks(), 0);
+}
+
+// The engine's device-lost path: the failing step holds shared pages; every request ends with an
+// error, every reference is released and the cached pages are dropped with the device.
+TEST(PrefixCacheScheduler, ALostDeviceReleasesSharedPagesAndDropsTheCache) {
+  StubEngine s = stub_engine(KvFormat::kFp16, 64);
+  Engine& engine = *s.engine;
+  engine.add_request(request(ids(100), 4));
+  run_to_end(engine);
+  ASSERT_EQ(engine.cache().usage().cached_pages, 3);
+  engine.add_request(request(ids(100), 20));
+  engine.add_request(request(concat(ids(64), ids(40, 5000)), 20));
+  std::vector<StepEvent> events;
+  const StepStats first = engine.step(events);
+  EXPECT_EQ(first.prefix_cache_hits, 96 + 64);
+  EXPECT_EQ(engine.cache().hit_pages_in_use(), 3);
+  s.backend->lose_device();
+  events.clear();
+  engine.step(events);
+  ASSERT_FALSE(engine.device_lost().empty());
+  int errors = 0;
+  for (const StepEvent& e : events) errors += e.finish == FinishReason::kError;
+  EXPECT_EQ(errors, 2);
+  EXPECT_FALSE(engine.has_work());
+  EXPECT_EQ(engine.cache().hit_pages_in_use(), 0);
+  EXPECT_EQ(engine.cache().usage().cached_pages, 0);
+  EXPECT_EQ(engine.cache().usage().blocks_used, 0);
+  EXPECT_EQ(engine.cache().num_free_blocks(), 64);
 }
 
 // ---- The CPU engine: the same tokens, bit for bit, with and without a hit ---------------------
