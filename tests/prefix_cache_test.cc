@@ -442,6 +442,45 @@ TEST(PrefixCacheScheduler, FailAllReleasesEveryReferenceAndDropsTheCache) {
   EXPECT_EQ(scheduler->reserved_blocks(), 0);
 }
 
+// A preempted sequence's full pages stay cached: when it is admitted again it starts on those
+// that were not evicted meanwhile, and only the rest is recomputed.
+TEST(PrefixCacheScheduler, APreemptedSequenceRestartsOnItsOwnCachedPages) {
+  SchedulerOptions options;
+  options.admission = AdmissionPolicy::kPrompt;
+  Scheduler s(tiny_model(),
+              std::make_unique<KvCacheManager>(format(KvFormat::kFp16), tiny_model(), 6), options);
+  s.add_request(request(ids(64), 60));  // 4 pages at its final 123 tokens
+  const RequestId b = s.add_request(request(ids(64, 5000), 60));
+  bool preempted = false, readmitted = false;
+  std::vector<StepEvent> events;
+  for (int step = 0; s.has_work() && step < 1000; ++step) {
+    const StepPlan plan = s.schedule();
+    if (!plan.preempted.empty()) {
+      // At 96 tokens each, the first needs a 4th page: b goes, its 3 full pages stay cached, and
+      // the first's new page evicts b's last one.
+      EXPECT_EQ(plan.preempted, std::vector<RequestId>{b});
+      preempted = true;
+    }
+    if (preempted && !plan.admitted.empty()) {
+      EXPECT_EQ(plan.admitted, std::vector<RequestId>{b});
+      EXPECT_EQ(plan.prefix_cache_hits, 64) << "pages 0 and 1 were still cached";
+      EXPECT_EQ(plan.items.back().start, 64);
+      EXPECT_EQ(plan.items.back().tokens.size(), 97u - 64u) << "64 prompt + 33 generated - hits";
+      EXPECT_EQ(plan.recomputed_tokens, 96 - 64);
+      readmitted = true;
+    }
+    std::vector<SampleResult> results(plan.items.size());
+    for (SampleResult& r : results) r.token = {kToken, -1.0f};
+    s.update_from_output(plan, results, events);
+  }
+  EXPECT_TRUE(preempted);
+  EXPECT_TRUE(readmitted);
+  int tokens_b = 0;
+  for (const StepEvent& e : events) tokens_b += e.request == b && e.has_token;
+  EXPECT_EQ(tokens_b, 60);
+  EXPECT_EQ(s.cache().num_free_blocks(), 6);
+}
+
 // The engine's device-lost path: the failing step holds shared pages; every request ends with an
 // error, every reference is released and the cached pages are dropped with the device.
 TEST(PrefixCacheScheduler, ALostDeviceReleasesSharedPagesAndDropsTheCache) {
