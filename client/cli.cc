@@ -287,6 +287,11 @@ int run_cli(int argc, char** argv) {
                    "--prompts-file")
       ->check(positive())
       ->capture_default_str();
+  load->add_option("--shared-prefix-len", o.shared_prefix_len,
+                   "random token ids that every prompt starts with, before its own --prompt-len "
+                   "(prefix caching's case)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   load->add_option("--max-new-tokens", o.max_new_tokens, "tokens to generate per request")
       ->check(positive())
       ->capture_default_str();

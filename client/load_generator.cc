@@ -69,6 +69,10 @@ void validate(const LoadOptions& o) {
   }
   if (!(o.rate > 0)) throw std::invalid_argument("the request rate must be > 0 (or inf)");
   if (!(o.chars_per_token > 0)) throw std::invalid_argument("chars per token must be > 0");
+  if (o.shared_prefix_len < 0) throw std::invalid_argument("the shared prefix must be >= 0");
+  if (o.shared_prefix_len > 0 && !o.prompts_file.empty()) {
+    throw std::invalid_argument("a shared prefix needs random token ids, not a prompts file");
+  }
 }
 
 }  // namespace
@@ -118,12 +122,15 @@ std::vector<v1::GenerateRequest> make_requests(const LoadOptions& options, int v
   }
   // The last id is left out: GPT-2 checkpoints put <|endoftext|> there.
   std::uniform_int_distribution<int32_t> token(0, std::max(0, vocab_size - 2));
+  std::vector<int32_t> shared_prefix;
+  for (int k = 0; k < options.shared_prefix_len; ++k) shared_prefix.push_back(token(rng));
   std::vector<v1::GenerateRequest> requests(options.requests);
   for (int i = 0; i < options.requests; ++i) {
     v1::GenerateRequest& r = requests[i];
     r.set_request_id("load-" + std::to_string(i));
     if (text.empty()) {
       auto* ids = r.mutable_prompt_token_ids()->mutable_ids();
+      ids->Add(shared_prefix.begin(), shared_prefix.end());
       for (int k = 0; k < options.prompt_len; ++k) ids->Add(token(rng));
     } else {
       r.set_prompt(random_slice(text, slice_length, rng));
@@ -210,6 +217,7 @@ nlohmann::json run_load(GenerateApi& client, const LoadOptions& options,
        std::isinf(options.rate) ? nlohmann::json("inf") : nlohmann::json(options.rate)},
       {"max_concurrency", options.concurrency},
       {"prompt_len", options.prompt_len},
+      {"shared_prefix_len", options.shared_prefix_len},
       {"max_new_tokens", options.max_new_tokens},
       {"prompts", options.prompts_file.empty() ? "random token ids" : options.prompts_file},
       {"seed", options.seed},

@@ -21,6 +21,10 @@ struct LoadOptions {
   double rate = std::numeric_limits<double>::infinity();
   int concurrency = 16;  // the cap on requests in flight, for either kind of loop
   int prompt_len = 128;
+  // > 0: every prompt starts with the same shared_prefix_len random token ids, then prompt_len
+  // ids of its own (a system prompt or document shared by all requests: prefix caching's case).
+  // Random token ids only.
+  int shared_prefix_len = 0;
   int max_new_tokens = 128;
   // Empty: prompts are `prompt_len` random token ids. Otherwise prompts are text slices of this
   // file

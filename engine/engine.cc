@@ -21,6 +21,7 @@ SchedulerOptions scheduler_options(const EngineOptions& options, const Backend* 
       !problem.ok()) {
     throw std::invalid_argument("engine: " + std::string(problem.message()));
   }
+  s.prefix_cache = options.prefix_cache;
   return s;
 }
 
@@ -87,6 +88,8 @@ StepStats Engine::step(std::vector<StepEvent>& events) {
   stats.prefill_tokens = plan.prefill_tokens;
   stats.preemptions = static_cast<int>(plan.preempted.size());
   stats.recomputed_tokens = plan.recomputed_tokens;
+  stats.prefix_cache_queries = plan.prefix_cache_queries;
+  stats.prefix_cache_hits = plan.prefix_cache_hits;
   stats.admitted = plan.admitted;
   if (plan.items.empty()) {
     scheduler_.update_from_output(plan, {}, events);

@@ -37,13 +37,16 @@ struct EngineOptions {
   // (engine/kv_quantization_error.h), in [0, 1]; 0 measures nothing. `kvserve serve` defaults to
   // kDefaultKvErrorSampleRate.
   double kv_error_sample_rate = 0.0;
+  bool prefix_cache = true;  // SchedulerOptions::prefix_cache
 };
 
 struct StepStats {
   int decode_tokens = 0;
   int prefill_tokens = 0;
   int preemptions = 0;
-  int recomputed_tokens = 0;  // prefill tokens that recompute what a preemption threw away
+  int recomputed_tokens = 0;     // prefill tokens that recompute what a preemption threw away
+  int prefix_cache_queries = 0;  // StepPlan::prefix_cache_queries
+  int prefix_cache_hits = 0;     // StepPlan::prefix_cache_hits
   // Requests that entered the batch in this step (after preemption too): the server's queue time
   // ends at a request's first admission.
   std::vector<RequestId> admitted;

@@ -11,6 +11,25 @@ int32_t ceil_div(int64_t a, int64_t b) {
   return static_cast<int32_t>((a + b - 1) / b);
 }
 
+// splitmix64's finaliser: every input bit reaches every output bit.
+uint64_t mix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+uint64_t combine(uint64_t hash, uint64_t value) {
+  return mix64(hash ^ mix64(value));
+}
+
+// The chained hash of a page: its parent's hash and its own token ids.
+uint64_t page_hash(uint64_t parent, const int32_t* tokens, int count) {
+  uint64_t h = combine(parent, static_cast<uint64_t>(count));
+  for (int i = 0; i < count; ++i) h = combine(h, static_cast<uint32_t>(tokens[i]));
+  return h;
+}
+
 }  // namespace
 
 KvCacheManager::KvCacheManager(const KvCacheConfig& config, const ModelConfig& model,
@@ -19,10 +38,129 @@ KvCacheManager::KvCacheManager(const KvCacheConfig& config, const ModelConfig& m
       model_(model),
       layout_(make_page_layout(config, model)),
       bytes_per_block_(static_cast<int64_t>(layout_.block_bytes) * model.n_layer),
-      pool_(num_blocks) {
+      pool_(num_blocks),
+      seed_hash_(prefix_cache_seed(config, model)),
+      page_refs_(pool_.num_blocks(), 0),
+      hit_refs_(pool_.num_blocks(), 0) {
   if (const absl::Status problem = validate(config, model); !problem.ok()) {
     throw std::invalid_argument(std::string(problem.message()));
   }
+}
+
+uint64_t KvCacheManager::prefix_cache_seed(const KvCacheConfig& config, const ModelConfig& model) {
+  const uint64_t fields[] = {
+      static_cast<uint64_t>(config.format),      static_cast<uint64_t>(config.key_group),
+      static_cast<uint64_t>(config.value_group), static_cast<uint64_t>(config.residual),
+      static_cast<uint64_t>(config.page_tokens), static_cast<uint64_t>(config.per_token_keys),
+      static_cast<uint64_t>(model.n_layer),      static_cast<uint64_t>(model.n_head),
+      static_cast<uint64_t>(model.n_embd),       static_cast<uint64_t>(model.n_inner),
+      static_cast<uint64_t>(model.n_positions),  static_cast<uint64_t>(model.vocab_size)};
+  uint64_t h = 0;
+  for (uint64_t field : fields) h = combine(h, field);
+  return h;
+}
+
+void KvCacheManager::set_prefix_cache(bool on) {
+  prefix_cache_ = on && prefix_cache_supported(config_);
+  if (!prefix_cache_) clear_prefix_cache();
+}
+
+PrefixMatch KvCacheManager::match_prefix(const std::vector<int32_t>& tokens) const {
+  PrefixMatch match;
+  if (!prefix_cache_ || tokens.empty()) return match;
+  const int P = config_.page_tokens;
+  const int max_pages = (static_cast<int>(tokens.size()) - 1) / P;  // one token left to compute
+  uint64_t parent = seed_hash_;
+  for (int page = 0; page < max_pages; ++page) {
+    const int32_t* first = tokens.data() + static_cast<size_t>(page) * P;
+    const uint64_t hash = page_hash(parent, first, P);
+    const auto hit = by_hash_.find(hash);
+    if (hit == by_hash_.end()) break;
+    const CachedPage& cached = cached_.at(hit->second);
+    // A 64-bit hash may collide: the page's own tokens and its parent's hash must match too.
+    if (cached.parent_hash != parent || !std::equal(first, first + P, cached.tokens.begin())) break;
+    match.pages.push_back(hit->second);
+    match.hashes.push_back(hash);
+    if (page_refs_[hit->second] == 0) ++match.evictable;
+    if (hit_refs_[hit->second] == 0) ++match.newly_shared;
+    parent = hash;
+  }
+  match.tokens = static_cast<int>(match.pages.size()) * P;
+  return match;
+}
+
+void KvCacheManager::record_prefix_query(int queried, int hit) {
+  prefix_queries_ += queried;
+  prefix_hits_ += hit;
+}
+
+void KvCacheManager::cache_full_pages(int64_t id, const std::vector<int32_t>& tokens) {
+  if (!prefix_cache_) return;
+  auto it = sequences_.find(id);
+  if (it == sequences_.end()) {
+    throw std::logic_error("KV cache: caching pages of unknown sequence " + std::to_string(id));
+  }
+  SequenceCache& seq = it->second;
+  if (static_cast<int>(tokens.size()) < seq.length) {
+    throw std::logic_error("KV cache: fewer token ids than cached tokens");
+  }
+  const int P = config_.page_tokens;
+  const size_t full_pages = paged_token_count(config_, seq.length) / P;
+  while (seq.page_hashes.size() < full_pages) {
+    const size_t page = seq.page_hashes.size();
+    const uint64_t parent = page == 0 ? seed_hash_ : seq.page_hashes.back();
+    const int32_t* first = tokens.data() + page * P;
+    const uint64_t hash = page_hash(parent, first, P);
+    seq.page_hashes.push_back(hash);
+    const int32_t block = seq.pages[page];
+    // Another block may hold the same tokens already (two sequences computed them at once): the
+    // first one stays the cached copy, this block is freed with its sequence.
+    if (by_hash_.count(hash) != 0 || cached_.count(block) != 0) continue;
+    by_hash_.emplace(hash, block);
+    CachedPage& cached = cached_[block];
+    cached.hash = hash;
+    cached.parent_hash = parent;
+    cached.tokens.assign(first, first + P);
+  }
+}
+
+void KvCacheManager::clear_prefix_cache() {
+  while (!lru_.empty()) evict(lru_.front());
+}
+
+void KvCacheManager::evict(int32_t block) {
+  const auto it = cached_.find(block);
+  lru_.erase(it->second.lru);
+  by_hash_.erase(it->second.hash);
+  cached_.erase(it);
+  pool_.release({block});
+}
+
+bool KvCacheManager::make_free(int32_t count) {
+  if (count > num_free_blocks()) return false;
+  while (pool_.num_free() < count) evict(lru_.front());
+  return true;
+}
+
+void KvCacheManager::release_pages(const SequenceCache& seq) {
+  // Tail first: a chain's last pages are the least shared, so they are evicted first (vLLM).
+  std::vector<int32_t> freed;
+  for (size_t i = seq.pages.size(); i-- > 0;) {
+    const int32_t block = seq.pages[i];
+    if (static_cast<int32_t>(i) < seq.hit_pages && --hit_refs_[block] == 0) --hit_pages_in_use_;
+    if (--page_refs_[block] > 0) continue;
+    const auto cached = cached_.find(block);
+    if (cached != cached_.end() && prefix_cache_) {
+      cached->second.lru = lru_.insert(lru_.end(), block);
+      continue;
+    }
+    if (cached != cached_.end()) {  // cached before prefix caching was turned off
+      by_hash_.erase(cached->second.hash);
+      cached_.erase(cached);
+    }
+    freed.push_back(block);
+  }
+  pool_.release(freed);
 }
 
 int32_t KvCacheManager::blocks_in_budget(int64_t bytes, const KvCacheConfig& config,
@@ -55,10 +193,26 @@ int32_t KvCacheManager::peak_blocks(int tokens) const {
   return pages_for(tokens) + 2 * ceil_div(longest_residual, layout_.residual_tokens_per_block);
 }
 
-void KvCacheManager::add_sequence(int64_t id) {
-  if (!sequences_.emplace(id, SequenceCache{}).second) {
+void KvCacheManager::add_sequence(int64_t id, const PrefixMatch& match) {
+  const auto [it, added] = sequences_.emplace(id, SequenceCache{});
+  if (!added) {
     throw std::logic_error("KV cache: sequence " + std::to_string(id) + " already exists");
   }
+  SequenceCache& seq = it->second;
+  for (int32_t block : match.pages) {
+    const auto cached = cached_.find(block);
+    if (cached == cached_.end()) {
+      sequences_.erase(it);
+      throw std::logic_error("KV cache: a prefix match names block " + std::to_string(block) +
+                             " that is not cached");
+    }
+    if (page_refs_[block]++ == 0) lru_.erase(cached->second.lru);
+    if (hit_refs_[block]++ == 0) ++hit_pages_in_use_;
+  }
+  seq.pages = match.pages;
+  seq.page_hashes = match.hashes;
+  seq.hit_pages = static_cast<int32_t>(match.pages.size());
+  seq.length = match.tokens;
 }
 
 const SequenceCache& KvCacheManager::sequence(int64_t id) const {
@@ -89,8 +243,10 @@ bool KvCacheManager::grow(int64_t id, int new_length) {
   // The old residual stays readable during the step, so hold the larger of old and new.
   const int32_t new_residual =
       std::max(0, residual_blocks_for(new_length) - int32_t(seq.residual_blocks.size()));
-  if (new_pages + new_residual > pool_.num_free()) return false;
+  if (!make_free(new_pages + new_residual)) return false;
+  const size_t first_new_page = seq.pages.size();
   pool_.allocate(new_pages, seq.pages);
+  for (size_t i = first_new_page; i < seq.pages.size(); ++i) page_refs_[seq.pages[i]] = 1;
   pool_.allocate(new_residual, seq.residual_blocks);
   seq.length = new_length;
   grown_this_step_.push_back(id);
@@ -117,7 +273,7 @@ void KvCacheManager::remove_sequence(int64_t id) {
   if (it == sequences_.end()) {
     throw std::logic_error("KV cache: removal of unknown sequence " + std::to_string(id));
   }
-  pool_.release(it->second.pages);
+  release_pages(it->second);
   pool_.release(it->second.residual_blocks);
   sequences_.erase(it);
 }
@@ -125,20 +281,36 @@ void KvCacheManager::remove_sequence(int64_t id) {
 CacheUsage KvCacheManager::usage() const {
   CacheUsage u;
   u.blocks_total = pool_.num_blocks();
-  u.blocks_used = pool_.num_used();
+  // Unheld cached pages are free for a grow, as in vLLM's usage: not counted used.
+  u.blocks_used = pool_.num_used() - static_cast<int32_t>(lru_.size());
   u.capacity_bytes = int64_t{u.blocks_total} * bytes_per_block_;
   u.used_bytes = int64_t{u.blocks_used} * bytes_per_block_;
   u.sequences = static_cast<int64_t>(sequences_.size());
+  u.cached_pages = static_cast<int64_t>(cached_.size());
+  u.evictable_pages = static_cast<int64_t>(lru_.size());
+  u.prefix_cache_queries = prefix_queries_;
+  u.prefix_cache_hits = prefix_hits_;
   const int64_t layers = model_.n_layer;
   const int64_t fp16_token_bytes = int64_t{2} * model_.n_embd * 2;  // keys and values, one layer
+  const int P = config_.page_tokens;
+  std::vector<bool> counted(pool_.num_blocks(), false);  // a shared page's tokens count once
+  int64_t paged_tokens = 0;
   for (const auto& [id, seq] : sequences_) {
-    const int64_t paged = paged_token_count(config_, seq.length);
-    u.tokens += seq.length;
-    u.code_bytes += paged * layout_.code_bytes_per_page / config_.page_tokens * layers;
-    u.param_bytes += paged * layout_.param_bytes_per_page / config_.page_tokens * layers;
-    if (is_kivi(config_.format))
-      u.residual_bytes += (seq.length - paged) * fp16_token_bytes * layers;
+    const int paged = paged_token_count(config_, seq.length);
+    for (int page = 0; page * P < paged; ++page) {
+      const int32_t block = seq.pages[page];
+      if (counted[block]) continue;
+      counted[block] = true;
+      paged_tokens += std::min(P, paged - page * P);
+    }
+    if (is_kivi(config_.format)) {
+      u.residual_bytes += int64_t{seq.length - paged} * fp16_token_bytes * layers;
+      u.tokens += seq.length - paged;
+    }
   }
+  u.tokens += paged_tokens;
+  u.code_bytes = paged_tokens * layout_.code_bytes_per_page / P * layers;
+  u.param_bytes = paged_tokens * layout_.param_bytes_per_page / P * layers;
   u.fp16_equivalent_bytes = u.tokens * fp16_token_bytes * layers;
   u.slack_bytes = u.used_bytes - u.code_bytes - u.param_bytes - u.residual_bytes;
   return u;

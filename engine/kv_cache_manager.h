@@ -5,9 +5,21 @@
 // finish_step(). Residual blocks that a flush frees stay reserved until finish_step(), so the
 // forward can still read the old residual while it writes the new one, and no other sequence can
 // be handed a block that is being read in the same step.
+//
+// Prefix caching (set_prefix_cache): a full page whose contents are final is content-addressed by
+// a hash chained over every token id up to its end and the cache configuration
+// (prefix_cache_seed), as vLLM's automatic prefix caching. A new sequence starts on the longest
+// chain of cached pages that its tokens match (match_prefix, add_sequence) and reads them through
+// its block table: no copy. Pages are reference counted; a cached page that no sequence holds stays
+// in the pool, evictable least-recently-used first, and is evicted only when a grow needs its
+// block. Only formats whose pages hold every token of the sequence (fp16, int8) take part: a KIVI
+// sequence also needs the fp16 residual of the R..R+G-1 tokens before its resume point at every
+// layer, which a page does not hold and no shorter computation reproduces bit for bit
+// (docs/design.md, "Prefix caching").
 #pragma once
 
 #include <cstdint>
+#include <list>
 #include <unordered_map>
 #include <vector>
 
@@ -22,6 +34,17 @@ struct SequenceCache {
   int length = 0;                        // tokens whose keys and values are held
   std::vector<int32_t> pages;            // logical page i -> block id
   std::vector<int32_t> residual_blocks;  // kivi: [keys 0, values 0, keys 1, values 1, ...]
+  int32_t hit_pages = 0;                 // pages 0 .. hit_pages-1 came from the prefix cache
+  std::vector<uint64_t> page_hashes;     // chained hash of each full page hashed so far
+};
+
+// The longest run of cached pages that starts a token sequence (KvCacheManager::match_prefix).
+struct PrefixMatch {
+  std::vector<int32_t> pages;    // block ids of logical pages 0 .. pages.size()-1
+  std::vector<uint64_t> hashes;  // their chained hashes
+  int tokens = 0;                // pages.size() * page_tokens
+  int32_t evictable = 0;         // of the pages, those no sequence holds now
+  int32_t newly_shared = 0;      // of the pages, those no sequence holds as a hit now
 };
 
 // A snapshot of the pool; used = code + param + residual + slack, to the byte.
@@ -37,6 +60,12 @@ struct CacheUsage {
   int64_t param_bytes = 0;            // scales and zero points of held tokens
   int64_t residual_bytes = 0;         // fp16 keys and values of residual tokens
   int64_t slack_bytes = 0;  // reserved but not holding a token: unfilled page/residual slots
+  // Prefix cache: pages with a hash (held or not), and of those the ones no sequence holds
+  // (counted free: not in blocks_used); tokens looked up and tokens found, since the start.
+  int64_t cached_pages = 0;
+  int64_t evictable_pages = 0;
+  int64_t prefix_cache_queries = 0;
+  int64_t prefix_cache_hits = 0;
   double compression_ratio() const {
     return used_bytes > 0 ? static_cast<double>(fp16_equivalent_bytes) / used_bytes : 0.0;
   }
@@ -57,7 +86,8 @@ class KvCacheManager {
   const KvPageLayout& layout() const { return layout_; }
   int64_t bytes_per_block() const { return bytes_per_block_; }  // all layers
   int32_t num_blocks() const { return pool_.num_blocks(); }
-  int32_t num_free_blocks() const { return pool_.num_free(); }
+  // Blocks a grow can take: free ones and cached pages that no sequence holds (evicted on demand).
+  int32_t num_free_blocks() const { return pool_.num_free() + static_cast<int32_t>(lru_.size()); }
 
   // Blocks a sequence of `tokens` tokens holds once its step is finished.
   int32_t blocks_needed(int tokens) const;
@@ -68,17 +98,48 @@ class KvCacheManager {
   // run alone in the pool exactly when this fits in num_blocks() (validation and admission count
   // it, for max_cached_tokens of the request).
   int32_t peak_blocks(int tokens) const;
-  // Whether a new sequence that will reach `tokens` tokens in its first step fits now.
-  bool can_admit(int tokens) const { return blocks_needed(tokens) <= pool_.num_free(); }
+  // Whether a new sequence that will reach `tokens` tokens in its first step fits now, starting
+  // on `match` (its cached pages are not allocated again, and stop being evictable).
+  bool can_admit(int tokens, const PrefixMatch& match = {}) const {
+    return blocks_needed(tokens) - static_cast<int32_t>(match.pages.size()) <=
+           num_free_blocks() - match.evictable;
+  }
 
-  void add_sequence(int64_t id);
+  // The hash every chain starts from: the cache configuration and the model geometry, so that
+  // pages of one configuration never match another. New format fields join here.
+  static uint64_t prefix_cache_seed(const KvCacheConfig& config, const ModelConfig& model);
+  // Whether `config`'s pages can be shared bit-exactly (fp16, int8; not KIVI, see the top).
+  static bool prefix_cache_supported(const KvCacheConfig& config) {
+    return !is_kivi(config.format);
+  }
+  // Turns prefix caching on or off (off drops every cached page that no sequence holds).
+  void set_prefix_cache(bool on);
+  bool prefix_cache() const { return prefix_cache_; }  // on and supported by the format
+  // The cached pages a sequence of `tokens` can start on: the longest chain of full pages whose
+  // tokens match, leaving at least one token to compute (its logits pick the next token). Empty
+  // when prefix caching is off.
+  PrefixMatch match_prefix(const std::vector<int32_t>& tokens) const;
+  // Counts a lookup of `queried` tokens of which `hit` were found (reported by usage()).
+  void record_prefix_query(int queried, int hit);
+  // Distinct pages that running sequences hold as hits (admission counts each once).
+  int32_t hit_pages_in_use() const { return hit_pages_in_use_; }
+  // Gives the sequence's full pages up to its length a hash, so later sequences can match them.
+  // `tokens` holds at least its length tokens. Call after the step that wrote them (finish_step).
+  void cache_full_pages(int64_t id, const std::vector<int32_t>& tokens);
+  // Drops every cached page that no sequence holds (the device lost its memory).
+  void clear_prefix_cache();
+
+  // Adds a sequence that starts on `match`'s pages (from match_prefix, with nothing changed in
+  // between): it holds match.tokens tokens.
+  void add_sequence(int64_t id, const PrefixMatch& match = {});
   bool has_sequence(int64_t id) const { return sequences_.count(id) != 0; }
   // Reserves the blocks for the sequence to grow to `new_length` tokens this step. Returns false,
   // changing nothing, when the pool has too few free blocks.
   bool grow(int64_t id, int new_length);
   // Ends a step: releases residual blocks that the grown sequences no longer need.
   void finish_step();
-  // Frees every block of the sequence (finished, cancelled or preempted).
+  // Frees every block of the sequence (finished, cancelled or preempted); its cached pages stay
+  // cached, evictable once no sequence holds them.
   void remove_sequence(int64_t id);
   const SequenceCache& sequence(int64_t id) const;
   // The sequence's blocks as a backend reads them; valid until that sequence next changes.
@@ -89,6 +150,18 @@ class KvCacheManager {
  private:
   int32_t pages_for(int tokens) const;
   int32_t residual_blocks_for(int tokens) const;
+  // Makes `count` blocks free, evicting the least recently used unheld cached pages; false,
+  // changing nothing, when free and evictable blocks are fewer.
+  bool make_free(int32_t count);
+  void release_pages(const SequenceCache& seq);
+  void evict(int32_t block);
+
+  struct CachedPage {
+    uint64_t hash = 0;
+    uint64_t parent_hash = 0;
+    std::vector<int32_t> tokens;       // the page's own token ids (a hash match is verified)
+    std::list<int32_t>::iterator lru;  // into lru_ while no sequence holds the page
+  };
 
   KvCacheConfig config_;
   ModelConfig model_;
@@ -97,6 +170,17 @@ class KvCacheManager {
   BlockPool pool_;
   std::unordered_map<int64_t, SequenceCache> sequences_;
   std::vector<int64_t> grown_this_step_;
+
+  bool prefix_cache_ = false;
+  uint64_t seed_hash_ = 0;
+  std::vector<int32_t> page_refs_;  // [num_blocks] sequences holding each page
+  std::vector<int32_t> hit_refs_;   // [num_blocks] sequences holding each page as a hit
+  int32_t hit_pages_in_use_ = 0;    // blocks with hit_refs_ > 0
+  std::unordered_map<int32_t, CachedPage> cached_;  // block id -> its hash and tokens
+  std::unordered_map<uint64_t, int32_t> by_hash_;   // chained hash -> block id
+  std::list<int32_t> lru_;  // cached pages no sequence holds, least recently used first
+  int64_t prefix_queries_ = 0;
+  int64_t prefix_hits_ = 0;
 };
 
 }  // namespace kvserve

@@ -49,6 +49,7 @@ Scheduler::Scheduler(const ModelConfig& model, std::unique_ptr<KvCacheManager> c
                      SchedulerOptions options)
     : model_(model), cache_(std::move(cache)), options_(options) {
   if (!cache_) throw std::invalid_argument("scheduler: no KV cache manager");
+  cache_->set_prefix_cache(options_.prefix_cache);
   if (options_.max_num_seqs < 1 || options_.max_batch_tokens < 1) {
     throw std::invalid_argument("scheduler: max_num_seqs and max_batch_tokens must be >= 1");
   }
@@ -75,7 +76,7 @@ void Scheduler::finish(Sequence& seq, FinishReason reason, std::vector<StepEvent
                        const std::string& error) {
   if (seq.in_cache) {
     cache_->remove_sequence(seq.id);
-    reserved_blocks_ -= seq.peak_blocks;
+    reserved_blocks_ -= seq.peak_blocks - seq.hit_pages;
   }
   running_.erase(std::remove(running_.begin(), running_.end(), seq.id), running_.end());
   waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), seq.id), waiting_.end());
@@ -93,7 +94,8 @@ void Scheduler::finish(Sequence& seq, FinishReason reason, std::vector<StepEvent
 
 void Scheduler::preempt(Sequence& seq, StepPlan& plan) {
   cache_->remove_sequence(seq.id);
-  reserved_blocks_ -= seq.peak_blocks;
+  reserved_blocks_ -= seq.peak_blocks - seq.hit_pages;
+  seq.hit_pages = 0;
   seq.in_cache = false;
   seq.computed_before_preemption = std::max(seq.computed_before_preemption, seq.computed);
   seq.computed = 0;
@@ -124,12 +126,14 @@ bool Scheduler::grow_or_preempt(Sequence& seq, int length, StepPlan& plan) {
   return true;
 }
 
-bool Scheduler::can_admit(const Sequence& seq) const {
+bool Scheduler::can_admit(const Sequence& seq, const PrefixMatch& match) const {
+  // Its own blocks, and the shared pages that no running sequence holds as a hit yet.
+  const int64_t own = seq.peak_blocks - static_cast<int64_t>(match.pages.size());
   if (options_.admission == AdmissionPolicy::kReserveFinalLength &&
-      reserved_blocks_ + seq.peak_blocks > cache_->num_blocks()) {
+      reserved_blocks() + match.newly_shared + own > cache_->num_blocks()) {
     return false;
   }
-  return cache_->can_admit(static_cast<int>(seq.tokens.size()));
+  return cache_->can_admit(static_cast<int>(seq.tokens.size()), match);
 }
 
 void Scheduler::add_item(Sequence& seq, int count, StepPlan& plan) {
@@ -190,7 +194,8 @@ StepPlan Scheduler::schedule() {
   while (budget > 0 && plan.preempted.empty() && !waiting_.empty() &&
          static_cast<int>(running_.size()) < options_.max_num_seqs) {
     Sequence& seq = sequences_.at(waiting_.front());
-    if (!can_admit(seq)) {
+    const PrefixMatch match = cache_->match_prefix(seq.tokens);
+    if (!can_admit(seq, match)) {
       if (!running_.empty()) break;  // blocks come back as running sequences end
       // Nothing holds a block, and still it does not fit: it never will.
       const int32_t needed = options_.admission == AdmissionPolicy::kReserveFinalLength
@@ -202,16 +207,25 @@ StepPlan Scheduler::schedule() {
                  " blocks");
       continue;
     }
-    cache_->add_sequence(seq.id);
+    cache_->add_sequence(seq.id, match);
     seq.in_cache = true;
+    seq.computed = match.tokens;
+    seq.hit_pages = static_cast<int32_t>(match.pages.size());
     if (!plan_chunk(seq, /*admitting=*/true, budget, plan)) {
       cache_->remove_sequence(seq.id);
       seq.in_cache = false;
+      seq.computed = 0;
+      seq.hit_pages = 0;
       break;
+    }
+    if (cache_->prefix_cache()) {
+      cache_->record_prefix_query(static_cast<int>(seq.tokens.size()), match.tokens);
+      plan.prefix_cache_queries += static_cast<int>(seq.tokens.size());
+      plan.prefix_cache_hits += match.tokens;
     }
     waiting_.pop_front();
     running_.push_back(seq.id);
-    reserved_blocks_ += seq.peak_blocks;
+    reserved_blocks_ += seq.peak_blocks - seq.hit_pages;
     plan.admitted.push_back(seq.id);
   }
 
@@ -251,6 +265,7 @@ void Scheduler::update_from_output(const StepPlan& plan, const std::vector<Sampl
   for (size_t row = 0; row < plan.items.size(); ++row) {
     Sequence& seq = sequences_.at(plan.items[row].sequence_id);
     seq.computed += static_cast<int>(plan.items[row].tokens.size());
+    cache_->cache_full_pages(seq.id, seq.tokens);
     if (plan.samples[row].params == nullptr) continue;  // prompt not done yet
     if (!results[row].error.empty()) {  // non-finite logits: fail this request, not the batch
       finish(seq, FinishReason::kError, events, "sampling failed: " + results[row].error);
@@ -284,6 +299,7 @@ void Scheduler::fail_all(const std::string& error, std::vector<StepEvent>& event
   for (const auto& [id, seq] : sequences_) held.push_back(id);
   std::sort(held.begin(), held.end());  // arrival order
   for (RequestId id : held) finish(sequences_.at(id), FinishReason::kError, events, error);
+  cache_->clear_prefix_cache();  // what the pages held is lost with the device
 }
 
 }  // namespace kvserve

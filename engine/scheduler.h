@@ -21,6 +21,14 @@
 //     running sequence at its final length (max_cached_tokens, KvCacheManager::peak_blocks) fit
 //     in the pool with its own. Admitted sequences then always grow: no preemption.
 //   kPrompt: admitted while the free blocks hold the prompt (vLLM's rule); growth preempts.
+// Both count a page shared through the prefix cache once: a sequence that starts on cached pages
+// (KvCacheManager::match_prefix) reserves only the blocks it allocates itself, and the distinct
+// pages that running sequences hold as hits are reserved once, whoever allocated them.
+//
+// Prefix caching (SchedulerOptions::prefix_cache): an admitted sequence starts on the longest
+// chain of cached full pages its tokens match, and its first chunk computes only the rest. A
+// sequence's full pages get their hash when the step that completed them is committed; a
+// preempted sequence's cached pages stay cached, so its recomputation starts on them.
 //
 // Single-threaded, like the engine that owns it.
 #pragma once
@@ -75,6 +83,9 @@ struct SchedulerOptions {
   int max_num_seqs = 256;       // running sequences at most
   int max_batch_tokens = 2048;  // tokens per step (decodes + prefill chunks), >= 1
   AdmissionPolicy admission = AdmissionPolicy::kReserveFinalLength;
+  // Share full pages between sequences with the same prefix (formats that support it:
+  // KvCacheManager::prefix_cache_supported).
+  bool prefix_cache = true;
 };
 
 // What one step runs, and what scheduling it changed.
@@ -94,6 +105,10 @@ struct StepPlan {
   int decode_tokens = 0;
   int prefill_tokens = 0;
   int recomputed_tokens = 0;  // prefill tokens that a preemption had thrown away
+  // Prefix cache lookups of the step's admissions (vLLM's prefix_cache_queries/hits): tokens
+  // looked up, and of those the tokens found in cached pages (not computed).
+  int prefix_cache_queries = 0;
+  int prefix_cache_hits = 0;
 };
 
 class Scheduler {
@@ -123,8 +138,9 @@ class Scheduler {
   size_t num_running() const { return running_.size(); }
   const KvCacheManager& cache() const { return *cache_; }
   const SchedulerOptions& options() const { return options_; }
-  // Blocks the running sequences may still need at most (kReserveFinalLength counts these).
-  int64_t reserved_blocks() const { return reserved_blocks_; }
+  // Blocks the running sequences may still need at most (kReserveFinalLength counts these): those
+  // each allocates itself, and the pages they share through the prefix cache, once.
+  int64_t reserved_blocks() const { return reserved_blocks_ + cache_->hit_pages_in_use(); }
 
  private:
   struct Sequence {
@@ -135,6 +151,7 @@ class Scheduler {
     int computed_before_preemption = 0;  // the most ever computed: recomputation below this
     int generated = 0;
     int32_t peak_blocks = 0;  // KvCacheManager::peak_blocks of max_cached_tokens
+    int32_t hit_pages = 0;    // pages it started on from the prefix cache (not its to allocate)
     bool cancelled = false;
     bool in_cache = false;
     bool planned = false;  // has an item in the plan being built
@@ -148,7 +165,7 @@ class Scheduler {
   // sequences while the pool is short. False when `seq` itself was preempted or had to end.
   bool grow_or_preempt(Sequence& seq, int length, StepPlan& plan);
   void preempt(Sequence& seq, StepPlan& plan);
-  bool can_admit(const Sequence& seq) const;
+  bool can_admit(const Sequence& seq, const PrefixMatch& match) const;
   // Plans `seq`'s next prompt chunk within `budget`; false (nothing planned) when the pool cannot
   // hold it. A running sequence may preempt for it, one being admitted may not.
   bool plan_chunk(Sequence& seq, bool admitting, int& budget, StepPlan& plan);
@@ -162,7 +179,8 @@ class Scheduler {
   std::unordered_map<RequestId, Sequence> sequences_;
   std::deque<RequestId> waiting_;   // FCFS; preempted sequences go back to the front
   std::vector<RequestId> running_;  // admission order: the newest is preempted first
-  int64_t reserved_blocks_ = 0;     // sum of the running sequences' peak_blocks
+  // Sum over running sequences of peak_blocks - hit_pages: the blocks each allocates itself.
+  int64_t reserved_blocks_ = 0;
 };
 
 }  // namespace kvserve

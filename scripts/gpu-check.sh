@@ -36,6 +36,9 @@
 #                         transformers' batch generate of the same shape (bench/hf_generate.py);
 #                         with --baseline DIR (another unpacked bundle) the kvserve runs repeat
 #                         with DIR's binaries in the same call, marked "binary": "baseline";
+#              --prefix   prefix.json: bench/prefix.sh (issue 20) on dummy:gpt2, one 512-token
+#                         shared prefix + 64 unique tokens + 128 new, concurrency 64, 256
+#                         requests, --prefix-cache on and off, fp16 and kivi2, 16 GiB pool;
 #              --tests F  runs only the GPU tests matching the gtest filter F (default Gpu*);
 #              --no-tests skips the GPU tests.
 set -euo pipefail
@@ -66,7 +69,7 @@ case "$mode" in
   run)
     bundle=$(cd "$(dirname "$0")" && pwd)
     [ -x "$bundle/run" ] || bundle=$PWD/.device/cuda-bundle
-    ppl_windows=0 bench=0 models=0 serving=0 prefill=0 e2e=0 baseline='' tests=1 filter='Gpu*'
+    ppl_windows=0 bench=0 models=0 serving=0 prefill=0 e2e=0 prefix=0 baseline='' tests=1 filter='Gpu*'
     while [ $# -gt 0 ]; do
       case "$1" in
         --ppl) ppl_windows=$2; shift 2 ;;
@@ -75,6 +78,7 @@ case "$mode" in
         --serving) serving=1; shift ;;
         --prefill) prefill=1; shift ;;
         --e2e) e2e=1; shift ;;
+        --prefix) prefix=1; shift ;;
         --baseline) baseline=$(cd "$2" && pwd); shift 2 ;;
         --tests) filter=$2; shift 2 ;;
         --no-tests) tests=0; shift ;;
@@ -178,6 +182,13 @@ case "$mode" in
       MODEL=dummy:gpt2 EXTRA_SERVE_FLAGS="--device cuda --kv-pool-mb 16384" \
         RATES="32 128 512" RATE_CONCURRENCY=256 CONCURRENCIES="16 256" REQUESTS=256 \
         PROMPT_LEN=512 NEW_TOKENS=128 TEMPERATURE=0 bench/latency.sh "$out" || status=1
+    fi
+    if [ "$prefix" = 1 ]; then
+      export LD_LIBRARY_PATH="$bundle/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+      export KVSERVE=$bundle/kvserve KVSERVE_CLI=$bundle/kvserve-cli KVSERVE_MODEL=$PWD/.device/model
+      MODEL=dummy:gpt2 EXTRA_FLAGS="--device cuda" POOL_MB=16384 PREFIX_LEN=512 UNIQUE_LEN=64 \
+        NEW_TOKENS=128 CONCURRENCY=64 REQUESTS=256 bench/prefix.sh "$out/prefix.json" |
+        tee "$out/prefix.md" || status=1
     fi
     exit $status
     ;;

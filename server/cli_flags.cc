@@ -119,6 +119,11 @@ void add_engine_flags(CLI::App* app, EngineFlags& flags) {
                   "final-length: admit while every running request fits the pool at prompt + "
                   "max_new_tokens (no preemption); prompt: while the prompt fits (preempts)")
       ->check(CLI::IsMember({"final-length", "prompt"}));
+  app->add_option("--prefix-cache", flags.prefix_cache,
+                  "on: requests that share a prompt prefix share its full KV pages (fp16 and "
+                  "int8; KIVI formats ignore it)")
+      ->check(CLI::IsMember({"on", "off"}))
+      ->capture_default_str();
 }
 
 void add_kv_error_sample_rate_flag(CLI::App* app, EngineFlags& flags) {
@@ -151,6 +156,7 @@ EngineSpec engine_spec(const ModelFlags& model, const KvFlags& kv, const EngineF
   spec.engine = engine.options;
   spec.engine.admission = engine.admission == "prompt" ? AdmissionPolicy::kPrompt
                                                        : AdmissionPolicy::kReserveFinalLength;
+  spec.engine.prefix_cache = engine.prefix_cache == "on";
   if (const absl::Status problem = check(spec); !problem.ok()) {
     throw UsageError(std::string(problem.message()));
   }

@@ -38,6 +38,7 @@ struct KvFlags {
 struct EngineFlags {
   EngineOptions options;
   std::string admission = "final-length";  // or "prompt": AdmissionPolicy
+  std::string prefix_cache = "on";         // or "off": EngineOptions::prefix_cache
 };
 
 // --model, else $KVSERVE_MODEL, else the shared test model beside the checkout; throws UsageError

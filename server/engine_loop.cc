@@ -242,6 +242,7 @@ void EngineLoop::step() {
     metrics_.add_prompt_tokens(static_cast<int64_t>(it->second.request.generation.prompt.size()));
   }
   metrics_.add_preemptions(stats.preemptions);
+  metrics_.add_prefix_cache_lookup(stats.prefix_cache_queries, stats.prefix_cache_hits);
   if (stats.decode_tokens + stats.prefill_tokens > 0) {
     metrics_.observe_batch_tokens(stats.decode_tokens + stats.prefill_tokens);
   }

@@ -469,6 +469,10 @@ grpc::ServerUnaryReactor* GenerationService::GetCacheStats(grpc::CallbackServerC
   response->set_residual_bytes(usage.residual_bytes);
   response->set_slack_bytes(usage.slack_bytes);
   response->set_usage_ratio(usage.usage_ratio());
+  response->set_prefix_cache_pages(usage.cached_pages);
+  response->set_prefix_cache_evictable_pages(usage.evictable_pages);
+  response->set_prefix_cache_queries(usage.prefix_cache_queries);
+  response->set_prefix_cache_hits(usage.prefix_cache_hits);
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }

@@ -79,6 +79,13 @@ Metrics::Metrics(const BuildInfo& build)
           counter(*registry_, "kvserve_generation_tokens_total", "Tokens generated and streamed")),
       preemptions_(counter(*registry_, "kvserve_preemptions_total",
                            "Sequences preempted because the KV pool was full")),
+      prefix_cache_queries_(counter(*registry_, "kvserve_prefix_cache_queries_total",
+                                    "Tokens of admitted requests looked up in the prefix cache")),
+      prefix_cache_hits_(counter(*registry_, "kvserve_prefix_cache_hits_total",
+                                 "Tokens of admitted requests found in the prefix cache (not "
+                                 "computed)")),
+      prefix_cache_pages_(gauge(*registry_, "kvserve_prefix_cache_pages",
+                                "Full KV pages held in the prefix cache, in use or evictable")),
       requests_(
           prometheus::BuildCounter()
               .Name("kvserve_requests_total")
@@ -142,6 +149,7 @@ void Metrics::set_cache(const CacheUsage& usage) {
   cache_tokens_.Set(static_cast<double>(usage.tokens));
   blocks_used_.Set(usage.blocks_used);
   blocks_total_.Set(usage.blocks_total);
+  prefix_cache_pages_.Set(static_cast<double>(usage.cached_pages));
 }
 
 void Metrics::observe_kv_errors(const KvQuantizationErrors& errors) {

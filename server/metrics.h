@@ -41,6 +41,11 @@ class Metrics {
   void add_prompt_tokens(int64_t n) { prompt_tokens_.Increment(static_cast<double>(n)); }
   void add_generation_tokens(int64_t n) { generation_tokens_.Increment(static_cast<double>(n)); }
   void add_preemptions(int64_t n) { preemptions_.Increment(static_cast<double>(n)); }
+  // Prompt tokens looked up in the prefix cache and, of those, found there.
+  void add_prefix_cache_lookup(int64_t queries, int64_t hits) {
+    prefix_cache_queries_.Increment(static_cast<double>(queries));
+    prefix_cache_hits_.Increment(static_cast<double>(hits));
+  }
   void observe_batch_tokens(int tokens) { batch_tokens_.Observe(tokens); }
   void observe_queue(double seconds) { queue_seconds_.Observe(seconds); }
   void observe_ttft(double seconds) { ttft_seconds_.Observe(seconds); }
@@ -74,6 +79,9 @@ class Metrics {
   prometheus::Counter& prompt_tokens_;
   prometheus::Counter& generation_tokens_;
   prometheus::Counter& preemptions_;
+  prometheus::Counter& prefix_cache_queries_;
+  prometheus::Counter& prefix_cache_hits_;
+  prometheus::Gauge& prefix_cache_pages_;
   prometheus::Family<prometheus::Counter>& requests_;
   prometheus::Family<prometheus::Counter>& success_;
   prometheus::Family<prometheus::Counter>& failure_;

@@ -258,6 +258,24 @@ TEST(ClientRequests, RandomTokenIdsAreSeededAndInRange) {
             a[7].prompt_token_ids().SerializeAsString());
 }
 
+// --shared-prefix-len: every prompt starts with the same ids, then has prompt_len of its own.
+TEST(ClientRequests, SharedPrefixStartsEveryPrompt) {
+  LoadOptions o;
+  o.requests = 5;
+  o.prompt_len = 16;
+  o.shared_prefix_len = 40;
+  const std::vector<v1::GenerateRequest> a = make_requests(o, kVocab);
+  std::set<std::vector<int32_t>> prefixes, rests;
+  for (const v1::GenerateRequest& r : a) {
+    const auto& ids = r.prompt_token_ids().ids();
+    ASSERT_EQ(ids.size(), 56);
+    prefixes.insert(std::vector<int32_t>(ids.begin(), ids.begin() + 40));
+    rests.insert(std::vector<int32_t>(ids.begin() + 40, ids.end()));
+  }
+  EXPECT_EQ(prefixes.size(), 1u);
+  EXPECT_EQ(rests.size(), 5u);
+}
+
 bool valid_utf8(const std::string& s) {
   for (size_t i = 0; i < s.size();) {
     const unsigned char c = static_cast<unsigned char>(s[i]);

@@ -211,6 +211,9 @@ TEST(Scheduler, AdmitsWhatTheCompressedPoolHoldsAtFinalLength) {
         KvCacheManager::blocks_in_budget(int64_t{8} << 20, format(f), tiny_model());
     SchedulerOptions options;
     options.max_batch_tokens = 100000;
+    // The prompts are identical: with the prefix cache more fp16 sequences would fit
+    // (tests/prefix_cache_test.cc counts that); this counts the pool alone.
+    options.prefix_cache = false;
     auto s = make_scheduler(f, blocks, options);
     const int32_t peak = s->cache().peak_blocks(prompt + new_tokens - 1);
     const size_t fits = static_cast<size_t>(blocks / peak);
@@ -277,6 +280,7 @@ TEST(Scheduler, PromptAdmissionPreemptsTheNewestFirst) {
 TEST(Scheduler, CountsRecomputedTokens) {
   SchedulerOptions options;
   options.admission = AdmissionPolicy::kPrompt;
+  options.prefix_cache = false;  // with it, b's recomputation would start on its cached pages
   auto s = make_scheduler(KvFormat::kFp16, 4, options);
   s->add_request(request(64, 40));
   const RequestId b = s->add_request(request(64, 40));
