@@ -87,7 +87,9 @@ case "$mode" in
     done
     out=${1:-${OUT:?give an output folder}}
     mkdir -p "$out"
-    export KVSERVE_TEST_SOURCE_DIR=$PWD KVSERVE_TEST_MODEL=$PWD/.device/model
+    # The tests start the bundle's kvserve (the compiled-in path is the build machine's).
+    export KVSERVE_TEST_SOURCE_DIR=$PWD KVSERVE_TEST_MODEL=$PWD/.device/model \
+      KVSERVE_TEST_BINARY=$bundle/kvserve
     cp "$bundle/COMMIT" "$out/commit.txt"
     nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.mem \
       --format=csv >"$out/gpu.txt" 2>&1 || true
