@@ -137,7 +137,8 @@ CacheUsage KvCacheManager::usage() const {
     u.code_bytes += paged * layout_.code_bytes_per_page / config_.page_tokens * layers;
     u.param_bytes += paged * layout_.param_bytes_per_page / config_.page_tokens * layers;
     if (is_kivi(config_.format))
-      u.residual_bytes += (seq.length - paged) * fp16_token_bytes * layers;
+      u.residual_bytes +=
+          (seq.length - paged) * 2 * static_cast<int64_t>(layout_.residual_token_bytes) * layers;
   }
   u.fp16_equivalent_bytes = u.tokens * fp16_token_bytes * layers;
   u.slack_bytes = u.used_bytes - u.code_bytes - u.param_bytes - u.residual_bytes;

@@ -35,8 +35,8 @@ struct CacheUsage {
   int64_t fp16_equivalent_bytes = 0;  // tokens * 2 (K, V) * n_layer * n_embd * 2 bytes
   int64_t code_bytes = 0;             // packed codes (fp16 data for the fp16 format) of held tokens
   int64_t param_bytes = 0;            // scales and zero points of held tokens
-  int64_t residual_bytes = 0;         // fp16 keys and values of residual tokens
-  int64_t slack_bytes = 0;  // reserved but not holding a token: unfilled page/residual slots
+  int64_t residual_bytes = 0;  // keys and values of residual tokens (fp16, or int8 + scale/zero)
+  int64_t slack_bytes = 0;     // reserved but not holding a token: unfilled page/residual slots
   double compression_ratio() const {
     return used_bytes > 0 ? static_cast<double>(fp16_equivalent_bytes) / used_bytes : 0.0;
   }

@@ -469,6 +469,9 @@ grpc::ServerUnaryReactor* GenerationService::GetCacheStats(grpc::CallbackServerC
   response->set_residual_bytes(usage.residual_bytes);
   response->set_slack_bytes(usage.slack_bytes);
   response->set_usage_ratio(usage.usage_ratio());
+  response->set_kv_format(info_.kv_format());
+  response->set_kv_params(info_.kv_params());
+  response->set_kv_residual_format(info_.kv_residual_format());
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }

@@ -198,7 +198,7 @@ TEST(Cli, HelpListsTheDefaults) {
   const std::map<std::string, std::vector<std::string>> expected = {
       {"serve",
        {"--host TEXT=0.0.0.0", "--port INT:INT in [0 - 65535]=50051", "=9464",
-        "--kv TEXT:{fp16,int8,kivi4,kivi2}=kivi2", "--kv-pool-mb INT:POSITIVE=512",
+        "--kv TEXT:{fp16,int8,kivi4,kivi2,kivi2c}=kivi2", "--kv-pool-mb INT:POSITIVE=512",
         "--max-queued-requests UINT:POSITIVE=256", "--device TEXT:{auto,cpu,cuda}=auto",
         "--drain-timeout-s FLOAT:NONNEGATIVE=30", "--max-num-seqs INT:POSITIVE=256",
         "--max-batch-tokens INT:POSITIVE=16384 on cuda, 2048 on cpu",
@@ -207,7 +207,8 @@ TEST(Cli, HelpListsTheDefaults) {
       {"eval-ppl", {"--windows INT:POSITIVE=64", "]=1024", "=kivi2"}},
       {"bench memory", {"--kv-pool-mb INT:POSITIVE=1024"}},
       {"bench decode",
-       {"--kv TEXT:{fp16,int8,kivi4,kivi2}=fp16", "--kv-group INT=32", "--kv-value-group INT=32",
+       {"--kv TEXT:{fp16,int8,kivi4,kivi2,kivi2c}=fp16", "--kv-params TEXT:{fp16,fp8}",
+        "--kv-residual-format TEXT:{fp16,int8}", "--kv-group INT=32", "--kv-value-group INT=32",
         "--context INT:POSITIVE=512"}},
       {"bench engine", {"--requests INT:POSITIVE=256", "=kivi2"}},
       {"tokenize", {"--log-level"}}};
