@@ -24,8 +24,10 @@ GPU_DECODE = [("03bb71a", "gpu/decode-2026-11-29-main-03bb71a.jsonl"),
 # One colour per KV format in every chart, so a format reads the same everywhere.
 COLOURS = {"fp16": "tab:blue", "int8": "tab:orange", "kivi4": "tab:green", "kivi2": "tab:red",
            "kivi2-gv64": "tab:purple", "kivi2-per-token-keys": "tab:brown",
+           "kivi2-gv64-p8": "tab:pink", "kivi2-gv64-res8": "tab:cyan", "kivi2c": "tab:olive",
            "transformers": "tab:gray"}
-LABELS = {"kivi2-gv64": "kivi2 GV64", "kivi2-per-token-keys": "kivi2, keys per token"}
+LABELS = {"kivi2-gv64": "kivi2 GV64", "kivi2-per-token-keys": "kivi2, keys per token",
+          "kivi2-gv64-p8": "kivi2 GV64 fp8 params", "kivi2-gv64-res8": "kivi2 GV64 int8 residual"}
 
 
 def label(name):

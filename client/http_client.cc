@@ -148,6 +148,8 @@ grpc::Status HttpGenerationClient::GetModelInfo(double timeout_s, v1::ModelInfo*
   info->set_kv_value_group(kv.value("kv_value_group", 0));
   info->set_kv_residual(kv.value("kv_residual", 0));
   info->set_kv_page_tokens(kv.value("kv_page_tokens", 0));
+  info->set_kv_params(kv.value("kv_params", ""));
+  info->set_kv_residual_format(kv.value("kv_residual_format", ""));
   info->set_device(kv.value("device", ""));
   info->set_version(kv.value("version", ""));
   std::lock_guard<std::mutex> lock(mu_);

@@ -97,10 +97,9 @@ void CpuKvCache::write_pages(int layer, int head, const BlockTableView& seq, int
       const int words = D * bits / 32;
       auto quantize_token = [&](const float* row, size_t codes_offset, size_t params_offset) {
         auto* w = reinterpret_cast<uint32_t*>(page + codes_offset) + (head * P + slot) * words;
-        auto* params =
-            reinterpret_cast<QuantParams*>(page + params_offset) + (head * P + slot) * (D / GV);
         for (int g = 0; g < D / GV; ++g) {
-          params[g] = quantize_group(row + g * GV, GV, 1, bits, codes);
+          quantize_group_into(row + g * GV, GV, 1, bits, config_.params, page + params_offset,
+                              (head * P + slot) * (D / GV) + g, codes);
           for (int i = 0; i < GV; ++i) set_code(w, g * GV + i, bits, codes[i]);
         }
       };
@@ -116,10 +115,9 @@ void CpuKvCache::write_pages(int layer, int head, const BlockTableView& seq, int
     uint8_t* page = block(layer, seq.pages[group_start / P]);
     const int slot = group_start % P;
     auto* words = reinterpret_cast<uint32_t*>(page + layout_.key_codes);
-    auto* params = reinterpret_cast<QuantParams*>(page + layout_.key_params);
     for (int d = 0; d < D; ++d) {
-      const QuantParams p = quantize_group(row_k(group_start) + d, G, D, bits, codes);
-      params[(head * D + d) * (P / G) + slot / G] = p;
+      quantize_group_into(row_k(group_start) + d, G, D, bits, config_.params,
+                          page + layout_.key_params, (head * D + d) * (P / G) + slot / G, codes);
       uint32_t* channel = words + (head * D + d) * words_per_channel;
       for (int i = 0; i < G; ++i) set_code(channel, slot + i, bits, codes[i]);
     }
@@ -157,15 +155,14 @@ void CpuKvCache::dequantize_page(int layer, int head, int32_t id, int valid, flo
   auto dequant_per_token = [&](size_t codes_offset, size_t params_offset, float* out) {
     const auto* words =
         reinterpret_cast<const uint32_t*>(page + codes_offset) + head * P * words_per_token;
-    const auto* params =
-        reinterpret_cast<const QuantParams*>(page + params_offset) + head * P * (D / GV);
     for (int t = 0; t < valid; ++t) {
       for (int g = 0; g < D / GV; ++g) {
-        const QuantParams p = params[t * (D / GV) + g];
-        const float scale = half_to_float(p.scale), zero = half_to_float(p.zero);
+        const GroupParams p =
+            read_group_params(page + params_offset, (head * P + t) * (D / GV) + g, config_.params);
         for (int i = 0; i < GV; ++i) {
           const int d = g * GV + i;
-          out[t * D + d] = dequantize(get_code(words + t * words_per_token, d, bits), scale, zero);
+          out[t * D + d] =
+              dequantize(get_code(words + t * words_per_token, d, bits), p.scale, p.zero);
         }
       }
     }
@@ -178,13 +175,12 @@ void CpuKvCache::dequantize_page(int layer, int head, int32_t id, int valid, flo
   const int words_per_channel = P * bits / 32;
   const auto* words =
       reinterpret_cast<const uint32_t*>(page + layout_.key_codes) + head * D * words_per_channel;
-  const auto* params =
-      reinterpret_cast<const QuantParams*>(page + layout_.key_params) + head * D * (P / G);
   for (int d = 0; d < D; ++d) {
     for (int t = 0; t < valid; ++t) {
-      const QuantParams p = params[d * (P / G) + t / G];
-      keys[t * D + d] = dequantize(get_code(words + d * words_per_channel, t, bits),
-                                   half_to_float(p.scale), half_to_float(p.zero));
+      const GroupParams p = read_group_params(page + layout_.key_params,
+                                              (head * D + d) * (P / G) + t / G, config_.params);
+      keys[t * D + d] =
+          dequantize(get_code(words + d * words_per_channel, t, bits), p.scale, p.zero);
     }
   }
 }
@@ -200,34 +196,70 @@ void CpuKvCache::append_and_attend(int layer, int head, const BlockTableView& se
   const int paged_before = paged_token_count(config_, start);
   const int paged_after = paged_token_count(config_, end);
 
-  // The window: fp16 keys/values of positions [paged_before, end), i.e. the old residual and the
-  // new tokens. Copying the old residual first makes the in-place flush and compaction safe.
+  // The window: keys/values of positions [paged_before, end), i.e. the old residual and the new
+  // tokens, as attention reads them (fp16, or an int8 residual's dequantized values). Copying the
+  // old residual first makes the in-place flush and compaction safe.
   const int window_start = paged_before;
   const int window_len = end - window_start;
   std::vector<float> window_k(static_cast<size_t>(window_len) * D);  // [window_len][D]
   std::vector<float> window_v(static_cast<size_t>(window_len) * D);  // [window_len][D]
+  float* window[2] = {window_k.data(), window_v.data()};             // kind 0: keys, 1: values
+  // int8 residual: each window row's codes and (scale, zero), computed once as the token enters
+  // the window and only moved by the compaction.
+  const bool int8_residual = config_.residual_format == KvResidualFormat::kInt8;
+  const size_t int8_rows = int8_residual ? static_cast<size_t>(window_len) : 0;
+  std::vector<uint8_t> window_codes[2] = {std::vector<uint8_t>(int8_rows * D),
+                                          std::vector<uint8_t>(int8_rows * D)};  // [window_len][D]
+  std::vector<QuantParams> window_params[2] = {std::vector<QuantParams>(int8_rows),
+                                               std::vector<QuantParams>(int8_rows)};
   const int per_block = layout_.residual_tokens_per_block;
-  auto residual_row = [&](int slot, int kind) {  // kind 0: keys, 1: values
-    const int32_t id = seq.residual_blocks[2 * (slot / per_block) + kind];
-    return reinterpret_cast<uint16_t*>(block(layer, id)) +
-           (static_cast<size_t>(head) * per_block + slot % per_block) * D;
+  auto residual_block = [&](int slot, int kind) {
+    return block(layer, seq.residual_blocks[2 * (slot / per_block) + kind]);
+  };
+  auto residual_index = [&](int slot) {  // row of this head and slot in a residual block
+    return static_cast<size_t>(head) * per_block + slot % per_block;
+  };
+  auto residual_params = [&](int slot, int kind) {
+    return reinterpret_cast<QuantParams*>(residual_block(slot, kind) + layout_.residual_params) +
+           residual_index(slot);
+  };
+  auto dequantize_int8_row = [&](int row, int kind) {
+    const QuantParams p = window_params[kind][row];
+    const float scale = half_to_float(p.scale), zero = half_to_float(p.zero);
+    for (int d = 0; d < D; ++d) {
+      window[kind][row * D + d] = dequantize(window_codes[kind][row * D + d], scale, zero);
+    }
   };
   for (int pos = window_start; pos < start; ++pos) {
-    const uint16_t* k = residual_row(pos - window_start, 0);
-    const uint16_t* v = residual_row(pos - window_start, 1);
-    for (int d = 0; d < D; ++d) {
-      window_k[(pos - window_start) * D + d] = half_to_float(k[d]);
-      window_v[(pos - window_start) * D + d] = half_to_float(v[d]);
+    const int row = pos - window_start;
+    for (int kind = 0; kind < 2; ++kind) {
+      if (int8_residual) {
+        const uint8_t* codes = residual_block(row, kind) + residual_index(row) * D;
+        std::copy(codes, codes + D, &window_codes[kind][row * D]);
+        window_params[kind][row] = *residual_params(row, kind);
+        dequantize_int8_row(row, kind);
+      } else {
+        const auto* fp16 =
+            reinterpret_cast<const uint16_t*>(residual_block(row, kind)) + residual_index(row) * D;
+        for (int d = 0; d < D; ++d) window[kind][row * D + d] = half_to_float(fp16[d]);
+      }
     }
   }
   for (int pos = start; pos < end; ++pos) {
-    const float* row = qkv + static_cast<size_t>(pos - start) * qkv_stride;
-    for (int d = 0; d < D; ++d) {
-      window_k[(pos - window_start) * D + d] = round_to_half(row[C + head * D + d]);
-      window_v[(pos - window_start) * D + d] = round_to_half(row[2 * C + head * D + d]);
+    const float* qkv_row = qkv + static_cast<size_t>(pos - start) * qkv_stride;
+    const int row = pos - window_start;
+    for (int kind = 0; kind < 2; ++kind) {
+      float* w = &window[kind][row * D];
+      for (int d = 0; d < D; ++d) w[d] = round_to_half(qkv_row[(1 + kind) * C + head * D + d]);
+      if (int8_residual) {
+        window_params[kind][row] = quantize_group(w, D, 1, 8, &window_codes[kind][row * D]);
+        dequantize_int8_row(row, kind);
+      }
     }
   }
 
+  // A flush quantizes from the window as attention sees it: with an int8 residual, from the int8
+  // values (docs/design.md section 3 says why), so prefill and decode store the same codes.
   write_pages(layer, head, seq, paged_before, paged_after, window_start, window_k.data(),
               window_v.data());
   if (error_sample_rate_ > 0.0 && paged_after > paged_before) {
@@ -241,11 +273,17 @@ void CpuKvCache::append_and_attend(int layer, int head, const BlockTableView& se
   }
   if (is_kivi(config_.format)) {
     for (int pos = paged_after; pos < end; ++pos) {
-      uint16_t* k = residual_row(pos - paged_after, 0);
-      uint16_t* v = residual_row(pos - paged_after, 1);
-      for (int d = 0; d < D; ++d) {
-        k[d] = float_to_half(window_k[(pos - window_start) * D + d]);
-        v[d] = float_to_half(window_v[(pos - window_start) * D + d]);
+      const int row = pos - window_start, slot = pos - paged_after;
+      for (int kind = 0; kind < 2; ++kind) {
+        if (int8_residual) {
+          std::copy_n(&window_codes[kind][row * D], D,
+                      residual_block(slot, kind) + residual_index(slot) * D);
+          *residual_params(slot, kind) = window_params[kind][row];
+        } else {
+          auto* fp16 =
+              reinterpret_cast<uint16_t*>(residual_block(slot, kind)) + residual_index(slot) * D;
+          for (int d = 0; d < D; ++d) fp16[d] = float_to_half(window[kind][row * D + d]);
+        }
       }
     }
   }

@@ -52,6 +52,7 @@ uint64_t KvCacheManager::prefix_cache_seed(const KvCacheConfig& config, const Mo
       static_cast<uint64_t>(config.format),      static_cast<uint64_t>(config.key_group),
       static_cast<uint64_t>(config.value_group), static_cast<uint64_t>(config.residual),
       static_cast<uint64_t>(config.page_tokens), static_cast<uint64_t>(config.per_token_keys),
+      static_cast<uint64_t>(config.params),      static_cast<uint64_t>(config.residual_format),
       static_cast<uint64_t>(model.n_layer),      static_cast<uint64_t>(model.n_head),
       static_cast<uint64_t>(model.n_embd),       static_cast<uint64_t>(model.n_inner),
       static_cast<uint64_t>(model.n_positions),  static_cast<uint64_t>(model.vocab_size)};
@@ -304,7 +305,8 @@ CacheUsage KvCacheManager::usage() const {
       paged_tokens += std::min(P, paged - page * P);
     }
     if (is_kivi(config_.format)) {
-      u.residual_bytes += int64_t{seq.length - paged} * fp16_token_bytes * layers;
+      u.residual_bytes += int64_t{seq.length - paged} * 2 *
+                          static_cast<int64_t>(layout_.residual_token_bytes) * layers;
       u.tokens += seq.length - paged;
     }
   }

@@ -58,8 +58,8 @@ struct CacheUsage {
   int64_t fp16_equivalent_bytes = 0;  // tokens * 2 (K, V) * n_layer * n_embd * 2 bytes
   int64_t code_bytes = 0;             // packed codes (fp16 data for the fp16 format) of held tokens
   int64_t param_bytes = 0;            // scales and zero points of held tokens
-  int64_t residual_bytes = 0;         // fp16 keys and values of residual tokens
-  int64_t slack_bytes = 0;  // reserved but not holding a token: unfilled page/residual slots
+  int64_t residual_bytes = 0;  // keys and values of residual tokens (fp16, or int8 + scale/zero)
+  int64_t slack_bytes = 0;     // reserved but not holding a token: unfilled page/residual slots
   // Prefix cache: pages with a hash (held or not), and of those the ones no sequence holds
   // (counted free: not in blocks_used); tokens looked up and tokens found, since the start.
   int64_t cached_pages = 0;

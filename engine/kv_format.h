@@ -13,7 +13,12 @@
 //          values u32  [H][P][D*b/32]  (per token, packed along channels)
 //                 fp16 [H][P][D/GV][2] (scale, zero of each GV-channel group of a token)
 //   kivi with per_token_keys (ablation): keys laid out like values.
-// Residual block (kivi): fp16 [H][c][D] keys or values of c tokens, c = residual_tokens_per_block.
+// A (scale, zero) pair is two fp16 (4 bytes) or, with fp8 parameters (KvParamFormat::kFp8), two
+// fp8 e4m3 bytes (2 bytes): zero rounded down and scale rounded up so the codes still cover the
+// group (engine/kv_quant.h).
+// Residual block (kivi), c = residual_tokens_per_block keys (or values) of the newest tokens:
+//   fp16 residual: fp16 [H][c][D]
+//   int8 residual: u8 [H][c][D] + fp16 [H][c][2] (scale, zero per token and head, as int8 pages)
 // Residual blocks come in pairs (keys, values) so that no byte of a block is wasted on a split.
 #pragma once
 
@@ -37,6 +42,17 @@ inline bool is_kivi(KvFormat format) {
   return format == KvFormat::kKivi4 || format == KvFormat::kKivi2;
 }
 
+// How a kivi group's (scale, zero) pair is stored (--kv-params).
+enum class KvParamFormat { kFp16, kFp8 };
+// How a kivi residual token is stored (--kv-residual-format).
+enum class KvResidualFormat { kFp16, kInt8 };
+
+std::string to_string(KvParamFormat params);
+std::string to_string(KvResidualFormat residual);
+// Throw std::invalid_argument naming the valid choices.
+KvParamFormat parse_kv_params(const std::string& name);
+KvResidualFormat parse_kv_residual_format(const std::string& name);
+
 struct KvCacheConfig {
   KvFormat format = KvFormat::kKivi2;
   int key_group = 32;           // G: tokens per key quantization group (one channel of one head)
@@ -44,7 +60,14 @@ struct KvCacheConfig {
   int residual = 32;            // R: newest tokens kept in fp16 (at least R, fewer than R + G)
   int page_tokens = 32;         // tokens per page; a multiple of G
   bool per_token_keys = false;  // ablation: quantize keys per token, as values are
+  KvParamFormat params = KvParamFormat::kFp16;                 // kivi group (scale, zero) pairs
+  KvResidualFormat residual_format = KvResidualFormat::kFp16;  // kivi residual tokens
 };
+
+// Named presets of --kv beyond the plain formats: "kivi2c" = kivi2 with value groups of 64, fp8
+// group parameters and an int8 residual (docs/quality.md). True when `name` is one; then sets the
+// preset's fields of `config` (format, value_group, params, residual_format).
+bool apply_kv_preset(const std::string& name, KvCacheConfig& config);
 
 // OK when `config` works with the model geometry, else INVALID_ARGUMENT saying what is wrong and
 // how to fix it.
@@ -66,6 +89,11 @@ struct KvPageLayout {
   int residual_tokens_per_block = 0;  // kivi: fp16 tokens of keys (or values) a block holds
   size_t code_bytes_per_page = 0;     // key + value code (or fp16 data) bytes of a page
   size_t param_bytes_per_page = 0;    // key + value scale/zero bytes of a page
+  size_t param_pair_bytes = 0;        // bytes of one (scale, zero) pair: 4 (fp16) or 2 (fp8)
+  // kivi residual block: offset of the fp16 (scale, zero) pairs [H][c] of an int8 residual, and
+  // bytes one residual token (keys or values, all heads) takes in a block.
+  size_t residual_params = 0;
+  size_t residual_token_bytes = 0;
 };
 
 KvPageLayout make_page_layout(const KvCacheConfig& config, const ModelConfig& model);

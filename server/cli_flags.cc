@@ -91,11 +91,21 @@ void add_model_flags(CLI::App* app, ModelFlags& flags) {
 }
 
 void add_kv_flags(CLI::App* app, KvFlags& flags, KvPoolFlag pool) {
-  app->add_option("--kv", flags.format, "KV cache format")
-      ->check(CLI::IsMember({"fp16", "int8", "kivi4", "kivi2"}));
+  app->add_option("--kv", flags.format,
+                  "KV cache format; kivi2c = kivi2 with --kv-value-group 64, --kv-params fp8 and "
+                  "--kv-residual-format int8")
+      ->check(CLI::IsMember({"fp16", "int8", "kivi4", "kivi2", "kivi2c"}));
   app->add_option("--kv-group", flags.config.key_group, "KIVI key group G (tokens per channel)");
   app->add_option("--kv-value-group", flags.config.value_group,
-                  "KIVI value group GV (channels per token)");
+                  "KIVI value group GV (channels per token)")
+      ->each([&flags](const std::string&) { flags.value_group_given = true; });
+  app->add_option("--kv-params", flags.params,
+                  "KIVI group scale and zero: fp16, or fp8 (e4m3); default fp16, fp8 for kivi2c")
+      ->check(CLI::IsMember({"fp16", "fp8"}));
+  app->add_option("--kv-residual-format", flags.residual_format,
+                  "KIVI residual tokens: fp16, or int8 (per token and head); default fp16, int8 "
+                  "for kivi2c")
+      ->check(CLI::IsMember({"fp16", "int8"}));
   app->add_option("--kv-residual", flags.config.residual,
                   "KIVI residual R: newest tokens kept in fp16 (a multiple of G)");
   app->add_option("--kv-page-tokens", flags.config.page_tokens,
@@ -137,7 +147,15 @@ void add_kv_error_sample_rate_flag(CLI::App* app, EngineFlags& flags) {
 
 KvCacheConfig kv_config(const KvFlags& flags, const ModelConfig& model) {
   KvCacheConfig config = flags.config;
-  config.format = parse_kv_format(flags.format);
+  if (apply_kv_preset(flags.format, config)) {
+    if (flags.value_group_given) config.value_group = flags.config.value_group;
+  } else {
+    config.format = parse_kv_format(flags.format);
+  }
+  if (!flags.params.empty()) config.params = parse_kv_params(flags.params);
+  if (!flags.residual_format.empty()) {
+    config.residual_format = parse_kv_residual_format(flags.residual_format);
+  }
   if (const absl::Status problem = validate(config, model); !problem.ok()) {
     throw UsageError(std::string(problem.message()));
   }

@@ -30,8 +30,12 @@ struct ModelFlags {
 };
 
 struct KvFlags {
-  std::string format = "kivi2";
+  std::string format = "kivi2";  // a KvFormat or a preset (apply_kv_preset)
   KvCacheConfig config;
+  // --kv-params / --kv-residual-format: empty leaves the format's or preset's choice.
+  std::string params;
+  std::string residual_format;
+  bool value_group_given = false;  // --kv-value-group overrides a preset's value group
   int64_t pool_mb = 512;
 };
 

@@ -473,6 +473,9 @@ grpc::ServerUnaryReactor* GenerationService::GetCacheStats(grpc::CallbackServerC
   response->set_prefix_cache_evictable_pages(usage.evictable_pages);
   response->set_prefix_cache_queries(usage.prefix_cache_queries);
   response->set_prefix_cache_hits(usage.prefix_cache_hits);
+  response->set_kv_format(info_.kv_format());
+  response->set_kv_params(info_.kv_params());
+  response->set_kv_residual_format(info_.kv_residual_format());
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }

@@ -537,6 +537,8 @@ void HttpServer::handle_models(httplib::Response& response) const {
                         {"kv_value_group", info_.kv_value_group()},
                         {"kv_residual", info_.kv_residual()},
                         {"kv_page_tokens", info_.kv_page_tokens()},
+                        {"kv_params", info_.kv_params()},
+                        {"kv_residual_format", info_.kv_residual_format()},
                         {"device", info_.device()},
                         {"version", info_.version()}}}};
   response.set_content(dump({{"object", "list"}, {"data", json::array({model})}}),

@@ -94,6 +94,8 @@ v1::ModelInfo model_info(const std::string& model, const ModelConfig& config,
   info.set_kv_value_group(kv.value_group);
   info.set_kv_residual(kv.residual);
   info.set_kv_page_tokens(kv.page_tokens);
+  info.set_kv_params(to_string(kv.params));
+  info.set_kv_residual_format(to_string(kv.residual_format));
   info.set_device(device);
   info.set_version(KVSERVE_VERSION);
   return info;

@@ -133,7 +133,7 @@ TEST(Cli, BenchMemoryReportsTheTargets) {
   const nlohmann::json out = nlohmann::json::parse(r.out);
   std::map<std::string, nlohmann::json> by_format;
   for (const auto& result : out["results"]) by_format[result["format"]] = result;
-  ASSERT_EQ(by_format.size(), 5u);
+  ASSERT_EQ(by_format.size(), 7u);
   auto ratio_at_1024 = [&](const std::string& f) {
     return by_format[f]["lengths"][1]["compression_ratio"].get<double>();
   };
@@ -142,6 +142,11 @@ TEST(Cli, BenchMemoryReportsTheTargets) {
   EXPECT_GE(ratio_at_1024("kivi2-gv64"), 4.9);
   EXPECT_GE(ratio_at_1024("kivi4"), 2.9);
   EXPECT_GE(by_format["kivi2"]["capacity_vs_fp16"].get<double>(), 4.4);
+  // Issue 16: kivi2c (GV64, fp8 parameters, int8 residual) 6.16x at 1024 tokens (6.23x without
+  // the residual pair's slack), and 6.25x as many 1024-token sequences in a 1 GiB pool.
+  EXPECT_GT(ratio_at_1024("kivi2c"), 6.15);
+  EXPECT_GT(ratio_at_1024("kivi2c"), ratio_at_1024("kivi2-gv64-p8"));
+  EXPECT_GE(by_format["kivi2c"]["capacity_vs_fp16"].get<double>(), 6.2);
   EXPECT_EQ(by_format["fp16"]["lengths"][0]["bytes_per_token"].get<double>(), 36864.0);
 }
 
@@ -198,7 +203,7 @@ TEST(Cli, HelpListsTheDefaults) {
   const std::map<std::string, std::vector<std::string>> expected = {
       {"serve",
        {"--host TEXT=0.0.0.0", "--port INT:INT in [0 - 65535]=50051", "=9464",
-        "--kv TEXT:{fp16,int8,kivi4,kivi2}=kivi2", "--kv-pool-mb INT:POSITIVE=512",
+        "--kv TEXT:{fp16,int8,kivi4,kivi2,kivi2c}=kivi2", "--kv-pool-mb INT:POSITIVE=512",
         "--max-queued-requests UINT:POSITIVE=256", "--device TEXT:{auto,cpu,cuda}=auto",
         "--drain-timeout-s FLOAT:NONNEGATIVE=30", "--max-num-seqs INT:POSITIVE=256",
         "--max-batch-tokens INT:POSITIVE=16384 on cuda, 2048 on cpu",
@@ -208,7 +213,8 @@ TEST(Cli, HelpListsTheDefaults) {
       {"eval-ppl", {"--windows INT:POSITIVE=64", "]=1024", "=kivi2"}},
       {"bench memory", {"--kv-pool-mb INT:POSITIVE=1024"}},
       {"bench decode",
-       {"--kv TEXT:{fp16,int8,kivi4,kivi2}=fp16", "--kv-group INT=32", "--kv-value-group INT=32",
+       {"--kv TEXT:{fp16,int8,kivi4,kivi2,kivi2c}=fp16", "--kv-params TEXT:{fp16,fp8}",
+        "--kv-residual-format TEXT:{fp16,int8}", "--kv-group INT=32", "--kv-value-group INT=32",
         "--context INT:POSITIVE=512"}},
       {"bench engine",
        {"--requests INT:POSITIVE=256", "=kivi2",

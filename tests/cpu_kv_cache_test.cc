@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "engine/fp16.h"
@@ -44,52 +45,73 @@ struct RandomSequence {
   }
 };
 
-// Dequantized keys/values of one head: what a token reads once its group is quantized.
+// Keys/values of one head as a query reads them: `keys`/`values` once a token's group is
+// quantized, `window_keys`/`window_values` while it is in the residual window (fp16, or the int8
+// residual's dequantized values, from which the flush quantizes).
 struct QuantizedView {
-  std::vector<float> keys, values;  // [n][D]
+  std::vector<float> keys, values;                // [n][D]
+  std::vector<float> window_keys, window_values;  // [n][D]
 };
 
+// Quantizes x[0], x[stride], ... (n values) with the config's parameter format and writes the
+// dequantized values to out[0], out[stride], ...
+void fake_quantize(const float* x, int n, int stride, int bits, KvParamFormat params, float* out) {
+  uint8_t codes[256];
+  float scale, zero;
+  if (params == KvParamFormat::kFp8) {
+    const QuantParamsFp8 p = quantize_group_fp8(x, n, stride, bits, codes);
+    scale = e4m3_to_float(p.scale);
+    zero = e4m3_to_float(p.zero);
+  } else {
+    const QuantParams p = quantize_group(x, n, stride, bits, codes);
+    scale = half_to_float(p.scale);
+    zero = half_to_float(p.zero);
+  }
+  for (int i = 0; i < n; ++i) out[i * stride] = dequantize(codes[i], scale, zero);
+}
+
 QuantizedView quantized_view(const RandomSequence& s, int n, int head, const KvCacheConfig& c) {
-  QuantizedView view{std::vector<float>(n * kDim), std::vector<float>(n * kDim)};
-  std::vector<float> k(n * kDim), v(n * kDim);
+  QuantizedView view{std::vector<float>(n * kDim), std::vector<float>(n * kDim),
+                     std::vector<float>(n * kDim), std::vector<float>(n * kDim)};
+  std::vector<float>&k = view.window_keys, &v = view.window_values;
   for (int t = 0; t < n; ++t) {
     for (int d = 0; d < kDim; ++d) {
       k[t * kDim + d] = s.k(t, head, d);
       v[t * kDim + d] = s.v(t, head, d);
     }
   }
-  uint8_t codes[256];
-  auto per_token = [&](const std::vector<float>& x, std::vector<float>& out, int bits, int group) {
+  auto per_token = [&](const std::vector<float>& x, std::vector<float>& out, int bits, int group,
+                       KvParamFormat params) {
     for (int t = 0; t < n; ++t) {
       for (int g = 0; g < kDim / group; ++g) {
-        const float* row = &x[t * kDim + g * group];
-        const QuantParams p = quantize_group(row, group, 1, bits, codes);
-        for (int i = 0; i < group; ++i) {
-          out[t * kDim + g * group + i] =
-              dequantize(codes[i], half_to_float(p.scale), half_to_float(p.zero));
-        }
+        fake_quantize(&x[t * kDim + g * group], group, 1, bits, params, &out[t * kDim + g * group]);
       }
     }
   };
-  if (c.format == KvFormat::kFp16) return QuantizedView{k, v};
-  if (c.format == KvFormat::kInt8) {
-    per_token(k, view.keys, 8, kDim);
-    per_token(v, view.values, 8, kDim);
+  if (c.format == KvFormat::kFp16) {
+    view.keys = k;
+    view.values = v;
     return view;
   }
+  if (c.format == KvFormat::kInt8) {
+    per_token(k, view.keys, 8, kDim, KvParamFormat::kFp16);
+    per_token(v, view.values, 8, kDim, KvParamFormat::kFp16);
+    return view;
+  }
+  if (c.residual_format == KvResidualFormat::kInt8) {  // each token enters the window as int8
+    per_token(k, k, 8, kDim, KvParamFormat::kFp16);
+    per_token(v, v, 8, kDim, KvParamFormat::kFp16);
+  }
   const int bits = kv_bits(c.format);
-  per_token(v, view.values, bits, c.value_group);
+  per_token(v, view.values, bits, c.value_group, c.params);
   if (c.per_token_keys) {
-    per_token(k, view.keys, bits, c.value_group);
+    per_token(k, view.keys, bits, c.value_group, c.params);
     return view;
   }
   for (int g0 = 0; g0 + c.key_group <= n; g0 += c.key_group) {
     for (int d = 0; d < kDim; ++d) {
-      const QuantParams p = quantize_group(&k[g0 * kDim + d], c.key_group, kDim, bits, codes);
-      for (int i = 0; i < c.key_group; ++i) {
-        view.keys[(g0 + i) * kDim + d] =
-            dequantize(codes[i], half_to_float(p.scale), half_to_float(p.zero));
-      }
+      fake_quantize(&k[g0 * kDim + d], c.key_group, kDim, bits, c.params,
+                    &view.keys[g0 * kDim + d]);
     }
   }
   return view;
@@ -104,7 +126,7 @@ std::vector<double> reference_attention(const RandomSequence& s, const Quantized
   for (int j = 0; j <= t; ++j) {
     double dot = 0;
     for (int d = 0; d < kDim; ++d) {
-      const double key = j < quantized ? view.keys[j * kDim + d] : s.k(j, head, d);
+      const double key = j < quantized ? view.keys[j * kDim + d] : view.window_keys[j * kDim + d];
       dot += static_cast<double>(s.q(t, head, d)) * key;
     }
     scores[j] = dot / std::sqrt(static_cast<double>(kDim));
@@ -116,7 +138,7 @@ std::vector<double> reference_attention(const RandomSequence& s, const Quantized
     const double p = std::exp(scores[j] - max_score);
     sum += p;
     for (int d = 0; d < kDim; ++d) {
-      out[d] += p * (j < quantized ? view.values[j * kDim + d] : s.v(j, head, d));
+      out[d] += p * (j < quantized ? view.values[j * kDim + d] : view.window_values[j * kDim + d]);
     }
   }
   for (double& o : out) o /= sum;
@@ -151,6 +173,22 @@ std::vector<Case> all_formats() {
   c.residual = 32;
   c.per_token_keys = true;
   cases.push_back({"kivi2 per-token keys", c});
+  c.per_token_keys = false;
+  c.params = KvParamFormat::kFp8;
+  cases.push_back({"kivi2 fp8 params", c});
+  c.params = KvParamFormat::kFp16;
+  c.residual_format = KvResidualFormat::kInt8;
+  cases.push_back({"kivi2 int8 residual", c});
+  c.format = KvFormat::kKivi4;
+  c.params = KvParamFormat::kFp8;
+  c.key_group = 16;
+  c.residual = 48;
+  cases.push_back({"kivi4 G16 R48 fp8 params int8 residual", c});
+  KvCacheConfig preset;
+  apply_kv_preset("kivi2c", preset);
+  cases.push_back({"kivi2c", preset});
+  preset.per_token_keys = true;
+  cases.push_back({"kivi2c per-token keys", preset});
   return cases;
 }
 
@@ -210,9 +248,7 @@ TEST(CpuKvCache, ChunkedPrefillMatchesReference) {
   }
 }
 
-TEST(CpuKvCache, SequencesDoNotShareGroupsOrBlocks) {
-  // Two sequences interleaved step by step read exactly what each reads alone.
-  const Case tc = all_formats()[3];  // kivi2
+void check_isolation(const Case& tc) {
   const ModelConfig model = testing::gpt2_geometry(1, kHeads, kEmbd);
   auto run = [&](bool interleaved, int which) {
     KvCacheManager manager(tc.config, model, 200);
@@ -240,6 +276,13 @@ TEST(CpuKvCache, SequencesDoNotShareGroupsOrBlocks) {
   };
   EXPECT_EQ(run(true, 1), run(false, 1));
   EXPECT_EQ(run(true, 2), run(false, 2));
+}
+
+TEST(CpuKvCache, SequencesDoNotShareGroupsOrBlocks) {
+  // Two sequences interleaved step by step read exactly what each reads alone.
+  for (const Case& tc : all_formats()) {
+    if (std::string(tc.name) == "kivi2" || std::string(tc.name) == "kivi2c") check_isolation(tc);
+  }
 }
 
 }  // namespace

@@ -102,6 +102,65 @@ TEST(KvCacheManager, EveryByteIsAttributed) {
   EXPECT_EQ(u.slack_bytes, int64_t{2} * 4 * 768 * 2 * 12);  // K and V, 4 slots, 12 layers
 }
 
+KvCacheConfig kivi2c() {
+  KvCacheConfig c;
+  EXPECT_TRUE(apply_kv_preset("kivi2c", c));
+  return c;
+}
+
+TEST(KvFormat, ParsesTheParameterAndResidualChoicesAndThePreset) {
+  EXPECT_EQ(parse_kv_params("fp8"), KvParamFormat::kFp8);
+  EXPECT_EQ(parse_kv_residual_format("int8"), KvResidualFormat::kInt8);
+  EXPECT_THROW(parse_kv_params("fp4"), std::invalid_argument);
+  EXPECT_THROW(parse_kv_residual_format("int4"), std::invalid_argument);
+  const KvCacheConfig c = kivi2c();
+  EXPECT_EQ(c.format, KvFormat::kKivi2);
+  EXPECT_EQ(c.value_group, 64);
+  EXPECT_EQ(c.params, KvParamFormat::kFp8);
+  EXPECT_EQ(c.residual_format, KvResidualFormat::kInt8);
+  EXPECT_EQ(describe(c), "kivi2 (G32 GV64 R32, fp8 params, int8 residual, pages of 32)");
+  KvCacheConfig untouched;
+  EXPECT_FALSE(apply_kv_preset("kivi2", untouched));
+  EXPECT_TRUE(validate(c, gpt2_small()).ok());
+  KvCacheConfig int8_fp8 = plain(KvFormat::kInt8);
+  int8_fp8.params = KvParamFormat::kFp8;
+  EXPECT_NE(validate(int8_fp8, gpt2_small()).message().find("kivi4 and kivi2 only"),
+            std::string::npos);
+}
+
+TEST(KvCacheManager, Fp8ParamsAndInt8ResidualLayout) {
+  // GPT-2 small, one layer, kivi2c: codes 12 x (512 + 512) B; key params 12 x 64 channels x 1
+  // group x 2 B; value params 12 x 32 tokens x 1 group x 2 B.
+  const KvPageLayout l = make_page_layout(kivi2c(), gpt2_small());
+  EXPECT_EQ(l.param_pair_bytes, 2u);
+  EXPECT_EQ(l.block_bytes, 12u * (512 + 128 + 512 + 64));
+  // An int8 residual token: 12 heads x (64 codes + a 4-byte fp16 pair).
+  EXPECT_EQ(l.residual_token_bytes, 12u * 68);
+  EXPECT_EQ(l.residual_tokens_per_block, 17);  // 14592 / 816
+  EXPECT_EQ(l.residual_params, 12u * 17 * 64);
+  EXPECT_LE(l.residual_params + 12u * 17 * 4, l.block_bytes);
+}
+
+// kivi2c at 1024 tokens, every byte counted: 31 pages + 2 key/value block pairs for 32 int8
+// residual tokens (17 a block: 2 slots of slack in each pair).
+TEST(KvCacheManager, Kivi2cAccountingAt1024Tokens) {
+  const CacheUsage u = usage_at(kivi2c(), 1024);
+  EXPECT_EQ(u.blocks_used, 31 + 4);
+  EXPECT_EQ(u.used_bytes, int64_t{35} * 14592 * 12);
+  EXPECT_EQ(u.code_bytes, int64_t{992} * 12 * 12 * 32);        // 2 x 64 x 2 bits = 32 B/head
+  EXPECT_EQ(u.param_bytes, int64_t{992} * 12 * 12 * (4 + 2));  // K: 64 x 2 B / 32; V: 2 B
+  EXPECT_EQ(u.residual_bytes, int64_t{32} * 2 * 816 * 12);
+  EXPECT_EQ(u.used_bytes, u.code_bytes + u.param_bytes + u.residual_bytes + u.slack_bytes);
+  EXPECT_EQ(u.slack_bytes, int64_t{12} * (4 * 14592 - 32 * 2 * 816));
+  // 6.16x: above kivi2's 4.61x and GV64's 5.03x; 6.23x without the residual's slack.
+  EXPECT_GT(u.compression_ratio(), 6.15);
+  for (int tokens : {1, 17, 18, 63, 64, 100, 2048}) {
+    const CacheUsage v = usage_at(kivi2c(), tokens);
+    EXPECT_EQ(v.used_bytes, v.code_bytes + v.param_bytes + v.residual_bytes + v.slack_bytes);
+    EXPECT_GE(v.slack_bytes, 0) << tokens;
+  }
+}
+
 TEST(KvCacheManager, OneGibPoolAdmitsFourAndAHalfTimesMoreSequences) {
   auto sequences_that_fit = [](const KvCacheConfig& config) {
     const int32_t blocks = KvCacheManager::blocks_in_budget(int64_t{1} << 30, config, gpt2_small());

@@ -112,6 +112,12 @@ TEST(PrefixCacheManager, TheSeedCoversEveryConfigurationField) {
   c.page_tokens = 64;
   differs(c, model);
   c = base;
+  c.params = KvParamFormat::kFp8;
+  differs(c, model);
+  c = base;
+  c.residual_format = KvResidualFormat::kInt8;
+  differs(c, model);
+  c = base;
   c.per_token_keys = true;
   differs(c, model);
   differs(base, testing::gpt2_geometry(12, 4, 256));

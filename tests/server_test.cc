@@ -306,7 +306,32 @@ TEST_F(Server, ModelInfoDescribesTheModelAndCache) {
   EXPECT_EQ(info.kv_format(), "kivi2");
   EXPECT_EQ(info.kv_bits(), 2);
   EXPECT_EQ(info.kv_key_group(), 32);
+  EXPECT_EQ(info.kv_params(), "fp16");
+  EXPECT_EQ(info.kv_residual_format(), "fp16");
   EXPECT_EQ(info.device(), "cpu");
+}
+
+// The kivi2c preset end to end: reported in ModelInfo and CacheStats, and a long greedy
+// generation (past several flushes of the int8 residual) goes through.
+TEST(ServerKvFormat, Kivi2cPresetIsReportedAndServes) {
+  ServerProcess server({"--model", testing::shared_model_dir(), "--kv", "kivi2c"});
+  grpc::ClientContext context;
+  v1::ModelInfo info;
+  ASSERT_TRUE(server.stub()->GetModelInfo(&context, {}, &info).ok());
+  EXPECT_EQ(info.kv_format(), "kivi2");
+  EXPECT_EQ(info.kv_value_group(), 64);
+  EXPECT_EQ(info.kv_params(), "fp8");
+  EXPECT_EQ(info.kv_residual_format(), "int8");
+  v1::GenerateRequest request = text_request("The kernel", 100);
+  request.mutable_sampling()->set_temperature(0);
+  request.mutable_stopping()->set_ignore_eos(true);
+  const StreamResult got = testing::generate(*server.stub(), request);
+  ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+  EXPECT_EQ(got.ids.size(), 100u);
+  const v1::CacheStats stats = server.cache_stats();
+  EXPECT_EQ(stats.kv_format(), "kivi2");
+  EXPECT_EQ(stats.kv_params(), "fp8");
+  EXPECT_EQ(stats.kv_residual_format(), "int8");
 }
 
 // Where two runs of one request part, and how far apart their logprobs were up to there.

@@ -30,14 +30,14 @@ double weight_bytes(const ModelConfig& m) {
 }
 
 // KV bytes a query at context `len` (keys 0 .. len-1) reads in all layers: its paged tokens at
-// the page format's bytes per token, the rest (KIVI's window) as fp16 keys and values.
+// the page format's bytes per token, the rest (KIVI's window) as residual keys and values.
 double kv_bytes_read(const KvCacheConfig& config, const KvPageLayout& layout,
                      const ModelConfig& model, int len) {
   const int paged = paged_token_count(config, len);
   const double page_bytes =
       static_cast<double>(layout.code_bytes_per_page + layout.param_bytes_per_page);
-  const double fp16_token = 2.0 * 2.0 * model.n_embd;  // keys + values of every head
-  return model.n_layer * (paged * page_bytes / config.page_tokens + (len - paged) * fp16_token);
+  const double residual_token = 2.0 * static_cast<double>(layout.residual_token_bytes);
+  return model.n_layer * (paged * page_bytes / config.page_tokens + (len - paged) * residual_token);
 }
 
 }  // namespace

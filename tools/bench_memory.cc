@@ -29,6 +29,11 @@ std::vector<NamedFormat> formats() {
   out.push_back({"kivi2", c});
   c.value_group = 64;
   out.push_back({"kivi2-gv64", c});
+  c.params = KvParamFormat::kFp8;
+  out.push_back({"kivi2-gv64-p8", c});
+  KvCacheConfig preset;
+  apply_kv_preset("kivi2c", preset);
+  out.push_back({"kivi2c", preset});
   return out;
 }
 

@@ -9,8 +9,10 @@
 namespace kvserve {
 
 struct BenchMemoryFlags {
-  std::vector<std::string> models = {"dummy:gpt2", "dummy:gpt2-medium", "dummy:gpt2-large"};
-  std::vector<int> lengths = {128, 256, 512, 1024};
+  std::vector<std::string> models = {"dummy:gpt2", "dummy:gpt2-medium", "dummy:gpt2-large",
+                                     "dummy:gpt2-xl"};
+  // 2048 is past GPT-2's context: the cache manager computes it all the same (no model runs).
+  std::vector<int> lengths = {128, 256, 512, 1024, 2048};
   int64_t pool_mb = 1024;
   bool markdown = false;
 };

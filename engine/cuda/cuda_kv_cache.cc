@@ -15,6 +15,10 @@ namespace kvserve {
 namespace {
 
 cuda::KvCacheView make_view(const KvCacheConfig& c, const ModelConfig& model) {
+  if (c.params != KvParamFormat::kFp16 || c.residual_format != KvResidualFormat::kFp16) {
+    throw std::invalid_argument("CudaKvCache: the CUDA kernels do not read " + describe(c) +
+                                " (fp8 group parameters, int8 residual) yet");
+  }
   const KvPageLayout l = make_page_layout(c, model);
   cuda::KvCacheView v;
   v.block_bytes = static_cast<int64_t>(l.block_bytes);
