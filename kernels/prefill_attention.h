@@ -15,6 +15,14 @@ namespace kvserve::cuda {
 // this many.
 constexpr int kPrefillQueryTile = 64;
 
+// Pages that kv_dequantize_pages dequantized for this step (both null: none; fp16 ignores them).
+struct DequantizedPages {
+  const int32_t* first_page = nullptr;  // int32 [items] device memory: the item's logical page 0
+                                        // in the scratch (its page p at first_page + p), or -1
+                                        // where the kernel dequantizes the item's pages itself
+  const __half* scratch = nullptr;      // kv_dequantize_pages' scratch (16-byte aligned)
+};
+
 // Whether prefill_attention handles this cache geometry on a device of this compute capability
 // (major version): sm_80 or newer, head_dim 64, 16-byte aligned blocks, codes and parameters.
 bool prefill_attention_supported(const KvCacheView& cache, int compute_capability_major);
@@ -30,9 +38,12 @@ bool prefill_attention_supported(const KvCacheView& cache, int compute_capabilit
 //   out:   fp16 [rows][C]  (row stride out_stride, even)
 //   tiles: int32 [num_tiles][2] device memory: (item, first query index inside the item), the
 //          query index a multiple of kPrefillQueryTile
-// Runs after kv_quantize_pages and before kv_compact_residual.
+//   dequantized: int8/KIVI items whose page-form keys and values are read from the scratch
+//          (every page below the item's paged(start + count) must be there), the others' pages
+//          are dequantized per block; the results are the same bit for bit.
+// Runs after kv_quantize_pages (and kv_dequantize_pages) and before kv_compact_residual.
 void prefill_attention(const KvCacheView& cache, const KvBatchView& batch, const int32_t* tiles,
-                       int num_tiles, const __half* qkv, int qkv_stride, __half* out,
-                       int out_stride, cudaStream_t stream);
+                       int num_tiles, const DequantizedPages& dequantized, const __half* qkv,
+                       int qkv_stride, __half* out, int out_stride, cudaStream_t stream);
 
 }  // namespace kvserve::cuda

@@ -23,7 +23,9 @@
 #include <string>
 
 #include "kernels/cuda_check.h"
+#include "kernels/fp16_split.cuh"
 #include "kernels/kv_cache_device.cuh"
+#include "kernels/kv_dequantize_pages.h"
 #include "kernels/mma.cuh"
 #include "kernels/prefill_attention.h"
 
@@ -49,12 +51,6 @@ struct SharedTile {
   __half keys_low[kKeyTile][kRowHalves];    // fp16 [key][channel]: key - keys, rounded
   __half values_low[kKeyTile][kRowHalves];  // fp16 [key][channel]: value - values, rounded
 };
-
-// x as an fp16 high part and an fp16 low part (x - high, rounded).
-__device__ __forceinline__ void split_half(float x, __half& high, __half& low) {
-  high = __float2half_rn(x);
-  low = __float2half_rn(x - __half2float(high));
-}
 
 enum class Form { kPage, kWindow };
 
@@ -101,6 +97,36 @@ __device__ __forceinline__ void load_page_tile(const KvCacheView& c, const int32
       split_half(key_read ? paged_element<kD, KIND, BITS>(c, pages, head, pos, d, 0) : 0.0f,
                  s.keys[j][d], s.keys_low[j][d]);
     }
+  }
+}
+
+// Keys and values [from, to) (within [k0, k0 + 64)) in their page form, high and low parts, from
+// kv_dequantize_pages' scratch, whose page first + p holds the item's logical page p; 16-byte
+// chunks. The tile's other rows are zeroed.
+__device__ __forceinline__ void load_scratch_tile(const KvCacheView& c, const __half* scratch,
+                                                  int first, int head, int k0, int from, int to,
+                                                  SharedTile& s) {
+  const int P = c.page_tokens;
+  const int64_t part = static_cast<int64_t>(P) * kD;
+#pragma unroll 2
+  for (int e = threadIdx.x; e < kKeyTile * kD / 8; e += kThreads) {
+    const int j = e / (kD / 8), chunk = e % (kD / 8), pos = k0 + j;
+    uint4 k = make_uint4(0, 0, 0, 0), k_low = k, v = k, v_low = k;
+    if (pos >= from && pos < to) {
+      // fp16 [kDequantizedParts][P][D] of this page and head, at the row's chunk.
+      const __half* row =
+          scratch +
+          (static_cast<int64_t>(first + pos / P) * c.n_head + head) * kDequantizedParts * part +
+          (pos % P) * kD + 8 * chunk;
+      k = *reinterpret_cast<const uint4*>(row);
+      k_low = *reinterpret_cast<const uint4*>(row + part);
+      v = *reinterpret_cast<const uint4*>(row + 2 * part);
+      v_low = *reinterpret_cast<const uint4*>(row + 3 * part);
+    }
+    *reinterpret_cast<uint4*>(&s.keys[j][8 * chunk]) = k;
+    *reinterpret_cast<uint4*>(&s.keys_low[j][8 * chunk]) = k_low;
+    *reinterpret_cast<uint4*>(&s.values[j][8 * chunk]) = v;
+    *reinterpret_cast<uint4*>(&s.values_low[j][8 * chunk]) = v_low;
   }
 }
 
@@ -246,7 +272,8 @@ __device__ __forceinline__ void attend_tile(WarpRows& w, const SharedTile& s, in
 template <KvKind KIND, int BITS>
 __global__ void __launch_bounds__(kThreads)
     prefill_attention_kernel(const KvCacheView cache, const KvBatchView batch, const int32_t* tiles,
-                             const __half* qkv, int qkv_stride, __half* out, int out_stride) {
+                             const DequantizedPages dequantized, const __half* qkv, int qkv_stride,
+                             __half* out, int out_stride) {
   __shared__ __align__(16) SharedTile tile;
 
   const int item = tiles[2 * blockIdx.x], q0 = tiles[2 * blockIdx.x + 1];
@@ -256,6 +283,10 @@ __global__ void __launch_bounds__(kThreads)
   const int queries = min(kPrefillQueryTile, batch.count[item] - q0);
   const int64_t row0 = static_cast<int64_t>(batch.row[item]) + q0;
   const int32_t* pages = batch.pages + batch.page_offset[item];
+  // The item's first page in the scratch, or -1: its pages are dequantized here.
+  const int first_scratch = KIND != KvKind::kFp16 && dequantized.first_page != nullptr
+                                ? dequantized.first_page[item]
+                                : -1;
   const KvWindow window{&cache,
                         batch.residual_blocks + batch.residual_offset[item],
                         qkv + static_cast<int64_t>(batch.row[item]) * qkv_stride,
@@ -306,7 +337,12 @@ __global__ void __launch_bounds__(kThreads)
     const int k1 = min(k0 + kKeyTile, last_pos + 1);
     if (k0 < page_end) {
       __syncthreads();  // the previous pass is done with the tile
-      load_page_tile<KIND, BITS>(cache, pages, head, k0, k0, min(k1, page_end), tile);
+      if (first_scratch >= 0) {
+        load_scratch_tile(cache, dequantized.scratch, first_scratch, head, k0, k0,
+                          min(k1, page_end), tile);
+      } else {
+        load_page_tile<KIND, BITS>(cache, pages, head, k0, k0, min(k1, page_end), tile);
+      }
       __syncthreads();
       if (k0 < warp_page_end) {
         // Unmasked when every row reads every key of the tile from pages.
@@ -344,9 +380,10 @@ __global__ void __launch_bounds__(kThreads)
 
 template <KvKind KIND, int BITS>
 void launch(const KvCacheView& cache, const KvBatchView& batch, const int32_t* tiles, int num_tiles,
-            const __half* qkv, int qkv_stride, __half* out, int out_stride, cudaStream_t stream) {
+            const DequantizedPages& dequantized, const __half* qkv, int qkv_stride, __half* out,
+            int out_stride, cudaStream_t stream) {
   prefill_attention_kernel<KIND, BITS><<<dim3(num_tiles, cache.n_head), kThreads, 0, stream>>>(
-      cache, batch, tiles, qkv, qkv_stride, out, out_stride);
+      cache, batch, tiles, dequantized, qkv, qkv_stride, out, out_stride);
 }
 
 }  // namespace
@@ -360,11 +397,16 @@ bool prefill_attention_supported(const KvCacheView& c, int compute_capability_ma
 }
 
 void prefill_attention(const KvCacheView& cache, const KvBatchView& batch, const int32_t* tiles,
-                       int num_tiles, const __half* qkv, int qkv_stride, __half* out,
-                       int out_stride, cudaStream_t stream) {
+                       int num_tiles, const DequantizedPages& dequantized, const __half* qkv,
+                       int qkv_stride, __half* out, int out_stride, cudaStream_t stream) {
   check_kv_launch("prefill_attention", cache, batch, qkv, qkv_stride);
   if (num_tiles < 0 || (num_tiles > 0 && (tiles == nullptr || out == nullptr))) {
     throw std::invalid_argument("prefill_attention: null tiles or output");
+  }
+  if ((dequantized.first_page == nullptr) != (dequantized.scratch == nullptr) ||
+      reinterpret_cast<uintptr_t>(dequantized.scratch) % 16 != 0) {
+    throw std::invalid_argument(
+        "prefill_attention: dequantized pages need both first pages and a 16-byte aligned scratch");
   }
   if (batch.items == 0 || num_tiles == 0) return;
   if (cache.head_dim != kD) {
@@ -385,20 +427,20 @@ void prefill_attention(const KvCacheView& cache, const KvBatchView& batch, const
   }
   switch (cache.kind) {
     case KvKind::kFp16:
-      launch<KvKind::kFp16, 16>(cache, batch, tiles, num_tiles, qkv, qkv_stride, out, out_stride,
-                                stream);
+      launch<KvKind::kFp16, 16>(cache, batch, tiles, num_tiles, dequantized, qkv, qkv_stride, out,
+                                out_stride, stream);
       break;
     case KvKind::kInt8:
-      launch<KvKind::kInt8, 8>(cache, batch, tiles, num_tiles, qkv, qkv_stride, out, out_stride,
-                               stream);
+      launch<KvKind::kInt8, 8>(cache, batch, tiles, num_tiles, dequantized, qkv, qkv_stride, out,
+                               out_stride, stream);
       break;
     case KvKind::kKivi:
       if (cache.bits == 4) {
-        launch<KvKind::kKivi, 4>(cache, batch, tiles, num_tiles, qkv, qkv_stride, out, out_stride,
-                                 stream);
+        launch<KvKind::kKivi, 4>(cache, batch, tiles, num_tiles, dequantized, qkv, qkv_stride, out,
+                                 out_stride, stream);
       } else {
-        launch<KvKind::kKivi, 2>(cache, batch, tiles, num_tiles, qkv, qkv_stride, out, out_stride,
-                                 stream);
+        launch<KvKind::kKivi, 2>(cache, batch, tiles, num_tiles, dequantized, qkv, qkv_stride, out,
+                                 out_stride, stream);
       }
       break;
   }

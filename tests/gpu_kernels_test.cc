@@ -20,6 +20,7 @@
 #include "kernels/decode_attention_variant.h"
 #include "kernels/device_info.h"
 #include "kernels/embedding.h"
+#include "kernels/kv_dequantize_pages.h"
 #include "kernels/layer_norm.h"
 #include "kernels/paged_attention.h"
 #include "kernels/prefill_attention.h"
@@ -324,11 +325,14 @@ void check_prefill_steps(const CacheCase& c, PrefillAttentionVariant prefill,
 // earlier one did, so that one call of the GPU machine reports them all.
 TEST(GpuKvCache, PrefillStepsMatchTheCpuCacheWithEitherKernel) {
   SKIP_WITHOUT_GPU();
-  const std::vector<std::vector<std::pair<int, int>>> steps = {{{0, 100}, {0, 37}, {0, 1}},
-                                                               {{100, 70}, {37, 1}, {1, 129}},
-                                                               {{170, 1}, {38, 162}, {130, 1}},
-                                                               {{171, 129}, {200, 65}, {131, 64}},
-                                                               {{300, 3}, {265, 200}, {195, 33}}};
+  const std::vector<std::vector<std::pair<int, int>>> steps = {
+      {{0, 100}, {0, 37}, {0, 1}},       {{100, 70}, {37, 1}, {1, 129}},
+      {{170, 1}, {38, 162}, {130, 1}},   {{171, 129}, {200, 65}, {131, 64}},
+      {{300, 3}, {265, 200}, {195, 33}}, {{303, 1}, {465, 40}, {228, 2}},
+      {{304, 150}, {505, 1}, {230, 70}}};
+  // Items of more than 64 queries read int8/KIVI pages from kv_dequantize_pages' scratch, the
+  // others dequantize in the attention kernel: steps mix both, the scratch grows (steps 1 to 5),
+  // goes unused (step 6) and is reused (step 7).
   for (const CacheCase& c : cache_cases()) {
     for (PrefillAttentionVariant prefill :
          {PrefillAttentionVariant::kTensor, PrefillAttentionVariant::kTiled}) {
@@ -681,7 +685,10 @@ TEST(GpuKernels, LaunchersRejectBadInputs) {
       &dummy;
   EXPECT_THROW(cuda::paged_attention(cache, batch, &dummy, 1, nullptr, 0, nullptr, 0, nullptr),
                std::invalid_argument);
-  EXPECT_THROW(cuda::prefill_attention(cache, batch, &dummy, 1, nullptr, 0, nullptr, 0, nullptr),
+  EXPECT_THROW(
+      cuda::prefill_attention(cache, batch, &dummy, 1, {}, nullptr, 0, nullptr, 0, nullptr),
+      std::invalid_argument);
+  EXPECT_THROW(cuda::kv_dequantize_pages(cache, batch, &dummy, 1, nullptr, nullptr),
                std::invalid_argument);
 }
 

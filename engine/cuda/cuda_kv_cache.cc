@@ -7,6 +7,7 @@
 
 #include "kernels/cuda_check.h"
 #include "kernels/kv_compact_residual.h"
+#include "kernels/kv_dequantize_pages.h"
 #include "kernels/kv_quantize_pages.h"
 #include "kernels/paged_attention.h"
 #include "kernels/prefill_attention.h"
@@ -46,7 +47,8 @@ cuda::KvCacheView make_view(const KvCacheConfig& c, const ModelConfig& model) {
 CudaKvCache::CudaKvCache(const KvCacheConfig& config, int32_t num_blocks, const ModelConfig& model,
                          cuda::DecodeAttentionVariant variant,
                          cuda::PrefillAttentionVariant prefill)
-    : num_blocks_(num_blocks),
+    : config_(config),
+      num_blocks_(num_blocks),
       view_(make_view(config, model)),
       n_layer_(model.n_layer),
       channels_(model.n_embd),
@@ -85,8 +87,10 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
   // Layout of the metadata buffer: start, count, row [n] each; page_offset, residual_offset
   // [n + 1] each; the step counter (two words); step_indices; block ids (every item's pages, then
   // every item's residual blocks, so one base pointer serves both and the offsets hold the variable
-  // part); tiles [num_tiles][2] (paged_attention steps only). Every region's address depends on n
-  // and step_indices.size() alone, never on the block tables' lengths.
+  // part); tiles [num_tiles][2] (paged_attention steps only); where dequantized pages are used,
+  // the items' first scratch pages [n] and the scratch pages' (item, logical page) pairs. Every
+  // region's address up to the block ids depends on n and step_indices.size() alone, never on the
+  // block tables' lengths.
   const size_t step_at = 5 * static_cast<size_t>(n) + 2;
   const size_t header = step_at + 2;
   const size_t ids_at = header + step_indices.size();
@@ -123,6 +127,24 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
     }
   }
   host_meta_[page_offset + n] = static_cast<int32_t>(pages.size());
+  // An int8 or KIVI item of more than one query tile would have each of its tiles dequantize its
+  // pages again: its pages below paged(start + count) are dequantized once per layer instead.
+  std::vector<int32_t> first_scratch, scratch_pages;
+  if (!decode_ && prefill_variant_ == cuda::PrefillAttentionVariant::kTensor &&
+      view_.kind != cuda::KvKind::kFp16) {
+    first_scratch.assign(n, -1);
+    for (int i = 0; i < n; ++i) {
+      if (count[i] <= cuda::kPrefillQueryTile) continue;
+      const int paged = paged_token_count(config_, start[i] + count[i]);
+      const int page_count = (paged + view_.page_tokens - 1) / view_.page_tokens;
+      if (page_count == 0) continue;
+      first_scratch[i] = static_cast<int32_t>(scratch_pages.size() / 2);
+      for (int p = 0; p < page_count; ++p) {
+        scratch_pages.push_back(i);
+        scratch_pages.push_back(p);
+      }
+    }
+  }
   for (int i = 0; i < n; ++i) host_meta_[residual_offset + i] += static_cast<int32_t>(pages.size());
   host_meta_[residual_offset + n] = static_cast<int32_t>(pages.size() + residual.size());
   ++step_;
@@ -133,6 +155,12 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
   host_meta_.insert(host_meta_.end(), residual.begin(), residual.end());
   const size_t tiles_at = host_meta_.size();
   if (!decode_) host_meta_.insert(host_meta_.end(), tiles.begin(), tiles.end());
+  const size_t scratch_at = host_meta_.size();
+  num_scratch_pages_ = static_cast<int>(scratch_pages.size() / 2);
+  if (num_scratch_pages_ > 0) {
+    host_meta_.insert(host_meta_.end(), first_scratch.begin(), first_scratch.end());
+    host_meta_.insert(host_meta_.end(), scratch_pages.begin(), scratch_pages.end());
+  }
 
   // The previous step ended with a synchronising copy, so the pinned buffer is free to reuse.
   int32_t* pinned = pinned_meta_.reserve(host_meta_.size());
@@ -155,6 +183,14 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
   tiles_ = device + tiles_at;
   step_words_ = device + step_at;
   num_tiles_ = decode_ ? 0 : static_cast<int>(tiles.size() / 2);
+  dequantized_ = {};
+  scratch_pages_ = nullptr;
+  if (num_scratch_pages_ > 0) {
+    dequantized_.first_page = device + scratch_at;
+    scratch_pages_ = device + scratch_at + n;
+    dequantized_.scratch = scratch_.reserve(static_cast<size_t>(num_scratch_pages_) *
+                                            cuda::dequantized_page_elements(view_));
+  }
   if (decode_) {
     decode_split_ = cuda::decode_attention_split(n, view_.n_head, max_len, sm_count_);
     if (decode_split_.splits > 1) {
@@ -196,8 +232,10 @@ void CudaKvCache::attend(int layer, const __half* qkv, __half* out, cudaStream_t
     cuda::decode_attention(view, batch_, decode_split_, qkv, qkv_stride, out, channels_,
                            decode_partial_.get(), decode_variant_, stream);
   } else if (prefill_variant_ == cuda::PrefillAttentionVariant::kTensor) {
-    cuda::prefill_attention(view, batch_, tiles_, num_tiles_, qkv, qkv_stride, out, channels_,
-                            stream);
+    cuda::kv_dequantize_pages(view, batch_, scratch_pages_, num_scratch_pages_, scratch_.get(),
+                              stream);
+    cuda::prefill_attention(view, batch_, tiles_, num_tiles_, dequantized_, qkv, qkv_stride, out,
+                            channels_, stream);
   } else {
     cuda::paged_attention(view, batch_, tiles_, num_tiles_, qkv, qkv_stride, out, channels_,
                           stream);

@@ -17,6 +17,7 @@
 #include "kernels/decode_attention.h"
 #include "kernels/kv_cache_view.h"
 #include "kernels/kv_quantization_error.h"
+#include "kernels/prefill_attention.h"
 #include "kernels/prefill_attention_variant.h"
 
 namespace kvserve {
@@ -78,6 +79,7 @@ class CudaKvCache {
   std::vector<uint8_t> download(cudaStream_t stream) const;
 
  private:
+  KvCacheConfig config_;
   int32_t num_blocks_;
   cuda::KvCacheView view_;  // blocks points at layer 0
   int n_layer_, channels_;
@@ -86,6 +88,13 @@ class CudaKvCache {
   cuda::KvBatchView batch_;
   int num_tiles_ = 0;
   const int32_t* tiles_ = nullptr;  // [num_tiles][2]: (item, first query) of the prefill kernel
+  // The step's pages that kv_dequantize_pages dequantizes for prefill_attention at each layer:
+  // (item, logical page) pairs in device metadata, and the scratch they go to (grows, reused by
+  // every layer; fp16 [pages][n_head][4][page_tokens][head_dim]).
+  int num_scratch_pages_ = 0;
+  const int32_t* scratch_pages_ = nullptr;
+  cuda::DequantizedPages dequantized_;
+  cuda::DeviceBuffer<__half> scratch_;
   // A decode step (every item one token) in a geometry decode_attention handles uses it, split
   // along the context as decode_split_ says; other steps use paged_attention's tiles.
   bool decode_ = false;
