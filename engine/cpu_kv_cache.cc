@@ -262,7 +262,7 @@ void CpuKvCache::append_and_attend(int layer, int head, const BlockTableView& se
   // values (docs/design.md section 3 says why), so prefill and decode store the same codes.
   write_pages(layer, head, seq, paged_before, paged_after, window_start, window_k.data(),
               window_v.data());
-  if (error_sample_rate_ > 0.0 && paged_after > paged_before) {
+  if (paged_after > paged_before && kv_error_step_sampled(error_sample_rate_, step_)) {
     KvQuantizationErrors errors;
     measure_flush_errors(layer, head, seq, paged_before, paged_after, window_start, window_k.data(),
                          window_v.data(), errors);
@@ -331,33 +331,21 @@ void CpuKvCache::measure_flush_errors(int layer, int head, const BlockTableView&
   // Per-token groups: int8 keys and values (all D channels), kivi values and per-token keys.
   const int token_group = config_.format == KvFormat::kInt8 ? D : config_.value_group;
   const bool keys_per_channel = is_kivi(config_.format) && !config_.per_token_keys;
-  std::vector<float> page_k, page_v;  // [P][D], dequantized on the page's first sampled group
+  std::vector<float> page_k(static_cast<size_t>(P) * D), page_v(page_k.size());  // [P][D]
+  auto window_row = [&](const float* window, int pos) {
+    return window + static_cast<size_t>(pos - window_start) * D;
+  };
   for (int page = first / P; page * P < last; ++page) {
     const int32_t id = seq.pages[page];
     const int from = std::max(first, page * P), to = std::min(last, (page + 1) * P);
-    bool loaded = false;
-    auto sampled = [&](int which, int group) {
-      if (!kv_error_sampled(error_sample_rate_, step_, layer, id, head, which, group)) return false;
-      if (!loaded) {
-        page_k.resize(static_cast<size_t>(P) * D);
-        page_v.resize(static_cast<size_t>(P) * D);
-        dequantize_page(layer, head, id, to - page * P, page_k.data(), page_v.data());
-        loaded = true;
-      }
-      return true;
-    };
-    auto window_row = [&](const float* window, int pos) {
-      return window + static_cast<size_t>(pos - window_start) * D;
-    };
+    dequantize_page(layer, head, id, to - page * P, page_k.data(), page_v.data());
     for (int pos = from; pos < to; ++pos) {
       const int slot = pos % P;
       for (int g = 0; g < D / token_group; ++g) {
-        const int group = slot * (D / token_group) + g, at = slot * D + g * token_group;
-        if (sampled(1, group)) {
-          errors.value.push_back(static_cast<float>(relative_error(
-              window_row(window_v, pos) + g * token_group, &page_v[at], token_group, 1)));
-        }
-        if (!keys_per_channel && sampled(0, group)) {
+        const int at = slot * D + g * token_group;
+        errors.value.push_back(static_cast<float>(relative_error(
+            window_row(window_v, pos) + g * token_group, &page_v[at], token_group, 1)));
+        if (!keys_per_channel) {
           errors.key.push_back(static_cast<float>(relative_error(
               window_row(window_k, pos) + g * token_group, &page_k[at], token_group, 1)));
         }
@@ -367,7 +355,6 @@ void CpuKvCache::measure_flush_errors(int layer, int head, const BlockTableView&
     for (int group_start = from; group_start < to; group_start += G) {
       const int slot = group_start % P;
       for (int d = 0; d < D; ++d) {
-        if (!sampled(0, d * (P / G) + slot / G)) continue;
         errors.key.push_back(static_cast<float>(
             relative_error(window_row(window_k, group_start) + d, &page_k[slot * D + d], G, D)));
       }

@@ -31,11 +31,11 @@ class CpuKvCache {
   void append_and_attend(int layer, int head, const BlockTableView& seq, int start, int count,
                          const float* qkv, int qkv_stride, float* out, int out_stride);
 
-  // The sampled quantization error (engine/kv_quantization_error.h): the share of flushed groups
-  // measured, in [0, 1]; 0 (the default) measures nothing.
+  // The sampled quantization error (engine/kv_quantization_error.h): the share of steps whose
+  // flushed groups are measured, in [0, 1]; 0 (the default) measures nothing.
   void set_error_sample_rate(double rate) { error_sample_rate_ = rate; }
-  // Called once per forward step, before its append_and_attend calls: the step enters the choice
-  // of sampled groups (kernels/kv_error_sample.h).
+  // Called once per forward step, before its append_and_attend calls: the step's number picks
+  // whether it is measured (kv_error_step_sampled, kernels/kv_error_sample.h).
   void begin_step() { ++step_; }
   // Moves the errors measured since the last call to the end of `errors`.
   void take_errors(KvQuantizationErrors& errors);
@@ -51,8 +51,9 @@ class CpuKvCache {
   void write_pages(int layer, int head, const BlockTableView& seq, int first, int last,
                    int window_start, const float* window_k, const float* window_v);
   void dequantize_page(int layer, int head, int32_t id, int valid, float* keys, float* values);
-  // Measures the sampled groups of positions [first, last), just written into the pages from the
-  // fp16 window (as write_pages takes it), by reading them back with dequantize_page.
+  // Measures every group of positions [first, last) (on a sampled step), just written into the
+  // pages from the fp16 window (as write_pages takes it), by reading them back with
+  // dequantize_page.
   void measure_flush_errors(int layer, int head, const BlockTableView& seq, int first, int last,
                             int window_start, const float* window_k, const float* window_v,
                             KvQuantizationErrors& errors);

@@ -1,6 +1,6 @@
-// Which flushed quantization groups the sampled KV quantization-error metric measures
+// Which steps the sampled KV quantization-error metric measures
 // (engine/kv_quantization_error.h). One rule for both backends, so that the CPU and CUDA caches
-// measure the same groups of the same steps. Plain C++ (host and device), no CUDA headers.
+// measure the same steps. Plain C++ (host and device), no CUDA headers.
 #pragma once
 
 #include <cstdint>
@@ -41,23 +41,19 @@ KVSERVE_HOST_DEVICE inline uint64_t mix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-// Whether the group whose (scale, zero) pair is number `group` of its page's head region (keys:
-// which = 0, values: 1), written into block `block` of layer `layer` at forward step `step`, is
-// measured at this sample rate. Deterministic: the same steps over the same blocks sample the
-// same groups, on either backend. The step enters the hash so that a block reused by later
-// sequences is sampled at other groups (KIVI keys have outlier channels: a fixed subset would be
-// biased). rate <= 0 samples nothing, rate >= 1 everything.
-KVSERVE_HOST_DEVICE inline bool kv_error_sampled(double rate, uint64_t step, int layer,
-                                                 int32_t block, int head, int which, int group) {
+// Whether forward step `step` measures the groups it flushes, at this sample rate: a step
+// measures every group it flushes into pages, or none. Sampling whole steps rather than groups
+// keeps the steps that measure nothing free (on CUDA no kernel is launched, and decode steps
+// replay graphs without it), while the share of groups measured is still `rate` on average.
+// Deterministic: the same steps measure on either backend. rate <= 0 samples nothing, rate >= 1
+// every step.
+KVSERVE_HOST_DEVICE inline bool kv_error_step_sampled(double rate, uint64_t step) {
   if (rate <= 0.0) return false;
   if (rate >= 1.0) return true;
-  uint64_t h = mix64(step + 0x9e3779b97f4a7c15ull);
-  h = mix64(h ^ (static_cast<uint64_t>(static_cast<uint32_t>(layer)) << 32 |
-                 static_cast<uint32_t>(block)));
-  h = mix64(h ^ (static_cast<uint64_t>(static_cast<uint32_t>(head)) << 33 |
-                 static_cast<uint64_t>(which) << 32 | static_cast<uint32_t>(group)));
   // The top 53 bits as a uniform double in [0, 1).
-  return static_cast<double>(h >> 11) * (1.0 / 9007199254740992.0) < rate;
+  return static_cast<double>(mix64(step + 0x9e3779b97f4a7c15ull) >> 11) *
+             (1.0 / 9007199254740992.0) <
+         rate;
 }
 
 }  // namespace kvserve

@@ -1,7 +1,7 @@
 // The sampled quantization error of the groups that entered the pages at this step.
 //
 // One block per (item, head), one thread per group, as kv_quantize_pages enumerates them. A
-// sampled group's fp16 source is read from the step's window (the residual, not yet compacted,
+// group's fp16 source is read from the step's window (the residual, not yet compacted,
 // or qkv), its reconstruction through page_element; the error is computed in double in the
 // order the CPU cache computes it, rounded to float, and counted into its bucket.
 #include "kernels/kv_quantization_error.h"
@@ -37,15 +37,12 @@ __device__ void count(KvErrorDeviceBins* bins, int which, float error) {
 }
 
 __global__ void kv_quantization_error_kernel(const KvCacheView cache, const KvBatchView batch,
-                                             const __half* qkv, int qkv_stride, double rate,
-                                             const int32_t* step_words, int layer,
+                                             const __half* qkv, int qkv_stride,
                                              KvErrorDeviceBins* bins) {
   const int item = blockIdx.x, head = blockIdx.y;
   const int start = batch.start[item], end = start + batch.count[item];
   const int first = paged_count(cache, start), last = paged_count(cache, end);
   if (first == last || cache.kind == KvKind::kFp16) return;
-  const uint64_t step = static_cast<uint32_t>(step_words[0]) |
-                        static_cast<uint64_t>(static_cast<uint32_t>(step_words[1])) << 32;
   const int32_t* pages = batch.pages + batch.page_offset[item];
   const KvWindow window{&cache,
                         batch.residual_blocks + batch.residual_offset[item],
@@ -67,7 +64,6 @@ __global__ void kv_quantization_error_kernel(const KvCacheView cache, const KvBa
     if (which == 0 && keys_per_channel) continue;
     const int slot = pos % P;
     const int32_t id = pages[pos / P];
-    if (!kv_error_sampled(rate, step, layer, id, head, which, slot * groups + g)) continue;
     const uint8_t* page = block_ptr(cache, id);
     const __half* x = window.row(pos, which) + g * group;
     count(bins, which,
@@ -83,7 +79,6 @@ __global__ void kv_quantization_error_kernel(const KvCacheView cache, const KvBa
   for (int e = threadIdx.x; e < (tokens / G) * D; e += blockDim.x) {
     const int group_start = first + (e / D) * G, d = e % D, slot = group_start % P;
     const int32_t id = pages[group_start / P];
-    if (!kv_error_sampled(rate, step, layer, id, head, 0, d * (P / G) + slot / G)) continue;
     const uint8_t* page = block_ptr(cache, id);
     count(
         bins, 0,
@@ -97,18 +92,12 @@ __global__ void kv_quantization_error_kernel(const KvCacheView cache, const KvBa
 // ---- kernel launchers
 
 void kv_quantization_error(const KvCacheView& cache, const KvBatchView& batch, const __half* qkv,
-                           int qkv_stride, double rate, const int32_t* step, int layer,
-                           KvErrorDeviceBins* bins, cudaStream_t stream) {
+                           int qkv_stride, KvErrorDeviceBins* bins, cudaStream_t stream) {
   check_kv_launch("kv_quantization_error", cache, batch, qkv, qkv_stride);
-  if (!(rate > 0.0 && rate <= 1.0)) {
-    throw std::invalid_argument("kv_quantization_error: the sample rate must be in (0, 1]");
-  }
-  if (step == nullptr || bins == nullptr || layer < 0) {
-    throw std::invalid_argument("kv_quantization_error: null step or bins, or negative layer");
-  }
+  if (bins == nullptr) throw std::invalid_argument("kv_quantization_error: null bins");
   if (batch.items == 0) return;
   kv_quantization_error_kernel<<<dim3(batch.items, cache.n_head), kThreads, 0, stream>>>(
-      cache, batch, qkv, qkv_stride, rate, step, layer, bins);
+      cache, batch, qkv, qkv_stride, bins);
   KVSERVE_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -21,13 +21,11 @@ struct KvErrorDeviceBins {
 };
 
 // qkv: fp16 [rows][3C] (row stride qkv_stride elements), C = n_head * head_dim: q | k | v.
-// step: the step's counter as two device int32 words (low, high), which with (layer, block, head,
-// group) picks the sampled groups by kv_error_sampled. Runs after kv_quantize_pages and before
+// Runs, on the steps kv_error_step_sampled picks, after kv_quantize_pages and before
 // kv_compact_residual (the fp16 source of the flushed positions is still in the residual).
-// Adds the sampled groups' errors to `bins`. Throws std::invalid_argument on an inconsistent view
-// or a rate outside (0, 1], std::runtime_error on a CUDA error.
+// Adds the errors of every group the step flushed to `bins`. Throws std::invalid_argument on an
+// inconsistent view or null bins, std::runtime_error on a CUDA error.
 void kv_quantization_error(const KvCacheView& cache, const KvBatchView& batch, const __half* qkv,
-                           int qkv_stride, double rate, const int32_t* step, int layer,
-                           KvErrorDeviceBins* bins, cudaStream_t stream);
+                           int qkv_stride, KvErrorDeviceBins* bins, cudaStream_t stream);
 
 }  // namespace kvserve::cuda

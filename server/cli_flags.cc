@@ -139,8 +139,9 @@ void add_engine_flags(CLI::App* app, EngineFlags& flags) {
 void add_kv_error_sample_rate_flag(CLI::App* app, EngineFlags& flags) {
   flags.options.kv_error_sample_rate = kDefaultKvErrorSampleRate;
   app->add_option("--kv-error-sample-rate", flags.options.kv_error_sample_rate,
-                  "share of the groups flushed into KV pages whose quantization error is "
-                  "measured (kvserve_kv_quantization_relative_error), 0 to 1; 0 disables")
+                  "share of the steps whose groups flushed into KV pages have their "
+                  "quantization error measured (kvserve_kv_quantization_relative_error), 0 to 1; "
+                  "0 disables")
       ->check(CLI::Range(0.0, 1.0))
       ->capture_default_str();
 }

@@ -81,13 +81,14 @@ TEST(GpuKvQuantizationError, MatchesTheCpuBackendForTheSamePrompts) {
 TEST(GpuKvQuantizationError, SamplingChangesNoTokenAndRateZeroMeasuresNothing) {
   if (cuda::visible_device_count() == 0) GTEST_SKIP() << "no CUDA GPU visible";
   const Served off = serve("cuda", KvFormat::kKivi2, 0.0);
-  const Served some = serve("cuda", KvFormat::kKivi2, 0.01);
+  // About 49 steps: at 0.25 some measure (and run eagerly, outside the decode graphs), not all.
+  const Served some = serve("cuda", KvFormat::kKivi2, 0.25);
   const Served all = serve("cuda", KvFormat::kKivi2, 1.0);
   EXPECT_TRUE(off.errors.empty());
   EXPECT_EQ(some.tokens, off.tokens);
   EXPECT_EQ(all.tokens, off.tokens);
   EXPECT_GT(some.errors.key_bins.total(), 0u);
-  EXPECT_LT(some.errors.key_bins.total(), all.errors.key_bins.total() / 10);
+  EXPECT_LT(some.errors.key_bins.total(), all.errors.key_bins.total());
 }
 
 }  // namespace

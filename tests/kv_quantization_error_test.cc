@@ -93,12 +93,11 @@ TEST(KvQuantizationError, ValidatesTheRate) {
 TEST(KvQuantizationError, SamplingRuleIsDeterministicAndHonoursTheRate) {
   int sampled = 0, again = 0;
   const int trials = 200000;
-  for (int i = 0; i < trials; ++i) {
-    const int layer = i % 12, block = i / 12 % 97, head = i % 7, group = i / 1000;
-    sampled += kv_error_sampled(0.01, i / 5000, layer, block, head, i % 2, group);
-    again += kv_error_sampled(0.01, i / 5000, layer, block, head, i % 2, group);
-    EXPECT_FALSE(kv_error_sampled(0.0, i, layer, block, head, 0, group));
-    EXPECT_TRUE(kv_error_sampled(1.0, i, layer, block, head, 1, group));
+  for (int step = 1; step <= trials; ++step) {
+    sampled += kv_error_step_sampled(0.01, step);
+    again += kv_error_step_sampled(0.01, step);
+    EXPECT_FALSE(kv_error_step_sampled(0.0, step));
+    EXPECT_TRUE(kv_error_step_sampled(1.0, step));
   }
   EXPECT_EQ(sampled, again);
   // Binomial(200000, 0.01): mean 2000, standard deviation 44.5; 6 sigma either side.

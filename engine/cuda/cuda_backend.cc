@@ -136,7 +136,7 @@ const float* CudaBackend::run(const std::vector<ForwardItem>& items) {
   att_.reserve(static_cast<size_t>(T) * C);
   fc_.reserve(static_cast<size_t>(T) * F);
   logits_.reserve(static_cast<size_t>(R) * logits_stride_);
-  if (use_graphs_ && cache_.decode_step()) {
+  if (use_graphs_ && cache_.decode_step() && !cache_.measures_errors()) {
     replay_decode(T, index);
   } else {
     enqueue_model(T, R, index);

@@ -85,14 +85,13 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
                                     const std::vector<int32_t>& step_indices) {
   const int n = static_cast<int>(items.size());
   // Layout of the metadata buffer: start, count, row [n] each; page_offset, residual_offset
-  // [n + 1] each; the step counter (two words); step_indices; block ids (every item's pages, then
+  // [n + 1] each; step_indices; block ids (every item's pages, then
   // every item's residual blocks, so one base pointer serves both and the offsets hold the variable
   // part); tiles [num_tiles][2] (paged_attention steps only); where dequantized pages are used,
   // the items' first scratch pages [n] and the scratch pages' (item, logical page) pairs. Every
   // region's address up to the block ids depends on n and step_indices.size() alone, never on the
   // block tables' lengths.
-  const size_t step_at = 5 * static_cast<size_t>(n) + 2;
-  const size_t header = step_at + 2;
+  const size_t header = 5 * static_cast<size_t>(n) + 2;
   const size_t ids_at = header + step_indices.size();
   host_meta_.assign(header, 0);
   int32_t* start = host_meta_.data();
@@ -147,9 +146,7 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
   }
   for (int i = 0; i < n; ++i) host_meta_[residual_offset + i] += static_cast<int32_t>(pages.size());
   host_meta_[residual_offset + n] = static_cast<int32_t>(pages.size() + residual.size());
-  ++step_;
-  host_meta_[step_at] = static_cast<int32_t>(static_cast<uint32_t>(step_));
-  host_meta_[step_at + 1] = static_cast<int32_t>(static_cast<uint32_t>(step_ >> 32));
+  measures_errors_ = kv_error_step_sampled(error_sample_rate_, ++step_);
   host_meta_.insert(host_meta_.end(), step_indices.begin(), step_indices.end());
   host_meta_.insert(host_meta_.end(), pages.begin(), pages.end());
   host_meta_.insert(host_meta_.end(), residual.begin(), residual.end());
@@ -181,7 +178,6 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
   batch_.pages = device + ids_at;
   batch_.residual_blocks = device + ids_at;
   tiles_ = device + tiles_at;
-  step_words_ = device + step_at;
   num_tiles_ = decode_ ? 0 : static_cast<int>(tiles.size() / 2);
   dequantized_ = {};
   scratch_pages_ = nullptr;
@@ -208,9 +204,8 @@ void CudaKvCache::append_and_attend(int layer, const __half* qkv, __half* out,
   view.blocks = pool_ + layer * layer_bytes_;
   const int qkv_stride = 3 * channels_;
   cuda::kv_quantize_pages(view, batch_, qkv, qkv_stride, stream);
-  if (error_sample_rate_ > 0.0) {
-    cuda::kv_quantization_error(view, batch_, qkv, qkv_stride, error_sample_rate_, step_words_,
-                                layer, error_bins_.get(), stream);
+  if (measures_errors_) {
+    cuda::kv_quantization_error(view, batch_, qkv, qkv_stride, error_bins_.get(), stream);
     if (layer == n_layer_ - 1) {  // the step's errors, read by take_errors after its sync
       KVSERVE_CUDA_CHECK(cudaMemcpyAsync(error_bins_host_.get(), error_bins_.get(),
                                          sizeof(cuda::KvErrorDeviceBins), cudaMemcpyDeviceToHost,

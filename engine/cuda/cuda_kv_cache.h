@@ -61,10 +61,13 @@ class CudaKvCache {
     return device_meta_.moves() + decode_partial_.moves() + error_bins_.moves();
   }
 
-  // The sampled quantization error (engine/kv_quantization_error.h): the share of flushed groups
-  // measured, in [0, 1]; 0 (the default) launches nothing. Set it before the first step (a
-  // captured decode graph keeps what it was captured with).
+  // The sampled quantization error (engine/kv_quantization_error.h): the share of steps whose
+  // flushed groups are measured (kv_error_step_sampled), in [0, 1]; 0 (the default) launches
+  // nothing.
   void set_error_sample_rate(double rate);
+  // Whether the step prepare() set up measures its flushed groups: such a step runs eagerly, so
+  // that no captured decode graph holds the measuring kernel.
+  bool measures_errors() const { return measures_errors_; }
   // Adds the errors the last completed step measured to `errors`. Only after that step's
   // synchronising copy (forward's and forward_sample's last), as the Engine calls it.
   void take_errors(KvQuantizationErrors& errors);
@@ -106,11 +109,12 @@ class CudaKvCache {
   std::vector<int32_t> host_meta_;
   cuda::PinnedBuffer<int32_t> pinned_meta_;
   cuda::DeviceBuffer<int32_t> device_meta_;
-  // The sampled quantization error: the step counter (uploaded in the metadata header), the
-  // device bins the last layer copies into pinned memory and then clears.
+  // The sampled quantization error: the step counter that picks the measured steps, whether the
+  // prepared step is one, and the device bins the last layer copies into pinned memory and then
+  // clears.
   double error_sample_rate_ = 0.0;
   uint64_t step_ = 0;
-  const int32_t* step_words_ = nullptr;  // device copy of step_, two int32 words (low, high)
+  bool measures_errors_ = false;
   cuda::DeviceBuffer<cuda::KvErrorDeviceBins> error_bins_;
   cuda::PinnedBuffer<cuda::KvErrorDeviceBins> error_bins_host_;
 };
