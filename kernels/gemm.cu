@@ -9,11 +9,8 @@
 namespace kvserve::cuda {
 
 void gemm(cublasHandle_t handle, cudaStream_t stream, const __half* a, const __half* b,
-          bool b_transposed, void* c, GemmOutput c_type, int m, int n, int k, float beta,
-          int c_stride) {
+          bool b_transposed, void* c, GemmOutput c_type, int m, int n, int k, float beta) {
   if (m < 0 || n <= 0 || k <= 0) throw std::invalid_argument("gemm: bad shape");
-  if (c_stride == 0) c_stride = n;
-  if (c_stride < n) throw std::invalid_argument("gemm: c_stride below n");
   if (m == 0) return;
   if (!handle || !a || !b || !c) throw std::invalid_argument("gemm: null handle or pointer");
   const float alpha = 1.0f;
@@ -25,7 +22,7 @@ void gemm(cublasHandle_t handle, cudaStream_t stream, const __half* a, const __h
   KVSERVE_CUBLAS_CHECK(cublasGemmEx(handle, b_transposed ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N,
                                     n, m, k, &alpha, b, CUDA_R_16F, b_transposed ? k : n, a,
                                     CUDA_R_16F, k, &beta, c,
-                                    c_type == GemmOutput::kHalf ? CUDA_R_16F : CUDA_R_32F, c_stride,
+                                    c_type == GemmOutput::kHalf ? CUDA_R_16F : CUDA_R_32F, n,
                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 

@@ -14,14 +14,10 @@ enum class GemmOutput { kHalf, kFloat };
 //   a: fp16 [m][k]
 //   b: fp16 [k][n] (b_transposed = false: GPT-2's Conv1D weights) or [n][k] (true: the tied
 //      LM head, wte)
-//   c: fp16 or fp32 [m][c_stride] (c_stride 0: n), of which columns [0, n) are written; beta 1
-//      accumulates (a projection into the fp32 residual stream). A c_stride that keeps rows
-//      16-byte aligned lets cuBLAS pick vectorised kernels where n does not (the LM head's n is
-//      GPT-2's odd vocabulary, 50257)
+//   c: fp16 or fp32 [m][n]; beta 1 accumulates (a projection into the fp32 residual stream)
 // Runs on `stream`; the handle keeps a workspace set with cublasSetWorkspace when its stream is
 // already `stream`.
 void gemm(cublasHandle_t handle, cudaStream_t stream, const __half* a, const __half* b,
-          bool b_transposed, void* c, GemmOutput c_type, int m, int n, int k, float beta,
-          int c_stride = 0);
+          bool b_transposed, void* c, GemmOutput c_type, int m, int n, int k, float beta);
 
 }  // namespace kvserve::cuda

@@ -184,17 +184,17 @@ __device__ int write_keys_from(const float* w, int vocab, int id_bits, uint64_t 
 // segment_begin, segment_end: [rows], the row's keys to sort (an empty range: nothing to draw)
 // log_normaliser: [rows], l_max + log(sum exp(l - l_max)) of the raw logits, for drawing rows
 __global__ void __launch_bounds__(kThreads)
-    prepare_kernel(const float* logits, int64_t logits_stride, int vocab, int id_bits,
-                   const SampleRowParams* params, const int32_t* history, float* penalised,
-                   uint64_t* keys, int* segment_begin, int* segment_end, double* log_normaliser,
-                   int32_t* token, float* logprob, int32_t* status) {
+    prepare_kernel(const float* logits, int vocab, int id_bits, const SampleRowParams* params,
+                   const int32_t* history, float* penalised, uint64_t* keys, int* segment_begin,
+                   int* segment_end, double* log_normaliser, int32_t* token, float* logprob,
+                   int32_t* status) {
   __shared__ float best_s[kWarps];
   __shared__ int best_id_s[kWarps];
   __shared__ double sum_s[kWarps];
   __shared__ SelectShared select_s;
   const int row = blockIdx.x;
   const int64_t row_offset = static_cast<int64_t>(row) * vocab;
-  const float* raw = logits + row * logits_stride;
+  const float* raw = logits + row_offset;
   const SampleRowParams p = params[row];
   auto finish_without_draw = [&](int32_t id, float id_logprob, int32_t row_status) {
     if (threadIdx.x == 0) {
@@ -286,10 +286,9 @@ __global__ void __launch_bounds__(kThreads)
 // Step 3 of engine/sampler.h over a drawing row's keys, sorted in rank order, and the logprob.
 // sorted_keys: [rows][vocab], each drawing row's segment sorted (its candidates, or every id)
 __global__ void __launch_bounds__(kThreads)
-    draw_kernel(const float* logits, int64_t logits_stride, int vocab, int id_bits,
-                const SampleRowParams* params, const uint64_t* sorted_keys,
-                const int* segment_begin, const int* segment_end, const double* log_normaliser,
-                int32_t* token, float* logprob, int32_t* status) {
+    draw_kernel(const float* logits, int vocab, int id_bits, const SampleRowParams* params,
+                const uint64_t* sorted_keys, const int* segment_begin, const int* segment_end,
+                const double* log_normaliser, int32_t* token, float* logprob, int32_t* status) {
   using BlockScan = cub::BlockScan<double, kThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
   __shared__ double sum_s[kWarps];
@@ -374,8 +373,8 @@ __global__ void __launch_bounds__(kThreads)
     const int rank = first_s != INT_MAX ? first_s : last_possible_s;
     const int id = key_id(keys[rank], id_bits, vocab);
     token[row] = id;
-    logprob[row] = static_cast<float>(static_cast<double>(logits[row * logits_stride + id]) -
-                                      log_normaliser[row]);
+    logprob[row] = static_cast<float>(
+        static_cast<double>(logits[static_cast<int64_t>(row) * vocab + id]) - log_normaliser[row]);
     status[row] = kSampleOk;
   }
 }
@@ -446,13 +445,11 @@ size_t sample_tokens_scratch_bytes(int rows, int vocab) {
   return scratch_layout(rows, vocab).total;
 }
 
-void sample_tokens(const float* logits, int rows, int vocab, int logits_stride,
-                   const SampleRowParams* params, const SampleRowParams* params_host,
-                   const int32_t* history, void* scratch, size_t scratch_bytes, int32_t* token,
-                   float* logprob, int32_t* status, cudaStream_t stream) {
+void sample_tokens(const float* logits, int rows, int vocab, const SampleRowParams* params,
+                   const SampleRowParams* params_host, const int32_t* history, void* scratch,
+                   size_t scratch_bytes, int32_t* token, float* logprob, int32_t* status,
+                   cudaStream_t stream) {
   check_shape("sample_tokens", rows, vocab);
-  if (logits_stride < vocab)
-    throw std::invalid_argument("sample_tokens: logits stride below vocab");
   if (rows == 0) return;
   if (!logits || !params || !params_host || !history || !scratch || !token || !logprob || !status) {
     throw std::invalid_argument("sample_tokens: null pointer");
@@ -470,10 +467,9 @@ void sample_tokens(const float* logits, int rows, int vocab, int logits_stride,
   double* log_normaliser = reinterpret_cast<double*>(base + layout.log_normaliser);
   const int id_bits = id_bits_of(vocab);
 
-  prepare_kernel<<<rows, kThreads, 0, stream>>>(logits, logits_stride, vocab, id_bits, params,
-                                                history, reinterpret_cast<float*>(keys_alternate),
-                                                keys, segment_begin, segment_end, log_normaliser,
-                                                token, logprob, status);
+  prepare_kernel<<<rows, kThreads, 0, stream>>>(
+      logits, vocab, id_bits, params, history, reinterpret_cast<float*>(keys_alternate), keys,
+      segment_begin, segment_end, log_normaliser, token, logprob, status);
   KVSERVE_CUDA_CHECK(cudaGetLastError());
   bool any_draw = false;
   for (int r = 0; r < rows; ++r) any_draw = any_draw || params_host[r].temperature != 0.0f;
@@ -486,9 +482,9 @@ void sample_tokens(const float* logits, int rows, int vocab, int logits_stride,
   KVSERVE_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortKeysDescending(
       base + layout.sort_storage, sort_storage_bytes, sort_keys, rows * vocab, rows, sort_begin,
       sort_end, 0, 32 + id_bits, stream));
-  draw_kernel<<<rows, kThreads, 0, stream>>>(logits, logits_stride, vocab, id_bits, params,
-                                             sort_keys.Current(), segment_begin, segment_end,
-                                             log_normaliser, token, logprob, status);
+  draw_kernel<<<rows, kThreads, 0, stream>>>(logits, vocab, id_bits, params, sort_keys.Current(),
+                                             segment_begin, segment_end, log_normaliser, token,
+                                             logprob, status);
   KVSERVE_CUDA_CHECK(cudaGetLastError());
 }
 

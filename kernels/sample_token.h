@@ -38,16 +38,15 @@ size_t sample_tokens_scratch_bytes(int rows, int vocab);
 //   token[r]   = the sampled id
 //   logprob[r] = log-softmax of the raw logits at token[r]
 //   status[r]  = kSampleOk, or why the row's logits were rejected (token and logprob then 0)
-// logits: fp32 [rows][logits_stride], device, read only; columns from vocab on are ignored (the
-//   LM head pads its rows for aligned GEMM stores)   params: [rows], device
+// logits: fp32 [rows][vocab], device, read only   params: [rows], device
 // params_host: the same [rows] on the host, read to skip the sort when no row draws
 // history: int32 [sum of the rows' history lengths], device
 // scratch: sample_tokens_scratch_bytes(rows, vocab) bytes, device, 256-byte aligned
 // token, status: int32 [rows]   logprob: fp32 [rows], device
 // Everything runs on `stream`, asynchronously; rows * vocab must fit an int.
-void sample_tokens(const float* logits, int rows, int vocab, int logits_stride,
-                   const SampleRowParams* params, const SampleRowParams* params_host,
-                   const int32_t* history, void* scratch, size_t scratch_bytes, int32_t* token,
-                   float* logprob, int32_t* status, cudaStream_t stream);
+void sample_tokens(const float* logits, int rows, int vocab, const SampleRowParams* params,
+                   const SampleRowParams* params_host, const int32_t* history, void* scratch,
+                   size_t scratch_bytes, int32_t* token, float* logprob, int32_t* status,
+                   cudaStream_t stream);
 
 }  // namespace kvserve::cuda

@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <limits>
 #include <numeric>
 #include <random>
 #include <stdexcept>
@@ -40,17 +39,14 @@ struct GpuPick {
   int32_t status;
 };
 
-// All rows in one sample_tokens call, as CudaBackend::forward_sample makes it: rows padded to a
-// stride beyond vocab, as the LM head leaves them, the padding +inf so that a read of it shows.
+// All rows in one sample_tokens call, as CudaBackend::forward_sample makes it.
 std::vector<GpuPick> sample_on_gpu(const std::vector<Row>& rows, int vocab) {
   const int n = static_cast<int>(rows.size());
-  const int stride = vocab + 5;
   std::vector<float> logits;
   std::vector<int32_t> history;
   std::vector<cuda::SampleRowParams> params;
   for (const Row& row : rows) {
     logits.insert(logits.end(), row.logits.begin(), row.logits.end());
-    logits.insert(logits.end(), stride - vocab, std::numeric_limits<float>::infinity());
     const SamplingParams& p = row.params;
     const int32_t begin = static_cast<int32_t>(history.size());
     history.insert(history.end(), row.history.begin(), row.history.end());
@@ -69,8 +65,8 @@ std::vector<GpuPick> sample_on_gpu(const std::vector<Row>& rows, int vocab) {
     return p;
   };
   const size_t scratch_bytes = cuda::sample_tokens_scratch_bytes(n, vocab);
-  cuda::sample_tokens(upload(logits_device, logits), n, vocab, stride,
-                      upload(params_device, params), params.data(), upload(history_device, history),
+  cuda::sample_tokens(upload(logits_device, logits), n, vocab, upload(params_device, params),
+                      params.data(), upload(history_device, history),
                       scratch.reserve(scratch_bytes), scratch_bytes, token_device.reserve(n),
                       logprob_device.reserve(n), status_device.reserve(n), nullptr);
   KVSERVE_CUDA_CHECK(cudaDeviceSynchronize());
@@ -336,11 +332,7 @@ TEST(GpuSampleTokens, LauncherChecksItsArguments) {
   SKIP_WITHOUT_GPU();
   cuda::SampleRowParams params{};
   int32_t out = 0;
-  EXPECT_THROW(cuda::sample_tokens(nullptr, 1, 7, 7, &params, &params, &out, &out, 1 << 20, &out,
-                                   nullptr, &out, nullptr),
-               std::invalid_argument);
-  float logits[7] = {};
-  EXPECT_THROW(cuda::sample_tokens(logits, 1, 7, 6, &params, &params, &out, &out, 1 << 20, &out,
+  EXPECT_THROW(cuda::sample_tokens(nullptr, 1, 7, &params, &params, &out, &out, 1 << 20, &out,
                                    nullptr, &out, nullptr),
                std::invalid_argument);
   EXPECT_THROW(cuda::sample_tokens_scratch_bytes(-1, 7), std::invalid_argument);

@@ -30,7 +30,6 @@ constexpr size_t kMaxDecodeGraphs = 128;
 CudaBackend::CudaBackend(const ModelWeights& weights, const KvCacheConfig& kv, int32_t num_blocks,
                          CudaBackendOptions options)
     : config_(weights.config),
-      logits_stride_((weights.config.vocab_size + 63) / 64 * 64),
       cache_(kv, num_blocks, weights.config, options.decode_attention, options.prefill_attention),
       use_graphs_(options.cuda_graphs),
       trap_at_forward_(options.trap_at_forward) {
@@ -135,7 +134,7 @@ const float* CudaBackend::run(const std::vector<ForwardItem>& items) {
   qkv_.reserve(static_cast<size_t>(T) * 3 * C);
   att_.reserve(static_cast<size_t>(T) * C);
   fc_.reserve(static_cast<size_t>(T) * F);
-  logits_.reserve(static_cast<size_t>(R) * logits_stride_);
+  logits_.reserve(static_cast<size_t>(R) * V);
   if (use_graphs_ && cache_.decode_step() && !cache_.measures_errors()) {
     replay_decode(T, index);
   } else {
@@ -183,7 +182,7 @@ void CudaBackend::enqueue_model(int T, int R, const int32_t* index) {
   cuda::layer_norm_forward(h, x, index + 2 * T, pending_bias, ln_f_weight_, ln_f_bias_, R, C,
                            cfg.layer_norm_epsilon, stream_);
   cuda::gemm(cublas_, stream_, h, wte_, true, logits_device, cuda::GemmOutput::kFloat, R, V, C,
-             0.0f, logits_stride_);
+             0.0f);
 }
 
 void CudaBackend::replay_decode(int items, const int32_t* index) {
@@ -297,11 +296,10 @@ void CudaBackend::forward_on_device(const std::vector<ForwardItem>& items,
   const float* logits_device = run(items);
   size_t rows = 0;
   for (const ForwardItem& item : items) rows += item.all_logits ? item.tokens.size() : 1;
-  const size_t V = config_.vocab_size, count = rows * V;
+  const size_t count = rows * config_.vocab_size;
   float* host = logits_host_.reserve(count);
-  KVSERVE_CUDA_CHECK(cudaMemcpy2DAsync(host, V * sizeof(float), logits_device,
-                                       logits_stride_ * sizeof(float), V * sizeof(float), rows,
-                                       cudaMemcpyDeviceToHost, stream_));
+  KVSERVE_CUDA_CHECK(
+      cudaMemcpyAsync(host, logits_device, count * sizeof(float), cudaMemcpyDeviceToHost, stream_));
   KVSERVE_CUDA_CHECK(cudaStreamSynchronize(stream_));
   logits.assign(host, host + count);
 }
@@ -359,11 +357,10 @@ void CudaBackend::forward_sample_on_device(const std::vector<ForwardItem>& items
   void* scratch = sample_scratch_.reserve(scratch_bytes);
   // token [rows] | status [rows] | logprob bits [rows], one copy back.
   int32_t* picked = picked_.reserve(3 * static_cast<size_t>(rows));
-  cuda::sample_tokens(logits_device, rows, V, logits_stride_,
-                      reinterpret_cast<const cuda::SampleRowParams*>(upload), row_params,
-                      reinterpret_cast<const int32_t*>(upload + params_bytes), scratch,
-                      scratch_bytes, picked, reinterpret_cast<float*>(picked + 2 * rows),
-                      picked + rows, stream_);
+  cuda::sample_tokens(
+      logits_device, rows, V, reinterpret_cast<const cuda::SampleRowParams*>(upload), row_params,
+      reinterpret_cast<const int32_t*>(upload + params_bytes), scratch, scratch_bytes, picked,
+      reinterpret_cast<float*>(picked + 2 * rows), picked + rows, stream_);
   int32_t* host = picked_host_.reserve(3 * static_cast<size_t>(rows));
   KVSERVE_CUDA_CHECK(cudaMemcpyAsync(host, picked, 3 * static_cast<size_t>(rows) * sizeof(int32_t),
                                      cudaMemcpyDeviceToHost, stream_));

@@ -123,10 +123,6 @@ class CudaBackend : public Backend {
   };
 
   ModelConfig config_;
-  // Row stride of the logits: V rounded up to 64 floats. GPT-2's odd V as the LM head's output
-  // stride leaves cuBLAS only unaligned (align1) kernels, several times slower than the aligned
-  // ones on the head's [R][C] x [C][V] product, the largest GEMM of a decode step.
-  int logits_stride_ = 0;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   cuda::DeviceBuffer<__half> weights_;  // every weight, fp16, one allocation
@@ -141,7 +137,7 @@ class CudaBackend : public Backend {
   cuda::DeviceBuffer<__half> qkv_;    // [T][3C]
   cuda::DeviceBuffer<__half> att_;    // [T][C]
   cuda::DeviceBuffer<__half> fc_;     // [T][F]
-  cuda::DeviceBuffer<float> logits_;  // [R][logits_stride_], columns [0, V) written
+  cuda::DeviceBuffer<float> logits_;  // [R][V]
   std::vector<int32_t> indices_;      // host tokens [T] | positions [T] | logit rows [R]
   cuda::PinnedBuffer<float> logits_host_;
   // forward_sample: SampleRowParams [rows] | penalised rows' history ids, uploaded in one copy.
