@@ -129,7 +129,6 @@ int run_bench_engine(const BenchEngineFlags& flags) {
                               {"output_tokens", output_tokens},
                               {"output_throughput", output_tokens / seconds},
                               {"prompt_throughput", prompt_tokens / seconds},
-                              {"request_throughput", flags.requests / seconds}};
                               {"request_throughput", flags.requests / seconds},
                               {"kv_error_sample_rate", spec.engine.kv_error_sample_rate},
                               {"kv_quantization_error",
