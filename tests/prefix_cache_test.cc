@@ -718,9 +718,10 @@ struct Generated {
   bool operator==(const Generated& o) const { return tokens == o.tokens && logprobs == o.logprobs; }
 };
 
-std::unique_ptr<Engine> cpu_engine(const KvCacheConfig& config, EngineOptions options) {
+std::unique_ptr<Engine> cpu_engine(const KvCacheConfig& config, EngineOptions options,
+                                   int32_t blocks = 512) {
   const ModelConfig& model = shared_weights().config;
-  auto cache = std::make_unique<KvCacheManager>(config, model, 512);
+  auto cache = std::make_unique<KvCacheManager>(config, model, blocks);
   auto backend =
       std::make_unique<CpuBackend>(shared_weights(), cache->config(), cache->num_blocks());
   return std::make_unique<Engine>(model, std::move(cache), std::move(backend), options);
@@ -728,7 +729,7 @@ std::unique_ptr<Engine> cpu_engine(const KvCacheConfig& config, EngineOptions op
 
 // Runs `requests` together on `engine`; returns each one's tokens and the step totals.
 std::vector<Generated> run(Engine& engine, const std::vector<GenerationRequest>& requests,
-                           int* hits = nullptr) {
+                           int* hits = nullptr, int* preemptions = nullptr) {
   std::map<RequestId, size_t> index;
   for (size_t i = 0; i < requests.size(); ++i) index[engine.add_request(requests[i])] = i;
   std::vector<Generated> out(requests.size());
@@ -737,6 +738,7 @@ std::vector<Generated> run(Engine& engine, const std::vector<GenerationRequest>&
     events.clear();
     const StepStats stats = engine.step(events);
     if (hits != nullptr) *hits += stats.prefix_cache_hits;
+    if (preemptions != nullptr) *preemptions += stats.preemptions;
     for (const StepEvent& e : events) {
       EXPECT_NE(e.finish, FinishReason::kError) << e.error;
       if (!e.has_token) continue;
@@ -800,6 +802,45 @@ TEST(PrefixCacheCpuEngine, HitsGiveTheSameTokensAndLogprobsBitForBit) {
     }
     EXPECT_EQ(engine->cache().usage().blocks_used, 0);
   }
+}
+
+// kivi2 in a pool too small for the batch (prompt admission): sequences are preempted while
+// snapshots are being filled and copied, and recomputed from what of their pages and snapshots
+// is still cached; every request still gets the tokens and log-probabilities it gets alone
+// without the cache, bit for bit.
+TEST(PrefixCacheCpuEngine, KiviHitsUnderPreemptionAndEvictionStayBitExact) {
+  const nlohmann::json& prompts = testing::logits_fixture()["prompts"];
+  const std::vector<int32_t> base = ids_of(prompts[4]["prompt_ids"]);
+  const KvCacheConfig config = fixture_format("kivi2");
+  std::vector<GenerationRequest> requests;
+  for (size_t i = 0; i < 6; ++i) {
+    std::vector<int32_t> prompt(base.begin(), base.begin() + 96 + 24 * (i % 3));
+    const std::vector<int32_t> own = ids_of(prompts[i % 4]["prompt_ids"]);
+    prompt.insert(prompt.end(), own.begin(), own.end());
+    GenerationRequest r = request(prompt, 24);
+    if (i % 2 == 1) r.sampling = SamplingParams{0.9f, 40, 0.95f, 1.0f, 7 + i};
+    requests.push_back(r);
+  }
+  EngineOptions off;
+  off.prefix_cache = false;
+  std::vector<Generated> alone;
+  for (const GenerationRequest& r : requests)
+    alone.push_back(run(*cpu_engine(config, off), {r})[0]);
+
+  EngineOptions on;
+  on.admission = AdmissionPolicy::kPrompt;
+  on.max_batch_tokens = 64;
+  auto engine = cpu_engine(config, on, 48);
+  int hits = 0, preemptions = 0;
+  run(*engine, {request(std::vector<int32_t>(base.begin(), base.begin() + 160), 8)}, &hits);
+  const std::vector<Generated> together = run(*engine, requests, &hits, &preemptions);
+  for (size_t i = 0; i < requests.size(); ++i) {
+    EXPECT_TRUE(together[i] == alone[i]) << "request " << i;
+  }
+  EXPECT_GT(preemptions, 0) << "the pool is meant to be too small";
+  EXPECT_GT(hits, 0);
+  EXPECT_EQ(engine->cache().usage().blocks_used, 0);
+  EXPECT_EQ(engine->cache().num_free_blocks(), 48);
 }
 
 }  // namespace
