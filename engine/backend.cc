@@ -14,6 +14,10 @@ void check_sample_batch(const std::vector<ForwardItem>& items,
   }
 }
 
+void Backend::copy_blocks(const std::vector<BlockCopy>& copies) {
+  if (!copies.empty()) throw std::logic_error("backend " + name() + " cannot copy blocks");
+}
+
 void Backend::forward_sample(const std::vector<ForwardItem>& items,
                              const std::vector<SampleRequest>& requests,
                              std::vector<SampleResult>& results) {

@@ -36,6 +36,14 @@ struct ForwardItem {
   BlockTableView blocks;        // the sequence's blocks, reserved for >= start + tokens.size()
 };
 
+// A copy of one block's bytes at every layer, inside the pool (prefix caching of KIVI caches:
+// the residual snapshot, engine/kv_cache_manager.h). A step's copies run in order, before its
+// forward.
+struct BlockCopy {
+  int32_t src = 0;
+  int32_t dst = 0;
+};
+
 // How a backend has run its decode steps so far (benchmarks report it): CUDA graphs captured (each
 // after an eager step) and steps replayed from one. Zero for backends without graphs.
 struct GraphCounters {
@@ -75,6 +83,9 @@ class Backend {
   virtual void forward_sample(const std::vector<ForwardItem>& items,
                               const std::vector<SampleRequest>& requests,
                               std::vector<SampleResult>& results);
+  // Copies blocks inside the pool, in order, before the step's forward (which sees the copies).
+  // This default throws std::logic_error for any copy: a backend with a pool overrides it.
+  virtual void copy_blocks(const std::vector<BlockCopy>& copies);
   virtual GraphCounters graph_counters() const { return {}; }
   // The sampled quantization error of the groups each step flushes into the pages
   // (engine/kv_quantization_error.h): the share of groups measured, in [0, 1]. A backend that

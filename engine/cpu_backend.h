@@ -21,6 +21,7 @@ class CpuBackend : public Backend {
 
   std::string name() const override { return "cpu"; }
   void forward(const std::vector<ForwardItem>& items, std::vector<float>& logits) override;
+  void copy_blocks(const std::vector<BlockCopy>& copies) override { cache_.copy_blocks(copies); }
   void set_kv_error_sample_rate(double rate) override { cache_.set_error_sample_rate(rate); }
   void take_kv_errors(KvQuantizationErrors& errors) override { cache_.take_errors(errors); }
 

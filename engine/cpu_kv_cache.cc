@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -57,6 +58,7 @@ CpuKvCache::CpuKvCache(const KvCacheConfig& config, int32_t num_blocks, const Mo
       n_head_(model.n_head),
       head_dim_(model.head_dim()),
       n_embd_(model.n_embd),
+      n_layer_(model.n_layer),
       num_blocks_(num_blocks),
       storage_bytes_(static_cast<size_t>(model.n_layer) * num_blocks * layout_.block_bytes),
       storage_(static_cast<uint8_t*>(std::calloc(std::max<size_t>(storage_bytes_, 1), 1)),
@@ -181,6 +183,17 @@ void CpuKvCache::dequantize_page(int layer, int head, int32_t id, int valid, flo
                                               (head * D + d) * (P / G) + t / G, config_.params);
       keys[t * D + d] =
           dequantize(get_code(words + d * words_per_channel, t, bits), p.scale, p.zero);
+    }
+  }
+}
+
+void CpuKvCache::copy_blocks(const std::vector<BlockCopy>& copies) {
+  for (const BlockCopy& copy : copies) {
+    if (copy.src < 0 || copy.src >= num_blocks_ || copy.dst < 0 || copy.dst >= num_blocks_) {
+      throw std::out_of_range("KV cache: block copy outside the pool");
+    }
+    for (int layer = 0; layer < n_layer_; ++layer) {
+      std::memcpy(block(layer, copy.dst), block(layer, copy.src), layout_.block_bytes);
     }
   }
 }

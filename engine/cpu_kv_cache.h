@@ -9,6 +9,7 @@
 #include <mutex>
 #include <vector>
 
+#include "engine/backend.h"
 #include "engine/block_table.h"
 #include "engine/kv_format.h"
 #include "engine/kv_quantization_error.h"
@@ -30,6 +31,9 @@ class CpuKvCache {
   // through its fp16 form otherwise: decode and prefill (chunked or not) give the same result.
   void append_and_attend(int layer, int head, const BlockTableView& seq, int start, int count,
                          const float* qkv, int qkv_stride, float* out, int out_stride);
+
+  // Copies each pair's src block over its dst block at every layer, in order.
+  void copy_blocks(const std::vector<BlockCopy>& copies);
 
   // The sampled quantization error (engine/kv_quantization_error.h): the share of steps whose
   // flushed groups are measured, in [0, 1]; 0 (the default) measures nothing.
@@ -60,7 +64,7 @@ class CpuKvCache {
 
   KvCacheConfig config_;
   KvPageLayout layout_;
-  int n_head_, head_dim_, n_embd_;
+  int n_head_, head_dim_, n_embd_, n_layer_;
   int32_t num_blocks_;
   size_t storage_bytes_;
   // [n_layer][num_blocks][block_bytes], zeroed by calloc: the OS maps pages lazily, so a large

@@ -91,12 +91,9 @@ StepStats Engine::step(std::vector<StepEvent>& events) {
   stats.prefix_cache_queries = plan.prefix_cache_queries;
   stats.prefix_cache_hits = plan.prefix_cache_hits;
   stats.admitted = plan.admitted;
-  if (plan.items.empty()) {
-    scheduler_.update_from_output(plan, {}, events);
-    return stats;
-  }
   try {
-    backend_->forward_sample(plan.items, plan.samples, samples_);
+    if (!plan.block_copies.empty()) backend_->copy_blocks(plan.block_copies);
+    if (!plan.items.empty()) backend_->forward_sample(plan.items, plan.samples, samples_);
   } catch (const DeviceLostError& e) {
     device_lost_ = *e.what() != '\0' ? e.what() : "the backend lost its device";  // never ""
     // Every later step would fail too: end all requests now, the step's and the others.
@@ -104,6 +101,10 @@ StepStats Engine::step(std::vector<StepEvent>& events) {
     return stats;
   } catch (const std::exception& e) {
     scheduler_.fail_step(plan, e.what(), events);
+    return stats;
+  }
+  if (plan.items.empty()) {
+    scheduler_.update_from_output(plan, {}, events);
     return stats;
   }
   backend_->take_kv_errors(stats.kv_errors);

@@ -12,6 +12,14 @@ void DeviceLostInjector::count_call() {
   }
 }
 
+void DeviceLostInjector::copy_blocks(const std::vector<BlockCopy>& copies) {
+  if (calls_ >= lose_at_) {
+    throw DeviceLostError("injected device loss at forward call " + std::to_string(lose_at_) +
+                          " (--test-lose-device-at-forward)");
+  }
+  inner_->copy_blocks(copies);
+}
+
 void DeviceLostInjector::forward(const std::vector<ForwardItem>& items,
                                  std::vector<float>& logits) {
   count_call();

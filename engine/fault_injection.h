@@ -22,6 +22,8 @@ class DeviceLostInjector : public Backend {
   void forward_sample(const std::vector<ForwardItem>& items,
                       const std::vector<SampleRequest>& requests,
                       std::vector<SampleResult>& results) override;
+  // Copies run on `inner` while the device lives; after the loss they fail like a forward.
+  void copy_blocks(const std::vector<BlockCopy>& copies) override;
   GraphCounters graph_counters() const override { return inner_->graph_counters(); }
   int preferred_batch_tokens() const override { return inner_->preferred_batch_tokens(); }
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace kvserve {
 namespace {
@@ -62,8 +63,15 @@ uint64_t KvCacheManager::prefix_cache_seed(const KvCacheConfig& config, const Mo
 }
 
 void KvCacheManager::set_prefix_cache(bool on) {
-  prefix_cache_ = on && prefix_cache_supported(config_);
+  prefix_cache_ = on;
   if (!prefix_cache_) clear_prefix_cache();
+}
+
+int KvCacheManager::snapshot_point(int tokens) const {
+  if (!prefix_cache_ || !is_kivi(config_.format)) return 0;
+  const int P = config_.page_tokens, R = config_.residual;
+  const int pages = (tokens - 1 - R) / P;  // the largest k with kP + R < tokens
+  return tokens - 1 - R >= P ? pages * P + R : 0;
 }
 
 PrefixMatch KvCacheManager::match_prefix(const std::vector<int32_t>& tokens) const {
@@ -82,11 +90,38 @@ PrefixMatch KvCacheManager::match_prefix(const std::vector<int32_t>& tokens) con
     if (cached.parent_hash != parent || !std::equal(first, first + P, cached.tokens.begin())) break;
     match.pages.push_back(hit->second);
     match.hashes.push_back(hash);
-    if (page_refs_[hit->second] == 0) ++match.evictable;
-    if (hit_refs_[hit->second] == 0) ++match.newly_shared;
     parent = hash;
   }
+  match.chain_tokens = static_cast<int>(match.pages.size()) * P;
+  if (is_kivi(config_.format)) {
+    // The deepest page whose snapshot's R tokens match too, leaving a token to compute.
+    const int R = config_.residual;
+    size_t usable = 0;
+    for (size_t page = match.pages.size(); page > 0 && usable == 0; --page) {
+      const CachedPage& cached = cached_.at(match.pages[page - 1]);
+      const size_t first = page * P;
+      if (!cached.snapshot.empty() && first + R < tokens.size() &&
+          std::equal(cached.snapshot_tokens.begin(), cached.snapshot_tokens.end(),
+                     tokens.begin() + first)) {
+        usable = page;
+      }
+    }
+    match.pages.resize(usable);
+    match.hashes.resize(usable);
+    if (usable > 0) {
+      const CachedPage& cached = cached_.at(match.pages.back());
+      match.snapshot = cached.snapshot;
+      if (cached.snapshot_pins == 0) {
+        match.snapshot_evictable = static_cast<int32_t>(cached.snapshot.size());
+      }
+    }
+  }
+  for (int32_t block : match.pages) {
+    if (page_refs_[block] == 0) ++match.evictable;
+    if (hit_refs_[block] == 0) ++match.newly_shared;
+  }
   match.tokens = static_cast<int>(match.pages.size()) * P;
+  if (!match.snapshot.empty()) match.tokens += config_.residual;
   return match;
 }
 
@@ -125,21 +160,115 @@ void KvCacheManager::cache_full_pages(int64_t id, const std::vector<int32_t>& to
   }
 }
 
-void KvCacheManager::clear_prefix_cache() {
-  while (!lru_.empty()) evict(lru_.front());
+void KvCacheManager::snapshot_residual(int64_t id, const std::vector<int32_t>& tokens) {
+  const SequenceCache& seq = sequence(id);
+  const int P = config_.page_tokens, R = config_.residual;
+  const int paged = paged_token_count(config_, seq.length);
+  if (!prefix_cache_ || !is_kivi(config_.format) || paged == 0 || paged % P != 0 ||
+      seq.length != paged + R || seq.page_hashes.size() != static_cast<size_t>(paged / P)) {
+    throw std::logic_error("KV cache: sequence " + std::to_string(id) +
+                           " is not at a snapshot point");
+  }
+  // The cached copy of the page: this sequence's block, or another one with the same tokens (a
+  // sequence that computed them too), which the snapshot suits as well. Looked up after making
+  // room, which may evict it.
+  const int32_t count = static_cast<int32_t>(seq.residual_blocks.size());
+  if (!make_free(count)) return;
+  const auto entry = by_hash_.find(seq.page_hashes.back());
+  if (entry == by_hash_.end()) return;
+  const int32_t page_block = entry->second;
+  CachedPage& page = cached_.at(page_block);
+  if (!page.snapshot.empty()) return;
+  pool_.allocate(count, page.snapshot);
+  page.snapshot_tokens.assign(tokens.begin() + paged, tokens.begin() + paged + R);
+  page.snapshot_lru = lru_.insert(lru_.end(), LruEntry{page_block, /*snapshot=*/true});
+  evictable_blocks_ += count;
+  snapshot_blocks_ += count;
+  for (int32_t i = 0; i < count; ++i) {
+    block_copies_.push_back({seq.residual_blocks[i], page.snapshot[i]});
+  }
+  fills_queued_.push_back(page_block);
 }
 
-void KvCacheManager::evict(int32_t block) {
+std::vector<int> KvCacheManager::snapshot_points(int tokens, const PrefixMatch& match) const {
+  std::vector<int> points;
+  const int last = snapshot_point(tokens);
+  if (last == 0) return points;
+  const int P = config_.page_tokens, R = config_.residual;
+  const int shared_pages = (match.chain_tokens - R) / P;
+  const int shared = shared_pages * P + R;
+  if (match.chain_tokens - R >= P && shared > match.tokens && shared < last) {
+    points.push_back(shared);
+  }
+  if (last > match.tokens) points.push_back(last);
+  return points;
+}
+
+std::vector<BlockCopy> KvCacheManager::take_block_copies() {
+  filling_.insert(filling_.end(), fills_queued_.begin(), fills_queued_.end());
+  fills_queued_.clear();
+  return std::exchange(block_copies_, {});
+}
+
+void KvCacheManager::clear_prefix_cache() {
+  while (!lru_.empty()) evict_front();
+}
+
+void KvCacheManager::evict_front() {
+  const LruEntry entry = lru_.front();
+  if (entry.snapshot) {
+    drop_snapshot(entry.block);
+  } else {
+    evict_page(entry.block);
+  }
+}
+
+void KvCacheManager::evict_page(int32_t block) {
   const auto it = cached_.find(block);
+  if (!it->second.snapshot.empty()) drop_snapshot(block);
   lru_.erase(it->second.lru);
+  --evictable_blocks_;
   by_hash_.erase(it->second.hash);
   cached_.erase(it);
   pool_.release({block});
 }
 
+void KvCacheManager::drop_snapshot(int32_t page_block) {
+  CachedPage& page = cached_.at(page_block);
+  if (page.snapshot_pins > 0) {
+    throw std::logic_error("KV cache: dropping a snapshot that a step copies");
+  }
+  const int32_t count = static_cast<int32_t>(page.snapshot.size());
+  lru_.erase(page.snapshot_lru);
+  evictable_blocks_ -= count;
+  snapshot_blocks_ -= count;
+  // A fill not yet handed to a step must not write into blocks that are free again.
+  const std::vector<int32_t>& blocks = page.snapshot;
+  block_copies_.erase(std::remove_if(block_copies_.begin(), block_copies_.end(),
+                                     [&](const BlockCopy& copy) {
+                                       return std::find(blocks.begin(), blocks.end(), copy.dst) !=
+                                              blocks.end();
+                                     }),
+                      block_copies_.end());
+  fills_queued_.erase(std::remove(fills_queued_.begin(), fills_queued_.end(), page_block),
+                      fills_queued_.end());
+  filling_.erase(std::remove(filling_.begin(), filling_.end(), page_block), filling_.end());
+  pool_.release(page.snapshot);
+  page.snapshot.clear();
+  page.snapshot_tokens.clear();
+}
+
+void KvCacheManager::unpin_snapshot(int32_t page_block) {
+  CachedPage& page = cached_.at(page_block);
+  if (--page.snapshot_pins == 0) {
+    page.snapshot_lru = lru_.insert(lru_.end(), LruEntry{page_block, /*snapshot=*/true});
+    evictable_blocks_ += static_cast<int32_t>(page.snapshot.size());
+  }
+}
+
 bool KvCacheManager::make_free(int32_t count) {
   if (count > num_free_blocks()) return false;
-  while (pool_.num_free() < count) evict(lru_.front());
+  while (pool_.num_free() < count) evict_front();
   return true;
 }
 
@@ -152,10 +281,12 @@ void KvCacheManager::release_pages(const SequenceCache& seq) {
     if (--page_refs_[block] > 0) continue;
     const auto cached = cached_.find(block);
     if (cached != cached_.end() && prefix_cache_) {
-      cached->second.lru = lru_.insert(lru_.end(), block);
+      cached->second.lru = lru_.insert(lru_.end(), LruEntry{block, /*snapshot=*/false});
+      ++evictable_blocks_;
       continue;
     }
     if (cached != cached_.end()) {  // cached before prefix caching was turned off
+      if (!cached->second.snapshot.empty()) drop_snapshot(block);
       by_hash_.erase(cached->second.hash);
       cached_.erase(cached);
     }
@@ -207,13 +338,34 @@ void KvCacheManager::add_sequence(int64_t id, const PrefixMatch& match) {
       throw std::logic_error("KV cache: a prefix match names block " + std::to_string(block) +
                              " that is not cached");
     }
-    if (page_refs_[block]++ == 0) lru_.erase(cached->second.lru);
+    if (page_refs_[block]++ == 0) {
+      lru_.erase(cached->second.lru);
+      --evictable_blocks_;
+    }
     if (hit_refs_[block]++ == 0) ++hit_pages_in_use_;
   }
   seq.pages = match.pages;
   seq.page_hashes = match.hashes;
   seq.hit_pages = static_cast<int32_t>(match.pages.size());
   seq.length = match.tokens;
+  if (!match.snapshot.empty()) {
+    const int32_t page_block = match.pages.back();
+    CachedPage& page = cached_.at(page_block);
+    if (page.snapshot_pins++ == 0) {
+      lru_.erase(page.snapshot_lru);
+      evictable_blocks_ -= static_cast<int32_t>(page.snapshot.size());
+    }
+    seq.pinned_snapshot = page_block;
+    pinned_.push_back(page_block);
+    const int32_t count = residual_blocks_for(match.tokens);
+    if (!make_free(count)) {
+      throw std::logic_error("KV cache: no room for the residual of an admitted sequence");
+    }
+    pool_.allocate(count, seq.residual_blocks);
+    for (int32_t i = 0; i < count; ++i) {
+      block_copies_.push_back({page.snapshot[i], seq.residual_blocks[i]});
+    }
+  }
 }
 
 const SequenceCache& KvCacheManager::sequence(int64_t id) const {
@@ -254,7 +406,15 @@ bool KvCacheManager::grow(int64_t id, int new_length) {
   return true;
 }
 
-void KvCacheManager::finish_step() {
+void KvCacheManager::finish_step(bool ran) {
+  for (int32_t page_block : pinned_) unpin_snapshot(page_block);
+  pinned_.clear();
+  for (auto& [id, seq] : sequences_) seq.pinned_snapshot = -1;
+  // A failed step may not have run its copies: what they were to fill is not a snapshot.
+  const std::vector<int32_t> filled = std::exchange(filling_, {});
+  if (!ran) {
+    for (int32_t page_block : filled) drop_snapshot(page_block);
+  }
   for (int64_t id : grown_this_step_) {
     auto it = sequences_.find(id);
     if (it == sequences_.end()) continue;  // removed during the step
@@ -274,8 +434,22 @@ void KvCacheManager::remove_sequence(int64_t id) {
   if (it == sequences_.end()) {
     throw std::logic_error("KV cache: removal of unknown sequence " + std::to_string(id));
   }
-  release_pages(it->second);
-  pool_.release(it->second.residual_blocks);
+  SequenceCache& seq = it->second;
+  if (seq.pinned_snapshot >= 0) {
+    // Removed in the step that was to fill its residual (an admission that did not fit): its
+    // queued copies go, and so does its pin.
+    const std::vector<int32_t>& blocks = seq.residual_blocks;
+    block_copies_.erase(std::remove_if(block_copies_.begin(), block_copies_.end(),
+                                       [&](const BlockCopy& copy) {
+                                         return std::find(blocks.begin(), blocks.end(), copy.dst) !=
+                                                blocks.end();
+                                       }),
+                        block_copies_.end());
+    pinned_.erase(std::find(pinned_.begin(), pinned_.end(), seq.pinned_snapshot));
+    unpin_snapshot(seq.pinned_snapshot);
+  }
+  release_pages(seq);
+  pool_.release(seq.residual_blocks);
   sequences_.erase(it);
 }
 
@@ -283,12 +457,14 @@ CacheUsage KvCacheManager::usage() const {
   CacheUsage u;
   u.blocks_total = pool_.num_blocks();
   // Unheld cached pages are free for a grow, as in vLLM's usage: not counted used.
-  u.blocks_used = pool_.num_used() - static_cast<int32_t>(lru_.size());
+  u.blocks_used = pool_.num_used() - evictable_blocks_;
   u.capacity_bytes = int64_t{u.blocks_total} * bytes_per_block_;
   u.used_bytes = int64_t{u.blocks_used} * bytes_per_block_;
   u.sequences = static_cast<int64_t>(sequences_.size());
   u.cached_pages = static_cast<int64_t>(cached_.size());
-  u.evictable_pages = static_cast<int64_t>(lru_.size());
+  u.evictable_pages = static_cast<int64_t>(
+      std::count_if(lru_.begin(), lru_.end(), [](const LruEntry& e) { return !e.snapshot; }));
+  u.snapshot_blocks = snapshot_blocks_;
   u.prefix_cache_queries = prefix_queries_;
   u.prefix_cache_hits = prefix_hits_;
   const int64_t layers = model_.n_layer;

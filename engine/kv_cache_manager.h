@@ -12,10 +12,19 @@
 // chain of cached pages that its tokens match (match_prefix, add_sequence) and reads them through
 // its block table: no copy. Pages are reference counted; a cached page that no sequence holds stays
 // in the pool, evictable least-recently-used first, and is evicted only when a grow needs its
-// block. Only formats whose pages hold every token of the sequence (fp16, int8) take part: a KIVI
-// sequence also needs the fp16 residual of the R..R+G-1 tokens before its resume point at every
-// layer, which a page does not hold and no shorter computation reproduces bit for bit
-// (docs/design.md, "Prefix caching").
+// block.
+//
+// KIVI caches: a sequence that resumes after k cached pages also needs the fp16 residual window
+// of the R tokens after them at every layer, which no page holds and no shorter computation
+// reproduces bit for bit (docs/design.md, "Prefix caching"). The scheduler ends one prefill chunk
+// of each prompt at its snapshot point n* = kP + R (snapshot_point; paged(n*) = kP), and
+// snapshot_residual then copies the sequence's residual blocks into blocks owned by the cache
+// entry of page k-1: the snapshot, tagged with tokens kP .. n*-1. A sequence matches only a chain
+// that ends in a page with a matching snapshot (the deepest one), starts at n* and gets its own
+// residual blocks filled from the snapshot. The copies are queued (take_block_copies) and run
+// before the next step's forward. A snapshot is evictable least-recently-used like a page (its
+// page's eviction takes it along), but never while a sequence of the step being planned copies
+// from it (pinned until finish_step).
 #pragma once
 
 #include <cstdint>
@@ -23,6 +32,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "engine/backend.h"
 #include "engine/block_pool.h"
 #include "engine/block_table.h"
 #include "engine/kv_format.h"
@@ -36,6 +46,7 @@ struct SequenceCache {
   std::vector<int32_t> residual_blocks;  // kivi: [keys 0, values 0, keys 1, values 1, ...]
   int32_t hit_pages = 0;                 // pages 0 .. hit_pages-1 came from the prefix cache
   std::vector<uint64_t> page_hashes;     // chained hash of each full page hashed so far
+  int32_t pinned_snapshot = -1;  // the page whose snapshot this step's copies read (kivi), or -1
 };
 
 // The longest run of cached pages that starts a token sequence (KvCacheManager::match_prefix).
@@ -45,6 +56,11 @@ struct PrefixMatch {
   int tokens = 0;                // pages.size() * page_tokens
   int32_t evictable = 0;         // of the pages, those no sequence holds now
   int32_t newly_shared = 0;      // of the pages, those no sequence holds as a hit now
+  // KIVI: the residual snapshot of the last page (tokens = pages * P + R), which stops being
+  // evictable while the sequence copies it: its blocks, and how many of them are evictable now.
+  std::vector<int32_t> snapshot;
+  int32_t snapshot_evictable = 0;
+  int chain_tokens = 0;  // tokens of the matching pages before KIVI kept those up to a snapshot
 };
 
 // A snapshot of the pool; used = code + param + residual + slack, to the byte.
@@ -64,6 +80,7 @@ struct CacheUsage {
   // (counted free: not in blocks_used); tokens looked up and tokens found, since the start.
   int64_t cached_pages = 0;
   int64_t evictable_pages = 0;
+  int64_t snapshot_blocks = 0;  // kivi: blocks holding residual snapshots (evictable but pinned)
   int64_t prefix_cache_queries = 0;
   int64_t prefix_cache_hits = 0;
   double compression_ratio() const {
@@ -86,8 +103,9 @@ class KvCacheManager {
   const KvPageLayout& layout() const { return layout_; }
   int64_t bytes_per_block() const { return bytes_per_block_; }  // all layers
   int32_t num_blocks() const { return pool_.num_blocks(); }
-  // Blocks a grow can take: free ones and cached pages that no sequence holds (evicted on demand).
-  int32_t num_free_blocks() const { return pool_.num_free() + static_cast<int32_t>(lru_.size()); }
+  // Blocks a grow can take: free ones, cached pages that no sequence holds and residual snapshots
+  // that no step copies (evicted on demand).
+  int32_t num_free_blocks() const { return pool_.num_free() + evictable_blocks_; }
 
   // Blocks a sequence of `tokens` tokens holds once its step is finished.
   int32_t blocks_needed(int tokens) const;
@@ -102,22 +120,34 @@ class KvCacheManager {
   // on `match` (its cached pages are not allocated again, and stop being evictable).
   bool can_admit(int tokens, const PrefixMatch& match = {}) const {
     return blocks_needed(tokens) - static_cast<int32_t>(match.pages.size()) <=
-           num_free_blocks() - match.evictable;
+           num_free_blocks() - match.evictable - match.snapshot_evictable;
   }
 
   // The hash every chain starts from: the cache configuration and the model geometry, so that
   // pages of one configuration never match another. New format fields join here.
   static uint64_t prefix_cache_seed(const KvCacheConfig& config, const ModelConfig& model);
-  // Whether `config`'s pages can be shared bit-exactly (fp16, int8; not KIVI, see the top).
-  static bool prefix_cache_supported(const KvCacheConfig& config) {
-    return !is_kivi(config.format);
-  }
   // Turns prefix caching on or off (off drops every cached page that no sequence holds).
   void set_prefix_cache(bool on);
-  bool prefix_cache() const { return prefix_cache_; }  // on and supported by the format
+  bool prefix_cache() const { return prefix_cache_; }
+  // KIVI with prefix caching on: the last point where a sequence of `tokens` tokens (the prompt
+  // while it is prefilled) ends a chunk for a residual snapshot, the largest n* = kP + R < tokens
+  // with k >= 1; 0 when there is none (or for fp16 and int8, which need no snapshot).
+  int snapshot_point(int tokens) const;
+  // Every snapshot point of a sequence of `tokens` admitted on `match`, ascending, all beyond
+  // match.tokens: the last one, and before it the deepest kP + R within the pages its tokens share
+  // with cached ones (match.chain_tokens), where another prompt has been seen to share them.
+  std::vector<int> snapshot_points(int tokens, const PrefixMatch& match) const;
+  // Called when the step that brought the sequence to snapshot_point has been committed (after
+  // cache_full_pages): gives its last full page a snapshot of its residual blocks, unless that
+  // page has one, is not the cached copy, or the pool has no room (then there is none).
+  void snapshot_residual(int64_t id, const std::vector<int32_t>& tokens);
+  // The block copies queued since the last call (snapshot fills, then fills of new sequences'
+  // residual blocks from snapshots), in order; the step's plan carries them.
+  std::vector<BlockCopy> take_block_copies();
   // The cached pages a sequence of `tokens` can start on: the longest chain of full pages whose
-  // tokens match, leaving at least one token to compute (its logits pick the next token). Empty
-  // when prefix caching is off.
+  // tokens match, leaving at least one token to compute (its logits pick the next token); for
+  // KIVI the longest such chain whose last page has a snapshot that matches too. Empty when
+  // prefix caching is off.
   PrefixMatch match_prefix(const std::vector<int32_t>& tokens) const;
   // Counts a lookup of `queried` tokens of which `hit` were found (reported by usage()).
   void record_prefix_query(int queried, int hit);
@@ -126,18 +156,22 @@ class KvCacheManager {
   // Gives the sequence's full pages up to its length a hash, so later sequences can match them.
   // `tokens` holds at least its length tokens. Call after the step that wrote them (finish_step).
   void cache_full_pages(int64_t id, const std::vector<int32_t>& tokens);
-  // Drops every cached page that no sequence holds (the device lost its memory).
+  // Drops every cached page that no sequence holds, and every snapshot (the device lost its
+  // memory).
   void clear_prefix_cache();
 
   // Adds a sequence that starts on `match`'s pages (from match_prefix, with nothing changed in
-  // between): it holds match.tokens tokens.
+  // between): it holds match.tokens tokens; for KIVI its residual blocks are allocated and queued
+  // to be filled from the snapshot.
   void add_sequence(int64_t id, const PrefixMatch& match = {});
   bool has_sequence(int64_t id) const { return sequences_.count(id) != 0; }
   // Reserves the blocks for the sequence to grow to `new_length` tokens this step. Returns false,
   // changing nothing, when the pool has too few free blocks.
   bool grow(int64_t id, int new_length);
-  // Ends a step: releases residual blocks that the grown sequences no longer need.
-  void finish_step();
+  // Ends a step: releases residual blocks that the grown sequences no longer need and unpins the
+  // snapshots the step copied. `ran` false (the step failed): snapshots the step was to fill are
+  // dropped, as their copy may not have run.
+  void finish_step(bool ran = true);
   // Frees every block of the sequence (finished, cancelled or preempted); its cached pages stay
   // cached, evictable once no sequence holds them.
   void remove_sequence(int64_t id);
@@ -154,13 +188,27 @@ class KvCacheManager {
   // changing nothing, when free and evictable blocks are fewer.
   bool make_free(int32_t count);
   void release_pages(const SequenceCache& seq);
-  void evict(int32_t block);
+  // Evicts the least recently used entry: a page (and its snapshot) or a snapshot alone.
+  void evict_front();
+  void evict_page(int32_t block);
+  void drop_snapshot(int32_t page_block);
+  void unpin_snapshot(int32_t page_block);
 
+  struct LruEntry {
+    int32_t block = 0;      // the page's block
+    bool snapshot = false;  // the page's snapshot rather than the page
+  };
+  using LruList = std::list<LruEntry>;
   struct CachedPage {
     uint64_t hash = 0;
     uint64_t parent_hash = 0;
-    std::vector<int32_t> tokens;       // the page's own token ids (a hash match is verified)
-    std::list<int32_t>::iterator lru;  // into lru_ while no sequence holds the page
+    std::vector<int32_t> tokens;  // the page's own token ids (a hash match is verified)
+    LruList::iterator lru;        // into lru_ while no sequence holds the page
+    // KIVI residual snapshot at the page's end: R tokens' fp16 keys and values, every layer.
+    std::vector<int32_t> snapshot;         // its blocks, empty when none
+    std::vector<int32_t> snapshot_tokens;  // the R token ids after the page it depends on
+    int32_t snapshot_pins = 0;             // sequences of the planned step copying it
+    LruList::iterator snapshot_lru;        // into lru_ while unpinned
   };
 
   KvCacheConfig config_;
@@ -178,7 +226,13 @@ class KvCacheManager {
   int32_t hit_pages_in_use_ = 0;    // blocks with hit_refs_ > 0
   std::unordered_map<int32_t, CachedPage> cached_;  // block id -> its hash and tokens
   std::unordered_map<uint64_t, int32_t> by_hash_;   // chained hash -> block id
-  std::list<int32_t> lru_;  // cached pages no sequence holds, least recently used first
+  LruList lru_;  // unheld cached pages and unpinned snapshots, least recently used first
+  int32_t evictable_blocks_ = 0;         // blocks of the entries of lru_
+  int64_t snapshot_blocks_ = 0;          // blocks of all snapshots
+  std::vector<BlockCopy> block_copies_;  // queued for the next step (take_block_copies)
+  std::vector<int32_t> fills_queued_;    // pages whose snapshot fill is in block_copies_
+  std::vector<int32_t> filling_;         // pages whose snapshot fill the planned step copies
+  std::vector<int32_t> pinned_;          // pages whose snapshot the planned step copies from
   int64_t prefix_queries_ = 0;
   int64_t prefix_hits_ = 0;
 };

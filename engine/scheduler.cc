@@ -146,8 +146,12 @@ void Scheduler::add_item(Sequence& seq, int count, StepPlan& plan) {
 }
 
 bool Scheduler::plan_chunk(Sequence& seq, bool admitting, int& budget, StepPlan& plan) {
-  const int chunk = std::min<int>(budget, static_cast<int>(seq.tokens.size()) - seq.computed);
+  int chunk = std::min<int>(budget, static_cast<int>(seq.tokens.size()) - seq.computed);
   if (chunk <= 0) return false;
+  // KIVI: a chunk ends at each snapshot point, so that the residual is the snapshot's there.
+  for (int point : seq.snapshot_points) {
+    if (seq.computed < point && seq.computed + chunk > point) chunk = point - seq.computed;
+  }
   const int end = seq.computed + chunk;
   // A running sequence may preempt others for its chunk; an admission only takes free blocks.
   if (!(admitting ? cache_->grow(seq.id, end) : grow_or_preempt(seq, end, plan))) return false;
@@ -211,6 +215,7 @@ StepPlan Scheduler::schedule() {
     seq.in_cache = true;
     seq.computed = match.tokens;
     seq.hit_pages = static_cast<int32_t>(match.pages.size());
+    seq.snapshot_points = cache_->snapshot_points(static_cast<int>(seq.tokens.size()), match);
     if (!plan_chunk(seq, /*admitting=*/true, budget, plan)) {
       cache_->remove_sequence(seq.id);
       seq.in_cache = false;
@@ -229,6 +234,8 @@ StepPlan Scheduler::schedule() {
     plan.admitted.push_back(seq.id);
   }
 
+  // Copies of residual snapshots, queued since the last step, run before this step's forward.
+  plan.block_copies = cache_->take_block_copies();
   // Every grow of the step is done: the block tables stay put until update_from_output.
   plan.samples.resize(plan.items.size());
   for (size_t row = 0; row < plan.items.size(); ++row) {
@@ -266,6 +273,10 @@ void Scheduler::update_from_output(const StepPlan& plan, const std::vector<Sampl
     Sequence& seq = sequences_.at(plan.items[row].sequence_id);
     seq.computed += static_cast<int>(plan.items[row].tokens.size());
     cache_->cache_full_pages(seq.id, seq.tokens);
+    const std::vector<int>& points = seq.snapshot_points;
+    if (std::find(points.begin(), points.end(), seq.computed) != points.end()) {
+      cache_->snapshot_residual(seq.id, seq.tokens);
+    }
     if (plan.samples[row].params == nullptr) continue;  // prompt not done yet
     if (!results[row].error.empty()) {  // non-finite logits: fail this request, not the batch
       finish(seq, FinishReason::kError, events, "sampling failed: " + results[row].error);
@@ -287,14 +298,14 @@ void Scheduler::update_from_output(const StepPlan& plan, const std::vector<Sampl
 
 void Scheduler::fail_step(const StepPlan& plan, const std::string& error,
                           std::vector<StepEvent>& events) {
-  cache_->finish_step();
+  cache_->finish_step(/*ran=*/false);
   for (const ForwardItem& item : plan.items) {
     finish(sequences_.at(item.sequence_id), FinishReason::kError, events, error);
   }
 }
 
 void Scheduler::fail_all(const std::string& error, std::vector<StepEvent>& events) {
-  cache_->finish_step();
+  cache_->finish_step(/*ran=*/false);
   std::vector<RequestId> held;
   for (const auto& [id, seq] : sequences_) held.push_back(id);
   std::sort(held.begin(), held.end());  // arrival order

@@ -28,7 +28,10 @@
 // Prefix caching (SchedulerOptions::prefix_cache): an admitted sequence starts on the longest
 // chain of cached full pages its tokens match, and its first chunk computes only the rest. A
 // sequence's full pages get their hash when the step that completed them is committed; a
-// preempted sequence's cached pages stay cached, so its recomputation starts on them.
+// preempted sequence's cached pages stay cached, so its recomputation starts on them. KIVI: each
+// prompt's prefill ends chunks at its snapshot points (KvCacheManager::snapshot_points), and once
+// such a step is committed the sequence's residual is copied into a snapshot that later sequences
+// start from; the plan carries the copies (StepPlan::block_copies).
 //
 // Single-threaded, like the engine that owns it.
 #pragma once
@@ -83,8 +86,7 @@ struct SchedulerOptions {
   int max_num_seqs = 256;       // running sequences at most
   int max_batch_tokens = 2048;  // tokens per step (decodes + prefill chunks), >= 1
   AdmissionPolicy admission = AdmissionPolicy::kReserveFinalLength;
-  // Share full pages between sequences with the same prefix (formats that support it:
-  // KvCacheManager::prefix_cache_supported).
+  // Share full pages between sequences with the same prefix (KIVI: with residual snapshots).
   bool prefix_cache = true;
 };
 
@@ -109,6 +111,9 @@ struct StepPlan {
   // looked up, and of those the tokens found in cached pages (not computed).
   int prefix_cache_queries = 0;
   int prefix_cache_hits = 0;
+  // Copies inside the pool that run, in order, before the forward (KIVI residual snapshots:
+  // KvCacheManager::take_block_copies). A plan without items may carry some.
+  std::vector<BlockCopy> block_copies;
 };
 
 class Scheduler {
@@ -152,6 +157,8 @@ class Scheduler {
     int generated = 0;
     int32_t peak_blocks = 0;  // KvCacheManager::peak_blocks of max_cached_tokens
     int32_t hit_pages = 0;    // pages it started on from the prefix cache (not its to allocate)
+    // KIVI: where its prefill ends chunks for residual snapshots (KvCacheManager::snapshot_points)
+    std::vector<int> snapshot_points;
     bool cancelled = false;
     bool in_cache = false;
     bool planned = false;  // has an item in the plan being built

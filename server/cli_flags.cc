@@ -130,8 +130,8 @@ void add_engine_flags(CLI::App* app, EngineFlags& flags) {
                   "max_new_tokens (no preemption); prompt: while the prompt fits (preempts)")
       ->check(CLI::IsMember({"final-length", "prompt"}));
   app->add_option("--prefix-cache", flags.prefix_cache,
-                  "on: requests that share a prompt prefix share its full KV pages (fp16 and "
-                  "int8; KIVI formats ignore it)")
+                  "on: requests that share a prompt prefix share its full KV pages (KIVI "
+                  "formats with a copy of the fp16 residual at a page boundary)")
       ->check(CLI::IsMember({"on", "off"}))
       ->capture_default_str();
 }

@@ -42,6 +42,7 @@ class HookedBackend : public Backend {
   HookedBackend(std::unique_ptr<Backend> inner, std::function<void(int)> before_forward)
       : inner_(std::move(inner)), before_forward_(std::move(before_forward)) {}
   std::string name() const override { return "hooked-" + inner_->name(); }
+  void copy_blocks(const std::vector<BlockCopy>& copies) override { inner_->copy_blocks(copies); }
   void forward(const std::vector<ForwardItem>& items, std::vector<float>& logits) override {
     before_forward_(++calls_);
     inner_->forward(items, logits);

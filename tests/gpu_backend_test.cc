@@ -51,6 +51,7 @@ class HostSampledCudaBackend : public Backend {
   HostSampledCudaBackend(const ModelWeights& weights, const KvCacheManager& cache)
       : cuda_(weights, cache.config(), cache.num_blocks()) {}
   std::string name() const override { return "cuda, host sampler"; }
+  void copy_blocks(const std::vector<BlockCopy>& copies) override { cuda_.copy_blocks(copies); }
   void forward(const std::vector<ForwardItem>& items, std::vector<float>& logits) override {
     cuda_.forward(items, logits);
   }

@@ -1,5 +1,6 @@
 // Prefix caching on the CUDA backend (issue 20): a request that starts on cached pages, read by the
-// kernels through its block table, gets the same greedy tokens as without the hit. Skipped when no
+// kernels through its block table (KIVI: and a device copy of the residual snapshot), gets the
+// same greedy tokens as without the hit. Skipped when no
 // GPU is visible; run on the GPU machine (scripts/gpu-check.sh).
 #include <gtest/gtest.h>
 
@@ -62,8 +63,8 @@ std::vector<std::vector<int32_t>> run(Engine& engine,
 }
 
 // Every fixture prompt behind the first 128 tokens of the longest one: after that long prompt has
-// run, each starts on its 4 cached pages (fp16, int8; KIVI formats share nothing and must match
-// trivially).
+// run, each starts on its 4 cached pages (fp16, int8), or for KIVI on 3 pages and the residual
+// snapshot at 128, copied into its residual blocks on the device (cudaMemcpy2DAsync).
 TEST(GpuPrefixCache, GreedyTokensAreTheSameWithAndWithoutAHit) {
   SKIP_WITHOUT_GPU();
   const nlohmann::json& prompts = testing::logits_fixture()["prompts"];
@@ -93,10 +94,13 @@ TEST(GpuPrefixCache, GreedyTokensAreTheSameWithAndWithoutAHit) {
     for (size_t i = 0; i < requests.size(); ++i) {
       EXPECT_EQ(together[i], without[i]) << format << " prompt " << i << " in a batch";
     }
-    if (KvCacheManager::prefix_cache_supported(fixture_format(format))) {
-      EXPECT_GE(hits, 2 * 128 * static_cast<int>(requests.size())) << format;
+    const int n = static_cast<int>(requests.size());
+    if (is_kivi(fixture_format(format).format)) {
+      // A hit needs a snapshot at 128 (3 pages + 32 residual tokens): the first request of the
+      // one-at-a-time round leaves it (the long prompt's is at 192), every later one starts there.
+      EXPECT_GE(hits, (2 * n - 1) * 128) << format;
     } else {
-      EXPECT_EQ(hits, 0) << format;
+      EXPECT_GE(hits, 2 * 128 * n) << format;
     }
     EXPECT_EQ(engine->cache().usage().blocks_used, 0);
   }

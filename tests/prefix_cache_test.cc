@@ -181,18 +181,117 @@ TEST(PrefixCacheManager, EvictsLeastRecentlyUsedFirstAndNeverAPageInUse) {
   EXPECT_EQ(m.usage().cached_pages, 0);
 }
 
-TEST(PrefixCacheManager, KiviFormatsDoNotSharePages) {
-  for (KvFormat f : {KvFormat::kKivi2, KvFormat::kKivi4}) {
-    KvCacheManager m(format(f), tiny_model(), 64);
-    m.set_prefix_cache(true);
-    EXPECT_FALSE(m.prefix_cache());
-    add_computed(m, 1, ids(300));
-    EXPECT_EQ(m.usage().cached_pages, 0);
-    EXPECT_TRUE(m.match_prefix(ids(300)).pages.empty());
+// KIVI (P = G = R = 32): the snapshot point of a prompt is the largest kP + R below its length
+// with k >= 1; fp16 and int8 need none.
+TEST(PrefixCacheManager, KiviSnapshotPointsLeaveATokenToCompute) {
+  KvCacheManager m(format(KvFormat::kKivi2), tiny_model(), 64);
+  m.set_prefix_cache(true);
+  EXPECT_EQ(m.snapshot_point(64), 0) << "k = 1 would leave no token";
+  EXPECT_EQ(m.snapshot_point(65), 64);
+  EXPECT_EQ(m.snapshot_point(96), 64);
+  EXPECT_EQ(m.snapshot_point(97), 96);
+  EXPECT_EQ(m.snapshot_point(150), 128);
+  KvCacheManager fp16(format(KvFormat::kFp16), tiny_model(), 64);
+  fp16.set_prefix_cache(true);
+  EXPECT_EQ(fp16.snapshot_point(150), 0);
+  m.set_prefix_cache(false);
+  EXPECT_EQ(m.snapshot_point(150), 0);
+}
+
+// A KIVI sequence at its snapshot point: its residual blocks are copied into the snapshot of its
+// last full page, and a later sequence that matches the pages and the snapshot's R tokens starts
+// there, its own residual blocks filled from the snapshot. The snapshot is pinned while a step
+// copies from it and evicted least-recently-used otherwise.
+TEST(PrefixCacheManager, KiviSnapshotsAreCopiedMatchedPinnedAndEvicted) {
+  KvCacheManager m(format(KvFormat::kKivi2), tiny_model(), 64);
+  m.set_prefix_cache(true);
+  const std::vector<int32_t> a = ids(150);
+  m.add_sequence(1);
+  ASSERT_TRUE(m.grow(1, 128));
+  m.finish_step();
+  m.cache_full_pages(1, a);
+  EXPECT_TRUE(m.match_prefix(a).pages.empty()) << "pages without a snapshot are not a hit";
+  m.snapshot_residual(1, a);
+  const std::vector<int32_t> residual = m.sequence(1).residual_blocks;
+  ASSERT_FALSE(residual.empty());
+  const std::vector<BlockCopy> fill = m.take_block_copies();
+  ASSERT_EQ(fill.size(), residual.size());
+  std::vector<int32_t> snapshot;
+  for (size_t i = 0; i < fill.size(); ++i) {
+    EXPECT_EQ(fill[i].src, residual[i]);
+    snapshot.push_back(fill[i].dst);
   }
-  KvCacheManager int8(format(KvFormat::kInt8), tiny_model(), 64);
-  int8.set_prefix_cache(true);
-  EXPECT_TRUE(int8.prefix_cache());
+  EXPECT_EQ(m.usage().snapshot_blocks, static_cast<int64_t>(snapshot.size()));
+  m.finish_step();  // the step that ran the copies
+  EXPECT_TRUE(m.take_block_copies().empty());
+
+  const PrefixMatch hit = m.match_prefix(a);
+  ASSERT_EQ(hit.pages.size(), 3u);
+  EXPECT_EQ(hit.tokens, 128);
+  EXPECT_EQ(hit.snapshot, snapshot);
+  EXPECT_EQ(hit.snapshot_evictable, static_cast<int32_t>(snapshot.size()));
+  // The snapshot's R tokens must match too, and a token must be left to compute.
+  EXPECT_TRUE(m.match_prefix(concat(ids(100), ids(50, 5000))).pages.empty());
+  EXPECT_TRUE(m.match_prefix(ids(128)).pages.empty());
+  EXPECT_EQ(m.match_prefix(ids(129)).tokens, 128);
+
+  const int32_t free_before = m.num_free_blocks();
+  m.add_sequence(2, hit);
+  EXPECT_EQ(m.sequence(2).length, 128);
+  const std::vector<BlockCopy> copy = m.take_block_copies();
+  ASSERT_EQ(copy.size(), snapshot.size());
+  for (size_t i = 0; i < copy.size(); ++i) {
+    EXPECT_EQ(copy[i].src, snapshot[i]);
+    EXPECT_EQ(copy[i].dst, m.sequence(2).residual_blocks[i]);
+  }
+  EXPECT_EQ(m.num_free_blocks(), free_before - 2 * static_cast<int32_t>(snapshot.size()))
+      << "its residual blocks, and the pinned snapshot";
+  EXPECT_EQ(m.match_prefix(a).snapshot_evictable, 0);
+
+  // Pressure while pinned: a grow takes every other block but not the snapshot.
+  m.remove_sequence(1);
+  m.add_sequence(3);
+  int length = 0;
+  while (m.grow(3, length + 32)) length += 32;
+  EXPECT_EQ(m.usage().snapshot_blocks, static_cast<int64_t>(snapshot.size()));
+  m.finish_step();  // unpinned: now evictable
+  m.remove_sequence(2);
+  EXPECT_EQ(m.num_free_blocks() + m.usage().blocks_used, 64);
+  while (m.grow(3, length + 32)) length += 32;
+  EXPECT_EQ(m.usage().snapshot_blocks, 0);
+  EXPECT_EQ(m.usage().cached_pages, 0);
+  m.finish_step();
+  m.remove_sequence(3);
+  EXPECT_EQ(m.num_free_blocks(), 64);
+  EXPECT_EQ(m.usage().blocks_used, 0);
+}
+
+// A failed step may not have run its copies: the snapshots it was to fill are dropped, and so is
+// a snapshot that is evicted before its fill was handed to a step (the fill is not run).
+TEST(PrefixCacheManager, KiviSnapshotsOfAFailedStepOrEvictedBeforeTheirFillAreDropped) {
+  KvCacheManager m(format(KvFormat::kKivi2), tiny_model(), 64);
+  m.set_prefix_cache(true);
+  const std::vector<int32_t> a = ids(150);
+  m.add_sequence(1);
+  ASSERT_TRUE(m.grow(1, 128));
+  m.finish_step();
+  m.cache_full_pages(1, a);
+  m.snapshot_residual(1, a);
+  EXPECT_FALSE(m.take_block_copies().empty());
+  m.finish_step(/*ran=*/false);
+  EXPECT_EQ(m.usage().snapshot_blocks, 0);
+  EXPECT_TRUE(m.match_prefix(a).pages.empty());
+
+  m.snapshot_residual(1, a);
+  m.remove_sequence(1);
+  m.add_sequence(2);
+  int length = 0;
+  while (m.grow(2, length + 32)) length += 32;  // evicts everything, the snapshot too
+  EXPECT_EQ(m.usage().snapshot_blocks, 0);
+  EXPECT_TRUE(m.take_block_copies().empty()) << "no fill into blocks that are free again";
+  m.finish_step();
+  m.remove_sequence(2);
+  EXPECT_EQ(m.num_free_blocks(), 64);
 }
 
 TEST(PrefixCacheManager, TurningItOffDropsCachedPages) {
@@ -219,6 +318,13 @@ class SharingCheckingBackend : public Backend {
   SharingCheckingBackend(const KvCacheConfig& config, int32_t num_blocks)
       : config_(config), num_blocks_(num_blocks) {}
   std::string name() const override { return "sharing-checking stub"; }
+  void copy_blocks(const std::vector<BlockCopy>& copies) override {
+    for (const BlockCopy& c : copies) {
+      EXPECT_TRUE(c.src >= 0 && c.src < num_blocks_ && c.dst >= 0 && c.dst < num_blocks_);
+      EXPECT_NE(c.src, c.dst);
+    }
+    block_copies_ += static_cast<int>(copies.size());
+  }
   void forward(const std::vector<ForwardItem>&, std::vector<float>&) override {
     throw std::logic_error("the stub backend has no logits");
   }
@@ -245,6 +351,7 @@ class SharingCheckingBackend : public Backend {
     for (SampleResult& r : results) r.token = {kToken, -1.0f};
   }
   int shared_reads() const { return shared_reads_; }
+  int block_copies() const { return block_copies_; }
   void lose_device() { lose_device_ = true; }
 
  private:
@@ -252,6 +359,7 @@ class SharingCheckingBackend : public Backend {
   KvCacheConfig config_;
   int32_t num_blocks_;
   int shared_reads_ = 0;
+  int block_copies_ = 0;
 };
 
 struct StubEngine {
@@ -341,13 +449,11 @@ TEST(PrefixCacheScheduler, AHitComputesOnlyTheRestOfThePrompt) {
   EXPECT_EQ(engine.cache().num_free_blocks(), 200);
 }
 
-TEST(PrefixCacheScheduler, OffOrKiviMeansNoHits) {
+TEST(PrefixCacheScheduler, OffMeansNoHits) {
   EngineOptions off;
   off.prefix_cache = false;
-  for (auto [f, options] :
-       {std::pair{KvFormat::kFp16, off}, std::pair{KvFormat::kKivi2, EngineOptions{}},
-        std::pair{KvFormat::kKivi4, EngineOptions{}}}) {
-    StubEngine s = stub_engine(f, 400, options);
+  for (KvFormat f : {KvFormat::kFp16, KvFormat::kKivi2}) {
+    StubEngine s = stub_engine(f, 400, off);
     s.engine->add_request(request(ids(150), 10));
     run_to_end(*s.engine);
     s.engine->add_request(request(ids(150), 10));
@@ -356,7 +462,55 @@ TEST(PrefixCacheScheduler, OffOrKiviMeansNoHits) {
     EXPECT_EQ(t.queries, 0) << "no lookups counted when nothing can be shared";
     EXPECT_EQ(t.prefill_tokens, 150);
     EXPECT_EQ(s.engine->cache().usage().cached_pages, 0);
+    EXPECT_EQ(s.backend->block_copies(), 0);
   }
+}
+
+// KIVI: the prompt's prefill ends a chunk at its snapshot point (128 of 150 tokens), the next
+// step copies the residual into the snapshot before its forward, and a later prompt that shares
+// the first 128 tokens starts at 128 on the 3 pages and a copy of the snapshot.
+TEST(PrefixCacheScheduler, KiviChunkEndsAtTheSnapshotPointAndHitsResumeThere) {
+  Scheduler s(tiny_model(),
+              std::make_unique<KvCacheManager>(format(KvFormat::kKivi2), tiny_model(), 200),
+              SchedulerOptions{});
+  auto commit = [&](const StepPlan& plan, std::vector<StepEvent>& events) {
+    std::vector<SampleResult> results(plan.items.size());
+    for (SampleResult& r : results) r.token = {kToken, -1.0f};
+    s.update_from_output(plan, results, events);
+  };
+  std::vector<StepEvent> events;
+  s.add_request(request(ids(150), 4));
+  StepPlan plan = s.schedule();
+  ASSERT_EQ(plan.items.size(), 1u);
+  EXPECT_EQ(plan.items[0].tokens.size(), 128u) << "the chunk ends at the snapshot point";
+  EXPECT_TRUE(plan.block_copies.empty());
+  commit(plan, events);
+  const size_t residual = s.cache().sequence(1).residual_blocks.size();
+  plan = s.schedule();
+  ASSERT_EQ(plan.block_copies.size(), residual) << "the snapshot's fill, before the forward";
+  EXPECT_EQ(plan.items[0].start, 128);
+  for (size_t i = 0; i < residual; ++i) {
+    EXPECT_EQ(plan.block_copies[i].src, plan.items[0].blocks.residual_blocks[i]);
+  }
+  commit(plan, events);
+  while (s.has_work()) commit(s.schedule(), events);
+
+  const RequestId b = s.add_request(request(concat(ids(128), ids(40, 5000)), 4));
+  plan = s.schedule();
+  EXPECT_EQ(plan.prefix_cache_hits, 128);
+  ASSERT_EQ(plan.items.size(), 1u);
+  EXPECT_EQ(plan.items[0].sequence_id, b);
+  EXPECT_EQ(plan.items[0].start, 128);
+  ASSERT_EQ(plan.block_copies.size(), residual) << "the snapshot into b's residual blocks";
+  for (size_t i = 0; i < residual; ++i) {
+    EXPECT_EQ(plan.block_copies[i].dst, plan.items[0].blocks.residual_blocks[i]);
+  }
+  commit(plan, events);
+  while (s.has_work()) commit(s.schedule(), events);
+  EXPECT_EQ(s.cache().hit_pages_in_use(), 0);
+  EXPECT_EQ(s.cache().usage().blocks_used, 0);
+  EXPECT_EQ(s.cache().num_free_blocks(), 200);
+  EXPECT_EQ(s.reserved_blocks(), 0);
 }
 
 // Final-length admission counts a page that several running sequences share once: a pool that
@@ -391,35 +545,40 @@ TEST(PrefixCacheScheduler, AdmissionCountsSharedPagesOnce) {
 // preempted and recomputed (starting on their cached pages), and at the end every reference is
 // back: no page held, none shared, the pool free.
 TEST(PrefixCacheScheduler, PreemptionAndCancellationReleaseReferences) {
-  EngineOptions options;
-  options.admission = AdmissionPolicy::kPrompt;
-  options.max_batch_tokens = 96;
-  StubEngine s = stub_engine(KvFormat::kFp16, 24, options);
-  Engine& engine = *s.engine;
-  std::vector<RequestId> ids_added;
-  for (int i = 0; i < 12; ++i)
-    ids_added.push_back(engine.add_request(request(concat(ids(100), ids(8, 3000 + 50 * i)), 150)));
-  // A few steps in, cancel two of them while they hold shared pages.
-  std::vector<StepEvent> events;
-  for (int step = 0; step < 8; ++step) engine.step(events);
-  EXPECT_GT(engine.cache().hit_pages_in_use(), 0);
-  engine.cancel(ids_added[1]);
-  engine.cancel(ids_added[5]);
-  const Totals t = run_to_end(engine);
-  EXPECT_GT(t.preemptions, 0) << "the pool is meant to be too small";
-  EXPECT_GT(t.hits, 0);
-  int cancelled = 0;
-  for (const StepEvent& e : events) cancelled += e.finish == FinishReason::kCancelled;
-  for (const auto& [id, reason] : t.finish) {
-    cancelled += reason == FinishReason::kCancelled;
-    if (reason != FinishReason::kCancelled) {
-      EXPECT_EQ(reason, FinishReason::kLength);
+  for (KvFormat f : {KvFormat::kFp16, KvFormat::kKivi2}) {
+    SCOPED_TRACE(to_string(f));
+    EngineOptions options;
+    options.admission = AdmissionPolicy::kPrompt;
+    options.max_batch_tokens = 96;
+    StubEngine s = stub_engine(f, 24, options);
+    Engine& engine = *s.engine;
+    std::vector<RequestId> ids_added;
+    for (int i = 0; i < 12; ++i)
+      ids_added.push_back(
+          engine.add_request(request(concat(ids(100), ids(8, 3000 + 50 * i)), 150)));
+    // A few steps in, cancel two of them while they hold shared pages.
+    std::vector<StepEvent> events;
+    for (int step = 0; step < 8; ++step) engine.step(events);
+    EXPECT_GT(engine.cache().hit_pages_in_use(), 0);
+    engine.cancel(ids_added[1]);
+    engine.cancel(ids_added[5]);
+    const Totals t = run_to_end(engine);
+    EXPECT_GT(t.preemptions, 0) << "the pool is meant to be too small";
+    EXPECT_GT(t.hits, 0);
+    int cancelled = 0;
+    for (const StepEvent& e : events) cancelled += e.finish == FinishReason::kCancelled;
+    for (const auto& [id, reason] : t.finish) {
+      cancelled += reason == FinishReason::kCancelled;
+      if (reason != FinishReason::kCancelled) {
+        EXPECT_EQ(reason, FinishReason::kLength);
+      }
     }
+    EXPECT_EQ(cancelled, 2);
+    EXPECT_EQ(engine.cache().hit_pages_in_use(), 0);
+    EXPECT_EQ(engine.cache().usage().blocks_used, 0);
+    EXPECT_EQ(engine.cache().num_free_blocks(), 24);
+    if (f == KvFormat::kKivi2) EXPECT_GT(s.backend->block_copies(), 0);
   }
-  EXPECT_EQ(cancelled, 2);
-  EXPECT_EQ(engine.cache().hit_pages_in_use(), 0);
-  EXPECT_EQ(engine.cache().usage().blocks_used, 0);
-  EXPECT_EQ(engine.cache().num_free_blocks(), 24);
 }
 
 // The device-lost path (Scheduler::fail_all) ends every request and drops the cached pages: what
@@ -515,6 +674,48 @@ TEST(PrefixCacheScheduler, ALostDeviceReleasesSharedPagesAndDropsTheCache) {
   EXPECT_EQ(engine.cache().num_free_blocks(), 64);
 }
 
+// KIVI and the shared-prefix shape (issue 20's benchmark): a prompt's last snapshot point lies in
+// its own tokens, so the first request leaves no snapshot another can use; the second, whose pages
+// match 16 cached ones, also ends a chunk at 512 = 15 pages + R, where the sharing ends; every
+// later one starts there.
+TEST(PrefixCacheScheduler, KiviASharedPrefixGetsASnapshotWhereTheSharingEnds) {
+  StubEngine s = stub_engine(KvFormat::kKivi2, 600);
+  Engine& engine = *s.engine;
+  const int expected_hits[] = {0, 0, 512, 512};
+  for (int i = 0; i < 4; ++i) {
+    engine.add_request(request(concat(ids(512), ids(64, 5000 + 100 * i)), 4));
+    const Totals t = run_to_end(engine);
+    EXPECT_EQ(t.hits, expected_hits[i]) << "request " << i;
+    EXPECT_EQ(t.prefill_tokens, 576 - expected_hits[i]) << "request " << i;
+  }
+  EXPECT_EQ(engine.cache().usage().blocks_used, 0);
+  EXPECT_EQ(engine.cache().num_free_blocks(), 600);
+}
+
+// KIVI and a lost device: the failing step copies a snapshot into a new sequence's residual;
+// every request ends with an error, every reference and pin is released, and the cached pages and
+// snapshots are dropped with the device.
+TEST(PrefixCacheScheduler, KiviALostDeviceReleasesSnapshotsAndDropsTheCache) {
+  StubEngine s = stub_engine(KvFormat::kKivi2, 64);
+  Engine& engine = *s.engine;
+  engine.add_request(request(ids(100), 4));
+  run_to_end(engine);
+  ASSERT_EQ(engine.cache().usage().cached_pages, 2) << "paged(103) = 64";
+  ASSERT_GT(engine.cache().usage().snapshot_blocks, 0) << "at 96: 2 pages + 32 tokens";
+  engine.add_request(request(ids(100), 20));
+  s.backend->lose_device();
+  std::vector<StepEvent> events;
+  const StepStats lost = engine.step(events);
+  EXPECT_EQ(lost.prefix_cache_hits, 96);
+  ASSERT_FALSE(engine.device_lost().empty());
+  EXPECT_FALSE(engine.has_work());
+  EXPECT_EQ(engine.cache().hit_pages_in_use(), 0);
+  EXPECT_EQ(engine.cache().usage().cached_pages, 0);
+  EXPECT_EQ(engine.cache().usage().snapshot_blocks, 0);
+  EXPECT_EQ(engine.cache().usage().blocks_used, 0);
+  EXPECT_EQ(engine.cache().num_free_blocks(), 64);
+}
+
 // ---- The CPU engine: the same tokens, bit for bit, with and without a hit ---------------------
 
 struct Generated {
@@ -523,9 +724,10 @@ struct Generated {
   bool operator==(const Generated& o) const { return tokens == o.tokens && logprobs == o.logprobs; }
 };
 
-std::unique_ptr<Engine> cpu_engine(const KvCacheConfig& config, EngineOptions options) {
+std::unique_ptr<Engine> cpu_engine(const KvCacheConfig& config, EngineOptions options,
+                                   int32_t blocks = 512) {
   const ModelConfig& model = shared_weights().config;
-  auto cache = std::make_unique<KvCacheManager>(config, model, 512);
+  auto cache = std::make_unique<KvCacheManager>(config, model, blocks);
   auto backend =
       std::make_unique<CpuBackend>(shared_weights(), cache->config(), cache->num_blocks());
   return std::make_unique<Engine>(model, std::move(cache), std::move(backend), options);
@@ -533,7 +735,7 @@ std::unique_ptr<Engine> cpu_engine(const KvCacheConfig& config, EngineOptions op
 
 // Runs `requests` together on `engine`; returns each one's tokens and the step totals.
 std::vector<Generated> run(Engine& engine, const std::vector<GenerationRequest>& requests,
-                           int* hits = nullptr) {
+                           int* hits = nullptr, int* preemptions = nullptr) {
   std::map<RequestId, size_t> index;
   for (size_t i = 0; i < requests.size(); ++i) index[engine.add_request(requests[i])] = i;
   std::vector<Generated> out(requests.size());
@@ -542,6 +744,7 @@ std::vector<Generated> run(Engine& engine, const std::vector<GenerationRequest>&
     events.clear();
     const StepStats stats = engine.step(events);
     if (hits != nullptr) *hits += stats.prefix_cache_hits;
+    if (preemptions != nullptr) *preemptions += stats.preemptions;
     for (const StepEvent& e : events) {
       EXPECT_NE(e.finish, FinishReason::kError) << e.error;
       if (!e.has_token) continue;
@@ -596,13 +799,54 @@ TEST(PrefixCacheCpuEngine, HitsGiveTheSameTokensAndLogprobsBitForBit) {
     for (size_t i = 0; i < later.size(); ++i) {
       EXPECT_TRUE(together[i] == alone[i]) << "request " << i << " in a batch";
     }
-    if (KvCacheManager::prefix_cache_supported(config)) {
-      EXPECT_GE(hits, 2 * (64 + 64 + 96 + 128 + 128 + 128)) << "every shared page was a hit";
+    if (is_kivi(config.format)) {
+      // A hit needs a snapshot: the first request's at 128 (3 pages + 32 residual tokens), then
+      // those the later prompts leave at 64 and 96 (docs/design.md, "Prefix caching").
+      EXPECT_GE(hits, 2 * (64 + 64 + 128 + 128 + 128)) << "hits resume at snapshots";
     } else {
-      EXPECT_EQ(hits, 0);
+      EXPECT_GE(hits, 2 * (64 + 64 + 96 + 128 + 128 + 128)) << "every shared page was a hit";
     }
     EXPECT_EQ(engine->cache().usage().blocks_used, 0);
   }
+}
+
+// kivi2 in a pool too small for the batch (prompt admission): sequences are preempted while
+// snapshots are being filled and copied, and recomputed from what of their pages and snapshots
+// is still cached; every request still gets the tokens and log-probabilities it gets alone
+// without the cache, bit for bit.
+TEST(PrefixCacheCpuEngine, KiviHitsUnderPreemptionAndEvictionStayBitExact) {
+  const nlohmann::json& prompts = testing::logits_fixture()["prompts"];
+  const std::vector<int32_t> base = ids_of(prompts[4]["prompt_ids"]);
+  const KvCacheConfig config = fixture_format("kivi2");
+  std::vector<GenerationRequest> requests;
+  for (size_t i = 0; i < 6; ++i) {
+    std::vector<int32_t> prompt(base.begin(), base.begin() + 96 + 24 * (i % 3));
+    const std::vector<int32_t> own = ids_of(prompts[i % 4]["prompt_ids"]);
+    prompt.insert(prompt.end(), own.begin(), own.end());
+    GenerationRequest r = request(prompt, 24);
+    if (i % 2 == 1) r.sampling = SamplingParams{0.9f, 40, 0.95f, 1.0f, 7 + i};
+    requests.push_back(r);
+  }
+  EngineOptions off;
+  off.prefix_cache = false;
+  std::vector<Generated> alone;
+  for (const GenerationRequest& r : requests)
+    alone.push_back(run(*cpu_engine(config, off), {r})[0]);
+
+  EngineOptions on;
+  on.admission = AdmissionPolicy::kPrompt;
+  on.max_batch_tokens = 64;
+  auto engine = cpu_engine(config, on, 48);
+  int hits = 0, preemptions = 0;
+  run(*engine, {request(std::vector<int32_t>(base.begin(), base.begin() + 160), 8)}, &hits);
+  const std::vector<Generated> together = run(*engine, requests, &hits, &preemptions);
+  for (size_t i = 0; i < requests.size(); ++i) {
+    EXPECT_TRUE(together[i] == alone[i]) << "request " << i;
+  }
+  EXPECT_GT(preemptions, 0) << "the pool is meant to be too small";
+  EXPECT_GT(hits, 0);
+  EXPECT_EQ(engine->cache().usage().blocks_used, 0);
+  EXPECT_EQ(engine->cache().num_free_blocks(), 48);
 }
 
 }  // namespace

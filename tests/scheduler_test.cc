@@ -90,26 +90,45 @@ RunTotals run_to_end(Scheduler& scheduler, int step_limit = 20000) {
 }
 
 // A backend that computes nothing and checks the plan's side of the contract: every item's block
-// table covers its tokens, and no block is handed to two sequences in one step.
+// table covers its tokens, and no block is handed to two sequences in one step, except a page
+// shared through the prefix cache, which lies wholly below the start of every item that holds it
+// (read, never written).
 class PlanCheckingBackend : public Backend {
  public:
-  explicit PlanCheckingBackend(int32_t num_blocks) : num_blocks_(num_blocks) {}
+  PlanCheckingBackend(int32_t num_blocks, const KvCacheConfig& config)
+      : num_blocks_(num_blocks), config_(config) {}
   std::string name() const override { return "plan-checking stub"; }
+  void copy_blocks(const std::vector<BlockCopy>& copies) override {
+    for (const BlockCopy& c : copies) {
+      EXPECT_TRUE(c.src >= 0 && c.src < num_blocks_ && c.dst >= 0 && c.dst < num_blocks_);
+      EXPECT_NE(c.src, c.dst);
+    }
+  }
   void forward(const std::vector<ForwardItem>&, std::vector<float>&) override {
     throw std::logic_error("the stub backend has no logits");
   }
   void forward_sample(const std::vector<ForwardItem>& items, const std::vector<SampleRequest>&,
                       std::vector<SampleResult>& results) override {
-    std::set<int32_t> seen;
+    std::set<int32_t> written, read;
     for (const ForwardItem& item : items) {
       EXPECT_GE(item.blocks.length, item.start + static_cast<int>(item.tokens.size()));
-      for (const BlockIdSpan& ids : {item.blocks.pages, item.blocks.residual_blocks}) {
-        for (int32_t id : ids) {
-          EXPECT_TRUE(id >= 0 && id < num_blocks_) << id;
-          EXPECT_TRUE(seen.insert(id).second) << "block " << id << " in two sequences";
+      const size_t read_only = paged_token_count(config_, item.start) / config_.page_tokens;
+      for (size_t p = 0; p < item.blocks.pages.size; ++p) {
+        const int32_t id = item.blocks.pages[p];
+        EXPECT_TRUE(id >= 0 && id < num_blocks_) << id;
+        if (p < read_only) {
+          read.insert(id);
+        } else {
+          EXPECT_TRUE(written.insert(id).second) << "block " << id << " in two sequences";
         }
       }
+      for (int32_t id : item.blocks.residual_blocks) {
+        EXPECT_TRUE(id >= 0 && id < num_blocks_) << id;
+        EXPECT_TRUE(written.insert(id).second) << "block " << id << " in two sequences";
+      }
     }
+    for (int32_t id : written)
+      EXPECT_EQ(read.count(id), 0u) << "block " << id << " read and written";
     results.assign(items.size(), SampleResult{});
     for (SampleResult& r : results) r.token = {kToken, -1.0f};
     ++steps_;
@@ -118,6 +137,7 @@ class PlanCheckingBackend : public Backend {
 
  private:
   int32_t num_blocks_;
+  KvCacheConfig config_;
   int steps_ = 0;
 };
 
@@ -343,9 +363,9 @@ TEST(Scheduler, ARequestThatCanNeverFitEndsWithAnErrorUnderEitherPolicy) {
 }
 
 std::unique_ptr<Engine> stub_engine(KvFormat f, int32_t blocks, EngineOptions options = {}) {
-  return std::make_unique<Engine>(tiny_model(),
-                                  std::make_unique<KvCacheManager>(format(f), tiny_model(), blocks),
-                                  std::make_unique<PlanCheckingBackend>(blocks), options);
+  return std::make_unique<Engine>(
+      tiny_model(), std::make_unique<KvCacheManager>(format(f), tiny_model(), blocks),
+      std::make_unique<PlanCheckingBackend>(blocks, format(f)), options);
 }
 
 // Issue 13, item 2, as reported: --kv-pool-mb 1 (28 kivi2 blocks of the test model) accepted

@@ -279,6 +279,15 @@ void CudaBackend::forward(const std::vector<ForwardItem>& items, std::vector<flo
   }
 }
 
+void CudaBackend::copy_blocks(const std::vector<BlockCopy>& copies) {
+  try {
+    cache_.copy_blocks(copies, stream_);
+  } catch (const std::exception& e) {
+    throw_if_device_lost(e);
+    throw;
+  }
+}
+
 void CudaBackend::forward_sample(const std::vector<ForwardItem>& items,
                                  const std::vector<SampleRequest>& requests,
                                  std::vector<SampleResult>& results) {

@@ -61,6 +61,9 @@ class CudaBackend : public Backend {
   void forward_sample(const std::vector<ForwardItem>& items,
                       const std::vector<SampleRequest>& requests,
                       std::vector<SampleResult>& results) override;
+  // Device-to-device copies on the backend's stream, ordered before the step's kernels (and any
+  // decode graph replayed after them).
+  void copy_blocks(const std::vector<BlockCopy>& copies) override;
   GraphCounters graph_counters() const override { return graph_counters_; }
   void set_kv_error_sample_rate(double rate) override { cache_.set_error_sample_rate(rate); }
   void take_kv_errors(KvQuantizationErrors& errors) override { cache_.take_errors(errors); }

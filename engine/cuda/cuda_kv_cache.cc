@@ -259,6 +259,18 @@ void CudaKvCache::take_errors(KvQuantizationErrors& errors) {
   std::memset(&step, 0, sizeof(step));
 }
 
+void CudaKvCache::copy_blocks(const std::vector<BlockCopy>& copies, cudaStream_t stream) {
+  const size_t block_bytes = static_cast<size_t>(view_.block_bytes);
+  for (const BlockCopy& copy : copies) {
+    if (copy.src < 0 || copy.src >= num_blocks_ || copy.dst < 0 || copy.dst >= num_blocks_) {
+      throw std::out_of_range("KV cache: block copy outside the pool");
+    }
+    KVSERVE_CUDA_CHECK(cudaMemcpy2DAsync(pool_ + copy.dst * block_bytes, layer_bytes_,
+                                         pool_ + copy.src * block_bytes, layer_bytes_, block_bytes,
+                                         n_layer_, cudaMemcpyDeviceToDevice, stream));
+  }
+}
+
 std::vector<uint8_t> CudaKvCache::download(cudaStream_t stream) const {
   std::vector<uint8_t> out(bytes_);
   KVSERVE_CUDA_CHECK(cudaMemcpyAsync(out.data(), pool_, bytes_, cudaMemcpyDeviceToHost, stream));

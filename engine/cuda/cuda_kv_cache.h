@@ -44,6 +44,9 @@ class CudaKvCache {
   // of step_indices and buffer_moves(), so decode steps can replay a captured CUDA graph.
   const int32_t* prepare(const std::vector<ForwardItem>& items, cudaStream_t stream,
                          const std::vector<int32_t>& step_indices = {});
+  // Copies each pair's src block over its dst block at every layer, in order, on `stream`
+  // (one strided device-to-device copy per pair: the layers are layer_bytes_ apart).
+  void copy_blocks(const std::vector<BlockCopy>& copies, cudaStream_t stream);
   // One layer: quantizes the positions that enter pages, attends, compacts the residual.
   //   qkv: fp16 [rows][3C] (q | k | v, biases added)   out: fp16 [rows][C]
   void append_and_attend(int layer, const __half* qkv, __half* out, cudaStream_t stream);
