@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <iostream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <stdexcept>
@@ -70,6 +71,15 @@ int run_bench_engine(const BenchEngineFlags& flags) {
   }
 
   using Clock = std::chrono::steady_clock;
+  // Wall time of the timed steps by kind, so that a slow run says which steps were slow: steps
+  // with prompt tokens, and decode-only steps that replayed a CUDA graph, captured one, or ran
+  // eagerly (no graphs, or a step whose quantization error was sampled).
+  struct StepTimes {
+    int64_t steps = 0;
+    double seconds = 0.0;
+  };
+  std::map<std::string, StepTimes> step_times;
+  GraphCounters graphs_before = engine.backend().graph_counters();
   const Clock::time_point start = Clock::now();
   int queued = 0, in_flight = 0, finished = 0, failed = 0, steps = 0;
   int64_t output_tokens = 0, preemptions = 0, recomputed_tokens = 0;
@@ -79,7 +89,21 @@ int run_bench_engine(const BenchEngineFlags& flags) {
       engine.add_request(requests[flags.warmup_requests + queued]);
     }
     events.clear();
+    const Clock::time_point step_start = Clock::now();
     const StepStats stats = engine.step(events);
+    const GraphCounters graphs_after = engine.backend().graph_counters();
+    const char* kind = stats.prefill_tokens == 0  ? "decode_eager"
+                       : stats.decode_tokens == 0 ? "prefill"
+                                                  : "mixed";
+    if (stats.prefill_tokens == 0 && graphs_after.captured > graphs_before.captured) {
+      kind = "decode_captured";
+    } else if (stats.prefill_tokens == 0 && graphs_after.replayed > graphs_before.replayed) {
+      kind = "decode_replayed";
+    }
+    graphs_before = graphs_after;
+    StepTimes& times = step_times[kind];
+    ++times.steps;
+    times.seconds += std::chrono::duration<double>(Clock::now() - step_start).count();
     ++steps;
     preemptions += stats.preemptions;
     recomputed_tokens += stats.recomputed_tokens;
@@ -104,11 +128,18 @@ int run_bench_engine(const BenchEngineFlags& flags) {
                           {"p50", histogram_quantile(bins, 0.5)},
                           {"p99", histogram_quantile(bins, 0.99)}};
   };
+  nlohmann::json step_times_json = nlohmann::json::object();
+  for (const auto& [kind, times] : step_times) {
+    step_times_json[kind] = {{"steps", times.steps},
+                             {"seconds", times.seconds},
+                             {"mean_ms", 1e3 * times.seconds / static_cast<double>(times.steps)}};
+  }
   const nlohmann::json out = {{"bench", "engine"},
                               {"model", spec.model},
                               {"device", device},
                               {"cuda_graphs", spec.backend.cuda_graphs},
                               {"graph_replays", graphs.replayed},
+                              {"graph_captures", graphs.captured},
                               {"kv", flags.kv.format},
                               {"decode_attention", flags.model.decode_attention},
                               {"prefill_attention", flags.model.prefill_attention},
@@ -125,6 +156,7 @@ int run_bench_engine(const BenchEngineFlags& flags) {
                               {"recomputed_tokens", recomputed_tokens},
                               {"failed", failed},
                               {"steps", steps},
+                              {"step_times", step_times_json},
                               {"duration_s", seconds},
                               {"output_tokens", output_tokens},
                               {"output_throughput", output_tokens / seconds},
