@@ -307,6 +307,11 @@ void check_prefill_steps(const CacheCase& c, PrefillAttentionVariant prefill,
       items.push_back({id, start, std::vector<int32_t>(count, 0), false, {}});
     }
     check_step(manager, cpu, gpu, items, channel_scale, rng, stream, static_cast<int>(step), worst);
+    // The single-token items of a step that also carries prompt chunks go to the decode kernel.
+    int single_token_items = 0;
+    for (const ForwardItem& item : items) single_token_items += item.tokens.size() == 1 ? 1 : 0;
+    EXPECT_EQ(gpu.decode_items(), gpu.decode_attention_supported() ? single_token_items : 0)
+        << "step " << step;
     if (failures() != failures_before) break;
     manager.finish_step();
   }

@@ -87,10 +87,10 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
   // Layout of the metadata buffer: start, count, row [n] each; page_offset, residual_offset
   // [n + 1] each; step_indices; block ids (every item's pages, then
   // every item's residual blocks, so one base pointer serves both and the offsets hold the variable
-  // part); tiles [num_tiles][2] (paged_attention steps only); where dequantized pages are used,
-  // the items' first scratch pages [n] and the scratch pages' (item, logical page) pairs. Every
-  // region's address up to the block ids depends on n and step_indices.size() alone, never on the
-  // block tables' lengths.
+  // part); tiles [num_tiles][2] (the items the prefill kernel attends); where dequantized pages are
+  // used, the items' first scratch pages [n] and the scratch pages' (item, logical page) pairs.
+  // Every region's address up to the block ids depends on n and step_indices.size() alone, never on
+  // the block tables' lengths.
   const size_t header = 5 * static_cast<size_t>(n) + 2;
   const size_t ids_at = header + step_indices.size();
   host_meta_.assign(header, 0);
@@ -103,23 +103,42 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
   const int query_tile = prefill_variant_ == cuda::PrefillAttentionVariant::kTensor
                              ? cuda::kPrefillQueryTile
                              : cuda::kAttentionQueryTile;
-  decode_ = n > 0 && cuda::decode_attention_supported(view_);
+  // The step's single-token items go first in the metadata (their rows stay where the items put
+  // them), so that decode_attention runs them as the batch's first decode_items_ items, and the
+  // prefill kernel's tiles cover the others: a decode item of a step that also carries prompt
+  // chunks is attended as in a decode step, not as a one-query tile of the prefill kernel, which
+  // would read a KIVI page element by element.
+  const bool decode_kernel = cuda::decode_attention_supported(view_);
+  std::vector<int> order, first_row(n);
+  order.reserve(n);
   for (int i = 0; i < n; ++i) {
-    const BlockTableView& seq = items[i].blocks;
-    const int tokens = static_cast<int>(items[i].tokens.size());
-    if (items[i].start + tokens > seq.length) {
+    first_row[i] = rows;
+    rows += static_cast<int>(items[i].tokens.size());
+    if (decode_kernel && items[i].tokens.size() == 1) order.push_back(i);
+  }
+  decode_items_ = static_cast<int>(order.size());
+  decode_ = n > 0 && decode_items_ == n;
+  for (int i = 0; i < n; ++i) {
+    if (!decode_kernel || items[i].tokens.size() != 1) order.push_back(i);
+  }
+  int decode_max_len = 0;
+  for (int i = 0; i < n; ++i) {
+    const ForwardItem& item = items[order[i]];
+    const BlockTableView& seq = item.blocks;
+    const int tokens = static_cast<int>(item.tokens.size());
+    if (item.start + tokens > seq.length) {
       throw std::logic_error("KV cache: append beyond the reserved length of the sequence");
     }
-    decode_ = decode_ && tokens == 1;
-    max_len = std::max(max_len, items[i].start + tokens);
-    start[i] = items[i].start;
+    max_len = std::max(max_len, item.start + tokens);
+    if (i < decode_items_) decode_max_len = max_len;
+    start[i] = item.start;
     count[i] = tokens;
-    row[i] = rows;
-    rows += tokens;
+    row[i] = first_row[order[i]];
     host_meta_[page_offset + i] = static_cast<int32_t>(pages.size());
     host_meta_[residual_offset + i] = static_cast<int32_t>(residual.size());
     pages.insert(pages.end(), seq.pages.begin(), seq.pages.end());
     residual.insert(residual.end(), seq.residual_blocks.begin(), seq.residual_blocks.end());
+    if (i < decode_items_) continue;
     for (int q = 0; q < tokens; q += query_tile) {
       tiles.push_back(i);
       tiles.push_back(q);
@@ -151,7 +170,7 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
   host_meta_.insert(host_meta_.end(), pages.begin(), pages.end());
   host_meta_.insert(host_meta_.end(), residual.begin(), residual.end());
   const size_t tiles_at = host_meta_.size();
-  if (!decode_) host_meta_.insert(host_meta_.end(), tiles.begin(), tiles.end());
+  host_meta_.insert(host_meta_.end(), tiles.begin(), tiles.end());
   const size_t scratch_at = host_meta_.size();
   num_scratch_pages_ = static_cast<int>(scratch_pages.size() / 2);
   if (num_scratch_pages_ > 0) {
@@ -178,7 +197,7 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
   batch_.pages = device + ids_at;
   batch_.residual_blocks = device + ids_at;
   tiles_ = device + tiles_at;
-  num_tiles_ = decode_ ? 0 : static_cast<int>(tiles.size() / 2);
+  num_tiles_ = static_cast<int>(tiles.size() / 2);
   dequantized_ = {};
   scratch_pages_ = nullptr;
   if (num_scratch_pages_ > 0) {
@@ -187,11 +206,12 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
     dequantized_.scratch = scratch_.reserve(static_cast<size_t>(num_scratch_pages_) *
                                             cuda::dequantized_page_elements(view_));
   }
-  if (decode_) {
-    decode_split_ = cuda::decode_attention_split(n, view_.n_head, max_len, sm_count_);
+  if (decode_items_ > 0) {
+    decode_split_ =
+        cuda::decode_attention_split(decode_items_, view_.n_head, decode_max_len, sm_count_);
     if (decode_split_.splits > 1) {
-      decode_partial_.reserve(static_cast<size_t>(n) * view_.n_head * decode_split_.splits *
-                              (view_.head_dim + 2));
+      decode_partial_.reserve(static_cast<size_t>(decode_items_) * view_.n_head *
+                              decode_split_.splits * (view_.head_dim + 2));
     }
   }
   return device + header;
@@ -223,10 +243,14 @@ void CudaKvCache::attend(int layer, const __half* qkv, __half* out, cudaStream_t
   cuda::KvCacheView view = view_;
   view.blocks = pool_ + layer * layer_bytes_;
   const int qkv_stride = 3 * channels_;
-  if (decode_) {
-    cuda::decode_attention(view, batch_, decode_split_, qkv, qkv_stride, out, channels_,
+  if (decode_items_ > 0) {
+    cuda::KvBatchView decode_batch = batch_;
+    decode_batch.items = decode_items_;
+    cuda::decode_attention(view, decode_batch, decode_split_, qkv, qkv_stride, out, channels_,
                            decode_partial_.get(), decode_variant_, stream);
-  } else if (prefill_variant_ == cuda::PrefillAttentionVariant::kTensor) {
+  }
+  if (num_tiles_ == 0) return;
+  if (prefill_variant_ == cuda::PrefillAttentionVariant::kTensor) {
     cuda::kv_dequantize_pages(view, batch_, scratch_pages_, num_scratch_pages_, scratch_.get(),
                               stream);
     cuda::prefill_attention(view, batch_, tiles_, num_tiles_, dequantized_, qkv, qkv_stride, out,

@@ -57,6 +57,9 @@ class CudaKvCache {
   // Whether the prepared step is a decode step (every item one token) run by decode_attention,
   // and how that splits the contexts: what a CUDA graph of append_and_attend bakes in.
   bool decode_step() const { return decode_; }
+  // The prepared step's items that decode_attention attends (its single-token items, where the
+  // geometry allows the kernel), the rest going to the prefill kernel.
+  int decode_items() const { return decode_items_; }
   cuda::DecodeSplit decode_split() const { return decode_split_; }
   cuda::DecodeAttentionVariant decode_attention_variant() const { return decode_variant_; }
   // Grows whenever a device buffer that append_and_attend's kernels address has moved.
@@ -101,8 +104,10 @@ class CudaKvCache {
   const int32_t* scratch_pages_ = nullptr;
   cuda::DequantizedPages dequantized_;
   cuda::DeviceBuffer<__half> scratch_;
-  // A decode step (every item one token) in a geometry decode_attention handles uses it, split
-  // along the context as decode_split_ says; other steps use paged_attention's tiles.
+  // In a geometry decode_attention handles, the step's single-token items (the metadata's first
+  // decode_items_) use it, split along the context as decode_split_ says; the other items use the
+  // prefill kernel's tiles. decode_: every item is a single-token one (a decode step).
+  int decode_items_ = 0;
   bool decode_ = false;
   cuda::DecodeSplit decode_split_;
   cuda::DecodeAttentionVariant decode_variant_;
