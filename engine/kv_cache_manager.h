@@ -134,8 +134,9 @@ class KvCacheManager {
   // with k >= 1; 0 when there is none (or for fp16 and int8, which need no snapshot).
   int snapshot_point(int tokens) const;
   // Every snapshot point of a sequence of `tokens` admitted on `match`, ascending, all beyond
-  // match.tokens: the last one, and before it the deepest kP + R within the pages its tokens share
-  // with cached ones (match.chain_tokens), where another prompt has been seen to share them.
+  // match.tokens: the deepest kP + R within the pages its tokens share with cached ones
+  // (match.chain_tokens), where another prompt has been seen to share them, and the last one when
+  // they share at least one page. A prompt that shares no page takes no snapshot.
   std::vector<int> snapshot_points(int tokens, const PrefixMatch& match) const;
   // Called when the step that brought the sequence to snapshot_point has been committed (after
   // cache_full_pages): gives its last full page a snapshot of its residual blocks, unless that

@@ -97,7 +97,8 @@ TEST(GpuPrefixCache, GreedyTokensAreTheSameWithAndWithoutAHit) {
     const int n = static_cast<int>(requests.size());
     if (is_kivi(fixture_format(format).format)) {
       // A hit needs a snapshot at 128 (3 pages + 32 residual tokens): the first request of the
-      // one-at-a-time round leaves it (the long prompt's is at 192), every later one starts there.
+      // one-at-a-time round leaves it (the long prompt, whose first page nothing had cached, left
+      // none), every later one starts there.
       EXPECT_GE(hits, (2 * n - 1) * 128) << format;
     } else {
       EXPECT_GE(hits, 2 * 128 * n) << format;

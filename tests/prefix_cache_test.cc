@@ -479,13 +479,21 @@ TEST(PrefixCacheScheduler, KiviChunkEndsAtTheSnapshotPointAndHitsResumeThere) {
     s.update_from_output(plan, results, events);
   };
   std::vector<StepEvent> events;
-  s.add_request(request(ids(150), 4));
+  // A prompt takes a snapshot only once another one has brought its first page into the cache.
+  s.add_request(request(ids(70), 4));
   StepPlan plan = s.schedule();
+  EXPECT_EQ(plan.items[0].tokens.size(), 70u) << "a prompt that shares nothing: one chunk";
+  commit(plan, events);
+  while (s.has_work()) commit(s.schedule(), events);
+  EXPECT_EQ(s.cache().usage().snapshot_blocks, 0);
+
+  const RequestId a = s.add_request(request(ids(150), 4));
+  plan = s.schedule();
   ASSERT_EQ(plan.items.size(), 1u);
   EXPECT_EQ(plan.items[0].tokens.size(), 128u) << "the chunk ends at the snapshot point";
   EXPECT_TRUE(plan.block_copies.empty());
   commit(plan, events);
-  const size_t residual = s.cache().sequence(1).residual_blocks.size();
+  const size_t residual = s.cache().sequence(a).residual_blocks.size();
   plan = s.schedule();
   ASSERT_EQ(plan.block_copies.size(), residual) << "the snapshot's fill, before the forward";
   EXPECT_EQ(plan.items[0].start, 128);
@@ -552,19 +560,26 @@ TEST(PrefixCacheScheduler, PreemptionAndCancellationReleaseReferences) {
     options.max_batch_tokens = 96;
     StubEngine s = stub_engine(f, 24, options);
     Engine& engine = *s.engine;
+    // Two earlier prompts with the same prefix: the first caches its pages, the second (KIVI)
+    // takes the residual snapshots that the twelve below start on.
+    for (int i = 0; i < 2; ++i) {
+      engine.add_request(request(concat(ids(100), ids(8, 2000 + 50 * i)), 4));
+      run_to_end(engine);
+    }
     std::vector<RequestId> ids_added;
     for (int i = 0; i < 12; ++i)
       ids_added.push_back(
           engine.add_request(request(concat(ids(100), ids(8, 3000 + 50 * i)), 150)));
     // A few steps in, cancel two of them while they hold shared pages.
     std::vector<StepEvent> events;
-    for (int step = 0; step < 8; ++step) engine.step(events);
+    int64_t hits = 0;
+    for (int step = 0; step < 8; ++step) hits += engine.step(events).prefix_cache_hits;
     EXPECT_GT(engine.cache().hit_pages_in_use(), 0);
     engine.cancel(ids_added[1]);
     engine.cancel(ids_added[5]);
     const Totals t = run_to_end(engine);
     EXPECT_GT(t.preemptions, 0) << "the pool is meant to be too small";
-    EXPECT_GT(t.hits, 0);
+    EXPECT_GT(hits + t.hits, 0);
     int cancelled = 0;
     for (const StepEvent& e : events) cancelled += e.finish == FinishReason::kCancelled;
     for (const auto& [id, reason] : t.finish) {
@@ -698,6 +713,8 @@ TEST(PrefixCacheScheduler, KiviASharedPrefixGetsASnapshotWhereTheSharingEnds) {
 TEST(PrefixCacheScheduler, KiviALostDeviceReleasesSnapshotsAndDropsTheCache) {
   StubEngine s = stub_engine(KvFormat::kKivi2, 64);
   Engine& engine = *s.engine;
+  engine.add_request(request(ids(70), 4));  // caches page 0: the next prompt takes a snapshot
+  run_to_end(engine);
   engine.add_request(request(ids(100), 4));
   run_to_end(engine);
   ASSERT_EQ(engine.cache().usage().cached_pages, 2) << "paged(103) = 64";
