@@ -40,17 +40,6 @@ absl::Status check(const EngineSpec& spec) {
   return absl::OkStatus();
 }
 
-absl::Status check_device_reads(const std::string& device, const KvCacheConfig& kv) {
-  if (device != "cuda") return absl::OkStatus();
-  if (kv.params != KvParamFormat::kFp16 || kv.residual_format != KvResidualFormat::kFp16) {
-    return absl::InvalidArgumentError(
-        "the CUDA backend does not read " + describe(kv) +
-        " yet (fp8 group parameters and the int8 residual, as in --kv kivi2c, are read by the "
-        "CPU backend only): use --device cpu, or --kv-params fp16 --kv-residual-format fp16");
-  }
-  return absl::OkStatus();
-}
-
 BuiltBackend build_backend(const EngineSpec& spec) {
   if (const absl::Status problem = check(spec); !problem.ok()) {
     throw std::invalid_argument(std::string(problem.message()));
@@ -60,9 +49,6 @@ BuiltBackend build_backend(const EngineSpec& spec) {
   built.device = resolve_device(spec.device, reason);
   spdlog::info("device: {} ({}), CUDA graphs {}", built.device, reason,
                spec.backend.cuda_graphs ? "on" : "off");
-  if (const absl::Status problem = check_device_reads(built.device, spec.kv); !problem.ok()) {
-    throw std::invalid_argument(std::string(problem.message()));
-  }
   ModelWeights weights = load_model(spec.model);  // logs what it loaded and how long it took
   built.model = weights.config;
   built.kv = spec.kv;

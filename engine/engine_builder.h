@@ -38,11 +38,6 @@ ModelConfig read_model_config(const std::string& model);
 // geometry does not allow, an empty pool), or OK when it can. Reads only the model's config, never
 // its weights.
 absl::Status check(const EngineSpec& spec);
-// OK when the backend of `device` ("cpu" or "cuda") reads `kv`'s layout, else INVALID_ARGUMENT
-// naming the option it does not read: the CUDA kernels do not read fp8 group parameters or an
-// int8 residual yet (the CPU backend does).
-absl::Status check_device_reads(const std::string& device, const KvCacheConfig& kv);
-
 // The backend over its cache, before an Engine (or the perplexity evaluation, or a benchmark that
 // drives the backend directly) takes them. The backend reads the cache's block tables: keep the
 // cache alive as long as the backend.

@@ -5,7 +5,9 @@
 //   fp16                       decode_attention_fp16.cu (two phases through shared scores)
 //   KIVI "online", "tensor"    decode_attention_kivi.cu (one pass, a running softmax per warp)
 //   KIVI 2-bit "packed"        decode_attention_packed.cu (one pass, two pages per warp step,
-//                              codes converted in registers and multiplied on tensor cores)
+//                              codes converted in registers and multiplied on tensor cores;
+//                              fp16 pairs and an fp16 window only: other KIVI layouts, such as
+//                              kivi2c's fp8 pairs and int8 residual, run "online")
 #include "kernels/decode_attention.h"
 
 #include <algorithm>
@@ -105,8 +107,9 @@ void decode_attention(const KvCacheView& cache, const KvBatchView& batch, Decode
     case KvKind::kKivi:
       // "packed" takes its pages two per warp: with chunks of fewer than 8 pages (small batches
       // split finely) the warps would run half-empty pairs, and "online" is the faster there.
+      // It reads fp16 pairs and an fp16 window only: fp8 pairs and int8 residuals run "online".
       if (cache.bits == 2 && variant == DecodeAttentionVariant::kPacked &&
-          split.chunk >= 2 * kWarps * kPage) {
+          split.chunk >= 2 * kWarps * kPage && !cache.params_fp8 && !cache.residual_int8) {
         launch_kivi_packed(cache, batch, split, qkv, qkv_stride, out, out_stride, split_partial,
                            stream);
       } else {

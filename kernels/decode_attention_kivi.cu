@@ -8,7 +8,8 @@
 // next. Keys are scored 4 channels x 16 tokens per lane (lane l: channels 4 (l % 16) .., tokens
 // 16 (l / 16) ..), which a 16-lane reduce-scatter turns into token l's score in lane l, and
 // values take ValueLanes; or both by tensor cores (tensor_key_score, add_tensor_values). The
-// fp16 window always takes ValueLanes.
+// window (fp16, or an int8 residual dequantized) always takes ValueLanes. (scale, zero) pairs are
+// read as fp16 pairs or, with fp8 parameters, turned into fp16 pairs as they are loaded (exact).
 // Codes are turned into floats without a shift: a code at bit offset b * pos is masked in place
 // under the exponent of 2^23 (code * 2^(b pos) exactly), and the power of two is taken out once
 // per token (keys) or per channel at the end (values).
@@ -66,6 +67,30 @@ struct KiviPage {
   std::conditional_t<kTensor, TensorValueRow, ValueFragment<KvKind::kKivi, BITS>> values;
 };
 
+// load_values of KIVI pages with fp8 pairs: the same words, the pairs turned into fp16 exactly.
+template <int BITS>
+__device__ __forceinline__ ValueFragment<KvKind::kKivi, BITS> load_fp8_values(const KvCacheView& c,
+                                                                              const uint8_t* page,
+                                                                              int head, int lane) {
+  using L = ValueLanes<KvKind::kKivi, BITS>;
+  constexpr int kWordsPerToken = kD * BITS / 32;
+  const int group = lane % L::kGroups, sub = lane / L::kGroups;
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(page + c.value_codes) +
+                          static_cast<int64_t>(head) * kPage * kWordsPerToken;  // [P][D*b/32]
+  const int groups_per_token = kD / c.value_group;
+  const int64_t first_pair = static_cast<int64_t>(head) * kPage * groups_per_token;  // [P][D/GV]
+  const int param = group * (32 / BITS) / c.value_group;
+  ValueFragment<KvKind::kKivi, BITS> f;
+#pragma unroll
+  for (int i = 0; i < f.kCount; ++i) {
+    const int t = sub + L::kTokens * i;
+    f.words[i] = words[t * kWordsPerToken + group];
+    f.params[i] =
+        group_params_half2(page + c.value_params, first_pair + t * groups_per_token + param, true);
+  }
+  return f;
+}
+
 template <int BITS, bool kTensor>
 __device__ __forceinline__ KiviPage<BITS, kTensor> load_kivi_page(const KvCacheView& c,
                                                                   const uint8_t* page, int head,
@@ -76,8 +101,15 @@ __device__ __forceinline__ KiviPage<BITS, kTensor> load_kivi_page(const KvCacheV
     const int64_t channel = static_cast<int64_t>(head) * kD + 2 * lane;
     f.keys.codes = *reinterpret_cast<const uint4*>(
         reinterpret_cast<const uint32_t*>(page + c.key_codes) + channel * 2);
-    f.keys.params = *reinterpret_cast<const uint2*>(
-        reinterpret_cast<const __half*>(page + c.key_params) + channel * 2);
+    if (c.params_fp8) {  // the two channels' fp8 pairs are 4 aligned bytes
+      const uint32_t both = *reinterpret_cast<const uint32_t*>(page + c.key_params + channel * 2);
+      const __half2 first = fp8_pair_to_half2(both), second = fp8_pair_to_half2(both >> 16);
+      f.keys.params = make_uint2(*reinterpret_cast<const uint32_t*>(&first),
+                                 *reinterpret_cast<const uint32_t*>(&second));
+    } else {
+      f.keys.params = *reinterpret_cast<const uint2*>(
+          reinterpret_cast<const __half*>(page + c.key_params) + channel * 2);
+    }
   } else {
     const int quad = lane % 16, half = lane / 16;
     // u32 [H][D][P*b/32]: a channel has BITS words, 16 tokens take BITS / 2 of them.
@@ -94,10 +126,23 @@ __device__ __forceinline__ KiviPage<BITS, kTensor> load_kivi_page(const KvCacheV
         f.keys.words[i][1] = two.y;
       }
     }
-    // fp16 pairs [H][D][1]: the quad's 4 channels are 16 contiguous bytes.
-    f.keys.params =
-        *reinterpret_cast<const uint4*>(reinterpret_cast<const __half*>(page + c.key_params) +
-                                        (static_cast<int64_t>(head) * kD + 4 * quad) * 2);
+    // Pairs [H][D][1]: the quad's 4 channels are 16 contiguous bytes (fp16) or 8 (fp8, turned
+    // into fp16 pairs exactly).
+    const int64_t channel = static_cast<int64_t>(head) * kD + 4 * quad;
+    if (c.params_fp8) {  // 8 aligned bytes
+      const uint2 raw = *reinterpret_cast<const uint2*>(page + c.key_params + channel * 2);
+      uint32_t pairs[4];
+      const uint32_t halves[4] = {raw.x, raw.x >> 16, raw.y, raw.y >> 16};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const __half2 pair = fp8_pair_to_half2(halves[i]);
+        pairs[i] = *reinterpret_cast<const uint32_t*>(&pair);
+      }
+      f.keys.params = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
+    } else {
+      f.keys.params = *reinterpret_cast<const uint4*>(
+          reinterpret_cast<const __half*>(page + c.key_params) + channel * 2);
+    }
   }
   if constexpr (kTensor) {
     static_assert(BITS == 2, "a 2-bit token row is one 16-byte ldmatrix row");
@@ -105,10 +150,15 @@ __device__ __forceinline__ KiviPage<BITS, kTensor> load_kivi_page(const KvCacheV
     const int groups = kD / c.value_group;
     const int64_t token = static_cast<int64_t>(head) * kPage + lane;
     f.values.codes = reinterpret_cast<const uint4*>(page + c.value_codes)[token];
-    const uint32_t* params =
-        reinterpret_cast<const uint32_t*>(page + c.value_params) + token * groups;
 #pragma unroll
-    for (int g = 0; g < 4; ++g) f.values.params[g] = g < groups ? params[g] : 0u;
+    for (int g = 0; g < 4; ++g) {
+      const __half2 pair =
+          g < groups ? group_params_half2(page + c.value_params, token * groups + g, c.params_fp8)
+                     : __float2half2_rn(0.0f);
+      f.values.params[g] = *reinterpret_cast<const uint32_t*>(&pair);
+    }
+  } else if (c.params_fp8) {
+    f.values = load_fp8_values<BITS>(c, page, head, lane);
   } else {
     f.values = load_values<KvKind::kKivi, BITS>(c, page, head, lane);
   }
@@ -453,35 +503,39 @@ __global__ void __launch_bounds__(kThreads, BITS == 2 ? 5 : 4)
   }
 
   // fp16 window tokens, L::kTokens per warp pass: L::kGroups lanes of L::kChannels channels each.
-  const KvWindow window{&cache,
-                        batch.residual_blocks + batch.residual_offset[item],
-                        qkv + row * qkv_stride,
-                        qkv_stride,
-                        head,
-                        pos,
-                        paged_count(cache, pos)};
+  const KvWindow window = item_window(cache, batch, qkv, qkv_stride, item, head);
   const int group = lane % L::kGroups, sub = lane / L::kGroups;
   for (int t0 = max(c0, paged) + L::kTokens * warp; t0 < c1; t0 += L::kTokens * kWarps) {
     const int t = t0 + sub;
     const bool valid = t < c1;
-    uint4 k[L::kChannels / 8] = {}, v[L::kChannels / 8] = {};
-    if (valid) {
+    // The lane's channels of token t: fp16 rows read 16 bytes at a time, or an int8 residual's
+    // rows dequantized as the CPU reads them.
+    float kf[L::kChannels] = {}, vf[L::kChannels] = {};
+    if (valid && cache.residual_int8) {
+#pragma unroll
+      for (int which = 0; which < 2; ++which) {
+        const uint8_t* codes;
+        __half2 pair;
+        window.residual_int8_row(t, which, codes, pair);
+        const float2 sz = __half22float2(pair);
+        float* f = which == 0 ? kf : vf;
+#pragma unroll
+        for (int j = 0; j < L::kChannels; ++j) {
+          f[j] = dequantize(codes[L::kChannels * group + j], sz.x, sz.y);
+        }
+      }
+    } else if (valid) {
       const uint4* keys = reinterpret_cast<const uint4*>(window.row(t, 0) + L::kChannels * group);
       const uint4* values = reinterpret_cast<const uint4*>(window.row(t, 1) + L::kChannels * group);
 #pragma unroll
       for (int j = 0; j < L::kChannels / 8; ++j) {
-        k[j] = keys[j];
-        v[j] = values[j];
+        unpack8(keys[j], kf + 8 * j);
+        unpack8(values[j], vf + 8 * j);
       }
     }
     float dot = 0.0f;
 #pragma unroll
-    for (int j = 0; j < L::kChannels / 8; ++j) {
-      float f[8];
-      unpack8(k[j], f);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) dot += q_s[L::kChannels * group + 8 * j + e] * f[e];
-    }
+    for (int j = 0; j < L::kChannels; ++j) dot += q_s[L::kChannels * group + j] * kf[j];
 #pragma unroll
     for (int o = 1; o < L::kGroups; o *= 2) dot += __shfl_xor_sync(0xffffffffu, dot, o);
     const float score = valid ? dot : -INFINITY;
@@ -489,15 +543,9 @@ __global__ void __launch_bounds__(kThreads, BITS == 2 ? 5 : 4)
     const float p = valid ? expf(score - state.m) : 0.0f;
     if (group == 0) state.sum += p;
 #pragma unroll
-    for (int j = 0; j < L::kChannels / 8; ++j) {
-      float f[8];
-      unpack8(v[j], f);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const float scaled_p =
-            kTensor ? p : p * static_cast<float>(1 << code_offset<BITS>(8 * j + e));
-        state.values[8 * j + e] += scaled_p * f[e];
-      }
+    for (int j = 0; j < L::kChannels; ++j) {
+      const float scaled_p = kTensor ? p : p * static_cast<float>(1 << code_offset<BITS>(j));
+      state.values[j] += scaled_p * vf[j];
     }
   }
 

@@ -11,7 +11,7 @@ namespace kvserve::cuda {
 enum class DecodeAttentionVariant {
   // 2-bit pages: codes read with 16-byte coalesced loads, two pages per warp step, converted in
   // registers into fp16 pairs (one AND per two codes) and multiplied on tensor cores; 4-bit
-  // pages run kOnline.
+  // pages, fp8 group parameters and an int8 residual (kivi2c) run kOnline.
   kPacked,
   // One pass with a running softmax per warp, fp32 FMAs on codes masked in place.
   kOnline,

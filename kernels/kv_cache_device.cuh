@@ -32,26 +32,146 @@ __device__ __forceinline__ __half* residual_row(const KvCacheView& c,
          (static_cast<int64_t>(head) * per_block + slot % per_block) * c.head_dim;
 }
 
-// The fp16 window of one item and head at a step: positions [paged(start), start) are the old
-// residual (valid until kv_compact_residual runs), positions [start, end) the step's new keys and
-// values in qkv ([rows][3C]: q | k | v).
+// code * scale + zero without FMA contraction, so dequantized values equal the CPU's bit for bit.
+__device__ __forceinline__ float dequantize(uint32_t code, float scale, float zero) {
+  return __fadd_rn(__fmul_rn(static_cast<float>(code), scale), zero);
+}
+
+// ---- fp8 e4m3 (engine/kv_quant.cc): bias 7, no infinities, 0x7f / 0xff are NaN (read as 448).
+__device__ __forceinline__ float e4m3_to_float(uint32_t bits) {
+  const uint32_t magnitude = min(bits & 0x7fu, 0x7eu);
+  const uint32_t exponent = magnitude >> 3, mantissa = magnitude & 7u;
+  // Exact: a subnormal is mantissa * 2^-9; a normal (8 + mantissa) * 2^(exponent - 10).
+  const float value = exponent == 0 ? static_cast<float>(mantissa) * 0x1p-9f
+                                    : __int_as_float(((exponent + 120u) << 23) | (mantissa << 20));
+  return (bits & 0x80u) ? -value : value;
+}
+
+// The code of the largest magnitude <= m (down) or the smallest >= m (up, saturating at 448), for
+// m >= 0: e4m3 magnitudes ascend with their code, as the CPU's table.
+__device__ __forceinline__ uint32_t e4m3_magnitude_down(float m) {
+  uint32_t lo = 0, hi = 0x7e;  // the answer lies in [lo, hi]
+  while (lo < hi) {
+    const uint32_t mid = (lo + hi + 1) / 2;
+    if (e4m3_to_float(mid) <= m)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+__device__ __forceinline__ uint32_t e4m3_magnitude_up(float m) {
+  uint32_t lo = 0, hi = 0x7e;
+  while (lo < hi) {
+    const uint32_t mid = (lo + hi) / 2;
+    if (e4m3_to_float(mid) >= m)
+      hi = mid;
+    else
+      lo = mid + 1;
+  }
+  return lo;
+}
+__device__ __forceinline__ uint32_t e4m3_round_down(float x) {
+  if (isnan(x)) return 0;
+  return x >= 0.0f ? e4m3_magnitude_down(x) : 0x80u | e4m3_magnitude_up(-x);
+}
+__device__ __forceinline__ uint32_t e4m3_round_up(float x) {
+  if (isnan(x)) return 0;
+  return x >= 0.0f ? e4m3_magnitude_up(x) : 0x80u | e4m3_magnitude_down(-x);
+}
+
+// (scale, zero) pair `index` of a pair array in the view's format: fp16 pairs (4 bytes) or fp8
+// e4m3 pairs (2 bytes, kivi with params_fp8).
+__device__ __forceinline__ float2 group_params(const uint8_t* pairs, int64_t index, bool fp8) {
+  if (fp8) {
+    const uchar2 p = reinterpret_cast<const uchar2*>(pairs)[index];
+    return make_float2(e4m3_to_float(p.x), e4m3_to_float(p.y));
+  }
+  return __half22float2(reinterpret_cast<const __half2*>(pairs)[index]);
+}
+
+// An fp8 (scale, zero) pair held in the low 16 bits of `bits` (scale first), as an fp16 pair
+// (exact: every e4m3 value is an fp16).
+__device__ __forceinline__ __half2 fp8_pair_to_half2(uint32_t bits) {
+  return __floats2half2_rn(e4m3_to_float(bits & 0xffu), e4m3_to_float((bits >> 8) & 0xffu));
+}
+
+// The same pair as an fp16 pair (exact: every e4m3 value is an fp16), for the decode kernels that
+// keep pairs in fp16 registers.
+__device__ __forceinline__ __half2 group_params_half2(const uint8_t* pairs, int64_t index,
+                                                      bool fp8) {
+  if (fp8) {
+    const uchar2 p = reinterpret_cast<const uchar2*>(pairs)[index];
+    return __floats2half2_rn(e4m3_to_float(p.x), e4m3_to_float(p.y));
+  }
+  return reinterpret_cast<const __half2*>(pairs)[index];
+}
+
+// The window of one item and head at a step: positions [paged(start), start) are the old residual
+// (valid until kv_compact_residual runs), positions [start, end) the step's new keys and values,
+// in qkv ([rows][3C]: q | k | v) or, with an int8 residual, quantized in the batch's new rows.
+// As the CPU attends them: fp16 values, or an int8 residual's dequantized values (new rows too).
 struct KvWindow {
   const KvCacheView* cache;
   const int32_t* residual_blocks;
   const __half* qkv;  // the item's first row
   int64_t qkv_stride;
   int head, start, window_start;
+  const uint8_t* new_codes = nullptr;    // int8 residual: the item's first row of batch.new_codes
+  const uint32_t* new_params = nullptr;  // and of batch.new_params
 
+  // fp16 residual only: the fp16 [D] row of `pos`.
   __device__ __forceinline__ const __half* row(int pos, int which) const {
     if (pos < start) return residual_row(*cache, residual_blocks, head, pos - window_start, which);
     const int channels = cache->n_head * cache->head_dim;
     return qkv + (pos - start) * qkv_stride + (1 + which) * channels + head * cache->head_dim;
   }
+
+  // Element d of `pos` as attention reads it, for either residual format.
+  __device__ __forceinline__ float element(int pos, int d, int which) const {
+    if (!cache->residual_int8) return __half2float(row(pos, which)[d]);
+    const uint8_t* codes;
+    __half2 pair;
+    residual_int8_row(pos, which, codes, pair);
+    const float2 p = __half22float2(pair);
+    return dequantize(codes[d], p.x, p.y);
+  }
+
+  // int8 residual: the codes [D] and fp16 (scale, zero) of `pos`.
+  __device__ __forceinline__ void residual_int8_row(int pos, int which, const uint8_t*& codes,
+                                                    __half2& pair) const {
+    const int D = cache->head_dim;
+    if (pos < start) {
+      const int per_block = cache->residual_tokens_per_block, slot = pos - window_start;
+      const uint8_t* block = block_ptr(*cache, residual_blocks[2 * (slot / per_block) + which]);
+      const int64_t index = static_cast<int64_t>(head) * per_block + slot % per_block;
+      codes = block + index * D;
+      pair = reinterpret_cast<const __half2*>(block + cache->residual_params)[index];
+      return;
+    }
+    const int64_t index = (static_cast<int64_t>(pos - start) * 2 + which) * cache->n_head + head;
+    codes = new_codes + index * D;
+    pair = *reinterpret_cast<const __half2*>(new_params + index);
+  }
 };
 
-// code * scale + zero without FMA contraction, so dequantized values equal the CPU's bit for bit.
-__device__ __forceinline__ float dequantize(uint32_t code, float scale, float zero) {
-  return __fadd_rn(__fmul_rn(static_cast<float>(code), scale), zero);
+// The window of item `item` and head `head` of a step (window_start = paged(start)).
+__device__ __forceinline__ KvWindow item_window(const KvCacheView& cache, const KvBatchView& batch,
+                                                const __half* qkv, int64_t qkv_stride, int item,
+                                                int head) {
+  const int start = batch.start[item];
+  const int64_t row = batch.row[item];
+  const int64_t new_rows = row * 2 * cache.n_head;
+  return KvWindow{
+      &cache,
+      batch.residual_blocks + batch.residual_offset[item],
+      qkv + row * qkv_stride,
+      qkv_stride,
+      head,
+      start,
+      paged_count(cache, start),
+      batch.new_codes == nullptr ? nullptr : batch.new_codes + new_rows * cache.head_dim,
+      batch.new_params == nullptr ? nullptr : batch.new_params + new_rows};
 }
 
 // Element d of the key (which = 0) or value (1) in slot `slot` of one head of `page`, as the cache
@@ -78,17 +198,13 @@ __device__ __forceinline__ float page_element(const KvCacheView& c, const uint8_
       const int G = c.key_group;
       const int64_t channel = static_cast<int64_t>(head) * D + d;
       const uint32_t word = words[channel * (P / kPerWord) + slot / kPerWord];
-      const __half* p =
-          reinterpret_cast<const __half*>(page + params) + 2 * (channel * (P / G) + slot / G);
-      return dequantize((word >> (BITS * (slot % kPerWord))) & kMask, __half2float(p[0]),
-                        __half2float(p[1]));
+      const float2 p = group_params(page + params, channel * (P / G) + slot / G, c.params_fp8);
+      return dequantize((word >> (BITS * (slot % kPerWord))) & kMask, p.x, p.y);
     }
     const int GV = c.value_group;  // per token, packed along channels
     const uint32_t word = words[token * (D / kPerWord) + d / kPerWord];
-    const __half* p =
-        reinterpret_cast<const __half*>(page + params) + 2 * (token * (D / GV) + d / GV);
-    return dequantize((word >> (BITS * (d % kPerWord))) & kMask, __half2float(p[0]),
-                      __half2float(p[1]));
+    const float2 p = group_params(page + params, token * (D / GV) + d / GV, c.params_fp8);
+    return dequantize((word >> (BITS * (d % kPerWord))) & kMask, p.x, p.y);
   }
 }
 
@@ -113,23 +229,12 @@ __device__ __forceinline__ float page_element(const KvCacheView& c, const uint8_
   return page_element<KvKind::kKivi, 2>(c, page, head, slot, d, which, D);
 }
 
-// Quantizes x(0) .. x(n-1) (fp16 values) with `bits`-bit codes into whole 32-bit words (n is a
-// multiple of 32 / bits), LSB first, and stores (scale, zero) as an fp16 pair at params.
+// Codes of x(0) .. x(n-1) with (scale, zero), packed `bits` per code into whole 32-bit words (n
+// a multiple of 32 / bits), LSB first: rint((x - zero) / scale) clamped, as the CPU's write_codes.
 template <typename Fetch>
-__device__ __forceinline__ void quantize_to_words(Fetch x, int n, int bits, uint32_t* words,
-                                                  __half* params) {
-  float lo = x(0), hi = lo;
-  for (int i = 1; i < n; ++i) {
-    const float v = x(i);
-    lo = fminf(lo, v);
-    hi = fmaxf(hi, v);
-  }
+__device__ __forceinline__ void write_code_words(Fetch x, int n, int bits, float scale, float zero,
+                                                 uint32_t* words) {
   const float max_code = static_cast<float>((1 << bits) - 1);
-  const __half scale_h = __float2half_rn((hi - lo) / max_code);
-  const __half zero_h = __float2half_rn(lo);
-  params[0] = scale_h;
-  params[1] = zero_h;
-  const float scale = __half2float(scale_h), zero = __half2float(zero_h);
   const int per_word = 32 / bits;
   for (int w = 0; w < n / per_word; ++w) {
     uint32_t word = 0;
@@ -139,6 +244,56 @@ __device__ __forceinline__ void quantize_to_words(Fetch x, int n, int bits, uint
     }
     words[w] = word;
   }
+}
+
+// Quantizes x(0) .. x(n-1) into whole 32-bit words (write_code_words) and stores (scale, zero) as
+// pair `index` of `pairs`: an fp16 pair, or with fp8 the e4m3 pair engine/kv_quant.cc's
+// quantize_group_fp8 picks (of zero in {down(min), up(min)} x scale in {up, down} of (max - zero)
+// / max_code, the least squared error, summed in order without contraction; ties keep the first).
+template <typename Fetch>
+__device__ __forceinline__ void quantize_to_words(Fetch x, int n, int bits, bool fp8,
+                                                  uint32_t* words, uint8_t* pairs, int64_t index) {
+  float lo = x(0), hi = lo;
+  for (int i = 1; i < n; ++i) {
+    const float v = x(i);
+    lo = fminf(lo, v);
+    hi = fmaxf(hi, v);
+  }
+  const float max_code = static_cast<float>((1 << bits) - 1);
+  if (!fp8) {
+    const __half scale_h = __float2half_rn((hi - lo) / max_code);
+    const __half zero_h = __float2half_rn(lo);
+    reinterpret_cast<__half2*>(pairs)[index] = __halves2half2(scale_h, zero_h);
+    write_code_words(x, n, bits, __half2float(scale_h), __half2float(zero_h), words);
+    return;
+  }
+  uint32_t best_scale = 0, best_zero = 0;
+  float best_error = INFINITY;
+  const uint32_t zeros[2] = {e4m3_round_down(lo), e4m3_round_up(lo)};
+  for (int z = 0; z < 2; ++z) {
+    const float zero = e4m3_to_float(zeros[z]);
+    const float spread = fmaxf(0.0f, (hi - zero) / max_code);
+    const uint32_t scales[2] = {e4m3_round_up(spread), e4m3_round_down(spread)};
+    for (int s = 0; s < 2; ++s) {
+      const float scale = e4m3_to_float(scales[s]);
+      float error = 0.0f;
+      for (int i = 0; i < n; ++i) {
+        const float v = x(i);
+        const float q = scale > 0.0f ? rintf((v - zero) / scale) : 0.0f;
+        const float e = __fsub_rn(
+            dequantize(static_cast<uint32_t>(fminf(fmaxf(q, 0.0f), max_code)), scale, zero), v);
+        error = __fadd_rn(error, __fmul_rn(e, e));
+      }
+      if (error < best_error) {
+        best_error = error;
+        best_scale = scales[s];
+        best_zero = zeros[z];
+      }
+    }
+  }
+  reinterpret_cast<uchar2*>(pairs)[index] =
+      make_uchar2(static_cast<unsigned char>(best_scale), static_cast<unsigned char>(best_zero));
+  write_code_words(x, n, bits, e4m3_to_float(best_scale), e4m3_to_float(best_zero), words);
 }
 
 }  // namespace kvserve::cuda

@@ -17,9 +17,9 @@ struct KvCacheView {
   uint8_t* blocks = nullptr;  // [num_blocks][block_bytes] of this layer
   int64_t block_bytes = 0;
   int64_t key_codes = 0;     // fp16 [H][P][D] | u8 [H][P][D] | u32 [H][D][P*b/32] (kivi)
-  int64_t key_params = 0;    // fp16 pairs [H][P] (int8) | [H][D][P/G] (kivi)
+  int64_t key_params = 0;    // pairs [H][P] (int8, fp16) | [H][D][P/G] (kivi, fp16 or fp8)
   int64_t value_codes = 0;   // fp16 [H][P][D] | u8 [H][P][D] | u32 [H][P][D*b/32] (kivi)
-  int64_t value_params = 0;  // fp16 pairs [H][P] (int8) | [H][P][D/GV] (kivi)
+  int64_t value_params = 0;  // pairs [H][P] (int8, fp16) | [H][P][D/GV] (kivi, fp16 or fp8)
   KvKind kind = KvKind::kFp16;
   int32_t bits = 16;  // 16, 8, 4 or 2
   int32_t n_head = 0;
@@ -28,8 +28,11 @@ struct KvCacheView {
   int32_t key_group = 0;                  // G (kivi)
   int32_t value_group = 0;                // GV (kivi)
   int32_t residual = 0;                   // R (kivi)
-  int32_t residual_tokens_per_block = 0;  // c: a residual block is fp16 [H][c][D]
+  int32_t residual_tokens_per_block = 0;  // c: a residual block is fp16 [H][c][D] or, int8:
+  int64_t residual_params = 0;            //    u8 [H][c][D] + fp16 pairs [H][c] at this offset
   bool per_token_keys = false;            // kivi ablation: keys laid out like values
+  bool params_fp8 = false;     // kivi: (scale, zero) pairs are two fp8 e4m3 bytes, not two fp16
+  bool residual_int8 = false;  // kivi: the residual is int8 per token and head (see above)
 };
 
 // One step: item i feeds positions [start[i], start[i] + count[i]) of one sequence, whose rows
@@ -44,6 +47,11 @@ struct KvBatchView {
   const int32_t* pages = nullptr;            // logical page -> block id, items concatenated
   const int32_t* residual_offset = nullptr;  // [items + 1] into residual_blocks
   const int32_t* residual_blocks = nullptr;  // kivi: [keys 0, values 0, keys 1, ...] concatenated
+  // int8 residual: the step's new keys and values quantized to int8 as they enter the window
+  // (kv_quantize_residual), read by every kernel of the step before kv_compact_residual moves
+  // them into the residual blocks. Indexed by the step's rows (row[i] + position - start[i]).
+  uint8_t* new_codes = nullptr;    // u8 [rows][2 (keys, values)][H][D]
+  uint32_t* new_params = nullptr;  // fp16 (scale, zero) pairs [rows][2][H]
 };
 
 // Launcher precondition check shared by the KV cache kernels: throws std::invalid_argument naming
@@ -69,6 +77,8 @@ inline void check_kv_launch(const char* op, const KvCacheView& c, const KvBatchV
         c.value_group <= 0 || c.value_group % per_word != 0 || c.head_dim % c.value_group != 0 ||
         c.residual <= 0 || c.residual_tokens_per_block <= 0 || b.residual_blocks == nullptr)
       fail("inconsistent KIVI geometry (groups, page size, residual)");
+    if (c.residual_int8 && (c.residual_params <= 0 || !b.new_codes || !b.new_params))
+      fail("int8 residual without its parameters or the step's quantized rows");
   }
 }
 

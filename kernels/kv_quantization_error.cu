@@ -44,13 +44,7 @@ __global__ void kv_quantization_error_kernel(const KvCacheView cache, const KvBa
   const int first = paged_count(cache, start), last = paged_count(cache, end);
   if (first == last || cache.kind == KvKind::kFp16) return;
   const int32_t* pages = batch.pages + batch.page_offset[item];
-  const KvWindow window{&cache,
-                        batch.residual_blocks + batch.residual_offset[item],
-                        qkv + static_cast<int64_t>(batch.row[item]) * qkv_stride,
-                        qkv_stride,
-                        head,
-                        start,
-                        first};
+  const KvWindow window = item_window(cache, batch, qkv, qkv_stride, item, head);
   const int D = cache.head_dim, P = cache.page_tokens;
   const int tokens = last - first;
 
@@ -65,10 +59,9 @@ __global__ void kv_quantization_error_kernel(const KvCacheView cache, const KvBa
     const int slot = pos % P;
     const int32_t id = pages[pos / P];
     const uint8_t* page = block_ptr(cache, id);
-    const __half* x = window.row(pos, which) + g * group;
     count(bins, which,
           relative_error(
-              [x](int i) { return __half2float(x[i]); },
+              [&](int i) { return window.element(pos, g * group + i, which); },
               [&](int i) { return page_element(cache, page, head, slot, g * group + i, which); },
               group));
   }
@@ -82,7 +75,7 @@ __global__ void kv_quantization_error_kernel(const KvCacheView cache, const KvBa
     const uint8_t* page = block_ptr(cache, id);
     count(
         bins, 0,
-        relative_error([&](int i) { return __half2float(window.row(group_start + i, 0)[d]); },
+        relative_error([&](int i) { return window.element(group_start + i, d, 0); },
                        [&](int i) { return page_element(cache, page, head, slot + i, d, 0); }, G));
   }
 }

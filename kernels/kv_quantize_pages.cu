@@ -22,13 +22,9 @@ __global__ void kv_quantize_pages_kernel(const KvCacheView cache, const KvBatchV
   const int first = paged_count(cache, start), last = paged_count(cache, end);
   if (first == last) return;
   const int32_t* pages = batch.pages + batch.page_offset[item];
-  const KvWindow window{&cache,
-                        batch.residual_blocks + batch.residual_offset[item],
-                        qkv + static_cast<int64_t>(batch.row[item]) * qkv_stride,
-                        qkv_stride,
-                        head,
-                        start,
-                        first};
+  // From the window as attention reads it: with an int8 residual, its dequantized values (the
+  // CPU's flush does the same, so prefill and decode store the same codes).
+  const KvWindow window = item_window(cache, batch, qkv, qkv_stride, item, head);
   const int D = cache.head_dim, P = cache.page_tokens;
   const int tokens = last - first;
 
@@ -58,9 +54,11 @@ __global__ void kv_quantize_pages_kernel(const KvCacheView cache, const KvBatchV
     const int64_t token = static_cast<int64_t>(head) * P + slot;
     auto* words = reinterpret_cast<uint32_t*>(page + codes_offset) + token * (D * cache.bits / 32) +
                   g * (group * cache.bits / 32);
-    auto* params = reinterpret_cast<__half*>(page + params_offset) + 2 * (token * groups + g);
-    const __half* x = window.row(pos, which) + g * group;
-    quantize_to_words([x](int i) { return __half2float(x[i]); }, group, cache.bits, words, params);
+    // int8 pages keep fp16 pairs; kivi pairs follow the view's parameter format.
+    quantize_to_words([&window, pos, which, g,
+                       group](int i) { return window.element(pos, g * group + i, which); },
+                      group, cache.bits, cache.kind == KvKind::kKivi && cache.params_fp8, words,
+                      page + params_offset, token * groups + g);
   }
   if (keys_per_token) return;
 
@@ -75,11 +73,9 @@ __global__ void kv_quantize_pages_kernel(const KvCacheView cache, const KvBatchV
     const int64_t channel = static_cast<int64_t>(head) * D + d;
     auto* words = reinterpret_cast<uint32_t*>(page + cache.key_codes) +
                   channel * words_per_channel + slot * cache.bits / 32;
-    auto* params =
-        reinterpret_cast<__half*>(page + cache.key_params) + 2 * (channel * (P / G) + slot / G);
-    quantize_to_words([&window, group_start,
-                       d](int i) { return __half2float(window.row(group_start + i, 0)[d]); },
-                      G, cache.bits, words, params);
+    quantize_to_words(
+        [&window, group_start, d](int i) { return window.element(group_start + i, d, 0); }, G,
+        cache.bits, cache.params_fp8, words, page + cache.key_params, channel * (P / G) + slot / G);
   }
 }
 

@@ -43,13 +43,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int queries = min(kAttentionQueryTile, batch.count[item] - q0);
   const int64_t row0 = static_cast<int64_t>(batch.row[item]) + q0;
   const int32_t* pages = batch.pages + batch.page_offset[item];
-  const KvWindow window{&cache,
-                        batch.residual_blocks + batch.residual_offset[item],
-                        qkv + static_cast<int64_t>(batch.row[item]) * qkv_stride,
-                        qkv_stride,
-                        head,
-                        start,
-                        paged_count(cache, start)};
+  const KvWindow window = item_window(cache, batch, qkv, qkv_stride, item, head);
   const int last_pos = start + q0 + queries - 1;
   // Keys below quantized_end are read quantized by some query, keys from fp16_begin on in fp16
   // by some query.
@@ -82,8 +76,8 @@ __global__ void __launch_bounds__(kWarps * 32)
         vq_s[j][d] = paged_element<D, KIND, BITS>(cache, pages, head, pos, d, 1);
       }
       if (pos >= fp16_begin) {
-        kf_s[j][d] = __half2float(window.row(pos, 0)[d]);
-        vf_s[j][d] = __half2float(window.row(pos, 1)[d]);
+        kf_s[j][d] = window.element(pos, d, 0);
+        vf_s[j][d] = window.element(pos, d, 1);
       }
     }
     __syncthreads();

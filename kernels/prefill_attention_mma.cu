@@ -12,7 +12,8 @@
 // form and others in the other (a flush inside a prefill chunk) is loaded and attended twice, once
 // per form, each pass masking the keys its queries do not read in that form.
 //
-// Precision: q, fp16 pages and the fp16 window are exact in fp16. Keys and values dequantized from
+// Precision: q, fp16 pages and the fp16 window are exact in fp16 (an int8 residual's window is
+// dequantized in fp32 and split like dequantized pages). Keys and values dequantized from
 // int8 or KIVI pages are fp32 (code * scale + zero, as the CPU computes them) and are not: they are
 // split into a high and a low fp16 part (x = hi + lo to about 2^-22 relative), and Q K and P V take
 // one mma per part. Rounding them to one fp16 moved attention outputs by up to 3.2e-3 where the
@@ -127,6 +128,20 @@ __device__ __forceinline__ void load_scratch_tile(const KvCacheView& c, const __
     *reinterpret_cast<uint4*>(&s.keys_low[j][8 * chunk]) = k_low;
     *reinterpret_cast<uint4*>(&s.values[j][8 * chunk]) = v;
     *reinterpret_cast<uint4*>(&s.values_low[j][8 * chunk]) = v_low;
+  }
+}
+
+// Keys and values [from, to) (within [k0, k0 + 64)) of an int8 residual window, dequantized in
+// fp32 as the CPU reads them and split into high and low fp16 parts like dequantized pages; the
+// tile's other rows are zeroed.
+__device__ __forceinline__ void load_int8_window_tile(const KvWindow& w, int k0, int from, int to,
+                                                      SharedTile& s) {
+#pragma unroll 4
+  for (int e = threadIdx.x; e < kKeyTile * kD; e += kThreads) {
+    const int j = e / kD, d = e % kD, pos = k0 + j;
+    const bool read = pos >= from && pos < to;
+    split_half(read ? w.element(pos, d, 0) : 0.0f, s.keys[j][d], s.keys_low[j][d]);
+    split_half(read ? w.element(pos, d, 1) : 0.0f, s.values[j][d], s.values_low[j][d]);
   }
 }
 
@@ -287,13 +302,7 @@ __global__ void __launch_bounds__(kThreads)
   const int first_scratch = KIND != KvKind::kFp16 && dequantized.first_page != nullptr
                                 ? dequantized.first_page[item]
                                 : -1;
-  const KvWindow window{&cache,
-                        batch.residual_blocks + batch.residual_offset[item],
-                        qkv + static_cast<int64_t>(batch.row[item]) * qkv_stride,
-                        qkv_stride,
-                        head,
-                        start,
-                        paged_count(cache, start)};
+  const KvWindow window = item_window(cache, batch, qkv, qkv_stride, item, head);
   const int first_pos = start + q0, last_pos = first_pos + queries - 1;
   // Keys below page_end are read in page form by some query of the block, keys from window_begin
   // to last_pos in fp16 form by some query (none outside KIVI: every key is paged at once).
@@ -352,12 +361,21 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (k1 > window_begin) {
       __syncthreads();
-      load_window_tile(window, k0, max(k0, window_begin), k1, tile);
+      const bool int8_window = KIND == KvKind::kKivi && cache.residual_int8;
+      if (int8_window) {
+        load_int8_window_tile(window, k0, max(k0, window_begin), k1, tile);
+      } else {
+        load_window_tile(window, k0, max(k0, window_begin), k1, tile);
+      }
       __syncthreads();
       if (warp_rows > 0 && k0 <= warp_last && k0 + kKeyTile > warp_window_begin) {
         const bool masked =
             k0 < paged_count(cache, warp_last + 1) || k0 + kKeyTile - 1 > warp_first;
-        attend_tile<Form::kWindow, false>(w, tile, k0, masked, lane);
+        if (int8_window) {
+          attend_tile<Form::kWindow, true>(w, tile, k0, masked, lane);
+        } else {
+          attend_tile<Form::kWindow, false>(w, tile, k0, masked, lane);
+        }
       }
     }
   }

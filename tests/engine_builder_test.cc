@@ -49,22 +49,6 @@ TEST(EngineBuilder, ChecksTheSpecAgainstTheModelGeometry) {
   EXPECT_NE(check(pool_below_one_block).message().find("holds no block"), std::string::npos);
 }
 
-// The CUDA kernels do not read fp8 group parameters or an int8 residual yet: refused at start
-// with a message naming the way out, never a pool the kernels would misread.
-TEST(EngineBuilder, TheCudaBackendRefusesLayoutsItDoesNotRead) {
-  KvCacheConfig kv;
-  ASSERT_TRUE(apply_kv_preset("kivi2c", kv));
-  EXPECT_TRUE(check_device_reads("cpu", kv).ok());
-  const absl::Status cuda = check_device_reads("cuda", kv);
-  EXPECT_EQ(cuda.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(cuda.message().find("--device cpu"), std::string::npos) << cuda;
-  EXPECT_NE(cuda.message().find("fp8 params, int8 residual"), std::string::npos) << cuda;
-  KvCacheConfig only_fp8;
-  only_fp8.params = KvParamFormat::kFp8;
-  EXPECT_FALSE(check_device_reads("cuda", only_fp8).ok());
-  EXPECT_TRUE(check_device_reads("cuda", KvCacheConfig{}).ok());
-}
-
 TEST(EngineBuilder, BuildsThePoolTheSpecAsksFor) {
   EngineSpec by_blocks = tiny_cpu_spec();
   by_blocks.kv_pool_blocks = 37;

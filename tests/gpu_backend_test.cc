@@ -35,6 +35,28 @@ const json& fixture() {
 #define SKIP_WITHOUT_GPU() \
   if (cuda::visible_device_count() == 0) GTEST_SKIP() << "no CUDA GPU visible"
 
+// The fixture's formats by name, and the layouts of issue 16 built on them: "kivi2c" (the
+// preset: value groups of 64, fp8 group parameters, an int8 residual), "kivi4_fp8" (fp8
+// parameters alone) and "kivi2_int8_residual" (the int8 residual alone).
+KvCacheConfig test_format(const std::string& name) {
+  if (name == "kivi2c") {
+    KvCacheConfig c = fixture_format("kivi2");
+    EXPECT_TRUE(apply_kv_preset("kivi2c", c));
+    return c;
+  }
+  if (name == "kivi4_fp8") {
+    KvCacheConfig c = fixture_format("kivi4");
+    c.params = KvParamFormat::kFp8;
+    return c;
+  }
+  if (name == "kivi2_int8_residual") {
+    KvCacheConfig c = fixture_format("kivi2");
+    c.residual_format = KvResidualFormat::kInt8;
+    return c;
+  }
+  return fixture_format(name);
+}
+
 // graphs: whether the CUDA backend replays decode steps from CUDA graphs.
 std::unique_ptr<Backend> make(bool gpu, const KvCacheManager& cache, bool graphs = true) {
   if (gpu)
@@ -146,12 +168,13 @@ std::vector<std::vector<int32_t>> generate(bool gpu, const std::string& format, 
 // must not change a single greedy choice, with decode steps replayed from CUDA graphs or not.
 TEST(GpuBackend, GreedyTokensMatchTheCpuBackend) {
   SKIP_WITHOUT_GPU();
-  for (const std::string format : {"fp16", "kivi2", "int8", "kivi4"}) {
+  for (const std::string format :
+       {"fp16", "kivi2", "int8", "kivi4", "kivi2c", "kivi4_fp8", "kivi2_int8_residual"}) {
     const json& prompts = fixture()["prompts"];
     for (size_t i = 0; i < prompts.size(); ++i) {
       auto alone = [&](bool gpu, bool graphs) {
         const ModelConfig& model = shared_weights().config;
-        auto cache = std::make_unique<KvCacheManager>(fixture_format(format), model, 4096);
+        auto cache = std::make_unique<KvCacheManager>(test_format(format), model, 4096);
         auto backend = make(gpu, *cache, graphs);
         Engine engine(model, std::move(cache), std::move(backend), EngineOptions{});
         engine.add_request(greedy_request(prompts[i], 32));

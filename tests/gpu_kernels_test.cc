@@ -72,7 +72,9 @@ struct CacheCase {
 };
 
 std::vector<CacheCase> cache_cases() {
-  auto kivi = [](KvFormat f, int g, int gv, int r, int p, bool per_token_keys) {
+  auto kivi = [](KvFormat f, int g, int gv, int r, int p, bool per_token_keys,
+                 KvParamFormat params = KvParamFormat::kFp16,
+                 KvResidualFormat residual = KvResidualFormat::kFp16) {
     KvCacheConfig c;
     c.format = f;
     c.key_group = g;
@@ -80,8 +82,14 @@ std::vector<CacheCase> cache_cases() {
     c.residual = r;
     c.page_tokens = p;
     c.per_token_keys = per_token_keys;
+    c.params = params;
+    c.residual_format = residual;
     return c;
   };
+  constexpr KvParamFormat kFp8 = KvParamFormat::kFp8;
+  constexpr KvResidualFormat kInt8Residual = KvResidualFormat::kInt8;
+  KvCacheConfig kivi2c;
+  EXPECT_TRUE(apply_kv_preset("kivi2c", kivi2c));
   KvCacheConfig fp16, fp16_p32, int8;
   fp16.format = KvFormat::kFp16;
   fp16.page_tokens = 16;
@@ -98,7 +106,15 @@ std::vector<CacheCase> cache_cases() {
           {"kivi2_gv64_r64_p64", kivi(KvFormat::kKivi2, 32, 64, 64, 64, false)},
           {"kivi2_per_token_keys", kivi(KvFormat::kKivi2, 32, 32, 32, 32, true)},
           {"kivi4_g16_gv16_r16_p48", kivi(KvFormat::kKivi4, 16, 16, 16, 48, false)},
-          {"kivi2_g16_r48_p32", kivi(KvFormat::kKivi2, 16, 32, 48, 32, false)}};
+          {"kivi2_g16_r48_p32", kivi(KvFormat::kKivi2, 16, 32, 48, 32, false)},
+          // fp8 group parameters and the int8 residual (issue 16), alone and together.
+          {"kivi2c", kivi2c},
+          {"kivi4_fp8", kivi(KvFormat::kKivi4, 32, 32, 32, 32, false, kFp8)},
+          {"kivi2_int8_residual",
+           kivi(KvFormat::kKivi2, 32, 32, 32, 32, false, KvParamFormat::kFp16, kInt8Residual)},
+          {"kivi2_per_token_keys_fp8", kivi(KvFormat::kKivi2, 32, 32, 32, 32, true, kFp8)},
+          {"kivi4_g16_gv16_r16_p48_fp8_int8",
+           kivi(KvFormat::kKivi4, 16, 16, 16, 48, false, kFp8, kInt8Residual)}};
 }
 
 using cuda::DecodeAttentionVariant;

@@ -22,11 +22,11 @@ struct Served {
   std::map<RequestId, std::vector<int32_t>> tokens;
 };
 
-Served serve(const std::string& device, KvFormat format, double rate) {
+Served serve(const std::string& device, const KvCacheConfig& kv, double rate) {
   EngineSpec spec;
   spec.model = testing::shared_model_dir();
   spec.device = device;
-  spec.kv.format = format;
+  spec.kv = kv;
   spec.kv_pool_bytes = int64_t{64} << 20;
   spec.engine.max_batch_tokens = 2048;  // the same steps on both backends
   spec.engine.kv_error_sample_rate = rate;
@@ -50,6 +50,12 @@ Served serve(const std::string& device, KvFormat format, double rate) {
   return served;
 }
 
+Served serve(const std::string& device, KvFormat format, double rate) {
+  KvCacheConfig kv;
+  kv.format = format;
+  return serve(device, kv, rate);
+}
+
 void expect_close(const KvErrorBins& gpu, const KvErrorBins& cpu, const char* what) {
   ASSERT_GT(cpu.total(), 0u) << what;
   EXPECT_EQ(gpu.total(), cpu.total()) << what;
@@ -67,10 +73,16 @@ void expect_close(const KvErrorBins& gpu, const KvErrorBins& cpu, const char* wh
 
 TEST(GpuKvQuantizationError, MatchesTheCpuBackendForTheSamePrompts) {
   if (cuda::visible_device_count() == 0) GTEST_SKIP() << "no CUDA GPU visible";
-  for (KvFormat format : {KvFormat::kKivi2, KvFormat::kKivi4, KvFormat::kInt8}) {
+  std::vector<KvCacheConfig> formats(3);
+  formats[0].format = KvFormat::kKivi2;
+  formats[1].format = KvFormat::kKivi4;
+  formats[2].format = KvFormat::kInt8;
+  // kivi2c: fp8 group parameters, flushed from an int8 residual's dequantized values.
+  ASSERT_TRUE(apply_kv_preset("kivi2c", formats.emplace_back()));
+  for (const KvCacheConfig& format : formats) {
     const Served cpu = serve("cpu", format, 1.0);
     const Served gpu = serve("cuda", format, 1.0);
-    const std::string name = to_string(format);
+    const std::string name = describe(format);
     // The CPU reports each error, the GPU bins them on the device.
     EXPECT_EQ(gpu.errors.key.size() + gpu.errors.value.size(), 0u) << name;
     expect_close(gpu.errors.key_bins, bin_errors(cpu.errors.key), (name + " keys").c_str());

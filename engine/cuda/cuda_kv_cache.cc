@@ -9,6 +9,7 @@
 #include "kernels/kv_compact_residual.h"
 #include "kernels/kv_dequantize_pages.h"
 #include "kernels/kv_quantize_pages.h"
+#include "kernels/kv_quantize_residual.h"
 #include "kernels/paged_attention.h"
 #include "kernels/prefill_attention.h"
 
@@ -16,10 +17,6 @@ namespace kvserve {
 namespace {
 
 cuda::KvCacheView make_view(const KvCacheConfig& c, const ModelConfig& model) {
-  if (c.params != KvParamFormat::kFp16 || c.residual_format != KvResidualFormat::kFp16) {
-    throw std::invalid_argument("CudaKvCache: the CUDA kernels do not read " + describe(c) +
-                                " (fp8 group parameters, int8 residual) yet");
-  }
   const KvPageLayout l = make_page_layout(c, model);
   cuda::KvCacheView v;
   v.block_bytes = static_cast<int64_t>(l.block_bytes);
@@ -39,6 +36,9 @@ cuda::KvCacheView make_view(const KvCacheConfig& c, const ModelConfig& model) {
   v.residual = c.residual;
   v.residual_tokens_per_block = l.residual_tokens_per_block;
   v.per_token_keys = c.per_token_keys;
+  v.params_fp8 = is_kivi(c.format) && c.params == KvParamFormat::kFp8;
+  v.residual_int8 = is_kivi(c.format) && c.residual_format == KvResidualFormat::kInt8;
+  v.residual_params = static_cast<int64_t>(l.residual_params);
   return v;
 }
 
@@ -198,6 +198,16 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
   batch_.residual_blocks = device + ids_at;
   tiles_ = device + tiles_at;
   num_tiles_ = static_cast<int>(tiles.size() / 2);
+  batch_.new_codes = nullptr;
+  batch_.new_params = nullptr;
+  if (view_.residual_int8) {
+    // u8 [rows][2][H][D] codes, then fp16 pairs [rows][2][H]. Room for the larger of this step
+    // and num_blocks rows, so that decode steps (and their graphs) keep the buffer in place.
+    const size_t row_pairs = 2 * static_cast<size_t>(std::max(rows, num_blocks_)) * view_.n_head;
+    uint32_t* buffer = new_rows_.reserve(row_pairs * (view_.head_dim / 4 + 1));
+    batch_.new_codes = reinterpret_cast<uint8_t*>(buffer);
+    batch_.new_params = buffer + row_pairs * (view_.head_dim / 4);
+  }
   dequantized_ = {};
   scratch_pages_ = nullptr;
   if (num_scratch_pages_ > 0) {
@@ -223,6 +233,7 @@ void CudaKvCache::append_and_attend(int layer, const __half* qkv, __half* out,
   cuda::KvCacheView view = view_;
   view.blocks = pool_ + layer * layer_bytes_;
   const int qkv_stride = 3 * channels_;
+  cuda::kv_quantize_residual(view, batch_, qkv, qkv_stride, stream);
   cuda::kv_quantize_pages(view, batch_, qkv, qkv_stride, stream);
   if (measures_errors_) {
     cuda::kv_quantization_error(view, batch_, qkv, qkv_stride, error_bins_.get(), stream);

@@ -64,7 +64,7 @@ class CudaKvCache {
   cuda::DecodeAttentionVariant decode_attention_variant() const { return decode_variant_; }
   // Grows whenever a device buffer that append_and_attend's kernels address has moved.
   uint64_t buffer_moves() const {
-    return device_meta_.moves() + decode_partial_.moves() + error_bins_.moves();
+    return device_meta_.moves() + decode_partial_.moves() + error_bins_.moves() + new_rows_.moves();
   }
 
   // The sampled quantization error (engine/kv_quantization_error.h): the share of steps whose
@@ -114,6 +114,8 @@ class CudaKvCache {
   cuda::PrefillAttentionVariant prefill_variant_;
   int sm_count_ = 0;
   cuda::DeviceBuffer<float> decode_partial_;  // [items][n_head][splits][head_dim + 2]
+  // int8 residual: the step's new rows quantized (KvBatchView::new_codes and new_params).
+  cuda::DeviceBuffer<uint32_t> new_rows_;
   std::vector<int32_t> host_meta_;
   cuda::PinnedBuffer<int32_t> pinned_meta_;
   cuda::DeviceBuffer<int32_t> device_meta_;
