@@ -5,7 +5,9 @@
 // (scripts/gpu-check.sh).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <functional>
 #include <map>
 #include <memory>
@@ -164,8 +166,44 @@ std::vector<std::vector<int32_t>> generate(bool gpu, const std::string& format, 
       .tokens;
 }
 
+// The CPU backend's logits for the token after `tokens`, prefilled in one step (the CPU forward
+// gives the same logits whatever the chunking and batch, so these are the engine's).
+std::vector<float> cpu_next_logits(const std::string& format, const std::vector<int32_t>& tokens) {
+  KvCacheManager cache(test_format(format), shared_weights().config, 4096);
+  auto backend = make(false, cache);
+  cache.add_sequence(1);
+  EXPECT_TRUE(cache.grow(1, static_cast<int>(tokens.size())));
+  std::vector<float> logits;
+  backend->forward({ForwardItem{1, 0, tokens, false, cache.block_table(1)}}, logits);
+  return logits;
+}
+
+// The GPU's greedy tokens must be the CPU's. Where they part, the CPU's logits of the two picks
+// must be a near tie: the GPU's fp16 activations move logits by up to ~1e-2, and with a KIVI cache
+// a key one fp16 ulp away flips a code by a whole step, which moves single logits by a few tenths
+// (LogitsAreCloseToTheCpuBackend). A pick that is not a near tie is a bug, not rounding.
+void expect_greedy_choices_agree(const std::string& format, const std::vector<int32_t>& prompt,
+                                 const std::vector<int32_t>& gpu, const std::vector<int32_t>& cpu,
+                                 const std::string& what) {
+  ASSERT_EQ(gpu.size(), cpu.size()) << what;
+  const size_t k = std::mismatch(gpu.begin(), gpu.end(), cpu.begin()).first - gpu.begin();
+  if (k == gpu.size()) return;
+  std::vector<int32_t> before = prompt;
+  before.insert(before.end(), cpu.begin(), cpu.begin() + static_cast<std::ptrdiff_t>(k));
+  const std::vector<float> logits = cpu_next_logits(format, before);
+  const double near_tie = is_kivi(test_format(format).format) ? 0.1 : 0.02;
+  const double apart = logits[cpu[k]] - logits[gpu[k]];
+  EXPECT_LE(apart, near_tie) << what << ": token " << k << " is " << gpu[k] << " on the GPU and "
+                             << cpu[k] << " on the CPU, whose logits are " << apart << " apart";
+  if (apart <= near_tie) {
+    std::printf("%s: token %zu parts at a near tie (CPU logits %.4f apart)\n", what.c_str(), k,
+                apart);
+  }
+}
+
 // One request at a time on each backend, 32 greedy tokens per prompt: the GPU's fp16 activations
-// must not change a single greedy choice, with decode steps replayed from CUDA graphs or not.
+// must not change a greedy choice but at a near tie, with decode steps replayed from CUDA graphs
+// or not.
 TEST(GpuBackend, GreedyTokensMatchTheCpuBackend) {
   SKIP_WITHOUT_GPU();
   for (const std::string format :
@@ -191,8 +229,11 @@ TEST(GpuBackend, GreedyTokensMatchTheCpuBackend) {
         return out;
       };
       const std::vector<int32_t> cpu = alone(false, false);
-      EXPECT_EQ(alone(true, true), cpu) << format << " prompt " << i << ", CUDA graphs";
-      EXPECT_EQ(alone(true, false), cpu) << format << " prompt " << i << ", no CUDA graphs";
+      const std::vector<int32_t> prompt = greedy_request(prompts[i], 32).prompt;
+      const std::string what = format + " prompt " + std::to_string(i);
+      expect_greedy_choices_agree(format, prompt, alone(true, true), cpu, what + ", CUDA graphs");
+      expect_greedy_choices_agree(format, prompt, alone(true, false), cpu,
+                                  what + ", no CUDA graphs");
     }
   }
 }

@@ -592,7 +592,9 @@ TEST(PrefixCacheScheduler, PreemptionAndCancellationReleaseReferences) {
     EXPECT_EQ(engine.cache().hit_pages_in_use(), 0);
     EXPECT_EQ(engine.cache().usage().blocks_used, 0);
     EXPECT_EQ(engine.cache().num_free_blocks(), 24);
-    if (f == KvFormat::kKivi2) EXPECT_GT(s.backend->block_copies(), 0);
+    if (f == KvFormat::kKivi2) {
+      EXPECT_GT(s.backend->block_copies(), 0);
+    }
   }
 }
 
