@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Lead's combined GPU call (2026-12-06, third session): builds of the lead (split afab272, with
+# base b97abb3), cuda16 (a5376a3) and decodek (6efacee) from one multi-bundle (shared libraries).
+set -uo pipefail
+out=${OUT:?}; root=$PWD
+mkdir -p /tmp/m && tar -C /tmp/m -xJf .device/s3/multi.tar.xz
+M=/tmp/m/multi
+T0=$(date +%s); t() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+{ nvidia-smi --query-gpu=name,driver_version --format=csv; for b in new base cuda16 decodek; do echo "$b: $(cat $M/$b/COMMIT)"; done; } | tee "$out/gpu.txt"
+export KVSERVE_TEST_SOURCE_DIR=$root KVSERVE_TEST_MODEL=$root/.device/model
+summ() { grep -E "^\[  (PASSED|FAILED) |^\[  FAILED|Failure|Expected|Which is|pools equal|steps agree|pipelines agree" "$1" | head -${2:-30}; }
+# ---- lead: the mixed-step split (new) against base
+mkdir -p $out/lead
+KVSERVE_TEST_BINARY=$M/new/kvserve timeout 90 $M/new/run kvserve_tests --gtest_filter='GpuKvCache.PrefillSteps*:GpuKvCache.MatchesTheCpu*:GpuBackend.*:GpuPrefixCache.*' > $out/lead/gpu-tests.log 2>&1
+t "lead tests rc=$?"; summ $out/lead/gpu-tests.log
+e2e() { local name=$1 which=$2 kv=$3; shift 3
+  local line; line=$(timeout 60 $M/$which/run kvserve bench engine --device cuda --kv $kv "$@" 2>/dev/null)
+  local rec="{\"case\":\"$name\",\"binary\":\"$which\",\"flags\":\"$*\",\"result\":${line:-null}}"
+  echo "$rec" >> $out/lead/e2e.jsonl
+  python3 -c "import json,sys; r=json.loads(sys.argv[1]); x=r['result'] or {}; print(r['case'],r['binary'],x.get('kv'),'out %.0f'%x.get('output_throughput',0),'steps',x.get('steps'),'captures',x.get('graph_captures'),json.dumps({k:(v['steps'],round(v['mean_ms'],3)) for k,v in (x.get('step_times') or {}).items()}))" "$rec"; }
+P512="--model dummy:gpt2 --kv-pool-mb 16384 --requests 512 --concurrency 256 --prompt-len 512 --max-new-tokens 128"
+CAP="--model dummy:gpt2 --kv-pool-mb 2048 --requests 512 --concurrency 512 --prompt-len 512 --max-new-tokens 512"
+for which in base new; do for kv in fp16 kivi2; do e2e p512n128 $which $kv $P512; done; done
+e2e p512n128-noprefix new kivi2 $P512 --prefix-cache off
+e2e capacity-gpt2 new fp16 $CAP; for which in base new; do e2e capacity-gpt2 $which kivi2 $CAP; done
+t "lead e2e"
+K='regex:decode_attention|kv_quantize|kv_compact|nvjet|layer_norm|bias_activation|sample|embedding|gemm|Kernel'
+for spec in "gpt2 kivi2 256 944 3000"; do
+  read -r m kv b c skip <<<"$spec"
+  timeout 45 ncu --clock-control none -k "$K" --launch-skip $skip --launch-count 24 --metrics gpu__time_duration.sum --csv \
+    $M/new/run kvserve bench decode --model dummy:$m --device cuda --kv $kv --batches $b --context $c --cuda-graphs off --steps 2 --warmup 8 \
+    > $out/lead/ncu-layer-$m-$kv.csv 2> $out/lead/ncu-layer-$m-$kv.log
+  t "ncu $m $kv rc=$?"; python3 - $out/lead/ncu-layer-$m-$kv.csv <<'PY'
+import csv, sys
+rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
+if rows:
+    h = rows[0]; k = h.index("Kernel Name"); v = h.index("Metric Value")
+    for r in rows[1:]: print("  %-70s %s" % (r[k][:70], r[v]))
+PY
+done
+cd $out && tar -czf /tmp/lead.tgz lead && rm -rf lead && mv /tmp/lead.tgz $out/
