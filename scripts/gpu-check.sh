@@ -62,7 +62,10 @@ case "$mode" in
     cp bench/hf_decode.py bench/hf_generate.py bench/hf_prefill.py "$stripped/cuda-bundle/"
     git -C "$repo" describe --always --dirty >"$stripped/cuda-bundle/COMMIT"
     rm -rf "$checkout/.device/cuda-bundle"
-    tar -C "$stripped" -cf - cuda-bundle | xz -T0 -6 >"$checkout/.device/cuda-bundle.tar.xz"
+    # Written under a name of its own, then renamed: two packs at once (two worktrees packing for
+    # the same checkout) each leave a whole bundle, never one interleaved file.
+    tar -C "$stripped" -cf - cuda-bundle | xz -T0 -6 >"$checkout/.device/cuda-bundle.tar.xz.$$"
+    mv -f "$checkout/.device/cuda-bundle.tar.xz.$$" "$checkout/.device/cuda-bundle.tar.xz"
     rm -rf "$stripped"
     du -sh "$checkout/.device"
     ;;
