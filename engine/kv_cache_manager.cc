@@ -237,6 +237,15 @@ void KvCacheManager::evict_page(int32_t block) {
   pool_.release({block});
 }
 
+void KvCacheManager::drop_copies_into(const std::vector<int32_t>& blocks) {
+  block_copies_.erase(std::remove_if(block_copies_.begin(), block_copies_.end(),
+                                     [&](const BlockCopy& copy) {
+                                       return std::find(blocks.begin(), blocks.end(), copy.dst) !=
+                                              blocks.end();
+                                     }),
+                      block_copies_.end());
+}
+
 void KvCacheManager::drop_snapshot(int32_t page_block) {
   CachedPage& page = cached_.at(page_block);
   if (page.snapshot_pins > 0) {
@@ -247,13 +256,7 @@ void KvCacheManager::drop_snapshot(int32_t page_block) {
   evictable_blocks_ -= count;
   snapshot_blocks_ -= count;
   // A fill not yet handed to a step must not write into blocks that are free again.
-  const std::vector<int32_t>& blocks = page.snapshot;
-  block_copies_.erase(std::remove_if(block_copies_.begin(), block_copies_.end(),
-                                     [&](const BlockCopy& copy) {
-                                       return std::find(blocks.begin(), blocks.end(), copy.dst) !=
-                                              blocks.end();
-                                     }),
-                      block_copies_.end());
+  drop_copies_into(page.snapshot);
   fills_queued_.erase(std::remove(fills_queued_.begin(), fills_queued_.end(), page_block),
                       fills_queued_.end());
   filling_.erase(std::remove(filling_.begin(), filling_.end(), page_block), filling_.end());
@@ -442,13 +445,7 @@ void KvCacheManager::remove_sequence(int64_t id) {
   if (seq.pinned_snapshot >= 0) {
     // Removed in the step that was to fill its residual (an admission that did not fit): its
     // queued copies go, and so does its pin.
-    const std::vector<int32_t>& blocks = seq.residual_blocks;
-    block_copies_.erase(std::remove_if(block_copies_.begin(), block_copies_.end(),
-                                       [&](const BlockCopy& copy) {
-                                         return std::find(blocks.begin(), blocks.end(), copy.dst) !=
-                                                blocks.end();
-                                       }),
-                        block_copies_.end());
+    drop_copies_into(seq.residual_blocks);
     pinned_.erase(std::find(pinned_.begin(), pinned_.end(), seq.pinned_snapshot));
     unpin_snapshot(seq.pinned_snapshot);
   }

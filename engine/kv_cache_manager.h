@@ -193,6 +193,8 @@ class KvCacheManager {
   void evict_front();
   void evict_page(int32_t block);
   void drop_snapshot(int32_t page_block);
+  // Removes queued copies (not yet handed to a step) whose destination is one of `blocks`.
+  void drop_copies_into(const std::vector<int32_t>& blocks);
   void unpin_snapshot(int32_t page_block);
 
   struct LruEntry {
