@@ -36,6 +36,7 @@ namespace {
 // The least alignment of every operand the callers guarantee (weights are packed at 16 bytes);
 // the heuristic only offers algorithms that work with it.
 constexpr uint32_t kOperandAlignment = 16;
+constexpr size_t kMaxPlans = 4096;
 
 template <typename T>
 void set_attribute(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attribute,
@@ -85,15 +86,18 @@ BiasGemm::~BiasGemm() {
 BiasGemm::Plan& BiasGemm::plan(int m, int n, int k, GemmEpilogue epilogue) {
   const PlanKey key{m, n, k, static_cast<int>(epilogue)};
   if (auto it = plans_.find(key); it != plans_.end()) return *it->second;
+  // Prefill steps bring many row counts; forgetting every plan now and then bounds the host memory
+  // and changes no result: the heuristic gives a shape the same algorithm again.
+  if (plans_.size() >= kMaxPlans) plans_.clear();
   auto p = std::make_unique<Plan>();
-  // Column-major view: d[n][m] = weight[n][k] @ input[k][m] (+ bias[n], one per row of d).
+  // Column-major view: d[n][m] = weight[n][k] @ input[k][m] (+ bias[n], one per row of d; the
+  // bias takes d's type, fp16, by default).
   KVSERVE_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   set_attribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, CUBLAS_OP_N);
   set_attribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_N);
   set_attribute(
       p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE,
       epilogue == GemmEpilogue::kBias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_GELU_BIAS);
-  set_attribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, CUDA_R_16F);
   KVSERVE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->weight, CUDA_R_16F, n, k, n));
   KVSERVE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->input, CUDA_R_16F, k, m, k));
   KVSERVE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->output, CUDA_R_16F, n, m, n));

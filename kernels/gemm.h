@@ -31,9 +31,9 @@ void gemm(cublasHandle_t handle, cudaStream_t stream, const __half* a, const __h
 enum class GemmEpilogue { kBias, kBiasGeluTanh };
 
 // GEMMs with a fused epilogue through cuBLASLt, with one fixed workspace and one plan per shape
-// (descriptors and the algorithm the heuristic chose the first time), so that a shape always runs
-// the same kernel: CUDA graph replays are bit-identical to eager steps, and nothing is allocated
-// or queried on the device while a graph is captured. One instance per stream and thread.
+// (descriptors and the algorithm the heuristic chose), so that a shape always runs the same
+// kernel: CUDA graph replays are bit-identical to eager steps, and nothing is allocated on the
+// device while a graph is captured. One instance per stream and thread.
 class BiasGemm {
  public:
   // workspace: device memory of workspace_bytes, 256-byte aligned, kept for this object's life.
