@@ -5,7 +5,7 @@
 //
 // Decode steps (every item one token, run by decode_attention) replay a CUDA graph of the whole
 // model, captured after the first (eager) step with its item count and decode split, so one step
-// costs one graph launch instead of about 150 kernel launches. The graph runs exactly the kernels,
+// costs one graph launch instead of 100-odd kernel launches. The graph runs exactly the kernels,
 // with exactly the arguments, that the eager path would launch: everything that changes between
 // steps (tokens, positions, block tables) is read from device memory that prepare() refills at
 // fixed addresses, so results are bit for bit those of the eager path.
