@@ -49,6 +49,9 @@ template <typename T>
 T* upload(cuda::DeviceBuffer<T>& buffer, const void* data, size_t count) {
   T* p = buffer.reserve(count);
   KVSERVE_CUDA_CHECK(cudaMemcpy(p, data, count * sizeof(T), cudaMemcpyHostToDevice));
+  // From pageable memory cudaMemcpy may return before the data lands, and kernels on a
+  // non-blocking stream are not ordered after it: wait until it has.
+  KVSERVE_CUDA_CHECK(cudaDeviceSynchronize());
   return p;
 }
 
@@ -977,9 +980,12 @@ TEST(GpuKernels, LayerNormThroughput) {
                                  bias_d.get(), rows, C, 1e-5f, stream, rows_per_block);
       };
       // The timed calls add the residual bias again and again; the checked call starts afresh.
+      // The copy goes on the kernel's own (non-blocking) stream: a cudaMemcpy from pageable
+      // memory may return before its data lands, and the legacy stream does not order it
+      // before this stream's kernel (row 125 read half-copied data on the H100).
       const double seconds = graph_seconds_per_call(stream, rows <= 256 ? 20 : 4, layer_norm);
-      KVSERVE_CUDA_CHECK(
-          cudaMemcpy(x_dev, x.data(), x.size() * sizeof(float), cudaMemcpyHostToDevice));
+      KVSERVE_CUDA_CHECK(cudaMemcpyAsync(x_dev, x.data(), x.size() * sizeof(float),
+                                         cudaMemcpyHostToDevice, stream));
       layer_norm();
       KVSERVE_CUDA_CHECK(cudaStreamSynchronize(stream));
       const double bytes = rows * C * (2.0 * sizeof(float) + sizeof(__half));
