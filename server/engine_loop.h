@@ -56,6 +56,9 @@ struct EngineSnapshot {
   size_t waiting = 0;
 };
 
+// The engine thread's name (at most 15 characters, Linux's limit).
+inline constexpr char kEngineThreadName[] = "kvserve-engine";
+
 struct EngineLoopOptions {
   size_t max_queued_requests = 256;  // inbox + engine waiting queue; beyond: RESOURCE_EXHAUSTED
   // Called once on the engine thread when the device is lost, after every request in flight has
