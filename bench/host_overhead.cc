@@ -4,7 +4,9 @@
 //               `kvserve bench engine` drives it;
 //   EngineLoop: the server's engine thread on top (detokenising, stop strings, metrics, the
 //               per-stream channels), with a StreamWriter thread poking listeners that drain the
-//               channels as the gRPC reactors do.
+//               channels as the gRPC reactors do. It also reports the engine thread's own CPU
+//               time per token (engine_thread_us_per_token): what the loop adds between two device
+//               steps, apart from the wall clock's waits for the writer thread.
 // Between two GPU decode steps this time is idle GPU: at B = 256 the H200 step is about 2 ms.
 // Usage: kvserve_host_bench [--benchmark_format=json] (Google Benchmark flags); the model
 // directory (tokenizer and config) is found as `kvserve` finds one without --model:
@@ -13,6 +15,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -78,6 +83,20 @@ GenerationRequest request(int index) {
   r.ignore_eos = true;
   r.sampling.temperature = 0.0f;
   return r;
+}
+
+// Nanoseconds of CPU the thread named `name` has run so far (Linux's schedstat), or -1 if none is.
+int64_t thread_cpu_ns(const std::string& name) {
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream comm(task.path() / "comm");
+    std::string task_name;
+    if (!std::getline(comm, task_name) || task_name != name) continue;
+    std::ifstream schedstat(task.path() / "schedstat");
+    int64_t ns = -1;
+    schedstat >> ns;
+    return ns;
+  }
+  return -1;
 }
 
 void report(benchmark::State& state, int batch) {
@@ -153,9 +172,15 @@ struct ServingPair {
 void EngineLoopWithWriter(benchmark::State& state) {
   const int batch = static_cast<int>(state.range(0));
   const Tokenizer tokenizer = load_tokenizer(resolve_model(""), "");
+  int64_t engine_ns = 0;
   for (auto _ : state) {
     state.PauseTiming();
     auto pair = std::make_unique<ServingPair>(batch, tokenizer);
+    const int64_t engine_ns_before = thread_cpu_ns(kEngineThreadName);
+    if (engine_ns_before < 0) {
+      state.SkipWithError("no engine thread in /proc/self/task");
+      return;
+    }
     state.ResumeTiming();
     for (int i = 0; i < batch; ++i) {
       ServeRequest served;
@@ -171,10 +196,17 @@ void EngineLoopWithWriter(benchmark::State& state) {
     }
     while (pair->ended.load() < batch) std::this_thread::sleep_for(std::chrono::microseconds(50));
     state.PauseTiming();
+    // The engine thread has pushed the last message and goes to sleep: schedstat counts a
+    // thread's run time up to its last switch, so let it get there.
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    engine_ns += thread_cpu_ns(kEngineThreadName) - engine_ns_before;
     pair.reset();
     state.ResumeTiming();
   }
   report(state, batch);
+  state.counters["engine_thread_us_per_token"] =
+      static_cast<double>(engine_ns) * 1e-3 /
+      static_cast<double>(state.iterations() * batch * kNewTokens);
 }
 
 // Both run at the batch sizes of `kvserve bench decode`, timed by the wall clock (the loop's work

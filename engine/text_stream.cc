@@ -47,6 +47,11 @@ std::string TextStream::push(const StepEvent& event) {
   const bool ending_token =
       event.finish == FinishReason::kEos || event.finish == FinishReason::kStop;
   const bool last = event.finish != FinishReason::kNone;
+  if (stops_.empty()) {  // nothing is ever held back: the decoded text is final
+    std::string text = ending_token ? std::string() : decoder_.push(event.token);
+    if (last) text += decoder_.finish();
+    return text;
+  }
   if (!ending_token) held_ += decoder_.push(event.token);
   if (last) held_ += decoder_.finish();
 

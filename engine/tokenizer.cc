@@ -101,9 +101,11 @@ size_t append_utf8_replacing(std::string_view in, bool final, std::string& out) 
   size_t i = 0;
   while (i < in.size()) {
     const auto lead = static_cast<unsigned char>(in[i]);
-    if (lead < 0x80) {
-      out.push_back(static_cast<char>(lead));
-      ++i;
+    if (lead < 0x80) {  // a run of ASCII, appended at once
+      size_t end = i + 1;
+      while (end < in.size() && static_cast<unsigned char>(in[end]) < 0x80) ++end;
+      out.append(in.substr(i, end - i));
+      i = end;
       continue;
     }
     // Continuation bytes needed and the range allowed for the first one, which is what excludes
@@ -408,8 +410,13 @@ int32_t Tokenizer::eos_token_id() const {
 IncrementalDecoder::IncrementalDecoder(const Tokenizer& tokenizer) : tokenizer_(&tokenizer) {}
 
 std::string IncrementalDecoder::push(int32_t id) {
-  pending_ += tokenizer_->token_bytes(id);
+  const std::string& bytes = tokenizer_->token_bytes(id);
   std::string text;
+  if (pending_.empty()) {  // usual: no character is split, decode the token's bytes where they are
+    pending_.assign(bytes, append_utf8_replacing(bytes, false, text));
+    return text;
+  }
+  pending_ += bytes;
   pending_.erase(0, append_utf8_replacing(pending_, false, text));
   return text;
 }

@@ -1,5 +1,6 @@
 #include "server/engine_loop.h"
 
+#include <pthread.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -99,6 +100,8 @@ std::string EngineLoop::device_lost() const {
 }
 
 void EngineLoop::run() {
+  // For `top -H`, perf and kvserve_host_bench, which times this thread's CPU by its name.
+  pthread_setname_np(pthread_self(), kEngineThreadName);
   try {
     warm_up();
   } catch (const std::exception& e) {
@@ -139,6 +142,8 @@ void EngineLoop::run() {
     items.clear();
     expire_deadlines(Clock::now());
     if (engine_->has_work()) step();
+    // This pass's messages go out together, before the thread pauses, sleeps or steps again.
+    pokes_.deliver();
     if (!engine_->device_lost().empty()) {
       fail_inbox_after_device_lost();
       return;
@@ -187,7 +192,7 @@ void EngineLoop::admit(Submission& submission) {
     spdlog::warn("request {} rejected: INVALID_ARGUMENT: {}", submission.request.id, problem);
     metrics_.count_failure("INVALID_ARGUMENT");
     --in_flight_;
-    submission.channel->push_error(StreamError::kInvalidArgument, problem);
+    submission.channel->push_error(StreamError::kInvalidArgument, problem, &pokes_);
     return;
   }
   const RequestId id = engine_->add_request(submission.request.generation);
@@ -226,7 +231,8 @@ void EngineLoop::step() {
     for (auto& [id, active] : active_) {
       engine_->cancel(id);
       metrics_.count_failure("INTERNAL");
-      active.channel->push_error(StreamError::kInternal, std::string("engine error: ") + e.what());
+      active.channel->push_error(StreamError::kInternal, std::string("engine error: ") + e.what(),
+                                 &pokes_);
     }
     active_.clear();
     by_ticket_.clear();
@@ -292,7 +298,7 @@ void EngineLoop::on_token(RequestId id, Active& active, const StepEvent& event,
   }
   std::vector<float> logprobs;
   if (active.request.return_logprobs) logprobs.push_back(event.logprob);
-  active.channel->push_chunk({event.token}, std::move(text), std::move(logprobs));
+  active.channel->push_chunk({event.token}, std::move(text), std::move(logprobs), &pokes_);
 }
 
 void EngineLoop::on_finish(Active& active, const StepEvent& event, Clock::time_point now) {
@@ -322,7 +328,8 @@ std::string EngineLoop::report_end(Active& active, const StepEvent& event,
       active.channel->push_error(
           StreamError::kDeadlineExceeded,
           "the request's deadline passed after " + std::to_string(active.completion_tokens) +
-              " generated tokens; set a longer deadline or fewer max_new_tokens");
+              " generated tokens; set a longer deadline or fewer max_new_tokens",
+          &pokes_);
       return "DEADLINE_EXCEEDED";
     case Cancelled::kDrain:
     case Cancelled::kNo:
@@ -332,9 +339,9 @@ std::string EngineLoop::report_end(Active& active, const StepEvent& event,
       !active.text.stopped()) {
     metrics_.count_failure("INTERNAL");
     // After a device loss the error already says so ("device lost: ...").
-    active.channel->push_error(StreamError::kInternal, engine_->device_lost().empty()
-                                                           ? "engine error: " + event.error
-                                                           : event.error);
+    active.channel->push_error(
+        StreamError::kInternal,
+        engine_->device_lost().empty() ? "engine error: " + event.error : event.error, &pokes_);
     return "INTERNAL: " + event.error;
   }
   StreamFinal final = timings;
@@ -347,7 +354,7 @@ std::string EngineLoop::report_end(Active& active, const StepEvent& event,
     final.reason = FinishReason::kCancelled;
     // Text held back for a stop string that can no longer match.
     std::string rest = active.text.flush();
-    if (!rest.empty()) active.channel->push_chunk({}, std::move(rest), {});
+    if (!rest.empty()) active.channel->push_chunk({}, std::move(rest), {}, &pokes_);
   } else {
     final.reason = event.finish;
     if (final.reason == FinishReason::kStop && event.has_token) {
@@ -355,7 +362,7 @@ std::string EngineLoop::report_end(Active& active, const StepEvent& event,
     }
   }
   metrics_.count_success(final.reason);
-  active.channel->push_final(final);
+  active.channel->push_final(final, &pokes_);
   return to_string(final.reason);
 }
 
@@ -395,7 +402,7 @@ void EngineLoop::fail_inbox_after_device_lost() {
     spdlog::warn("request {} finished: INTERNAL: {}", submission->request.id, message);
     metrics_.count_failure("INTERNAL");
     --in_flight_;
-    submission->channel->push_error(StreamError::kInternal, message);
+    submission->channel->push_error(StreamError::kInternal, message, &pokes_);
   }
   publish_snapshot();
 }

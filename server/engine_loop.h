@@ -4,9 +4,9 @@
 // condition variable) and return at once. The engine thread drains the inbox, runs Engine::step(),
 // turns each request's tokens into text (IncrementalDecoder: always valid UTF-8), applies stop
 // strings across token boundaries, keeps the request's timings and pushes messages into the
-// request's StreamChannel. When there is nothing to do it sleeps on the condition variable.
-// Text and stop strings go through TextStream, as in `kvserve generate`.
-// See engine/README.md for the whole contract.
+// request's StreamChannel, whose listeners it pokes together once per pass (StreamPokes). When
+// there is nothing to do it sleeps on the condition variable. Text and stop strings go through
+// TextStream, as in `kvserve generate`. See engine/README.md for the whole contract.
 //
 // When the engine reports the device lost (Engine::device_lost), every request in flight ends
 // with INTERNAL "device lost: ...", queued ones included, later submissions are refused
@@ -55,6 +55,9 @@ struct EngineSnapshot {
   size_t running = 0;
   size_t waiting = 0;
 };
+
+// The engine thread's name (at most 15 characters, Linux's limit).
+inline constexpr char kEngineThreadName[] = "kvserve-engine";
 
 struct EngineLoopOptions {
   size_t max_queued_requests = 256;  // inbox + engine waiting queue; beyond: RESOURCE_EXHAUSTED
@@ -173,6 +176,7 @@ class EngineLoop {
   std::unordered_map<Ticket, RequestId> by_ticket_;
   std::deque<std::pair<Clock::time_point, int>> recent_tokens_;  // the throughput window
   std::vector<StepEvent> events_;
+  StreamPokes pokes_;  // every push of the engine thread pokes through it; delivered once a pass
   std::thread thread_;
 };
 

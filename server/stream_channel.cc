@@ -2,8 +2,30 @@
 
 namespace kvserve {
 
+void StreamPokes::add(StreamWriter* writer, std::weak_ptr<StreamListener> listener) {
+  pokes_.emplace_back(writer, std::move(listener));
+}
+
+void StreamPokes::deliver() {
+  for (size_t i = 0; i < pokes_.size(); ++i) {
+    auto& [writer, listener] = pokes_[i];
+    if (writer == nullptr) {
+      if (std::shared_ptr<StreamListener> live = listener.lock()) live->on_message_ready();
+      continue;
+    }
+    batch_.push_back(std::move(listener));
+    // A run of pokes for one writer (usually all of them: the server has one) goes in one post.
+    if (i + 1 == pokes_.size() || pokes_[i + 1].first != writer) {
+      writer->post(batch_);
+      batch_.clear();
+    }
+  }
+  pokes_.clear();
+}
+
 void StreamChannel::push_chunk(std::vector<int32_t> ids, std::string text,
-                               std::vector<float> logprobs) {
+                               std::vector<float> logprobs, StreamPokes* pokes) {
+  std::shared_ptr<StreamListener> listener;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (queue_.size() >= capacity_ && queue_.back().kind == StreamMessage::Kind::kChunk) {
@@ -12,28 +34,31 @@ void StreamChannel::push_chunk(std::vector<int32_t> ids, std::string text,
       last.text += text;
       last.logprobs.insert(last.logprobs.end(), logprobs.begin(), logprobs.end());
     } else {
-      StreamMessage message;
+      StreamMessage& message = queue_.emplace_back();
       message.token_ids = std::move(ids);
       message.text = std::move(text);
       message.logprobs = std::move(logprobs);
-      queue_.push_back(std::move(message));
     }
+    listener = poke_locked(pokes);
   }
-  notify();
+  notify(std::move(listener));
 }
 
-void StreamChannel::push_final(const StreamFinal& final) {
+void StreamChannel::push_final(const StreamFinal& final, StreamPokes* pokes) {
+  std::shared_ptr<StreamListener> listener;
   {
     std::lock_guard<std::mutex> lock(mu_);
     StreamMessage message;
     message.kind = StreamMessage::Kind::kFinal;
     message.final = final;
     queue_.push_back(std::move(message));
+    listener = poke_locked(pokes);
   }
-  notify();
+  notify(std::move(listener));
 }
 
-void StreamChannel::push_error(StreamError error, std::string text) {
+void StreamChannel::push_error(StreamError error, std::string text, StreamPokes* pokes) {
+  std::shared_ptr<StreamListener> listener;
   {
     std::lock_guard<std::mutex> lock(mu_);
     StreamMessage message;
@@ -41,8 +66,9 @@ void StreamChannel::push_error(StreamError error, std::string text) {
     message.error = error;
     message.error_message = std::move(text);
     queue_.push_back(std::move(message));
+    listener = poke_locked(pokes);
   }
-  notify();
+  notify(std::move(listener));
 }
 
 bool StreamChannel::pop(StreamMessage& out) {
@@ -53,12 +79,15 @@ bool StreamChannel::pop(StreamMessage& out) {
   return true;
 }
 
-void StreamChannel::notify() {
-  std::shared_ptr<StreamListener> listener;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    listener = listener_.lock();
+std::shared_ptr<StreamListener> StreamChannel::poke_locked(StreamPokes* pokes) {
+  if (pokes != nullptr) {
+    pokes->add(writer_, listener_);
+    return nullptr;
   }
+  return listener_.lock();
+}
+
+void StreamChannel::notify(std::shared_ptr<StreamListener> listener) {
   if (!listener) return;
   if (writer_ != nullptr) {
     writer_->post(std::move(listener));

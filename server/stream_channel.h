@@ -5,7 +5,8 @@
 // client that stops reading costs at most one growing chunk (bounded by max_new_tokens), never an
 // engine stall. After each push the channel pokes its listener (the reactor), which starts the
 // next write if none is in flight: through a StreamWriter's thread when the channel has one (the
-// server), else inline on the pushing thread.
+// server), else inline on the pushing thread. A pusher that writes to many channels at once (the
+// engine thread, once per step) can collect the pokes in a StreamPokes and deliver them together.
 #pragma once
 
 #include <cstdint>
@@ -13,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine/engine.h"
@@ -55,6 +57,22 @@ class StreamListener {
   virtual void on_message_ready() = 0;
 };
 
+// Pokes collected from pushes and delivered together: all of one StreamWriter's go to its thread in
+// one hand-off (one lock, at most one wake-up), rather than one per message, which at B = 256
+// streams cost the engine thread a lock and often a futex wake per token. Pokes of channels without
+// a writer run inline in deliver(). One thread owns it.
+class StreamPokes {
+ public:
+  void add(StreamWriter* writer, std::weak_ptr<StreamListener> listener);
+  // Pokes every listener added since the last call, in the order added.
+  void deliver();
+  bool empty() const { return pokes_.empty(); }
+
+ private:
+  std::vector<std::pair<StreamWriter*, std::weak_ptr<StreamListener>>> pokes_;
+  std::vector<std::weak_ptr<StreamListener>> batch_;  // reused: one writer's share of pokes_
+};
+
 class StreamChannel {
  public:
   // `writer` (may be null: pokes run inline) must outlive the channel's pushes.
@@ -67,11 +85,14 @@ class StreamChannel {
     listener_ = std::move(listener);
   }
 
+  // Each push pokes the listener now, or, given `pokes`, adds the poke there for the caller to
+  // deliver (soon: the message waits unseen until then).
   // Engine thread. Tokens of one step for this request; `text` may be empty (held back).
-  void push_chunk(std::vector<int32_t> ids, std::string text, std::vector<float> logprobs);
+  void push_chunk(std::vector<int32_t> ids, std::string text, std::vector<float> logprobs,
+                  StreamPokes* pokes = nullptr);
   // Engine thread. The end of the stream; nothing may be pushed after it.
-  void push_final(const StreamFinal& final);
-  void push_error(StreamError error, std::string message);
+  void push_final(const StreamFinal& final, StreamPokes* pokes = nullptr);
+  void push_error(StreamError error, std::string message, StreamPokes* pokes = nullptr);
 
   // Any thread (the reactor). Returns false when nothing is waiting.
   bool pop(StreamMessage& out);
@@ -81,7 +102,10 @@ class StreamChannel {
   }
 
  private:
-  void notify();
+  // Called with mu_ held, right after a push: queues the poke in `pokes`, or returns the listener
+  // to poke once mu_ is released.
+  std::shared_ptr<StreamListener> poke_locked(StreamPokes* pokes);
+  void notify(std::shared_ptr<StreamListener> listener);
 
   const size_t capacity_;
   StreamWriter* const writer_;

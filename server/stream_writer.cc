@@ -28,6 +28,17 @@ void StreamWriter::post(std::weak_ptr<StreamListener> listener) {
   if (was_empty) wake_.notify_one();
 }
 
+void StreamWriter::post(const std::vector<std::weak_ptr<StreamListener>>& listeners) {
+  if (listeners.empty()) return;
+  bool was_empty = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    was_empty = pending_.empty();
+    pending_.insert(pending_.end(), listeners.begin(), listeners.end());
+  }
+  if (was_empty) wake_.notify_one();
+}
+
 void StreamWriter::run() {
   std::vector<std::weak_ptr<StreamListener>> batch;
   while (true) {

@@ -24,6 +24,8 @@ class StreamWriter {
   // Any thread, never blocks on a listener: `listener->on_message_ready()` runs soon on the
   // writer thread, unless the listener is gone by then.
   void post(std::weak_ptr<StreamListener> listener);
+  // Same for each of `listeners`, in order, with one lock and at most one wake-up.
+  void post(const std::vector<std::weak_ptr<StreamListener>>& listeners);
 
  private:
   void run();

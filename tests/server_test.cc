@@ -4,11 +4,16 @@
 #include <signal.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdlib>
 #include <fstream>
 #include <future>
+#include <memory>
+#include <mutex>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -17,6 +22,7 @@
 #include "engine/engine_builder.h"
 #include "engine/tokenizer.h"
 #include "server/stream_channel.h"
+#include "server/stream_writer.h"
 #include "tests/server_harness.h"
 #include "tests/test_support.h"
 
@@ -657,6 +663,88 @@ TEST(StreamChannel, MergesTokensIntoTheLastChunkWhenFull) {
   ASSERT_TRUE(channel.pop(message));
   EXPECT_EQ(message.kind, StreamMessage::Kind::kFinal);
   EXPECT_FALSE(channel.pop(message));
+}
+
+// Counts its pokes and the threads they came on.
+class CountingListener : public StreamListener {
+ public:
+  void on_message_ready() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++pokes_;
+    threads_.insert(std::this_thread::get_id());
+    poked_.notify_all();
+  }
+  int pokes() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return pokes_;
+  }
+  std::set<std::thread::id> threads() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return threads_;
+  }
+  bool wait_for_pokes(int count) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return poked_.wait_for(lock, std::chrono::seconds(10), [&] { return pokes_ >= count; });
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable poked_;
+  int pokes_ = 0;
+  std::set<std::thread::id> threads_;
+};
+
+TEST(StreamPokes, PushesWithPokesReachTheirListenersOnlyAtDeliver) {
+  StreamChannel first(8), second(8);
+  auto first_listener = std::make_shared<CountingListener>();
+  auto second_listener = std::make_shared<CountingListener>();
+  first.set_listener(first_listener);
+  second.set_listener(second_listener);
+  StreamPokes pokes;
+  first.push_chunk({1}, "a", {}, &pokes);
+  second.push_chunk({2}, "b", {}, &pokes);
+  first.push_final({}, &pokes);
+  EXPECT_EQ(first_listener->pokes(), 0);
+  EXPECT_EQ(second_listener->pokes(), 0);
+  EXPECT_EQ(first.size(), 2u) << "the messages wait in the channel meanwhile";
+
+  pokes.deliver();  // no writer: inline, on this thread
+  EXPECT_EQ(first_listener->pokes(), 2);
+  EXPECT_EQ(second_listener->pokes(), 1);
+  EXPECT_EQ(first_listener->threads(), std::set<std::thread::id>{std::this_thread::get_id()});
+  EXPECT_TRUE(pokes.empty());
+  pokes.deliver();
+  EXPECT_EQ(first_listener->pokes(), 2) << "each poke is delivered once";
+}
+
+TEST(StreamPokes, DeliveredPokesRunOnTheWriterThreadAndSkipListenersThatAreGone) {
+  StreamWriter writer;
+  StreamChannel kept(8, &writer), dropped(8, &writer), unwritten(8);
+  auto kept_listener = std::make_shared<CountingListener>();
+  auto dropped_listener = std::make_shared<CountingListener>();
+  auto unwritten_listener = std::make_shared<CountingListener>();
+  kept.set_listener(kept_listener);
+  dropped.set_listener(dropped_listener);
+  unwritten.set_listener(unwritten_listener);
+  StreamPokes pokes;
+  kept.push_chunk({1}, "a", {}, &pokes);
+  dropped.push_chunk({2}, "b", {}, &pokes);
+  unwritten.push_error(StreamError::kInternal, "x", &pokes);  // a channel without a writer
+  kept.push_final({}, &pokes);
+  std::weak_ptr<CountingListener> gone = dropped_listener;
+  dropped_listener.reset();
+  ASSERT_TRUE(gone.expired());
+
+  pokes.deliver();
+  EXPECT_EQ(unwritten_listener->pokes(), 1) << "inline, in deliver()";
+  ASSERT_TRUE(kept_listener->wait_for_pokes(2));
+  EXPECT_EQ(kept_listener->pokes(), 2);
+  EXPECT_EQ(kept_listener->threads().count(std::this_thread::get_id()), 0u);
+  StreamMessage message;
+  ASSERT_TRUE(kept.pop(message));
+  EXPECT_EQ(message.text, "a");
+  ASSERT_TRUE(kept.pop(message));
+  EXPECT_EQ(message.kind, StreamMessage::Kind::kFinal);
 }
 
 }  // namespace

@@ -106,6 +106,21 @@ TEST(TextStream, TheTokenThatEndsGenerationIsNotText) {
   EXPECT_EQ(stream(text_stream, with_eos, FinishReason::kEos).text, "hello world");
 }
 
+TEST(TextStream, WithoutStopStringsTheLastTokenEndsAnIncompleteCharacterAsReplacement) {
+  const std::vector<int32_t> lead_byte = tokenizer().encode(std::string("\xe2"));
+  ASSERT_EQ(lead_byte.size(), 1u);
+  std::vector<int32_t> ids = tokenizer().encode("ab");
+  ids.push_back(lead_byte[0]);
+  TextStream by_length(tokenizer(), {});
+  const Streamed streamed = stream(by_length, ids);
+  EXPECT_EQ(streamed.pieces.back(), "\xef\xbf\xbd") << "held until the last token, then replaced";
+  EXPECT_EQ(streamed.text, "ab\xef\xbf\xbd");
+
+  ids.push_back(tokenizer().eos_token_id());
+  TextStream by_eos(tokenizer(), {});
+  EXPECT_EQ(stream(by_eos, ids, FinishReason::kEos).text, "ab\xef\xbf\xbd");
+}
+
 TEST(TextStream, FlushGivesTheHeldTextAndAnIncompleteCharacterAsReplacement) {
   // The first byte of a three-byte character, alone: GPT-2's byte-level vocabulary has a token
   // for every byte.
