@@ -59,6 +59,9 @@ CudaBackend::CudaBackend(const ModelWeights& weights, const KvCacheConfig& kv, i
   __half* device = weights_.reserve(host.size());
   KVSERVE_CUDA_CHECK(
       cudaMemcpy(device, host.data(), host.size() * sizeof(uint16_t), cudaMemcpyHostToDevice));
+  // From pageable memory cudaMemcpy may return before the weights land, and stream_ is
+  // non-blocking: nothing else would order the first step's kernels after the copy.
+  KVSERVE_CUDA_CHECK(cudaDeviceSynchronize());
   size_t next = 0;
   auto ptr = [&]() { return device + offsets[next++]; };
   wte_ = ptr();
