@@ -163,6 +163,24 @@ std::vector<VariantCase> variant_cases(const std::vector<CacheCase>& cases) {
 }
 
 // Per-channel scales of random q | k | v ([3C]), with a few outlier key channels as in GPT-2.
+// Streaming multiprocessors of the current device (decode_attention_split sizes its splits by it).
+int multiprocessor_count() {
+  int device = 0, count = 0;
+  KVSERVE_CUDA_CHECK(cudaGetDevice(&device));
+  KVSERVE_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+// A decode step's items: each sequence of `ids` grown by one token, in order.
+void grow_one_token(KvCacheManager& manager, const std::vector<int64_t>& ids,
+                    std::vector<ForwardItem>& items) {
+  for (int64_t id : ids) {
+    const int length = manager.sequence(id).length;
+    ASSERT_TRUE(manager.grow(id, length + 1));
+    items.push_back({id, length, {0}, false, {}});
+  }
+}
+
 std::vector<float> random_channel_scale(int C, std::mt19937& rng) {
   std::vector<float> channel_scale(3 * C);
   for (float& s : channel_scale) s = std::uniform_real_distribution<float>(0.2f, 2.0f)(rng);
@@ -377,12 +395,7 @@ TEST(GpuKvCache, PrefillStepsMatchTheCpuCacheWithEitherKernel) {
 TEST(GpuKvCache, DecodeStepsMatchTheCpuCacheSplitAndUnsplit) {
   SKIP_WITHOUT_GPU();
   const ModelConfig model = cache_test_model();
-  const int sm_count = [] {
-    int device = 0, count = 0;
-    KVSERVE_CUDA_CHECK(cudaGetDevice(&device));
-    KVSERVE_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    return count;
-  }();
+  const int sm_count = multiprocessor_count();
   // decode_attention_split leaves the context whole from 8 blocks per SM on.
   const int many = (8 * sm_count + model.n_head - 1) / model.n_head;
   for (const VariantCase& test : variant_cases(cache_cases())) {
@@ -414,11 +427,7 @@ TEST(GpuKvCache, DecodeStepsMatchTheCpuCacheSplitAndUnsplit) {
         ids.resize(3);
       }
       std::vector<ForwardItem> items;
-      for (int64_t id : ids) {
-        const int length = manager.sequence(id).length;
-        ASSERT_TRUE(manager.grow(id, length + 1));
-        items.push_back({id, length, {0}, false, {}});
-      }
+      ASSERT_NO_FATAL_FAILURE(grow_one_token(manager, ids, items));
       ASSERT_NO_FATAL_FAILURE(
           check_step(manager, cpu, gpu, items, channel_scale, rng, stream, step, worst));
       manager.finish_step();
@@ -441,12 +450,7 @@ TEST(GpuKvCache, PackedDecodeMatchesTheCpuCacheInEveryTwoBitLayout) {
   SKIP_WITHOUT_GPU();
   const ModelConfig model = cache_test_model();
   const int H = model.n_head;
-  const int sm_count = [] {
-    int device = 0, count = 0;
-    KVSERVE_CUDA_CHECK(cudaGetDevice(&device));
-    KVSERVE_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    return count;
-  }();
+  const int sm_count = multiprocessor_count();
   // decode_attention_split: one split from 8 blocks per SM on, two from 4 (contexts permitting).
   const int many = (8 * sm_count + H - 1) / H, half = (4 * sm_count + H - 1) / H;
   int layouts = 0;
@@ -486,11 +490,7 @@ TEST(GpuKvCache, PackedDecodeMatchesTheCpuCacheInEveryTwoBitLayout) {
         ids.resize(half);
       }
       std::vector<ForwardItem> items;
-      for (int64_t id : ids) {
-        const int length = manager.sequence(id).length;
-        ASSERT_TRUE(manager.grow(id, length + 1));
-        items.push_back({id, length, {0}, false, {}});
-      }
+      ASSERT_NO_FATAL_FAILURE(grow_one_token(manager, ids, items));
       ASSERT_NO_FATAL_FAILURE(
           check_step(manager, cpu, gpu, items, channel_scale, rng, stream, step, worst));
       ASSERT_EQ(gpu.decode_attention_kernel(), DecodeAttentionVariant::kPacked) << "step " << step;
