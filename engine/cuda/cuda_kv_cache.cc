@@ -65,6 +65,7 @@ CudaKvCache::CudaKvCache(const KvCacheConfig& config, int32_t num_blocks, const 
   KVSERVE_CUDA_CHECK(cudaMalloc(&pool_, std::max<size_t>(bytes_, 1)));
   // Zeroed so that the pool's bytes equal the CPU cache's (calloc) in tests.
   KVSERVE_CUDA_CHECK(cudaMemset(pool_, 0, bytes_));
+  KVSERVE_CUDA_CHECK(cudaEventCreateWithFlags(&meta_uploaded_, cudaEventDisableTiming));
   view_.blocks = pool_;
   int device = 0;
   KVSERVE_CUDA_CHECK(cudaGetDevice(&device));
@@ -78,6 +79,7 @@ CudaKvCache::CudaKvCache(const KvCacheConfig& config, int32_t num_blocks, const 
 }
 
 CudaKvCache::~CudaKvCache() {
+  if (meta_uploaded_ != nullptr) cudaEventDestroy(meta_uploaded_);
   cudaFree(pool_);
 }
 
@@ -178,7 +180,10 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
     host_meta_.insert(host_meta_.end(), scratch_pages.begin(), scratch_pages.end());
   }
 
-  // The previous step ended with a synchronising copy, so the pinned buffer is free to reuse.
+  // The previous prepare()'s copy may still be queued behind its step's kernels (a caller that
+  // does not wait for each step, as the engine does): overwriting the pinned buffer before that
+  // copy has run would hand the previous step this step's block tables.
+  KVSERVE_CUDA_CHECK(cudaEventSynchronize(meta_uploaded_));
   int32_t* pinned = pinned_meta_.reserve(host_meta_.size());
   // Distinct sequences hold distinct blocks, so a step's block ids fit in num_blocks: room for
   // that many keeps the buffer (and the graphs that address it) in place as contexts grow.
@@ -188,6 +193,7 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
   std::memcpy(pinned, host_meta_.data(), host_meta_.size() * sizeof(int32_t));
   KVSERVE_CUDA_CHECK(cudaMemcpyAsync(device, pinned, host_meta_.size() * sizeof(int32_t),
                                      cudaMemcpyHostToDevice, stream));
+  KVSERVE_CUDA_CHECK(cudaEventRecord(meta_uploaded_, stream));
   batch_.items = n;
   batch_.start = device;
   batch_.count = device + n;

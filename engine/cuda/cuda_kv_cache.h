@@ -123,6 +123,7 @@ class CudaKvCache {
   cuda::DeviceBuffer<uint32_t> new_rows_;
   std::vector<int32_t> host_meta_;
   cuda::PinnedBuffer<int32_t> pinned_meta_;
+  cudaEvent_t meta_uploaded_ = nullptr;  // recorded after each prepare()'s copy from pinned_meta_
   cuda::DeviceBuffer<int32_t> device_meta_;
   // The sampled quantization error: the step counter that picks the measured steps, whether the
   // prepared step is one, and the device bins the last layer copies into pinned memory and then
