@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <random>
 #include <stdexcept>
@@ -20,6 +21,7 @@
 #include "kernels/decode_attention_variant.h"
 #include "kernels/device_info.h"
 #include "kernels/embedding.h"
+#include "kernels/gemm.h"
 #include "kernels/kv_dequantize_pages.h"
 #include "kernels/layer_norm.h"
 #include "kernels/paged_attention.h"
@@ -684,6 +686,247 @@ TEST(GpuKernels, EmbeddingLayerNormAndBiasGeluMatchPlainLoops) {
   }
 }
 
+// Seconds per call of `run` when `launches` calls are replayed as one CUDA graph (as a decode
+// step runs them), median of 20 replays: the launch gaps of an eager loop stay out.
+template <typename Run>
+double graph_seconds_per_call(cudaStream_t stream, int launches, Run run) {
+  KVSERVE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < launches; ++i) run();
+  cudaGraph_t graph = nullptr;
+  KVSERVE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  cudaGraphExec_t exec = nullptr;
+  KVSERVE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  KVSERVE_CUDA_CHECK(cudaGraphDestroy(graph));
+  KVSERVE_CUDA_CHECK(cudaGraphLaunch(exec, stream));  // warm-up
+  const double seconds =
+      median_seconds(stream, 20, [&] { KVSERVE_CUDA_CHECK(cudaGraphLaunch(exec, stream)); });
+  KVSERVE_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  return seconds / launches;
+}
+
+double gelu_tanh(double v) {
+  return 0.5 * v * (1.0 + std::tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)));
+}
+
+double gelu_erf(double v) {
+  return 0.5 * v * (1.0 + std::erf(v * 0.7071067811865476));
+}
+
+// The cuBLASLt GEMMs with a bias (+ GELU) epilogue against a double-precision loop, at an odd row
+// count, and twice in a row (the second call reuses the first's plan).
+TEST(GpuKernels, BiasGemmMatchesPlainLoops) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int m = 37, n = 320, k = 96;
+  auto random_half = [&](size_t count, float scale) {
+    std::vector<float> v(count);
+    for (float& x : v) x = round_to_half(normal(rng) * scale);
+    return v;
+  };
+  // a: [m][k]   b: [k][n]   bias: [n]; pre-activations of about unit spread
+  const std::vector<float> a = random_half(static_cast<size_t>(m) * k, 1.0f);
+  const std::vector<float> b = random_half(static_cast<size_t>(k) * n, 0.15f);
+  const std::vector<float> bias = random_half(n, 0.5f);
+  cuda::DeviceBuffer<__half> a_d, b_d, bias_d, c_d;
+  cuda::DeviceBuffer<uint8_t> workspace;
+  upload(a_d, to_half(a).data(), a.size());
+  upload(b_d, to_half(b).data(), b.size());
+  upload(bias_d, to_half(bias).data(), bias.size());
+  __half* c = c_d.reserve(static_cast<size_t>(m) * n);
+  const size_t workspace_bytes = size_t{4} << 20;
+  cuda::BiasGemm gemm(workspace.reserve(workspace_bytes), workspace_bytes);
+  for (const cuda::GemmEpilogue epilogue :
+       {cuda::GemmEpilogue::kBias, cuda::GemmEpilogue::kBiasGeluTanh}) {
+    for (int call = 0; call < 2; ++call) {
+      KVSERVE_CUDA_CHECK(cudaMemset(c, 0xff, static_cast<size_t>(m) * n * sizeof(__half)));
+      gemm.run(nullptr, a_d.get(), b_d.get(), bias_d.get(), c, m, n, k, epilogue);
+      const std::vector<__half> got = download(c, static_cast<size_t>(m) * n);
+      double worst_tanh = 0.0, worst_erf = 0.0;
+      for (int r = 0; r < m; ++r) {
+        for (int j = 0; j < n; ++j) {
+          double v = bias[j];
+          for (int i = 0; i < k; ++i) v += static_cast<double>(a[r * k + i]) * b[i * n + j];
+          const double want = epilogue == cuda::GemmEpilogue::kBias ? v : gelu_tanh(v);
+          const double value = __half2float(got[r * n + j]);
+          ASSERT_NEAR(value, want, 1e-3 + 2e-3 * std::fabs(want))
+              << "epilogue " << static_cast<int>(epilogue) << " row " << r << " column " << j
+              << " pre-activation " << v;
+          worst_tanh = std::max(worst_tanh, std::fabs(value - want));
+          worst_erf = std::max(worst_erf, std::fabs(value - gelu_erf(v)));
+        }
+      }
+      if (epilogue == cuda::GemmEpilogue::kBiasGeluTanh && call == 0) {
+        std::printf(
+            "bias + GELU epilogue: worst |difference| %.2e from the tanh form, %.2e from "
+            "the erf form\n",
+            worst_tanh, worst_erf);
+      }
+    }
+  }
+  EXPECT_EQ(gemm.plans(), 2u);
+  EXPECT_THROW(gemm.run(nullptr, a_d.get() + 1, b_d.get(), bias_d.get(), c, m, n, k,
+                        cuda::GemmEpilogue::kBias),
+               std::invalid_argument);  // not 16-byte aligned
+  EXPECT_THROW(
+      gemm.run(nullptr, a_d.get(), b_d.get(), nullptr, c, m, n, k, cuda::GemmEpilogue::kBias),
+      std::invalid_argument);
+}
+
+// The micro-benchmark of the GEMMs with a bias of a GPT-2 layer (768 channels): QKV (bias) and FC
+// (bias + GELU) at a decode step's 256 rows and a prefill step's 16,384, as cuBLAS's GEMM followed
+// by bias_activation_forward (the step before issue 15) and as one cuBLASLt GEMM with the
+// epilogue, each call replayed from a CUDA graph; one JSON line per case. Its check: both give
+// the same result within fp16 rounding (the epilogue adds the bias before rounding, the old
+// path after).
+TEST(GpuKernels, BiasGemmThroughput) {
+  SKIP_WITHOUT_GPU();
+  const int C = 768;
+  std::mt19937 rng(13);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  cudaStream_t stream = nullptr;
+  KVSERVE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cublasHandle_t cublas = nullptr;
+  KVSERVE_CUBLAS_CHECK(cublasCreate(&cublas));
+  const size_t workspace_bytes = size_t{32} << 20;
+  cuda::DeviceBuffer<uint8_t> workspace;
+  void* workspace_d = workspace.reserve(workspace_bytes);
+  KVSERVE_CUBLAS_CHECK(cublasSetStream(cublas, stream));
+  KVSERVE_CUBLAS_CHECK(cublasSetWorkspace(cublas, workspace_d, workspace_bytes));
+  cuda::BiasGemm lt(workspace_d, workspace_bytes);
+  struct Case {
+    const char* name;
+    int n;
+    cuda::GemmEpilogue epilogue;
+    cuda::BiasActivation activation;
+  };
+  for (const Case& gemm :
+       {Case{"qkv", 3 * C, cuda::GemmEpilogue::kBias, cuda::BiasActivation::kNone},
+        Case{"fc", 4 * C, cuda::GemmEpilogue::kBiasGeluTanh, cuda::BiasActivation::kGeluTanh}}) {
+    for (const int m : {256, 16384}) {
+      std::vector<uint16_t> a(static_cast<size_t>(m) * C), b(static_cast<size_t>(C) * gemm.n),
+          bias(gemm.n);
+      for (uint16_t& h : a) h = float_to_half(normal(rng));
+      for (uint16_t& h : b) h = float_to_half(normal(rng) * 0.04f);
+      for (uint16_t& h : bias) h = float_to_half(normal(rng) * 0.5f);
+      cuda::DeviceBuffer<__half> a_d, b_d, bias_d, old_d, new_d;
+      upload(a_d, a.data(), a.size());
+      upload(b_d, b.data(), b.size());
+      upload(bias_d, bias.data(), bias.size());
+      const size_t out = static_cast<size_t>(m) * gemm.n;
+      __half* old_out = old_d.reserve(out);
+      __half* new_out = new_d.reserve(out);
+      auto separate = [&] {
+        cuda::gemm(cublas, stream, a_d.get(), b_d.get(), false, old_out, cuda::GemmOutput::kHalf, m,
+                   gemm.n, C, 0.0f);
+        cuda::bias_activation_forward(old_out, bias_d.get(), m, gemm.n, gemm.activation, stream);
+      };
+      auto fused = [&] {
+        lt.run(stream, a_d.get(), b_d.get(), bias_d.get(), new_out, m, gemm.n, C, gemm.epilogue);
+      };
+      separate();  // outside capture: settles cuBLAS's choice and plans the shape
+      fused();
+      const int launches = m <= 256 ? 20 : 4;
+      const double separate_seconds = graph_seconds_per_call(stream, launches, separate);
+      const double fused_seconds = graph_seconds_per_call(stream, launches, fused);
+      std::printf(
+          "{\"bench\": \"bias_gemm\", \"case\": \"%s\", \"rows\": %d, \"n\": %d, \"k\": %d, "
+          "\"gemm_then_bias_us\": %.2f, \"epilogue_us\": %.2f}\n",
+          gemm.name, m, gemm.n, C, separate_seconds * 1e6, fused_seconds * 1e6);
+      // One more call of each, compared.
+      separate();
+      fused();
+      KVSERVE_CUDA_CHECK(cudaStreamSynchronize(stream));
+      const std::vector<__half> want = download(old_out, out), got = download(new_out, out);
+      for (size_t i = 0; i < out; ++i) {
+        const float w = __half2float(want[i]), g = __half2float(got[i]);
+        ASSERT_NEAR(g, w, 4e-3 + 4e-3 * std::fabs(w)) << gemm.name << " rows " << m << " at " << i;
+      }
+    }
+  }
+  cublasDestroy(cublas);
+  KVSERVE_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+// The layer norm micro-benchmark: a GPT-2 layer norm (768 channels, with the pending residual
+// bias) at a decode step's 256 rows and a prefill step's 16,384, with 4, 2 and 1 rows (warps) per
+// block, each replayed from a CUDA graph; one JSON line per case. Its checks: the first shape
+// against a double-precision loop, and every other shape gives its output and residual stream
+// bit for bit.
+TEST(GpuKernels, LayerNormThroughput) {
+  SKIP_WITHOUT_GPU();
+  const int C = 768;
+  std::mt19937 rng(17);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  cudaStream_t stream = nullptr;
+  KVSERVE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  std::vector<uint16_t> weight(C), bias(C), residual_bias(C);
+  for (uint16_t& h : weight) h = float_to_half(1.0f + 0.2f * normal(rng));
+  for (uint16_t& h : bias) h = float_to_half(0.2f * normal(rng));
+  for (uint16_t& h : residual_bias) h = float_to_half(0.5f * normal(rng));
+  cuda::DeviceBuffer<__half> weight_d, bias_d, residual_bias_d, out_d;
+  cuda::DeviceBuffer<float> x_d;
+  upload(weight_d, weight.data(), C);
+  upload(bias_d, bias.data(), C);
+  upload(residual_bias_d, residual_bias.data(), C);
+  for (const int rows : {256, 16384}) {
+    std::vector<float> x(static_cast<size_t>(rows) * C);
+    for (float& v : x) v = 3.0f * normal(rng);
+    float* x_dev = x_d.reserve(x.size());
+    __half* out = out_d.reserve(x.size());
+    std::vector<__half> first_out;
+    std::vector<float> first_x;
+    for (const int rows_per_block : {4, 2, 1}) {
+      auto layer_norm = [&] {
+        cuda::layer_norm_forward(out, x_dev, nullptr, residual_bias_d.get(), weight_d.get(),
+                                 bias_d.get(), rows, C, 1e-5f, stream, rows_per_block);
+      };
+      // The timed calls add the residual bias again and again; the checked call starts afresh.
+      const double seconds = graph_seconds_per_call(stream, rows <= 256 ? 20 : 4, layer_norm);
+      KVSERVE_CUDA_CHECK(
+          cudaMemcpy(x_dev, x.data(), x.size() * sizeof(float), cudaMemcpyHostToDevice));
+      layer_norm();
+      KVSERVE_CUDA_CHECK(cudaStreamSynchronize(stream));
+      const double bytes = rows * C * (2.0 * sizeof(float) + sizeof(__half));
+      std::printf(
+          "{\"bench\": \"layer_norm\", \"rows\": %d, \"channels\": %d, \"rows_per_block\": %d, "
+          "\"us\": %.2f, \"gb_per_second\": %.1f}\n",
+          rows, C, rows_per_block, seconds * 1e6, bytes / seconds * 1e-9);
+      const std::vector<__half> got_out = download(out, x.size());
+      const std::vector<float> got_x = download(x_dev, x.size());
+      if (first_out.empty()) {  // against a double-precision loop
+        for (int r = 0; r < rows; ++r) {
+          std::vector<double> v(C);
+          double mean = 0.0, var = 0.0;
+          for (int c = 0; c < C; ++c) {
+            mean += v[c] = x[r * C + c] + static_cast<double>(half_to_float(residual_bias[c]));
+          }
+          mean /= C;
+          for (int c = 0; c < C; ++c) var += (v[c] - mean) * (v[c] - mean);
+          const double inv_std = 1.0 / std::sqrt(var / C + 1e-5);
+          for (int c = 0; c < C; ++c) {
+            const double want =
+                (v[c] - mean) * inv_std * half_to_float(weight[c]) + half_to_float(bias[c]);
+            ASSERT_NEAR(__half2float(got_out[r * C + c]), want, 2e-3 + 1e-3 * std::fabs(want))
+                << "row " << r << " channel " << c;
+            ASSERT_EQ(got_x[r * C + c], x[r * C + c] + half_to_float(residual_bias[c]));
+          }
+        }
+        first_out = got_out;
+        first_x = got_x;
+        continue;
+      }
+      for (size_t i = 0; i < x.size(); ++i) {
+        ASSERT_EQ(std::memcmp(&got_out[i], &first_out[i], sizeof(__half)), 0)
+            << rows_per_block << " rows per block: row " << i / C << " channel " << i % C;
+        ASSERT_EQ(got_x[i], first_x[i])
+            << rows_per_block << " rows per block: residual row " << i / C << " channel " << i % C;
+      }
+    }
+  }
+  KVSERVE_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
 TEST(GpuKernels, LaunchersRejectBadInputs) {
   SKIP_WITHOUT_GPU();
   cuda::KvCacheView cache;
@@ -696,6 +939,9 @@ TEST(GpuKernels, LaunchersRejectBadInputs) {
                                           channels, 1e-5f, nullptr),
                  std::invalid_argument);
   }
+  EXPECT_THROW(cuda::layer_norm_forward(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 4,
+                                        768, 1e-5f, nullptr, 33),
+               std::invalid_argument);  // beyond 32 warps per block
   EXPECT_THROW(
       cuda::bias_activation_forward(nullptr, nullptr, 2, 3, cuda::BiasActivation::kNone, nullptr),
       std::invalid_argument);

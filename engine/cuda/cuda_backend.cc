@@ -22,7 +22,7 @@ namespace {
 // cuBLAS's recommended workspace on Hopper; also ample for earlier GPUs.
 constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
 // Decode graphs kept at once (one per item count and decode split seen recently); each holds the
-// ~150 kernel nodes of one step.
+// ~100-130 kernel nodes of one step (GPT-2 small, by format).
 constexpr size_t kMaxDecodeGraphs = 128;
 
 }  // namespace
@@ -85,12 +85,15 @@ CudaBackend::CudaBackend(const ModelWeights& weights, const KvCacheConfig& kv, i
   KVSERVE_CUBLAS_CHECK(cublasCreate(&cublas_));
   // The workspace after the stream: cublasSetStream resets it (cuda::gemm keeps the stream).
   KVSERVE_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
-  KVSERVE_CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_workspace_.reserve(kCublasWorkspaceBytes),
-                                          kCublasWorkspaceBytes));
+  void* workspace = cublas_workspace_.reserve(kCublasWorkspaceBytes);
+  KVSERVE_CUBLAS_CHECK(cublasSetWorkspace(cublas_, workspace, kCublasWorkspaceBytes));
+  // cuBLASLt shares the workspace: every GEMM runs on stream_, one after another.
+  bias_gemm_ = std::make_unique<cuda::BiasGemm>(workspace, kCublasWorkspaceBytes);
 }
 
 CudaBackend::~CudaBackend() {
   decode_graphs_.clear();
+  bias_gemm_.reset();
   if (cublas_) cublasDestroy(cublas_);
   if (stream_) cudaStreamDestroy(stream_);
 }
@@ -160,20 +163,21 @@ void CudaBackend::enqueue_model(int T, int R, const int32_t* index) {
     const Layer& w = layers_[layer];
     cuda::layer_norm_forward(h, x, nullptr, pending_bias, w.ln_1_weight, w.ln_1_bias, T, C,
                              cfg.layer_norm_epsilon, stream_);
-    cuda::gemm(cublas_, stream_, h, w.qkv_weight, false, qkv, cuda::GemmOutput::kHalf, T, 3 * C, C,
-               0.0f);
-    cuda::bias_activation_forward(qkv, w.qkv_bias, T, 3 * C, cuda::BiasActivation::kNone, stream_);
+    bias_gemm_->run(stream_, h, w.qkv_weight, w.qkv_bias, qkv, T, 3 * C, C,
+                    cuda::GemmEpilogue::kBias);
     cache_.append_and_attend(layer, qkv, att, stream_);
     cuda::gemm(cublas_, stream_, att, w.proj_weight, false, x, cuda::GemmOutput::kFloat, T, C, C,
                1.0f);
     cuda::layer_norm_forward(h, x, nullptr, w.proj_bias, w.ln_2_weight, w.ln_2_bias, T, C,
                              cfg.layer_norm_epsilon, stream_);
-    cuda::gemm(cublas_, stream_, h, w.fc_weight, false, fc, cuda::GemmOutput::kHalf, T, F, C, 0.0f);
-    cuda::bias_activation_forward(fc, w.fc_bias, T, F,
-                                  cfg.activation == Activation::kGeluTanh
-                                      ? cuda::BiasActivation::kGeluTanh
-                                      : cuda::BiasActivation::kGeluErf,
-                                  stream_);
+    if (cfg.activation == Activation::kGeluTanh) {
+      bias_gemm_->run(stream_, h, w.fc_weight, w.fc_bias, fc, T, F, C,
+                      cuda::GemmEpilogue::kBiasGeluTanh);
+    } else {  // cuBLASLt's GELU is the tanh form only
+      cuda::gemm(cublas_, stream_, h, w.fc_weight, false, fc, cuda::GemmOutput::kHalf, T, F, C,
+                 0.0f);
+      cuda::bias_activation_forward(fc, w.fc_bias, T, F, cuda::BiasActivation::kGeluErf, stream_);
+    }
     cuda::gemm(cublas_, stream_, fc, w.fc_proj_weight, false, x, cuda::GemmOutput::kFloat, T, C, F,
                1.0f);
     pending_bias = w.fc_proj_bias;

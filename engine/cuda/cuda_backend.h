@@ -1,10 +1,11 @@
-// The CUDA backend: GPT-2 with fp16 weights and activations, fp32 accumulation (cuBLAS) and an
-// fp32 residual stream, over the paged KV cache of cuda_kv_cache.h. Logits come back to the host
-// in fp32 for forward(); forward_sample picks tokens on the GPU (sample_token.cu).
+// The CUDA backend: GPT-2 with fp16 weights and activations, fp32 accumulation (cuBLAS; cuBLASLt
+// with the bias, or bias + GELU, in the GEMM's epilogue for QKV and FC) and an fp32 residual
+// stream, over the paged KV cache of cuda_kv_cache.h. Logits come back to the host in fp32 for
+// forward(); forward_sample picks tokens on the GPU (sample_token.cu).
 //
 // Decode steps (every item one token, run by decode_attention) replay a CUDA graph of the whole
 // model, captured after the first (eager) step with its item count and decode split, so one step
-// costs one graph launch instead of about 150 kernel launches. The graph runs exactly the kernels,
+// costs one graph launch instead of 100-odd kernel launches. The graph runs exactly the kernels,
 // with exactly the arguments, that the eager path would launch: everything that changes between
 // steps (tokens, positions, block tables) is read from device memory that prepare() refills at
 // fixed addresses, so results are bit for bit those of the eager path.
@@ -28,6 +29,7 @@
 #include "engine/cuda/device_buffer.h"
 #include "engine/kv_format.h"
 #include "engine/model_weights.h"
+#include "kernels/gemm.h"
 
 namespace kvserve {
 
@@ -152,6 +154,8 @@ class CudaBackend : public Backend {
   // cuBLAS's workspace, set once, so that cuBLAS never allocates while a graph is captured and
   // picks the same kernels with and without graphs.
   cuda::DeviceBuffer<uint8_t> cublas_workspace_;
+  // The GEMMs with a bias (+ GELU) epilogue (QKV, FC), on cuBLASLt with the same workspace.
+  std::unique_ptr<cuda::BiasGemm> bias_gemm_;
 
   bool use_graphs_;
   int64_t trap_at_forward_;
