@@ -6,8 +6,8 @@
 //   KIVI "online", "tensor"    decode_attention_kivi.cu (one pass, a running softmax per warp)
 //   KIVI 2-bit "packed"        decode_attention_packed.cu (one pass, two pages per warp step,
 //                              codes converted in registers and multiplied on tensor cores;
-//                              fp16 pairs and an fp16 window only: other KIVI layouts, such as
-//                              kivi2c's fp8 pairs and int8 residual, run "online")
+//                              fp16 or fp8 pairs, value groups of 16, 32 or 64, an fp16 or int8
+//                              window: every 2-bit layout decode_attention supports)
 #include "kernels/decode_attention.h"
 
 #include <algorithm>
@@ -50,6 +50,18 @@ bool decode_attention_supported(const KvCacheView& c) {
       c.kind == KvKind::kFp16 || (c.kind == KvKind::kKivi && !c.per_token_keys &&
                                   c.key_group == kPage && (c.bits == 2 || c.bits == 4));
   return aligned && format && c.head_dim == kD && c.page_tokens == kPage;
+}
+
+DecodeAttentionVariant decode_attention_kernel(const KvCacheView& c, DecodeSplit split,
+                                               DecodeAttentionVariant variant) {
+  if (c.kind != KvKind::kKivi) return variant;  // fp16 pages: one kernel, which ignores it
+  if (c.bits == 4) return DecodeAttentionVariant::kOnline;
+  // "packed" takes its pages two per warp: with chunks of fewer than 8 pages (small batches
+  // split finely) the warps would run half-empty pairs, and "online" is the faster there.
+  if (variant == DecodeAttentionVariant::kPacked && split.chunk < 2 * kWarps * kPage) {
+    return DecodeAttentionVariant::kOnline;
+  }
+  return variant;
 }
 
 DecodeSplit decode_attention_split(int items, int n_head, int max_len, int sm_count) {
@@ -104,19 +116,17 @@ void decode_attention(const KvCacheView& cache, const KvBatchView& batch, Decode
     case KvKind::kFp16:
       launch_fp16(cache, batch, split, qkv, qkv_stride, out, out_stride, split_partial, stream);
       break;
-    case KvKind::kKivi:
-      // "packed" takes its pages two per warp: with chunks of fewer than 8 pages (small batches
-      // split finely) the warps would run half-empty pairs, and "online" is the faster there.
-      // It reads fp16 pairs and an fp16 window only: fp8 pairs and int8 residuals run "online".
-      if (cache.bits == 2 && variant == DecodeAttentionVariant::kPacked &&
-          split.chunk >= 2 * kWarps * kPage && !cache.params_fp8 && !cache.residual_int8) {
+    case KvKind::kKivi: {
+      const DecodeAttentionVariant kernel = decode_attention_kernel(cache, split, variant);
+      if (kernel == DecodeAttentionVariant::kPacked) {
         launch_kivi_packed(cache, batch, split, qkv, qkv_stride, out, out_stride, split_partial,
                            stream);
       } else {
-        launch_kivi_online(variant == DecodeAttentionVariant::kTensor, cache, batch, split, qkv,
+        launch_kivi_online(kernel == DecodeAttentionVariant::kTensor, cache, batch, split, qkv,
                            qkv_stride, out, out_stride, split_partial, stream);
       }
       break;
+    }
     case KvKind::kInt8:
       return;  // rejected by decode_attention_supported
   }

@@ -28,6 +28,13 @@ struct DecodeSplit {
 };
 DecodeSplit decode_attention_split(int items, int n_head, int max_len, int sm_count);
 
+// The KIVI kernel decode_attention runs for `variant` on this cache and split: kPacked for 2-bit
+// pages (any value group, fp16 or fp8 pairs, fp16 or int8 window) with chunks of at least 8
+// pages, else kOnline; kTensor for 2-bit pages; 4-bit pages always kOnline. fp16 pages: `variant`
+// unchanged (their one kernel ignores it).
+DecodeAttentionVariant decode_attention_kernel(const KvCacheView& cache, DecodeSplit split,
+                                               DecodeAttentionVariant variant);
+
 // Every item of `batch` has count 1 (a decode step): its query (row row[item] of qkv) attends to
 // keys 0 .. start[item], read as paged_attention reads them (pages up to paged(start + 1), then the
 // fp16 window). Runs after kv_quantize_pages and before kv_compact_residual.

@@ -16,8 +16,15 @@
 //        values  o_c = sum_t (p_t scale_tg) code_tc + sum_t p_t zero_tg    (g: c's value group)
 //      so the zero points never meet a code: one warp sum per page (keys) and one per group at
 //      the end (values).
-// Scores are kept in log2 units (exp2). The fp16 window (KIVI's newest tokens) is summed in fp32
-// as in the online kernel, and the warps of a block are merged as there.
+// Scores are kept in log2 units (exp2). The window (KIVI's newest tokens: fp16 rows, or int8 rows
+// dequantized as the CPU reads them) is summed in fp32 as in the online kernel, and the warps of
+// a block are merged as there.
+//
+// Every 2-bit layout with key groups of 32 runs here: value groups of 16, 32 or 64 (kGroups 4, 2,
+// 1 per token) and (scale, zero) pairs of fp16 or fp8 e4m3 (kFp8). fp8 pairs reach shared memory
+// as the pool holds them (half the bytes) and become fp16 pairs where the warp reads a page's
+// parameters (fp8_pair_to_half2, exact), once per page and lane, outside the mma loops: from
+// there on the arithmetic is that of fp16 pairs of the same values.
 #include <cmath>
 
 #include "kernels/cuda_check.h"
@@ -65,9 +72,11 @@ struct PackedStage {
   uint4 key_rows[2][kD];
   // [buffer] row t: the codes of token t (64 channels, 4 words) of page A, rows 32 + t page B's.
   uint4 value_rows[2][2 * kPage];
-  // [buffer][page][lane]: the (scale, zero) pairs of key channels 2 lane, 2 lane + 1.
+  // [buffer][page][lane]: the (scale, zero) pairs of key channels 2 lane, 2 lane + 1 (fp16
+  // pairs; fp8: the two pairs' 4 bytes in .x).
   uint2 key_params[2][2][kPage];
-  // [buffer][page][token * kGroups + group]: the tokens' (scale, zero) pair per value group.
+  // [buffer][page][token * kGroups + group]: the tokens' (scale, zero) pair per value group (fp16
+  // pairs; fp8: the pool's 2-byte pairs, in the first half of the row).
   uint32_t value_params[2][2][kPage * kGroups];
   // q_c scale_c as fp16 (high, low) pairs of channels (2 p, 2 p + 1), in the order the A
   // fragments read them: [page A, page B, zeros][p % 4][p / 8][(p / 4) % 2][high, low].
@@ -105,11 +114,15 @@ __device__ __forceinline__ void wait_async() {
 // Starts the copies of a page pair into buffer `buffer` of the stage: for each page, the codes
 // of key channels 2 lane and 2 lane + 1 (u32 [H][D][2]: 16 contiguous bytes) and their (scale,
 // zero) pairs, token lane's value codes (u32 [H][P][4]) and its (scale, zero) pair per value
-// group. Every load is warp-contiguous.
-template <int kGroups>
+// group. Every load is warp-contiguous. fp8 pairs: the key pairs [H][D] are 4 bytes per lane;
+// the head's value pairs [H][P][kGroups] (64 kGroups bytes) are copied in 4-byte pieces by the
+// first 16 kGroups lanes (8-byte pieces by every lane for kGroups 4), since a copy is at least 4.
+template <int kGroups, bool kFp8>
 __device__ __forceinline__ void copy_pair(const KvCacheView& c, const uint8_t* page_a,
                                           const uint8_t* page_b, int head, int lane,
                                           PackedStage<kGroups>& stage, int buffer) {
+  constexpr int kFp8ValueBytes = 2 * kGroups * kPage;  // one head's value pairs of a page
+  constexpr int kFp8ValuePiece = kGroups == 4 ? 8 : 4;
   const int64_t slot = static_cast<int64_t>(head) * kPage + lane;  // 16-byte units per head: 32
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -120,11 +133,22 @@ __device__ __forceinline__ void copy_pair(const KvCacheView& c, const uint8_t* p
     copy_async<8>(rows + 2 + i, codes + 1);  // channel 2 lane + 1
     copy_async<16>(&stage.value_rows[buffer][kPage * i + lane],
                    reinterpret_cast<const uint4*>(page + c.value_codes) + slot);
-    copy_async<8>(&stage.key_params[buffer][i][lane],
-                  reinterpret_cast<const uint2*>(page + c.key_params) + slot);
-    copy_async<4 * kGroups>(
-        &stage.value_params[buffer][i][kGroups * lane],
-        reinterpret_cast<const uint32_t*>(page + c.value_params) + slot * kGroups);
+    if constexpr (kFp8) {
+      copy_async<4>(&stage.key_params[buffer][i][lane].x,
+                    reinterpret_cast<const uint32_t*>(page + c.key_params) + slot);
+      if (lane * kFp8ValuePiece < kFp8ValueBytes) {
+        const int64_t offset = static_cast<int64_t>(head) * kFp8ValueBytes + lane * kFp8ValuePiece;
+        copy_async<kFp8ValuePiece>(
+            reinterpret_cast<uint8_t*>(stage.value_params[buffer][i]) + lane * kFp8ValuePiece,
+            page + c.value_params + offset);
+      }
+    } else {
+      copy_async<8>(&stage.key_params[buffer][i][lane],
+                    reinterpret_cast<const uint2*>(page + c.key_params) + slot);
+      copy_async<4 * kGroups>(
+          &stage.value_params[buffer][i][kGroups * lane],
+          reinterpret_cast<const uint32_t*>(page + c.value_params) + slot * kGroups);
+    }
   }
 }
 
@@ -136,6 +160,30 @@ __device__ __forceinline__ __half2 bits_half2(uint32_t u) {
 }
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// The staged (scale, zero) pairs of key channels 2 lane, 2 lane + 1 of page i, as fp16 pairs.
+template <int kGroups, bool kFp8>
+__device__ __forceinline__ uint2 staged_key_params(const PackedStage<kGroups>& stage, int buffer,
+                                                   int i, int lane) {
+  const uint2 staged = stage.key_params[buffer][i][lane];
+  if constexpr (kFp8) {
+    return make_uint2(half2_bits(fp8_pair_to_half2(staged.x)),
+                      half2_bits(fp8_pair_to_half2(staged.x >> 16)));
+  }
+  return staged;
+}
+
+// The staged (scale, zero) pair of value group `group` of token lane of page i, as floats.
+template <int kGroups, bool kFp8>
+__device__ __forceinline__ float2 staged_value_params(const PackedStage<kGroups>& stage, int buffer,
+                                                      int i, int lane, int group) {
+  const int index = kGroups * lane + group;
+  if constexpr (kFp8) {
+    const auto* pairs = reinterpret_cast<const uint16_t*>(stage.value_params[buffer][i]);
+    return __half22float2(fp8_pair_to_half2(pairs[index]));
+  }
+  return __half22float2(bits_half2(stage.value_params[buffer][i][index]));
 }
 
 // The running softmax of one warp (log2 units): max m, the lane's share of the sum, the pages'
@@ -174,7 +222,7 @@ struct PackedState {
 //   qh, qf: q of channels 2 lane, 2 lane + 1 (scaled by 1/sqrt(kD)), as fp16 (exact) and fp32
 //   has_b: whether page B exists (else it repeats page A and its scores count as -inf)
 //   buffer: the stage buffer that holds the pair (its copies complete and published)
-template <int kGroups>
+template <int kGroups, bool kFp8>
 __device__ __forceinline__ void add_page_pair(int buffer, bool has_b, __half2 qh, float2 qf,
                                               int lane, PackedStage<kGroups>& stage,
                                               PackedState<kGroups>& s) {
@@ -186,7 +234,8 @@ __device__ __forceinline__ void add_page_pair(int buffer, bool has_b, __half2 qh
   const int key_slot = kKeyWeightsLane * t4 + 4 * (lane / 8) + 2 * ((lane / 4) % 2);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const uint2 params = stage.key_params[buffer][i][lane];  // channel 2 lane, then 2 lane + 1
+    // Channel 2 lane, then 2 lane + 1.
+    const uint2 params = staged_key_params<kGroups, kFp8>(stage, buffer, i, lane);
     const __half2 scale = bits_half2(__byte_perm(params.x, params.y, 0x5410));
     const float2 zero = __half22float2(bits_half2(__byte_perm(params.x, params.y, 0x7632)));
     const __half2 high = __hmul2(qh, scale);
@@ -265,8 +314,7 @@ __device__ __forceinline__ void add_page_pair(int buffer, bool has_b, __half2 qh
     const int slot = value_weight_slot(kPage * i + lane);
 #pragma unroll
     for (int group = 0; group < kGroups; ++group) {
-      const float2 sz =
-          __half22float2(bits_half2(stage.value_params[buffer][i][kGroups * lane + group]));
+      const float2 sz = staged_value_params<kGroups, kFp8>(stage, buffer, i, lane, group);
       const float w = p * sz.x;
       const __half high = __float2half_rn(w);
       columns[2 * kValueWeightsColumn * (2 * group) + slot] = high;
@@ -307,9 +355,9 @@ __device__ __forceinline__ void add_page_pair(int buffer, bool has_b, __half2 qh
   }
 }
 
-// kGroups: value groups per token (64 / value_group). kThreads threads, at most 80 registers
-// each (6 blocks per SM).
-template <int kGroups>
+// kGroups: value groups per token (64 / value_group); kFp8: fp8 e4m3 (scale, zero) pairs;
+// kInt8Window: an int8 residual. kThreads threads, at most 80 registers each (6 blocks per SM).
+template <int kGroups, bool kFp8, bool kInt8Window>
 __global__ void __launch_bounds__(kThreads, 6)
     decode_attention_packed_kernel(const KvCacheView cache, const KvBatchView batch, int chunk,
                                    int splits, const __half* qkv, int qkv_stride, __half* out,
@@ -366,49 +414,68 @@ __global__ void __launch_bounds__(kThreads, 6)
     auto page_of = [&](int i) {
       return block_ptr(cache, __shfl_sync(0xffffffffu, block_id, min(i, warp_pages - 1)));
     };
-    copy_pair<kGroups>(cache, page_of(0), page_of(1), head, lane, stage, 0);
+    copy_pair<kGroups, kFp8>(cache, page_of(0), page_of(1), head, lane, stage, 0);
     commit_async();
     for (int u = 0; u < pairs; ++u) {
       __syncwarp();  // every lane is done with the stage of pair u - 1, whose buffer comes next
       if (u + 1 < pairs) {
-        copy_pair<kGroups>(cache, page_of(2 * u + 2), page_of(2 * u + 3), head, lane, stage,
-                           (u + 1) % 2);
+        copy_pair<kGroups, kFp8>(cache, page_of(2 * u + 2), page_of(2 * u + 3), head, lane, stage,
+                                 (u + 1) % 2);
       }
       commit_async();   // an empty group at the end keeps the count
       wait_async<1>();  // pair u's copies are done
       __syncwarp();     // and visible to the whole warp
-      add_page_pair<kGroups>(u % 2, 2 * u + 1 < warp_pages, qh, qf, lane, stage, state);
+      add_page_pair<kGroups, kFp8>(u % 2, 2 * u + 1 < warp_pages, qh, qf, lane, stage, state);
     }
   }
 
-  // fp16 window tokens, L::kTokens per warp pass: L::kGroups lanes of L::kChannels channels each.
-  const KvWindow window{&cache,
-                        batch.residual_blocks + batch.residual_offset[item],
-                        qkv + row * qkv_stride,
-                        qkv_stride,
-                        head,
-                        pos,
-                        paged_count(cache, pos)};
+  // Window tokens, L::kTokens per warp pass: L::kGroups lanes of L::kChannels channels each.
+  // An fp16 row's 16 channels are two 16-byte loads; an int8 row's are one, with the row's
+  // (scale, zero), and are dequantized (dequantize: no contraction) as the CPU reads them.
+  static_assert(L::kChannels == 16, "a lane's window channels: 2 x 16 bytes fp16, 16 bytes int8");
+  const KvWindow window = item_window(cache, batch, qkv, qkv_stride, item, head);
   const int group = lane % L::kGroups, sub = lane / L::kGroups;
   float window_values[L::kChannels] = {};
+  // Channels 8 j .. 8 j + 7 of a lane's row: fp16 raw[j], or int8 codes 8 j .. of raw[0].
+  auto unpack = [](const uint4* raw, float2 pair, int j, float* f) {
+    if constexpr (kInt8Window) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const uint32_t code = (word_of(raw[0], 2 * j + e / 4) >> (8 * (e % 4))) & 0xffu;
+        f[e] = dequantize(code, pair.x, pair.y);
+      }
+    } else {
+      unpack8(raw[j], f);
+    }
+  };
   for (int t0 = max(c0, paged) + L::kTokens * warp; t0 < c1; t0 += L::kTokens * kWarps) {
     const int t = t0 + sub;
     const bool valid = t < c1;
-    uint4 k[L::kChannels / 8] = {}, v[L::kChannels / 8] = {};
-    if (valid) {
+    uint4 k[2] = {}, v[2] = {};
+    float2 key_pair = {}, value_pair = {};
+    if (valid && kInt8Window) {
+      const uint8_t* codes;
+      __half2 pair;
+      window.residual_int8_row(t, 0, codes, pair);
+      k[0] = *reinterpret_cast<const uint4*>(codes + L::kChannels * group);
+      key_pair = __half22float2(pair);
+      window.residual_int8_row(t, 1, codes, pair);
+      v[0] = *reinterpret_cast<const uint4*>(codes + L::kChannels * group);
+      value_pair = __half22float2(pair);
+    } else if (valid) {
       const uint4* keys = reinterpret_cast<const uint4*>(window.row(t, 0) + L::kChannels * group);
       const uint4* values = reinterpret_cast<const uint4*>(window.row(t, 1) + L::kChannels * group);
 #pragma unroll
-      for (int j = 0; j < L::kChannels / 8; ++j) {
+      for (int j = 0; j < 2; ++j) {
         k[j] = keys[j];
         v[j] = values[j];
       }
     }
     float dot = 0.0f;
 #pragma unroll
-    for (int j = 0; j < L::kChannels / 8; ++j) {
+    for (int j = 0; j < 2; ++j) {
       float f[8];
-      unpack8(k[j], f);
+      unpack(k, key_pair, j, f);
 #pragma unroll
       for (int e = 0; e < 8; ++e) dot += q_s[L::kChannels * group + 8 * j + e] * f[e];
     }
@@ -419,9 +486,9 @@ __global__ void __launch_bounds__(kThreads, 6)
     const float p = valid ? exp2f(score - state.m) : 0.0f;
     if (group == 0) state.sum += p;
 #pragma unroll
-    for (int j = 0; j < L::kChannels / 8; ++j) {
+    for (int j = 0; j < 2; ++j) {
       float f[8];
-      unpack8(v[j], f);
+      unpack(v, value_pair, j, f);
 #pragma unroll
       for (int e = 0; e < 8; ++e) window_values[8 * j + e] += p * f[e];
     }
@@ -490,13 +557,23 @@ __global__ void __launch_bounds__(kThreads, 6)
   }
 }
 
+// The packed kernel of a layout: value groups of 16, 32 or 64 (decode_attention_supported).
+template <bool kFp8, bool kInt8Window>
+auto packed_kernel(int value_group) {
+  return value_group == 16   ? decode_attention_packed_kernel<4, kFp8, kInt8Window>
+         : value_group == 32 ? decode_attention_packed_kernel<2, kFp8, kInt8Window>
+                             : decode_attention_packed_kernel<1, kFp8, kInt8Window>;
+}
+
 }  // namespace
 
 void launch_kivi_packed(KVSERVE_DECODE_LAUNCH_ARGS) {
   const dim3 grid(split.splits, cache.n_head, batch.items);
-  auto kernel = cache.value_group == 16   ? decode_attention_packed_kernel<4>
-                : cache.value_group == 32 ? decode_attention_packed_kernel<2>
-                                          : decode_attention_packed_kernel<1>;
+  const int gv = cache.value_group;
+  auto kernel = cache.params_fp8 ? (cache.residual_int8 ? packed_kernel<true, true>(gv)
+                                                        : packed_kernel<true, false>(gv))
+                                 : (cache.residual_int8 ? packed_kernel<false, true>(gv)
+                                                        : packed_kernel<false, false>(gv));
   kernel<<<grid, kThreads, 0, stream>>>(cache, batch, split.chunk, split.splits, qkv, qkv_stride,
                                         out, out_stride, split_partial);
   KVSERVE_CUDA_CHECK(cudaGetLastError());

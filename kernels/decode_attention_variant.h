@@ -10,8 +10,10 @@ namespace kvserve::cuda {
 
 enum class DecodeAttentionVariant {
   // 2-bit pages: codes read with 16-byte coalesced loads, two pages per warp step, converted in
-  // registers into fp16 pairs (one AND per two codes) and multiplied on tensor cores; 4-bit
-  // pages, fp8 group parameters and an int8 residual (kivi2c) run kOnline.
+  // registers into fp16 pairs (one AND per two codes) and multiplied on tensor cores; every 2-bit
+  // layout (value groups of 16, 32 or 64, fp16 or fp8 group parameters, an fp16 or int8 residual:
+  // kivi2c too). 4-bit pages, and chunks of fewer than 8 pages, run kOnline
+  // (decode_attention_kernel says which runs).
   kPacked,
   // One pass with a running softmax per warp, fp32 FMAs on codes masked in place.
   kOnline,

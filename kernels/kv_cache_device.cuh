@@ -91,19 +91,23 @@ __device__ __forceinline__ float2 group_params(const uint8_t* pairs, int64_t ind
 }
 
 // An fp8 (scale, zero) pair held in the low 16 bits of `bits` (scale first), as an fp16 pair
-// (exact: every e4m3 value is an fp16).
+// (exact: every e4m3 value is an fp16), equal to e4m3_to_float's values, signed zeros and the NaN
+// codes (read as 448) included. Without float conversions: an e4m3 magnitude (4 exponent bits, 3
+// mantissa bits) shifted left by 7 into an fp16 reads as its value times 2^-8 (exponent biases 15
+// and 7), subnormals included (0.mmm 2^-14 against 0.mmm 2^-6), so one exact multiplication by
+// 2^8 finishes it.
 __device__ __forceinline__ __half2 fp8_pair_to_half2(uint32_t bits) {
-  return __floats2half2_rn(e4m3_to_float(bits & 0xffu), e4m3_to_float((bits >> 8) & 0xffu));
+  const uint32_t sign = ((bits & 0x80u) << 8) | ((bits & 0x8000u) << 16);
+  const uint32_t magnitude = __vminu2((bits & 0x7fu) | ((bits & 0x7f00u) << 8), 0x007e007eu);
+  const uint32_t shifted = sign | (magnitude << 7);
+  return __hmul2(*reinterpret_cast<const __half2*>(&shifted), __float2half2_rn(256.0f));
 }
 
 // The same pair as an fp16 pair (exact: every e4m3 value is an fp16), for the decode kernels that
 // keep pairs in fp16 registers.
 __device__ __forceinline__ __half2 group_params_half2(const uint8_t* pairs, int64_t index,
                                                       bool fp8) {
-  if (fp8) {
-    const uchar2 p = reinterpret_cast<const uchar2*>(pairs)[index];
-    return __floats2half2_rn(e4m3_to_float(p.x), e4m3_to_float(p.y));
-  }
+  if (fp8) return fp8_pair_to_half2(reinterpret_cast<const uint16_t*>(pairs)[index]);
   return reinterpret_cast<const __half2*>(pairs)[index];
 }
 

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -18,6 +19,7 @@
 #include "engine/fp16.h"
 #include "kernels/bias_activation.h"
 #include "kernels/cuda_check.h"
+#include "kernels/decode_attention.h"
 #include "kernels/decode_attention_variant.h"
 #include "kernels/device_info.h"
 #include "kernels/embedding.h"
@@ -111,6 +113,8 @@ std::vector<CacheCase> cache_cases() {
           {"kivi2_g16_r48_p32", kivi(KvFormat::kKivi2, 16, 32, 48, 32, false)},
           // fp8 group parameters and the int8 residual (issue 16), alone and together.
           {"kivi2c", kivi2c},
+          {"kivi2_fp8", kivi(KvFormat::kKivi2, 32, 32, 32, 32, false, kFp8)},
+          {"kivi2_gv64", kivi(KvFormat::kKivi2, 32, 64, 32, 32, false)},
           {"kivi4_fp8", kivi(KvFormat::kKivi4, 32, 32, 32, 32, false, kFp8)},
           {"kivi2_int8_residual",
            kivi(KvFormat::kKivi2, 32, 32, 32, 32, false, KvParamFormat::kFp16, kInt8Residual)},
@@ -137,6 +141,7 @@ std::vector<DecodeAttentionVariant> decode_variants(const KvCacheConfig& config)
 // Every cache case once per decode_attention variant, named "kivi2 online" or "fp16".
 struct VariantCase {
   std::string name;
+  std::string cache;  // the cache case's name
   KvCacheConfig config;
   DecodeAttentionVariant variant;
 };
@@ -148,7 +153,7 @@ std::vector<VariantCase> variant_cases(const std::vector<CacheCase>& cases) {
       const bool kivi = c.config.format == KvFormat::kKivi2 || c.config.format == KvFormat::kKivi4;
       out.push_back({kivi ? std::string(c.name) + " " + cuda::decode_attention_variant_name(variant)
                           : std::string(c.name),
-                     c.config, variant});
+                     c.name, c.config, variant});
     }
   }
   return out;
@@ -421,6 +426,84 @@ TEST(GpuKvCache, DecodeStepsMatchTheCpuCacheSplitAndUnsplit) {
   }
 }
 
+// The packed kernel in every 2-bit layout decode_attention takes (kivi2; issue 16's fp8 pairs,
+// int8 residual and value groups of 64, alone and together as kivi2c; value groups of 16), where
+// it really runs (asserted: it falls back to online for chunks of fewer than 8 pages): decode
+// steps of enough sequences to leave every context whole (33 steps: a page's worth, so that
+// each sequence past R + G tokens flushes one), then 8 of half as many, one of them about 600
+// tokens long, so that each context is cut in two chunks of 320 and the splits are merged (the
+// second chunk empty for the others).
+// Pools byte-identical to the CPU's and attention within the GPU tests' tolerance after each.
+TEST(GpuKvCache, PackedDecodeMatchesTheCpuCacheInEveryTwoBitLayout) {
+  SKIP_WITHOUT_GPU();
+  const ModelConfig model = cache_test_model();
+  const int H = model.n_head;
+  const int sm_count = [] {
+    int device = 0, count = 0;
+    KVSERVE_CUDA_CHECK(cudaGetDevice(&device));
+    KVSERVE_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    return count;
+  }();
+  // decode_attention_split: one split from 8 blocks per SM on, two from 4 (contexts permitting).
+  const int many = (8 * sm_count + H - 1) / H, half = (4 * sm_count + H - 1) / H;
+  int layouts = 0;
+  for (const CacheCase& c : cache_cases()) {
+    const KvCacheConfig& config = c.config;
+    if (config.format != KvFormat::kKivi2 || config.page_tokens != 32 || config.key_group != 32 ||
+        config.per_token_keys) {
+      continue;
+    }
+    ++layouts;
+    SCOPED_TRACE(c.name);
+    KvCacheManager manager(config, model, many * 16 + 64);
+    CudaKvCache gpu(manager.config(), manager.num_blocks(), model, DecodeAttentionVariant::kPacked);
+    ASSERT_TRUE(gpu.decode_attention_supported());
+    std::mt19937 rng(5);
+    CpuKvCache cpu(manager.config(), manager.num_blocks(), model);
+    cudaStream_t stream = nullptr;
+    KVSERVE_CUDA_CHECK(cudaStreamCreate(&stream));
+    const std::vector<float> channel_scale = random_channel_scale(model.n_embd, rng);
+    double worst = 0.0;
+    std::vector<int64_t> ids;
+    std::vector<ForwardItem> prefill;
+    for (int i = 0; i < many; ++i) {
+      ids.push_back(i);
+      manager.add_sequence(i);
+      const int length = i == 0 ? 560 : 1 + static_cast<int>(rng() % 150);
+      ASSERT_TRUE(manager.grow(i, length));
+      prefill.push_back({i, 0, std::vector<int32_t>(length, 0), false, {}});
+    }
+    ASSERT_NO_FATAL_FAILURE(
+        check_step(manager, cpu, gpu, prefill, channel_scale, rng, stream, 0, worst));
+    manager.finish_step();
+    int split_steps = 0;
+    for (int step = 1; step <= 41; ++step) {
+      if (step == 34) {
+        for (size_t i = half; i < ids.size(); ++i) manager.remove_sequence(ids[i]);
+        ids.resize(half);
+      }
+      std::vector<ForwardItem> items;
+      for (int64_t id : ids) {
+        const int length = manager.sequence(id).length;
+        ASSERT_TRUE(manager.grow(id, length + 1));
+        items.push_back({id, length, {0}, false, {}});
+      }
+      ASSERT_NO_FATAL_FAILURE(
+          check_step(manager, cpu, gpu, items, channel_scale, rng, stream, step, worst));
+      ASSERT_EQ(gpu.decode_attention_kernel(), DecodeAttentionVariant::kPacked) << "step " << step;
+      ASSERT_EQ(gpu.decode_split().splits, step < 34 ? 1 : 2) << "step " << step;
+      split_steps += gpu.decode_split().splits > 1 ? 1 : 0;
+      manager.finish_step();
+    }
+    std::printf(
+        "%-34s packed decode steps agree (%d of them split), worst |attention "
+        "difference| %.2e\n",
+        c.name, split_steps, worst);
+    KVSERVE_CUDA_CHECK(cudaStreamDestroy(stream));
+  }
+  EXPECT_EQ(layouts, 6);  // kivi2, gv16, kivi2c, fp8, gv64, int8 residual
+}
+
 // Median of `repeats` timings (events around each call) of `run` on `stream`, in seconds.
 template <typename Run>
 double median_seconds(cudaStream_t stream, int repeats, Run run) {
@@ -445,11 +528,14 @@ double median_seconds(cudaStream_t stream, int repeats, Run run) {
 
 // The kernel micro-benchmark of docs/gpu.md, every decode_attention variant in one process: one
 // GPT-2 layer (12 heads of 64) of a decode step at B = 256 and a context of 1001 (no KIVI flush in
-// that step). It times the attention alone (decode_attention, median of 50 launches) and the
+// that step), for fp16, kivi4, kivi2 and kivi2c (issue 16: value groups of 64, fp8 pairs, int8
+// residual). It times the attention alone (decode_attention, median of 50 launches) and the
 // whole layer of the cache (the write path too), and prints the KV bytes the attention must
 // read over its time, against the device-to-device copy bandwidth measured here; one JSON line
-// per variant. Its check: every kivi2 variant gives the same attention output as the first
-// (within the GPU tests' tolerance) at this size, which the small-model tests do not reach.
+// per variant, with the kernel that really ran. Its checks: "packed" runs as asked for both
+// 2-bit formats, and every variant of kivi2 (of kivi2c) gives the same attention output as that
+// format's first (within the GPU tests' tolerance) at this size, which the small-model tests do
+// not reach.
 TEST(GpuKvCache, DecodeAttentionThroughput) {
   SKIP_WITHOUT_GPU();
   ModelConfig model = cache_test_model();
@@ -457,13 +543,14 @@ TEST(GpuKvCache, DecodeAttentionThroughput) {
   model.n_head = 12;
   model.n_embd = 768;
   const int batch = 256, context = 1000, C = model.n_embd;
-  KvCacheConfig fp16, kivi4, kivi2;
+  KvCacheConfig fp16, kivi4, kivi2, kivi2c;
   fp16.format = KvFormat::kFp16;
   kivi4.format = KvFormat::kKivi4;
+  ASSERT_TRUE(apply_kv_preset("kivi2c", kivi2c));
   const double copy_bytes_per_second = cuda::copy_bandwidth(size_t{1} << 30);
-  std::vector<float> first_kivi2_out;
+  std::map<std::string, std::vector<float>> first_out;  // per 2-bit cache case
   for (const VariantCase& test :
-       variant_cases({{"fp16", fp16}, {"kivi4", kivi4}, {"kivi2", kivi2}})) {
+       variant_cases({{"fp16", fp16}, {"kivi4", kivi4}, {"kivi2", kivi2}, {"kivi2c", kivi2c}})) {
     const KvCacheConfig& config = test.config;
     KvCacheManager manager(config, model, batch * 48);
     CudaKvCache gpu(manager.config(), manager.num_blocks(), model, test.variant);
@@ -501,11 +588,18 @@ TEST(GpuKvCache, DecodeAttentionThroughput) {
     const double seconds = median_seconds(stream, 50, [&] { gpu.attend(0, qkv_d, out_d, stream); });
     const KvPageLayout& layout = manager.layout();
     const int len = context + 1, paged = paged_token_count(config, len);
+    // A window token: fp16 keys and values, or int8 ones with an fp16 pair per head each.
+    const double window_bytes =
+        config.residual_format == KvResidualFormat::kInt8 ? 2.0 * (C + 4 * model.n_head) : 4.0 * C;
     const double bytes =
         batch *
         (paged * static_cast<double>(layout.code_bytes_per_page + layout.param_bytes_per_page) /
              config.page_tokens +
-         (len - paged) * 4.0 * C);
+         (len - paged) * window_bytes);
+    const char* kernel = cuda::decode_attention_variant_name(gpu.decode_attention_kernel());
+    if (config.format == KvFormat::kKivi2 && test.variant == DecodeAttentionVariant::kPacked) {
+      EXPECT_STREQ(kernel, "packed") << test.name;
+    }
     const double bandwidth = bytes / seconds;
     std::printf(
         "%-16s B=%d context %d, one layer: attention %.1f us (write path + attention %.1f us), "
@@ -513,21 +607,22 @@ TEST(GpuKvCache, DecodeAttentionThroughput) {
         test.name.c_str(), batch, len, seconds * 1e6, layer_seconds * 1e6, bytes * 1e-6,
         bandwidth * 1e-9, 100.0 * bandwidth / copy_bytes_per_second, copy_bytes_per_second * 1e-9);
     std::printf(
-        "{\"bench\": \"decode_attention\", \"case\": \"%s\", \"batch\": %d, \"context\": %d, "
-        "\"attention_us\": %.2f, \"layer_us\": %.2f, \"kv_mb\": %.2f, \"gb_per_second\": %.1f, "
-        "\"copy_gb_per_second\": %.1f, \"fraction_of_copy\": %.3f}\n",
-        test.name.c_str(), batch, len, seconds * 1e6, layer_seconds * 1e6, bytes * 1e-6,
+        "{\"bench\": \"decode_attention\", \"case\": \"%s\", \"kernel\": \"%s\", \"batch\": %d, "
+        "\"context\": %d, \"attention_us\": %.2f, \"layer_us\": %.2f, \"kv_mb\": %.2f, "
+        "\"gb_per_second\": %.1f, \"copy_gb_per_second\": %.1f, \"fraction_of_copy\": %.3f}\n",
+        test.name.c_str(), kernel, batch, len, seconds * 1e6, layer_seconds * 1e6, bytes * 1e-6,
         bandwidth * 1e-9, copy_bytes_per_second * 1e-9, bandwidth / copy_bytes_per_second);
     EXPECT_GT(seconds, 0.0);
     if (config.format == KvFormat::kKivi2) {
       const std::vector<__half> got = download(out_d, static_cast<size_t>(batch) * C);
       std::vector<float> out(got.size());
       for (size_t i = 0; i < got.size(); ++i) out[i] = __half2float(got[i]);
-      if (first_kivi2_out.empty()) {
-        first_kivi2_out = out;
+      std::vector<float>& first = first_out[test.cache];
+      if (first.empty()) {
+        first = out;
       } else {
         for (size_t i = 0; i < out.size(); ++i) {
-          ASSERT_LE(std::fabs(out[i] - first_kivi2_out[i]), 2e-3 + 2e-3 * std::fabs(out[i]))
+          ASSERT_LE(std::fabs(out[i] - first[i]), 2e-3 + 2e-3 * std::fabs(out[i]))
               << test.name << ": row " << i / C << " channel " << i % C;
         }
       }
@@ -925,6 +1020,40 @@ TEST(GpuKernels, LayerNormThroughput) {
     }
   }
   KVSERVE_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+// Which KIVI kernel decode_attention runs: `packed` for every 2-bit layout (issue 16's fp8 pairs,
+// int8 residual and value groups of 64 too, alone and as kivi2c) once chunks hold 8 pages,
+// `online` for shorter chunks and 4-bit pages. A host function: runs without a GPU.
+TEST(GpuKernels, DecodeAttentionRunsPackedForEveryTwoBitLayout) {
+  auto view_of = [](const KvCacheConfig& c) {
+    cuda::KvCacheView v;
+    v.kind = cuda::KvKind::kKivi;
+    v.bits = kv_bits(c.format);
+    v.key_group = c.key_group;
+    v.value_group = c.value_group;
+    v.params_fp8 = c.params == KvParamFormat::kFp8;
+    v.residual_int8 = c.residual_format == KvResidualFormat::kInt8;
+    return v;
+  };
+  const cuda::DecodeSplit whole{1024, 1}, eight_pages{256, 4}, seven_pages{224, 4};
+  for (const CacheCase& c : cache_cases()) {
+    const KvCacheConfig& config = c.config;
+    if (config.format != KvFormat::kKivi2 && config.format != KvFormat::kKivi4) continue;
+    SCOPED_TRACE(c.name);
+    const cuda::KvCacheView view = view_of(config);
+    const bool two_bit = config.format == KvFormat::kKivi2;
+    for (cuda::DecodeSplit split : {whole, eight_pages}) {
+      EXPECT_EQ(cuda::decode_attention_kernel(view, split, DecodeAttentionVariant::kPacked),
+                two_bit ? DecodeAttentionVariant::kPacked : DecodeAttentionVariant::kOnline);
+    }
+    EXPECT_EQ(cuda::decode_attention_kernel(view, seven_pages, DecodeAttentionVariant::kPacked),
+              DecodeAttentionVariant::kOnline);
+    EXPECT_EQ(cuda::decode_attention_kernel(view, whole, DecodeAttentionVariant::kOnline),
+              DecodeAttentionVariant::kOnline);
+    EXPECT_EQ(cuda::decode_attention_kernel(view, seven_pages, DecodeAttentionVariant::kTensor),
+              two_bit ? DecodeAttentionVariant::kTensor : DecodeAttentionVariant::kOnline);
+  }
 }
 
 TEST(GpuKernels, LaunchersRejectBadInputs) {

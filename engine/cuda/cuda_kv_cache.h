@@ -62,6 +62,11 @@ class CudaKvCache {
   int decode_items() const { return decode_items_; }
   cuda::DecodeSplit decode_split() const { return decode_split_; }
   cuda::DecodeAttentionVariant decode_attention_variant() const { return decode_variant_; }
+  // The KIVI kernel that the prepared step's decode_attention runs (the variant asked for, or
+  // kOnline where that kernel does not take the format or split), for tests and reports.
+  cuda::DecodeAttentionVariant decode_attention_kernel() const {
+    return cuda::decode_attention_kernel(view_, decode_split_, decode_variant_);
+  }
   // Grows whenever a device buffer that append_and_attend's kernels address has moved.
   uint64_t buffer_moves() const {
     return device_meta_.moves() + decode_partial_.moves() + error_bins_.moves() + new_rows_.moves();
