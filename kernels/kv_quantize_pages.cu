@@ -54,13 +54,15 @@ __global__ void kv_quantize_pages_kernel(const KvCacheView cache, const KvBatchV
   }
 
   // Per-token groups: int8 keys and values (one group of D channels), kivi values and per-token
-  // kivi keys (D / GV groups of GV channels). Work item: (token, which, group).
+  // kivi keys (D / GV groups of GV channels). Work item: (token, which, group), which = 1 only
+  // where keys go per channel below (so no thread draws a skipped item).
   const bool keys_per_token = cache.kind == KvKind::kInt8 || cache.per_token_keys;
   const int group = cache.kind == KvKind::kInt8 ? D : cache.value_group;
   const int groups = D / group;
-  for (int e = threadIdx.x; e < tokens * 2 * groups; e += blockDim.x) {
-    const int pos = first + e / (2 * groups), which = (e / groups) % 2, g = e % groups;
-    if (which == 0 && !keys_per_token) continue;
+  const int kinds = keys_per_token ? 2 : 1;  // keys and values, or values alone
+  for (int e = threadIdx.x; e < tokens * kinds * groups; e += blockDim.x) {
+    const int pos = first + e / (kinds * groups), g = e % groups;
+    const int which = keys_per_token ? (e / groups) % 2 : 1;
     const int slot = pos % P;
     uint8_t* page = block_ptr(cache, pages[pos / P]);
     const int64_t codes_offset = which == 0 ? cache.key_codes : cache.value_codes;
