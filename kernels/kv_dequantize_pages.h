@@ -28,7 +28,8 @@ inline int64_t dequantized_page_elements(const KvCacheView& cache) {
 // form).
 //   pages:   int32 [num_pages][2] device memory: (item, logical page of the item)
 //   scratch: fp16 [num_pages][n_head][kDequantizedParts][page_tokens][head_dim], 16-byte aligned
-// int8 and KIVI only (fp16 pages are read as they are). Runs after kv_quantize_pages.
+// int8 and KIVI only (fp16 pages are read as they are), head_dim a multiple of 8 (16-byte stores).
+// Runs after kv_quantize_pages.
 void kv_dequantize_pages(const KvCacheView& cache, const KvBatchView& batch, const int32_t* pages,
                          int num_pages, __half* scratch, cudaStream_t stream);
 

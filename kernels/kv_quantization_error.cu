@@ -1,6 +1,6 @@
 // The sampled quantization error of the groups that entered the pages at this step.
 //
-// One block per (item, head), one thread per group, as kv_quantize_pages enumerates them. A
+// One block per (item, head), one thread per group that kv_quantize_pages wrote at this step. A
 // group's fp16 source is read from the step's window (the residual, not yet compacted,
 // or qkv), its reconstruction through page_element; the error is computed in double in the
 // order the CPU cache computes it, rounded to float, and counted into its bucket.

@@ -9,10 +9,19 @@
 
 namespace kvserve::cuda {
 
+// The default chunk_tokens of kv_quantize_pages for this view: a multiple of the key group (kivi).
+int kv_quantize_pages_chunk_tokens(const KvCacheView& cache);
+
 // qkv: fp16 [rows][3C] (row stride qkv_stride elements), C = n_head * head_dim: q | k | v.
-// Reads the old residual, so it runs before kv_compact_residual. Throws std::invalid_argument on
-// an inconsistent view, std::runtime_error on a CUDA error.
+// max_paged_tokens: the most positions any item pages at this step (paged(end) - paged(start),
+// known on the host), which sizes the grid: each item's positions are split into chunks of
+// chunk_tokens (a positive multiple of the key group for kivi), one block per (item, head, chunk),
+// at least one chunk; blocks past an item's positions return at once. Decode steps page at most
+// one key group per item, so they run one chunk per (item, head) whatever they flush, and a
+// captured decode graph stays right. Reads the old residual, so it runs before
+// kv_compact_residual. Throws std::invalid_argument on an inconsistent view, std::runtime_error on
+// a CUDA error.
 void kv_quantize_pages(const KvCacheView& cache, const KvBatchView& batch, const __half* qkv,
-                       int qkv_stride, cudaStream_t stream);
+                       int qkv_stride, int max_paged_tokens, int chunk_tokens, cudaStream_t stream);
 
 }  // namespace kvserve::cuda

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -11,6 +12,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "engine/cpu_kv_cache.h"
@@ -25,6 +27,7 @@
 #include "kernels/embedding.h"
 #include "kernels/gemm.h"
 #include "kernels/kv_dequantize_pages.h"
+#include "kernels/kv_quantize_pages.h"
 #include "kernels/layer_norm.h"
 #include "kernels/paged_attention.h"
 #include "kernels/prefill_attention.h"
@@ -710,6 +713,89 @@ TEST(GpuKvCache, PrefillAttentionThroughput) {
   }
 }
 
+// The page write micro-benchmark of docs/gpu.md (issue 15 target 5): kv_quantize_pages alone for
+// one GPT-2 layer (12 heads of 64) of a prefill step of 32 prompts of 512 tokens, kivi2 and
+// kivi2c, in the chunks append_and_attend runs it with and in one chunk per (item, head), the grid
+// before the split (median of 20 launches each); one JSON line per format. Its checks: the step
+// really splits, and after either grid the pool equals the CPU cache's byte for byte.
+TEST(GpuKvCache, QuantizePagesThroughput) {
+  SKIP_WITHOUT_GPU();
+  ModelConfig model = cache_test_model();
+  model.n_layer = 1;
+  model.n_head = 12;
+  model.n_embd = 768;
+  const int sequences = 32, prompt = 512, C = model.n_embd, H = model.n_head;
+  const int rows = sequences * prompt;
+  KvCacheConfig kivi2, kivi2c;
+  ASSERT_TRUE(apply_kv_preset("kivi2c", kivi2c));
+  std::mt19937 rng(11);
+  const std::vector<float> channel_scale = random_channel_scale(C, rng);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> qkv(static_cast<size_t>(rows) * 3 * C);  // [rows][3C], fp16 values
+  for (size_t i = 0; i < qkv.size(); ++i) {
+    qkv[i] = round_to_half(normal(rng) * channel_scale[i % (3 * C)]);
+  }
+  const std::vector<uint16_t> qkv_half = to_half(qkv);
+  cuda::DeviceBuffer<__half> qkv_device, out_device;
+  const __half* qkv_d = upload(qkv_device, qkv_half.data(), qkv_half.size());
+  __half* out_d = out_device.reserve(static_cast<size_t>(rows) * C);
+  for (const CacheCase& format : std::vector<CacheCase>{{"kivi2", kivi2}, {"kivi2c", kivi2c}}) {
+    SCOPED_TRACE(format.name);
+    KvCacheManager manager(format.config, model, sequences * 24);
+    CpuKvCache cpu(manager.config(), manager.num_blocks(), model);
+    CudaKvCache gpu(manager.config(), manager.num_blocks(), model);
+    std::vector<ForwardItem> items;
+    for (int i = 0; i < sequences; ++i) {
+      manager.add_sequence(i);
+      ASSERT_TRUE(manager.grow(i, prompt));
+      items.push_back({i, 0, std::vector<int32_t>(prompt, 0), false, {}});
+    }
+    // The CPU reference, (item, head) pairs spread over the host's cores.
+    std::vector<float> expected(static_cast<size_t>(rows) * C);
+    std::atomic<int> next{0};
+    std::vector<std::thread> workers(std::max(1u, std::thread::hardware_concurrency()));
+    for (std::thread& worker : workers) {
+      worker = std::thread([&] {
+        for (int task = next++; task < sequences * H; task = next++) {
+          const int item = task / H, head = task % H;
+          const size_t row = static_cast<size_t>(item) * prompt;
+          cpu.append_and_attend(0, head, manager.block_table(item), 0, prompt, &qkv[row * 3 * C],
+                                3 * C, &expected[row * C], C);
+        }
+      });
+    }
+    for (std::thread& worker : workers) worker.join();
+
+    cudaStream_t stream = nullptr;
+    KVSERVE_CUDA_CHECK(cudaStreamCreate(&stream));
+    gpu.prepare(with_block_tables(items, manager), stream);
+    const int paged = gpu.max_paged_tokens();
+    ASSERT_EQ(paged, paged_token_count(format.config, prompt));
+    gpu.append_and_attend(0, qkv_d, out_d, stream);  // the whole layer once, as a step runs it
+    auto expect_cpu_pool = [&](const char* grid) {
+      const std::vector<uint8_t> pool = gpu.download(stream);
+      ASSERT_EQ(pool.size(), cpu.bytes());
+      for (size_t b = 0; b < pool.size(); ++b) {
+        ASSERT_EQ(pool[b], cpu.data()[b]) << grid << ": first pool byte that differs at " << b;
+      }
+    };
+    ASSERT_NO_FATAL_FAILURE(expect_cpu_pool("split"));
+    const double unsplit_seconds =
+        median_seconds(stream, 20, [&] { gpu.quantize_pages(0, qkv_d, stream, paged); });
+    ASSERT_NO_FATAL_FAILURE(expect_cpu_pool("one chunk per (item, head)"));
+    const double split_seconds =
+        median_seconds(stream, 20, [&] { gpu.quantize_pages(0, qkv_d, stream); });
+    ASSERT_NO_FATAL_FAILURE(expect_cpu_pool("split"));
+    std::printf(
+        "{\"bench\": \"kv_quantize_pages\", \"case\": \"%s\", \"sequences\": %d, \"prompt\": %d, "
+        "\"paged_tokens\": %d, \"heads\": %d, \"split_us\": %.2f, \"one_chunk_us\": %.2f, "
+        "\"speedup\": %.2f}\n",
+        format.name, sequences, prompt, paged, H, split_seconds * 1e6, unsplit_seconds * 1e6,
+        unsplit_seconds / split_seconds);
+    KVSERVE_CUDA_CHECK(cudaStreamDestroy(stream));
+  }
+}
+
 TEST(GpuKernels, EmbeddingLayerNormAndBiasGeluMatchPlainLoops) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(7);
@@ -1091,6 +1177,28 @@ TEST(GpuKernels, LaunchersRejectBadInputs) {
       cuda::prefill_attention(cache, batch, &dummy, 1, {}, nullptr, 0, nullptr, 0, nullptr),
       std::invalid_argument);
   EXPECT_THROW(cuda::kv_dequantize_pages(cache, batch, &dummy, 1, nullptr, nullptr),
+               std::invalid_argument);
+  // A consistent KIVI view (nothing is launched): kv_quantize_pages' chunks must be positive
+  // multiples of the key group, and kv_dequantize_pages' 16-byte runs need head_dim % 8 == 0.
+  uint8_t pool_byte = 0;
+  alignas(16) __half halves[8] = {};
+  cuda::KvCacheView kivi;
+  kivi.blocks = &pool_byte;
+  kivi.kind = cuda::KvKind::kKivi;
+  kivi.bits = 2;
+  kivi.n_head = 1;
+  kivi.head_dim = 64;
+  kivi.page_tokens = kivi.key_group = kivi.value_group = kivi.residual = 32;
+  kivi.residual_tokens_per_block = 64;
+  batch.residual_blocks = &dummy;
+  for (int chunk_tokens : {0, 48}) {
+    EXPECT_THROW(cuda::kv_quantize_pages(kivi, batch, halves, 192, 100, chunk_tokens, nullptr),
+                 std::invalid_argument);
+  }
+  EXPECT_THROW(cuda::kv_quantize_pages(kivi, batch, halves, 192, -1, 64, nullptr),
+               std::invalid_argument);
+  kivi.head_dim = kivi.value_group = 36;
+  EXPECT_THROW(cuda::kv_dequantize_pages(kivi, batch, &dummy, 1, halves, nullptr),
                std::invalid_argument);
 }
 

@@ -124,6 +124,7 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
     if (!decode_kernel || items[i].tokens.size() != 1) order.push_back(i);
   }
   int decode_max_len = 0;
+  max_paged_tokens_ = 0;
   for (int i = 0; i < n; ++i) {
     const ForwardItem& item = items[order[i]];
     const BlockTableView& seq = item.blocks;
@@ -132,6 +133,9 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
       throw std::logic_error("KV cache: append beyond the reserved length of the sequence");
     }
     max_len = std::max(max_len, item.start + tokens);
+    max_paged_tokens_ =
+        std::max(max_paged_tokens_, paged_token_count(config_, item.start + tokens) -
+                                        paged_token_count(config_, item.start));
     if (i < decode_items_) decode_max_len = max_len;
     start[i] = item.start;
     count[i] = tokens;
@@ -240,7 +244,7 @@ void CudaKvCache::append_and_attend(int layer, const __half* qkv, __half* out,
   view.blocks = pool_ + layer * layer_bytes_;
   const int qkv_stride = 3 * channels_;
   cuda::kv_quantize_residual(view, batch_, qkv, qkv_stride, stream);
-  cuda::kv_quantize_pages(view, batch_, qkv, qkv_stride, stream);
+  quantize_pages(layer, qkv, stream);
   if (measures_errors_) {
     cuda::kv_quantization_error(view, batch_, qkv, qkv_stride, error_bins_.get(), stream);
     if (layer == n_layer_ - 1) {  // the step's errors, read by take_errors after its sync
@@ -253,6 +257,16 @@ void CudaKvCache::append_and_attend(int layer, const __half* qkv, __half* out,
   }
   attend(layer, qkv, out, stream);
   cuda::kv_compact_residual(view, batch_, qkv, qkv_stride, stream);
+}
+
+void CudaKvCache::quantize_pages(int layer, const __half* qkv, cudaStream_t stream,
+                                 int chunk_tokens) {
+  if (layer < 0 || layer >= n_layer_) throw std::out_of_range("KV cache: layer out of range");
+  cuda::KvCacheView view = view_;
+  view.blocks = pool_ + layer * layer_bytes_;
+  if (chunk_tokens == 0) chunk_tokens = cuda::kv_quantize_pages_chunk_tokens(view);
+  cuda::kv_quantize_pages(view, batch_, qkv, 3 * channels_, max_paged_tokens_, chunk_tokens,
+                          stream);
 }
 
 void CudaKvCache::attend(int layer, const __half* qkv, __half* out, cudaStream_t stream) {

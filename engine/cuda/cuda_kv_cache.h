@@ -53,6 +53,12 @@ class CudaKvCache {
   // The attention of append_and_attend alone, without the write path, for benchmarks of the
   // attention kernels: right only once append_and_attend has run for the prepared step.
   void attend(int layer, const __half* qkv, __half* out, cudaStream_t stream);
+  // The page write of append_and_attend alone (kv_quantize_pages), for benchmarks: chunks of
+  // chunk_tokens positions per block (0: the kernel's default, as append_and_attend runs it; else
+  // a multiple of the key group). Right only once append_and_attend has run for the prepared step.
+  void quantize_pages(int layer, const __half* qkv, cudaStream_t stream, int chunk_tokens = 0);
+  // The most positions any item of the prepared step moves into pages (sizes that kernel's grid).
+  int max_paged_tokens() const { return max_paged_tokens_; }
 
   // Whether the prepared step is a decode step (every item one token) run by decode_attention,
   // and how that splits the contexts: what a CUDA graph of append_and_attend bakes in.
@@ -100,6 +106,7 @@ class CudaKvCache {
   size_t layer_bytes_, bytes_;
   uint8_t* pool_ = nullptr;
   cuda::KvBatchView batch_;
+  int max_paged_tokens_ = 0;  // max over the step's items of paged(start + count) - paged(start)
   int num_tiles_ = 0;
   const int32_t* tiles_ = nullptr;  // [num_tiles][2]: (item, first query) of the prefill kernel
   // The step's pages that kv_dequantize_pages dequantizes for prefill_attention at each layer:
