@@ -255,8 +255,9 @@ __device__ __forceinline__ void write_code_words(Fetch x, int n, int bits, float
 // quantize_group_fp8 picks (of zero in {down(min), up(min)} x scale in {up, down} of (max - zero)
 // / max_code, the least squared error, summed in order without contraction; ties keep the first).
 template <typename Fetch>
-__device__ __forceinline__ void quantize_to_words(Fetch x, int n, int bits, bool fp8,
-                                                  uint32_t* words, uint8_t* pairs, int64_t index) {
+__device__ __forceinline__ void quantize_fetched_to_words(Fetch x, int n, int bits, bool fp8,
+                                                          uint32_t* words, uint8_t* pairs,
+                                                          int64_t index) {
   float lo = x(0), hi = lo;
   for (int i = 1; i < n; ++i) {
     const float v = x(i);
@@ -298,6 +299,25 @@ __device__ __forceinline__ void quantize_to_words(Fetch x, int n, int bits, bool
   reinterpret_cast<uchar2*>(pairs)[index] =
       make_uchar2(static_cast<unsigned char>(best_scale), static_cast<unsigned char>(best_zero));
   write_code_words(x, n, bits, e4m3_to_float(best_scale), e4m3_to_float(best_zero), words);
+}
+
+// quantize_fetched_to_words over a group that each thread first copies out of x once: the fp8
+// pair search reads the group six times, and a fetch is several dependent loads (a window element
+// of an int8 residual: its block, codes and pair). Groups of up to kCachedGroup values (GPT-2's
+// 32 and 64) are cached; larger ones, rare, fetch every time. The arithmetic, and so every
+// stored byte, is the same either way.
+constexpr int kCachedGroup = 64;
+template <typename Fetch>
+__device__ __forceinline__ void quantize_to_words(Fetch x, int n, int bits, bool fp8,
+                                                  uint32_t* words, uint8_t* pairs, int64_t index) {
+  if (n > kCachedGroup) {
+    quantize_fetched_to_words(x, n, bits, fp8, words, pairs, index);
+    return;
+  }
+  float group[kCachedGroup];
+  for (int i = 0; i < n; ++i) group[i] = x(i);
+  quantize_fetched_to_words([&group](int i) { return group[i]; }, n, bits, fp8, words, pairs,
+                            index);
 }
 
 }  // namespace kvserve::cuda
