@@ -14,6 +14,16 @@ void check_sample_batch(const std::vector<ForwardItem>& items,
   }
 }
 
+void check_block_copy(const BlockCopy& copy, int32_t num_blocks, size_t block_bytes) {
+  auto inside = [&](int32_t block, int32_t offset) {
+    return block >= 0 && block < num_blocks && offset >= 0 && copy.bytes >= 0 &&
+           static_cast<size_t>(offset) + static_cast<size_t>(copy.bytes) <= block_bytes;
+  };
+  if (!inside(copy.src, copy.src_offset) || !inside(copy.dst, copy.dst_offset)) {
+    throw std::out_of_range("KV cache: block copy outside the pool");
+  }
+}
+
 void Backend::copy_blocks(const std::vector<BlockCopy>& copies) {
   if (!copies.empty()) throw std::logic_error("backend " + name() + " cannot copy blocks");
 }

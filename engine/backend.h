@@ -36,13 +36,20 @@ struct ForwardItem {
   BlockTableView blocks;        // the sequence's blocks, reserved for >= start + tokens.size()
 };
 
-// A copy of one block's bytes at every layer, inside the pool (prefix caching of KIVI caches:
-// the residual snapshot, engine/kv_cache_manager.h). A step's copies run in order, before its
-// forward.
+// A copy of `bytes` bytes of block src, from src_offset, over block dst from dst_offset, at every
+// layer, inside the pool (prefix caching of KIVI caches: residual slots to and from a snapshot,
+// engine/kv_cache_manager.h). A step's copies run in order, before its forward.
 struct BlockCopy {
   int32_t src = 0;
   int32_t dst = 0;
+  int32_t src_offset = 0;
+  int32_t dst_offset = 0;
+  int32_t bytes = 0;
 };
+
+// Throws std::out_of_range unless both byte ranges of `copy` lie in blocks of a pool of
+// `num_blocks` blocks of `block_bytes` bytes.
+void check_block_copy(const BlockCopy& copy, int32_t num_blocks, size_t block_bytes);
 
 // How a backend has run its decode steps so far (benchmarks report it): CUDA graphs captured (each
 // after an eager step) and steps replayed from one. Zero for backends without graphs.

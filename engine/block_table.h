@@ -20,9 +20,9 @@ struct BlockIdSpan {
 // A sequence's blocks, reserved for `length` tokens. Valid until the cache manager next grows,
 // ends a step of, or removes that sequence, i.e. for the forward of the step that planned it.
 struct BlockTableView {
-  int length = 0;               // tokens the blocks hold room for
-  BlockIdSpan pages;            // logical page i -> block id
-  BlockIdSpan residual_blocks;  // kivi: [keys 0, values 0, keys 1, values 1, ...]
+  int length = 0;              // tokens the blocks hold room for
+  BlockIdSpan pages;           // logical page i -> block id
+  BlockIdSpan residual_slots;  // kivi: residual slot ids [keys 0, values 0, keys 1, values 1, ...]
 };
 
 }  // namespace kvserve

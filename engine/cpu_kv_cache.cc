@@ -189,11 +189,10 @@ void CpuKvCache::dequantize_page(int layer, int head, int32_t id, int valid, flo
 
 void CpuKvCache::copy_blocks(const std::vector<BlockCopy>& copies) {
   for (const BlockCopy& copy : copies) {
-    if (copy.src < 0 || copy.src >= num_blocks_ || copy.dst < 0 || copy.dst >= num_blocks_) {
-      throw std::out_of_range("KV cache: block copy outside the pool");
-    }
+    check_block_copy(copy, num_blocks_, layout_.block_bytes);
     for (int layer = 0; layer < n_layer_; ++layer) {
-      std::memcpy(block(layer, copy.dst), block(layer, copy.src), layout_.block_bytes);
+      std::memmove(block(layer, copy.dst) + copy.dst_offset,
+                   block(layer, copy.src) + copy.src_offset, copy.bytes);
     }
   }
 }
@@ -225,16 +224,20 @@ void CpuKvCache::append_and_attend(int layer, int head, const BlockTableView& se
                                           std::vector<uint8_t>(int8_rows * D)};  // [window_len][D]
   std::vector<QuantParams> window_params[2] = {std::vector<QuantParams>(int8_rows),
                                                std::vector<QuantParams>(int8_rows)};
+  // Residual token `row` of the window (0 = oldest): its keys (kind 0) or values (kind 1) sit in
+  // the slot seq.residual_slots[2 * row + kind]; this head's row of it, and its int8 pair.
   const int per_block = layout_.residual_tokens_per_block;
-  auto residual_block = [&](int slot, int kind) {
-    return block(layer, seq.residual_blocks[2 * (slot / per_block) + kind]);
+  auto residual_slot = [&](int row, int kind) {
+    const int32_t slot = seq.residual_slots[2 * row + kind];
+    return block(layer, slot / per_block) + (slot % per_block) * layout_.residual_slot_bytes;
   };
-  auto residual_index = [&](int slot) {  // row of this head and slot in a residual block
-    return static_cast<size_t>(head) * per_block + slot % per_block;
+  auto residual_row = [&](int row, int kind) {  // D codes (int8) or D fp16 values
+    const size_t element_bytes = int8_residual ? 1 : 2;
+    return residual_slot(row, kind) + static_cast<size_t>(head) * D * element_bytes;
   };
-  auto residual_params = [&](int slot, int kind) {
-    return reinterpret_cast<QuantParams*>(residual_block(slot, kind) + layout_.residual_params) +
-           residual_index(slot);
+  auto residual_params = [&](int row, int kind) {
+    return reinterpret_cast<QuantParams*>(residual_slot(row, kind) + layout_.residual_params) +
+           head;
   };
   auto dequantize_int8_row = [&](int row, int kind) {
     const QuantParams p = window_params[kind][row];
@@ -247,13 +250,12 @@ void CpuKvCache::append_and_attend(int layer, int head, const BlockTableView& se
     const int row = pos - window_start;
     for (int kind = 0; kind < 2; ++kind) {
       if (int8_residual) {
-        const uint8_t* codes = residual_block(row, kind) + residual_index(row) * D;
+        const uint8_t* codes = residual_row(row, kind);
         std::copy(codes, codes + D, &window_codes[kind][row * D]);
         window_params[kind][row] = *residual_params(row, kind);
         dequantize_int8_row(row, kind);
       } else {
-        const auto* fp16 =
-            reinterpret_cast<const uint16_t*>(residual_block(row, kind)) + residual_index(row) * D;
+        const auto* fp16 = reinterpret_cast<const uint16_t*>(residual_row(row, kind));
         for (int d = 0; d < D; ++d) window[kind][row * D + d] = half_to_float(fp16[d]);
       }
     }
@@ -289,12 +291,10 @@ void CpuKvCache::append_and_attend(int layer, int head, const BlockTableView& se
       const int row = pos - window_start, slot = pos - paged_after;
       for (int kind = 0; kind < 2; ++kind) {
         if (int8_residual) {
-          std::copy_n(&window_codes[kind][row * D], D,
-                      residual_block(slot, kind) + residual_index(slot) * D);
+          std::copy_n(&window_codes[kind][row * D], D, residual_row(slot, kind));
           *residual_params(slot, kind) = window_params[kind][row];
         } else {
-          auto* fp16 =
-              reinterpret_cast<uint16_t*>(residual_block(slot, kind)) + residual_index(slot) * D;
+          auto* fp16 = reinterpret_cast<uint16_t*>(residual_row(slot, kind));
           for (int d = 0; d < D; ++d) fp16[d] = float_to_half(window[kind][row * D + d]);
         }
       }

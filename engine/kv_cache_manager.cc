@@ -40,6 +40,7 @@ KvCacheManager::KvCacheManager(const KvCacheConfig& config, const ModelConfig& m
       layout_(make_page_layout(config, model)),
       bytes_per_block_(static_cast<int64_t>(layout_.block_bytes) * model.n_layer),
       pool_(num_blocks),
+      residual_(pool_, is_kivi(config.format) ? layout_.residual_tokens_per_block : 0),
       seed_hash_(prefix_cache_seed(config, model)),
       page_refs_(pool_.num_blocks(), 0),
       hit_refs_(pool_.num_blocks(), 0) {
@@ -172,7 +173,7 @@ void KvCacheManager::snapshot_residual(int64_t id, const std::vector<int32_t>& t
   // The cached copy of the page: this sequence's block, or another one with the same tokens (a
   // sequence that computed them too), which the snapshot suits as well. Looked up after making
   // room, which may evict it.
-  const int32_t count = static_cast<int32_t>(seq.residual_blocks.size());
+  const int32_t count = residual_.blocks_for(static_cast<int64_t>(seq.residual_slots.size()));
   if (!make_free(count)) return;
   const auto entry = by_hash_.find(seq.page_hashes.back());
   if (entry == by_hash_.end()) return;
@@ -184,9 +185,7 @@ void KvCacheManager::snapshot_residual(int64_t id, const std::vector<int32_t>& t
   page.snapshot_lru = lru_.insert(lru_.end(), LruEntry{page_block, /*snapshot=*/true});
   evictable_blocks_ += count;
   snapshot_blocks_ += count;
-  for (int32_t i = 0; i < count; ++i) {
-    block_copies_.push_back({seq.residual_blocks[i], page.snapshot[i]});
-  }
+  queue_slot_copies(seq.residual_slots, snapshot_slots(page.snapshot, seq.residual_slots.size()));
   fills_queued_.push_back(page_block);
 }
 
@@ -244,6 +243,21 @@ void KvCacheManager::drop_copies_into(const std::vector<int32_t>& blocks) {
                                               blocks.end();
                                      }),
                       block_copies_.end());
+}
+
+void KvCacheManager::drop_copies_into_slots(const std::vector<int32_t>& slots) {
+  const int32_t slot_bytes = static_cast<int32_t>(layout_.residual_slot_bytes);
+  block_copies_.erase(
+      std::remove_if(block_copies_.begin(), block_copies_.end(),
+                     [&](const BlockCopy& copy) {
+                       return std::any_of(slots.begin(), slots.end(), [&](int32_t slot) {
+                         const int32_t offset = residual_.index_of(slot) * slot_bytes;
+                         return copy.dst == residual_.block_of(slot) &&
+                                offset < copy.dst_offset + copy.bytes &&
+                                copy.dst_offset < offset + slot_bytes;
+                       });
+                     }),
+      block_copies_.end());
 }
 
 void KvCacheManager::drop_snapshot(int32_t page_block) {
@@ -313,23 +327,61 @@ int32_t KvCacheManager::pages_for(int tokens) const {
   return ceil_div(paged_token_count(config_, tokens), config_.page_tokens);
 }
 
-int32_t KvCacheManager::residual_blocks_for(int tokens) const {
+int32_t KvCacheManager::residual_slots_for(int tokens) const {
   if (!is_kivi(config_.format)) return 0;
-  const int residual = tokens - paged_token_count(config_, tokens);
-  return 2 * ceil_div(residual, layout_.residual_tokens_per_block);
+  return 2 * (tokens - paged_token_count(config_, tokens));
 }
 
 int32_t KvCacheManager::blocks_needed(int tokens) const {
-  return pages_for(tokens) + residual_blocks_for(tokens);
+  return pages_for(tokens) + residual_.blocks_for(residual_slots_for(tokens));
 }
 
-int32_t KvCacheManager::peak_blocks(int tokens) const {
-  // Pages only grow. The residual blocks of any step of the way are at most those of the longest
-  // residual the sequence ever has: all its tokens while it is shorter than R + G, else R + G - 1
-  // (the step that flushes the last group holds exactly pages_for(tokens) and those).
-  if (!is_kivi(config_.format)) return pages_for(tokens);
-  const int longest_residual = std::min(tokens, config_.residual + config_.key_group - 1);
-  return pages_for(tokens) + 2 * ceil_div(longest_residual, layout_.residual_tokens_per_block);
+int32_t KvCacheManager::peak_residual_slots(int tokens) const {
+  // The residual slots of any step of the way are at most those of the longest residual the
+  // sequence ever has: all its tokens while it is shorter than R + G, else R + G - 1 (the step
+  // that flushes the last group holds exactly pages_for(tokens) pages and those).
+  if (!is_kivi(config_.format)) return 0;
+  return 2 * std::min(tokens, config_.residual + config_.key_group - 1);
+}
+
+int32_t KvCacheManager::residual_blocks_reserved(int64_t reserved_slots) const {
+  return std::max(residual_.blocks_for(reserved_slots), residual_.blocks_in_use());
+}
+
+bool KvCacheManager::can_admit(int tokens, const PrefixMatch& match) const {
+  const int32_t blocks = pages_for(tokens) - static_cast<int32_t>(match.pages.size()) +
+                         residual_.blocks_to_take(residual_slots_for(tokens));
+  return blocks <= num_free_blocks() - match.evictable - match.snapshot_evictable;
+}
+
+std::vector<int32_t> KvCacheManager::snapshot_slots(const std::vector<int32_t>& blocks,
+                                                    size_t count) const {
+  const int32_t c = residual_.slots_per_block();
+  std::vector<int32_t> slots(count);
+  for (size_t i = 0; i < count; ++i) {
+    slots[i] = blocks[i / c] * c + static_cast<int32_t>(i % c);
+  }
+  return slots;
+}
+
+void KvCacheManager::queue_slot_copies(const std::vector<int32_t>& src,
+                                       const std::vector<int32_t>& dst) {
+  const int32_t slot_bytes = static_cast<int32_t>(layout_.residual_slot_bytes);
+  for (size_t i = 0; i < src.size(); ++i) {
+    const int32_t src_block = residual_.block_of(src[i]), dst_block = residual_.block_of(dst[i]);
+    const int32_t src_offset = residual_.index_of(src[i]) * slot_bytes;
+    const int32_t dst_offset = residual_.index_of(dst[i]) * slot_bytes;
+    if (i > 0) {
+      BlockCopy& last = block_copies_.back();
+      if (last.src == src_block && last.dst == dst_block &&
+          last.src_offset + last.bytes == src_offset &&
+          last.dst_offset + last.bytes == dst_offset) {
+        last.bytes += slot_bytes;
+        continue;
+      }
+    }
+    block_copies_.push_back({src_block, dst_block, src_offset, dst_offset, slot_bytes});
+  }
 }
 
 void KvCacheManager::add_sequence(int64_t id, const PrefixMatch& match) {
@@ -364,14 +416,12 @@ void KvCacheManager::add_sequence(int64_t id, const PrefixMatch& match) {
     }
     seq.pinned_snapshot = page_block;
     pinned_.push_back(page_block);
-    const int32_t count = residual_blocks_for(match.tokens);
-    if (!make_free(count)) {
+    const int32_t count = residual_slots_for(match.tokens);
+    if (!make_free(residual_.blocks_to_take(count))) {
       throw std::logic_error("KV cache: no room for the residual of an admitted sequence");
     }
-    pool_.allocate(count, seq.residual_blocks);
-    for (int32_t i = 0; i < count; ++i) {
-      block_copies_.push_back({page.snapshot[i], seq.residual_blocks[i]});
-    }
+    residual_.allocate(count, seq.residual_slots);
+    queue_slot_copies(snapshot_slots(page.snapshot, seq.residual_slots.size()), seq.residual_slots);
   }
 }
 
@@ -387,7 +437,7 @@ BlockTableView KvCacheManager::block_table(int64_t id) const {
   const SequenceCache& seq = sequence(id);
   return {seq.length,
           {seq.pages.data(), seq.pages.size()},
-          {seq.residual_blocks.data(), seq.residual_blocks.size()}};
+          {seq.residual_slots.data(), seq.residual_slots.size()}};
 }
 
 bool KvCacheManager::grow(int64_t id, int new_length) {
@@ -401,13 +451,13 @@ bool KvCacheManager::grow(int64_t id, int new_length) {
   }
   const int32_t new_pages = std::max(0, pages_for(new_length) - int32_t(seq.pages.size()));
   // The old residual stays readable during the step, so hold the larger of old and new.
-  const int32_t new_residual =
-      std::max(0, residual_blocks_for(new_length) - int32_t(seq.residual_blocks.size()));
-  if (!make_free(new_pages + new_residual)) return false;
+  const int32_t new_slots =
+      std::max(0, residual_slots_for(new_length) - int32_t(seq.residual_slots.size()));
+  if (!make_free(new_pages + residual_.blocks_to_take(new_slots))) return false;
   const size_t first_new_page = seq.pages.size();
   pool_.allocate(new_pages, seq.pages);
   for (size_t i = first_new_page; i < seq.pages.size(); ++i) page_refs_[seq.pages[i]] = 1;
-  pool_.allocate(new_residual, seq.residual_blocks);
+  residual_.allocate(new_slots, seq.residual_slots);
   seq.length = new_length;
   grown_this_step_.push_back(id);
   return true;
@@ -426,11 +476,10 @@ void KvCacheManager::finish_step(bool ran) {
     auto it = sequences_.find(id);
     if (it == sequences_.end()) continue;  // removed during the step
     SequenceCache& seq = it->second;
-    const size_t keep = residual_blocks_for(seq.length);
-    if (seq.residual_blocks.size() > keep) {
-      pool_.release(
-          std::vector<int32_t>(seq.residual_blocks.begin() + keep, seq.residual_blocks.end()));
-      seq.residual_blocks.resize(keep);
+    const size_t keep = residual_slots_for(seq.length);
+    if (seq.residual_slots.size() > keep) {
+      residual_.release(seq.residual_slots.data() + keep, seq.residual_slots.size() - keep);
+      seq.residual_slots.resize(keep);
     }
   }
   grown_this_step_.clear();
@@ -445,12 +494,12 @@ void KvCacheManager::remove_sequence(int64_t id) {
   if (seq.pinned_snapshot >= 0) {
     // Removed in the step that was to fill its residual (an admission that did not fit): its
     // queued copies go, and so does its pin.
-    drop_copies_into(seq.residual_blocks);
+    drop_copies_into_slots(seq.residual_slots);
     pinned_.erase(std::find(pinned_.begin(), pinned_.end(), seq.pinned_snapshot));
     unpin_snapshot(seq.pinned_snapshot);
   }
   release_pages(seq);
-  pool_.release(seq.residual_blocks);
+  residual_.release(seq.residual_slots);
   sequences_.erase(it);
 }
 

@@ -2,9 +2,10 @@
 //
 // Bookkeeping only: the backends own the memory (host arrays or device memory) and write the data.
 // A step first grows every sequence it feeds (grow), then runs the forward, then calls
-// finish_step(). Residual blocks that a flush frees stay reserved until finish_step(), so the
+// finish_step(). Residual slots that a flush frees stay reserved until finish_step(), so the
 // forward can still read the old residual while it writes the new one, and no other sequence can
-// be handed a block that is being read in the same step.
+// be handed a slot that is being read in the same step. KIVI residual tokens take single slots of
+// residual blocks that sequences share (engine/residual_slots.h).
 //
 // Prefix caching (set_prefix_cache): a full page whose contents are final is content-addressed by
 // a hash chained over every token id up to its end and the cache configuration
@@ -18,10 +19,10 @@
 // of the R tokens after them at every layer, which no page holds and no shorter computation
 // reproduces bit for bit (docs/design.md, "Prefix caching"). The scheduler ends one prefill chunk
 // of each prompt at its snapshot point n* = kP + R (snapshot_point; paged(n*) = kP), and
-// snapshot_residual then copies the sequence's residual blocks into blocks owned by the cache
+// snapshot_residual then copies the sequence's residual slots into blocks owned by the cache
 // entry of page k-1: the snapshot, tagged with tokens kP .. n*-1. A sequence matches only a chain
 // that ends in a page with a matching snapshot (the deepest one), starts at n* and gets its own
-// residual blocks filled from the snapshot. The copies are queued (take_block_copies) and run
+// residual slots filled from the snapshot. The copies are queued (take_block_copies) and run
 // before the next step's forward. A snapshot is evictable least-recently-used like a page (its
 // page's eviction takes it along), but never while a sequence of the step being planned copies
 // from it (pinned until finish_step).
@@ -37,15 +38,17 @@
 #include "engine/block_table.h"
 #include "engine/kv_format.h"
 #include "engine/model_config.h"
+#include "engine/residual_slots.h"
 
 namespace kvserve {
 
 struct SequenceCache {
-  int length = 0;                        // tokens whose keys and values are held
-  std::vector<int32_t> pages;            // logical page i -> block id
-  std::vector<int32_t> residual_blocks;  // kivi: [keys 0, values 0, keys 1, values 1, ...]
-  int32_t hit_pages = 0;                 // pages 0 .. hit_pages-1 came from the prefix cache
-  std::vector<uint64_t> page_hashes;     // chained hash of each full page hashed so far
+  int length = 0;              // tokens whose keys and values are held
+  std::vector<int32_t> pages;  // logical page i -> block id
+  // kivi: the residual's slots (ResidualSlots ids), [keys 0, values 0, keys 1, values 1, ...]
+  std::vector<int32_t> residual_slots;
+  int32_t hit_pages = 0;              // pages 0 .. hit_pages-1 came from the prefix cache
+  std::vector<uint64_t> page_hashes;  // chained hash of each full page hashed so far
   int32_t pinned_snapshot = -1;  // the page whose snapshot this step's copies read (kivi), or -1
 };
 
@@ -107,21 +110,29 @@ class KvCacheManager {
   // that no step copies (evicted on demand).
   int32_t num_free_blocks() const { return pool_.num_free() + evictable_blocks_; }
 
-  // Blocks a sequence of `tokens` tokens holds once its step is finished.
+  // Blocks a sequence of `tokens` tokens holds once its step is finished, alone in the pool.
   int32_t blocks_needed(int tokens) const;
-  // The most blocks a sequence holds at once on its way to `tokens` tokens, whatever its steps:
-  // for KIVI more than blocks_needed(tokens), as the residual peaks at R + G - 1 tokens just before
-  // a flush and a step holds its old residual blocks while it writes the new ones. A sequence that
-  // decodes its way to `tokens` cached tokens holds exactly this many at its last flush, so it can
-  // run alone in the pool exactly when this fits in num_blocks() (validation and admission count
-  // it, for max_cached_tokens of the request).
-  int32_t peak_blocks(int tokens) const;
+  // The most blocks a sequence holds at once on its way to `tokens` tokens, whatever its steps,
+  // alone in the pool: for KIVI more than blocks_needed(tokens), as the residual peaks at R + G - 1
+  // tokens just before a flush and a step holds its old residual slots while it writes the new
+  // ones. A sequence that decodes its way to `tokens` cached tokens holds exactly this many at its
+  // last flush, so it can run alone in the pool exactly when this fits in num_blocks()
+  // (validation counts it, for max_cached_tokens of the request).
+  int32_t peak_blocks(int tokens) const {
+    return peak_pages(tokens) + residual_.blocks_for(peak_residual_slots(tokens));
+  }
+  // The two parts of peak_blocks: pages, and residual slots (KIVI; 0 otherwise).
+  int32_t peak_pages(int tokens) const { return pages_for(tokens); }
+  int32_t peak_residual_slots(int tokens) const;
+  // The residual blocks that sequences reserving `reserved_slots` slots in all may hold at once:
+  // ceil(reserved_slots / c), or those in use now when more (blocks that sequences which have
+  // ended shared with running ones; engine/residual_slots.h says why no more are ever taken).
+  int32_t residual_blocks_reserved(int64_t reserved_slots) const;
+  int32_t residual_slots_per_block() const { return residual_.slots_per_block(); }
+  int32_t residual_blocks_in_use() const { return residual_.blocks_in_use(); }
   // Whether a new sequence that will reach `tokens` tokens in its first step fits now, starting
   // on `match` (its cached pages are not allocated again, and stop being evictable).
-  bool can_admit(int tokens, const PrefixMatch& match = {}) const {
-    return blocks_needed(tokens) - static_cast<int32_t>(match.pages.size()) <=
-           num_free_blocks() - match.evictable - match.snapshot_evictable;
-  }
+  bool can_admit(int tokens, const PrefixMatch& match = {}) const;
 
   // The hash every chain starts from: the cache configuration and the model geometry, so that
   // pages of one configuration never match another. New format fields join here.
@@ -184,7 +195,13 @@ class KvCacheManager {
 
  private:
   int32_t pages_for(int tokens) const;
-  int32_t residual_blocks_for(int tokens) const;
+  // Residual slots a sequence of `tokens` tokens holds once its step is finished (2 per token).
+  int32_t residual_slots_for(int tokens) const;
+  // The snapshot's slot ids: its blocks' slots in order.
+  std::vector<int32_t> snapshot_slots(const std::vector<int32_t>& blocks, size_t count) const;
+  // Queues copies of slot src[i] over slot dst[i] at every layer, one per run of slots that are
+  // consecutive in both.
+  void queue_slot_copies(const std::vector<int32_t>& src, const std::vector<int32_t>& dst);
   // Makes `count` blocks free, evicting the least recently used unheld cached pages; false,
   // changing nothing, when free and evictable blocks are fewer.
   bool make_free(int32_t count);
@@ -193,8 +210,10 @@ class KvCacheManager {
   void evict_front();
   void evict_page(int32_t block);
   void drop_snapshot(int32_t page_block);
-  // Removes queued copies (not yet handed to a step) whose destination is one of `blocks`.
+  // Removes queued copies (not yet handed to a step) whose destination is one of `blocks`, or
+  // overlaps one of `slots`.
   void drop_copies_into(const std::vector<int32_t>& blocks);
+  void drop_copies_into_slots(const std::vector<int32_t>& slots);
   void unpin_snapshot(int32_t page_block);
 
   struct LruEntry {
@@ -219,6 +238,7 @@ class KvCacheManager {
   KvPageLayout layout_;
   int64_t bytes_per_block_;
   BlockPool pool_;
+  ResidualSlots residual_;
   std::unordered_map<int64_t, SequenceCache> sequences_;
   std::vector<int64_t> grown_this_step_;
 

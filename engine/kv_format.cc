@@ -162,8 +162,9 @@ KvPageLayout make_page_layout(const KvCacheConfig& c, const ModelConfig& model) 
   if (is_kivi(c.format)) {
     const bool int8 = c.residual_format == KvResidualFormat::kInt8;
     l.residual_token_bytes = int8 ? heads * (dim + fp16_pair_bytes) : heads * dim * fp16_bytes;
-    l.residual_tokens_per_block = static_cast<int>(l.block_bytes / l.residual_token_bytes);
-    if (int8) l.residual_params = heads * l.residual_tokens_per_block * dim;
+    l.residual_slot_bytes = (l.residual_token_bytes + 15) / 16 * 16;
+    l.residual_tokens_per_block = static_cast<int>(l.block_bytes / l.residual_slot_bytes);
+    if (int8) l.residual_params = heads * dim;
   }
   return l;
 }

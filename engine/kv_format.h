@@ -16,10 +16,12 @@
 // A (scale, zero) pair is two fp16 (4 bytes) or, with fp8 parameters (KvParamFormat::kFp8), two
 // fp8 e4m3 bytes (2 bytes): zero rounded down and scale rounded up so the codes still cover the
 // group (engine/kv_quant.h).
-// Residual block (kivi), c = residual_tokens_per_block keys (or values) of the newest tokens:
-//   fp16 residual: fp16 [H][c][D]
-//   int8 residual: u8 [H][c][D] + fp16 [H][c][2] (scale, zero per token and head, as int8 pages)
-// Residual blocks come in pairs (keys, values) so that no byte of a block is wasted on a split.
+// Residual block (kivi): c = residual_tokens_per_block slots, each the keys or the values of one
+// residual token, every head; slot j starts at j * residual_slot_bytes:
+//   fp16 residual: fp16 [H][D]
+//   int8 residual: u8 [H][D], then fp16 [H][2] (scale, zero per token and head, as int8 pages)
+// Slots are handed out one by one and shared by sequences (KvCacheManager), so a sequence's
+// residual does not round up to whole blocks.
 #pragma once
 
 #include <absl/status/status.h>
@@ -85,15 +87,18 @@ struct KvPageLayout {
   size_t key_params = 0;  // offset of the key scale/zero pairs (int8, kivi)
   size_t value_codes = 0;
   size_t value_params = 0;
-  size_t block_bytes = 0;             // bytes of one block in one layer
-  int residual_tokens_per_block = 0;  // kivi: fp16 tokens of keys (or values) a block holds
-  size_t code_bytes_per_page = 0;     // key + value code (or fp16 data) bytes of a page
-  size_t param_bytes_per_page = 0;    // key + value scale/zero bytes of a page
-  size_t param_pair_bytes = 0;        // bytes of one (scale, zero) pair: 4 (fp16) or 2 (fp8)
-  // kivi residual block: offset of the fp16 (scale, zero) pairs [H][c] of an int8 residual, and
-  // bytes one residual token (keys or values, all heads) takes in a block.
+  size_t block_bytes = 0;  // bytes of one block in one layer
+  int residual_tokens_per_block =
+      0;                            // kivi: residual slots (a token's keys or values) a block holds
+  size_t code_bytes_per_page = 0;   // key + value code (or fp16 data) bytes of a page
+  size_t param_bytes_per_page = 0;  // key + value scale/zero bytes of a page
+  size_t param_pair_bytes = 0;      // bytes of one (scale, zero) pair: 4 (fp16) or 2 (fp8)
+  // kivi residual slot: offset of the fp16 (scale, zero) pairs [H] of an int8 residual inside a
+  // slot, the bytes one residual token's keys (or values), all heads, hold, and the slot stride
+  // (those bytes rounded up to 16, so every row can be read with 16-byte loads).
   size_t residual_params = 0;
   size_t residual_token_bytes = 0;
+  size_t residual_slot_bytes = 0;
 };
 
 KvPageLayout make_page_layout(const KvCacheConfig& config, const ModelConfig& model);

@@ -60,7 +60,8 @@ RequestId Scheduler::add_request(GenerationRequest request) {
   Sequence seq;
   seq.id = id;
   seq.tokens = request.prompt;
-  seq.peak_blocks = cache_->peak_blocks(max_cached_tokens(request));
+  seq.peak_pages = cache_->peak_pages(max_cached_tokens(request));
+  seq.peak_residual_slots = cache_->peak_residual_slots(max_cached_tokens(request));
   seq.request = std::move(request);
   sequences_.emplace(id, std::move(seq));
   waiting_.push_back(id);
@@ -76,7 +77,7 @@ void Scheduler::finish(Sequence& seq, FinishReason reason, std::vector<StepEvent
                        const std::string& error) {
   if (seq.in_cache) {
     cache_->remove_sequence(seq.id);
-    reserved_blocks_ -= seq.peak_blocks - seq.hit_pages;
+    release_reservation(seq);
   }
   running_.erase(std::remove(running_.begin(), running_.end(), seq.id), running_.end());
   waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), seq.id), waiting_.end());
@@ -94,7 +95,7 @@ void Scheduler::finish(Sequence& seq, FinishReason reason, std::vector<StepEvent
 
 void Scheduler::preempt(Sequence& seq, StepPlan& plan) {
   cache_->remove_sequence(seq.id);
-  reserved_blocks_ -= seq.peak_blocks - seq.hit_pages;
+  release_reservation(seq);
   seq.hit_pages = 0;
   seq.in_cache = false;
   seq.computed_before_preemption = std::max(seq.computed_before_preemption, seq.computed);
@@ -126,11 +127,25 @@ bool Scheduler::grow_or_preempt(Sequence& seq, int length, StepPlan& plan) {
   return true;
 }
 
+int64_t Scheduler::reserved_blocks() const {
+  return reserved_pages_ + cache_->hit_pages_in_use() +
+         cache_->residual_blocks_reserved(reserved_residual_slots_);
+}
+
+void Scheduler::release_reservation(const Sequence& seq) {
+  reserved_pages_ -= seq.peak_pages - seq.hit_pages;
+  reserved_residual_slots_ -= seq.peak_residual_slots;
+}
+
 bool Scheduler::can_admit(const Sequence& seq, const PrefixMatch& match) const {
-  // Its own blocks, and the shared pages that no running sequence holds as a hit yet.
-  const int64_t own = seq.peak_blocks - static_cast<int64_t>(match.pages.size());
+  // Its own pages, the shared pages that no running sequence holds as a hit yet, and its residual
+  // slots together with everyone else's (slots share blocks).
+  const int64_t own_pages = seq.peak_pages - static_cast<int64_t>(match.pages.size());
+  const int64_t reserved =
+      reserved_pages_ + cache_->hit_pages_in_use() + match.newly_shared + own_pages +
+      cache_->residual_blocks_reserved(reserved_residual_slots_ + seq.peak_residual_slots);
   if (options_.admission == AdmissionPolicy::kReserveFinalLength &&
-      reserved_blocks() + match.newly_shared + own > cache_->num_blocks()) {
+      reserved > cache_->num_blocks()) {
     return false;
   }
   return cache_->can_admit(static_cast<int>(seq.tokens.size()), match);
@@ -203,7 +218,7 @@ StepPlan Scheduler::schedule() {
       if (!running_.empty()) break;  // blocks come back as running sequences end
       // Nothing holds a block, and still it does not fit: it never will.
       const int32_t needed = options_.admission == AdmissionPolicy::kReserveFinalLength
-                                 ? seq.peak_blocks
+                                 ? cache_->peak_blocks(max_cached_tokens(seq.request))
                                  : cache_->blocks_needed(static_cast<int>(seq.tokens.size()));
       finish(seq, FinishReason::kError, plan.finished,
              "the KV pool (" + std::to_string(cache_->num_blocks()) +
@@ -230,7 +245,8 @@ StepPlan Scheduler::schedule() {
     }
     waiting_.pop_front();
     running_.push_back(seq.id);
-    reserved_blocks_ += seq.peak_blocks - seq.hit_pages;
+    reserved_pages_ += seq.peak_pages - seq.hit_pages;
+    reserved_residual_slots_ += seq.peak_residual_slots;
     plan.admitted.push_back(seq.id);
   }
 

@@ -17,9 +17,10 @@
 // scheduler never spins.
 //
 // Admission (SchedulerOptions::admission):
-//   kReserveFinalLength (default): a request is admitted only while the peak blocks of every
-//     running sequence at its final length (max_cached_tokens, KvCacheManager::peak_blocks) fit
-//     in the pool with its own. Admitted sequences then always grow: no preemption.
+//   kReserveFinalLength (default): a request is admitted only while the peak pages of every
+//     running sequence at its final length (max_cached_tokens, KvCacheManager::peak_pages) and
+//     the blocks their peak residual slots fill together (residual_blocks_reserved: slots share
+//     blocks) fit in the pool with its own. Admitted sequences then always grow: no preemption.
 //   kPrompt: admitted while the free blocks hold the prompt (vLLM's rule); growth preempts.
 // Both count a page shared through the prefix cache once: a sequence that starts on cached pages
 // (KvCacheManager::match_prefix) reserves only the blocks it allocates itself, and the distinct
@@ -143,9 +144,10 @@ class Scheduler {
   size_t num_running() const { return running_.size(); }
   const KvCacheManager& cache() const { return *cache_; }
   const SchedulerOptions& options() const { return options_; }
-  // Blocks the running sequences may still need at most (kReserveFinalLength counts these): those
-  // each allocates itself, and the pages they share through the prefix cache, once.
-  int64_t reserved_blocks() const { return reserved_blocks_ + cache_->hit_pages_in_use(); }
+  // Blocks the running sequences may still need at most (kReserveFinalLength counts these): the
+  // pages each allocates itself, the pages they share through the prefix cache, once, and the
+  // residual blocks that their residual slots may fill together.
+  int64_t reserved_blocks() const;
 
  private:
   struct Sequence {
@@ -155,8 +157,10 @@ class Scheduler {
     int computed = 0;                    // tokens whose keys/values are in the cache
     int computed_before_preemption = 0;  // the most ever computed: recomputation below this
     int generated = 0;
-    int32_t peak_blocks = 0;  // KvCacheManager::peak_blocks of max_cached_tokens
-    int32_t hit_pages = 0;    // pages it started on from the prefix cache (not its to allocate)
+    // KvCacheManager::peak_pages and peak_residual_slots of max_cached_tokens
+    int32_t peak_pages = 0;
+    int32_t peak_residual_slots = 0;
+    int32_t hit_pages = 0;  // pages it started on from the prefix cache (not its to allocate)
     // KIVI: where its prefill ends chunks for residual snapshots (KvCacheManager::snapshot_points)
     std::vector<int> snapshot_points;
     bool cancelled = false;
@@ -173,6 +177,8 @@ class Scheduler {
   bool grow_or_preempt(Sequence& seq, int length, StepPlan& plan);
   void preempt(Sequence& seq, StepPlan& plan);
   bool can_admit(const Sequence& seq, const PrefixMatch& match) const;
+  // Takes an admitted sequence's reservation back (it finished or was preempted).
+  void release_reservation(const Sequence& seq);
   // Plans `seq`'s next prompt chunk within `budget`; false (nothing planned) when the pool cannot
   // hold it. A running sequence may preempt for it, one being admitted may not.
   bool plan_chunk(Sequence& seq, bool admitting, int& budget, StepPlan& plan);
@@ -186,8 +192,10 @@ class Scheduler {
   std::unordered_map<RequestId, Sequence> sequences_;
   std::deque<RequestId> waiting_;   // FCFS; preempted sequences go back to the front
   std::vector<RequestId> running_;  // admission order: the newest is preempted first
-  // Sum over running sequences of peak_blocks - hit_pages: the blocks each allocates itself.
-  int64_t reserved_blocks_ = 0;
+  // Sums over running sequences of peak_pages - hit_pages (the pages each allocates itself) and
+  // of peak_residual_slots.
+  int64_t reserved_pages_ = 0;
+  int64_t reserved_residual_slots_ = 0;
 };
 
 }  // namespace kvserve

@@ -21,15 +21,22 @@ __device__ __forceinline__ uint8_t* block_ptr(const KvCacheView& c, int32_t id) 
   return c.blocks + static_cast<int64_t>(id) * c.block_bytes;
 }
 
-// fp16 [D] row of residual slot `slot` of one head; which = 0 keys, 1 values.
-// residual_blocks: the item's [keys 0, values 0, keys 1, ...].
-__device__ __forceinline__ __half* residual_row(const KvCacheView& c,
-                                                const int32_t* residual_blocks, int head, int slot,
-                                                int which) {
-  const int per_block = c.residual_tokens_per_block;
-  const int32_t id = residual_blocks[2 * (slot / per_block) + which];
-  return reinterpret_cast<__half*>(block_ptr(c, id)) +
-         (static_cast<int64_t>(head) * per_block + slot % per_block) * c.head_dim;
+// The slot of window position `slot` (0 = oldest residual token), keys (which = 0) or values
+// (1): residual_slots is the item's [keys 0, values 0, keys 1, ...] of slot ids (block * c +
+// index, engine/residual_slots.h); a slot is fp16 [H][D], or u8 [H][D] then fp16 pairs [H].
+__device__ __forceinline__ uint8_t* residual_slot(const KvCacheView& c,
+                                                  const int32_t* residual_slots, int slot,
+                                                  int which) {
+  const int32_t id = residual_slots[2 * slot + which];
+  const int32_t block = id / c.residual_tokens_per_block;
+  return block_ptr(c, block) + (id - block * c.residual_tokens_per_block) * c.residual_slot_bytes;
+}
+
+// fp16 [D] row of one head in the slot of window position `slot` (fp16 residual).
+__device__ __forceinline__ __half* residual_row(const KvCacheView& c, const int32_t* residual_slots,
+                                                int head, int slot, int which) {
+  return reinterpret_cast<__half*>(residual_slot(c, residual_slots, slot, which)) +
+         static_cast<int64_t>(head) * c.head_dim;
 }
 
 // code * scale + zero without FMA contraction, so dequantized values equal the CPU's bit for bit.
@@ -117,7 +124,7 @@ __device__ __forceinline__ __half2 group_params_half2(const uint8_t* pairs, int6
 // As the CPU attends them: fp16 values, or an int8 residual's dequantized values (new rows too).
 struct KvWindow {
   const KvCacheView* cache;
-  const int32_t* residual_blocks;
+  const int32_t* residual_slots;
   const __half* qkv;  // the item's first row
   int64_t qkv_stride;
   int head, start, window_start;
@@ -126,7 +133,7 @@ struct KvWindow {
 
   // fp16 residual only: the fp16 [D] row of `pos`.
   __device__ __forceinline__ const __half* row(int pos, int which) const {
-    if (pos < start) return residual_row(*cache, residual_blocks, head, pos - window_start, which);
+    if (pos < start) return residual_row(*cache, residual_slots, head, pos - window_start, which);
     const int channels = cache->n_head * cache->head_dim;
     return qkv + (pos - start) * qkv_stride + (1 + which) * channels + head * cache->head_dim;
   }
@@ -146,11 +153,9 @@ struct KvWindow {
                                                     __half2& pair) const {
     const int D = cache->head_dim;
     if (pos < start) {
-      const int per_block = cache->residual_tokens_per_block, slot = pos - window_start;
-      const uint8_t* block = block_ptr(*cache, residual_blocks[2 * (slot / per_block) + which]);
-      const int64_t index = static_cast<int64_t>(head) * per_block + slot % per_block;
-      codes = block + index * D;
-      pair = reinterpret_cast<const __half2*>(block + cache->residual_params)[index];
+      const uint8_t* slot = residual_slot(*cache, residual_slots, pos - window_start, which);
+      codes = slot + static_cast<int64_t>(head) * D;
+      pair = reinterpret_cast<const __half2*>(slot + cache->residual_params)[head];
       return;
     }
     const int64_t index = (static_cast<int64_t>(pos - start) * 2 + which) * cache->n_head + head;
@@ -168,7 +173,7 @@ __device__ __forceinline__ KvWindow item_window(const KvCacheView& cache, const 
   const int64_t new_rows = row * 2 * cache.n_head;
   return KvWindow{
       &cache,
-      batch.residual_blocks + batch.residual_offset[item],
+      batch.residual_slots + batch.residual_offset[item],
       qkv + row * qkv_stride,
       qkv_stride,
       head,

@@ -28,8 +28,9 @@ struct KvCacheView {
   int32_t key_group = 0;                  // G (kivi)
   int32_t value_group = 0;                // GV (kivi)
   int32_t residual = 0;                   // R (kivi)
-  int32_t residual_tokens_per_block = 0;  // c: a residual block is fp16 [H][c][D] or, int8:
-  int64_t residual_params = 0;            //    u8 [H][c][D] + fp16 pairs [H][c] at this offset
+  int32_t residual_tokens_per_block = 0;  // c: slots of a residual block, each keys or values of
+  int64_t residual_slot_bytes = 0;        //    one token, every head, this many bytes apart:
+  int64_t residual_params = 0;            //    fp16 [H][D], or u8 [H][D] + fp16 pairs [H] here
   bool per_token_keys = false;            // kivi ablation: keys laid out like values
   bool params_fp8 = false;     // kivi: (scale, zero) pairs are two fp8 e4m3 bytes, not two fp16
   bool residual_int8 = false;  // kivi: the residual is int8 per token and head (see above)
@@ -37,7 +38,7 @@ struct KvCacheView {
 
 // One step: item i feeds positions [start[i], start[i] + count[i]) of one sequence, whose rows
 // in the step's qkv and attention output start at row[i]. All pointers are device memory; pages
-// and residual_blocks may point at one array that holds both (the offsets tell the parts apart).
+// and residual_slots may point at one array that holds both (the offsets tell the parts apart).
 struct KvBatchView {
   int32_t items = 0;
   const int32_t* start = nullptr;            // [items]
@@ -45,8 +46,9 @@ struct KvBatchView {
   const int32_t* row = nullptr;              // [items]
   const int32_t* page_offset = nullptr;      // [items + 1] into pages
   const int32_t* pages = nullptr;            // logical page -> block id, items concatenated
-  const int32_t* residual_offset = nullptr;  // [items + 1] into residual_blocks
-  const int32_t* residual_blocks = nullptr;  // kivi: [keys 0, values 0, keys 1, ...] concatenated
+  const int32_t* residual_offset = nullptr;  // [items + 1] into residual_slots
+  // kivi: slot ids (block * c + index) [keys 0, values 0, keys 1, ...], items concatenated
+  const int32_t* residual_slots = nullptr;
   // int8 residual: the step's new keys and values quantized to int8 as they enter the window
   // (kv_quantize_residual), read by every kernel of the step before kv_compact_residual moves
   // them into the residual blocks. Indexed by the step's rows (row[i] + position - start[i]).
@@ -75,7 +77,8 @@ inline void check_kv_launch(const char* op, const KvCacheView& c, const KvBatchV
     const int per_word = 32 / c.bits;
     if (c.key_group <= 0 || c.key_group % per_word != 0 || c.page_tokens % c.key_group != 0 ||
         c.value_group <= 0 || c.value_group % per_word != 0 || c.head_dim % c.value_group != 0 ||
-        c.residual <= 0 || c.residual_tokens_per_block <= 0 || b.residual_blocks == nullptr)
+        c.residual <= 0 || c.residual_tokens_per_block <= 0 || c.residual_slot_bytes <= 0 ||
+        b.residual_slots == nullptr)
       fail("inconsistent KIVI geometry (groups, page size, residual)");
     if (c.residual_int8 && (c.residual_params <= 0 || !b.new_codes || !b.new_params))
       fail("int8 residual without its parameters or the step's quantized rows");

@@ -23,15 +23,14 @@ __device__ void compact_int8(const KvCacheView& cache, const KvBatchView& batch,
                              int item, int head) {
   const int start = batch.start[item], end = start + batch.count[item];
   const int first = paged_count(cache, start), last = paged_count(cache, end);
-  const int D = cache.head_dim, per_block = cache.residual_tokens_per_block;
-  const int32_t* residual_blocks = batch.residual_blocks + batch.residual_offset[item];
+  const int D = cache.head_dim;
+  const int32_t* residual_slots = batch.residual_slots + batch.residual_offset[item];
   const KvWindow window = item_window(cache, batch, nullptr, 0, item, head);
   // Destination of residual slot `slot`: its codes and its pair.
   auto destination = [&](int slot, int which, uint8_t*& codes, uint32_t*& pair) {
-    uint8_t* block = block_ptr(cache, residual_blocks[2 * (slot / per_block) + which]);
-    const int64_t index = static_cast<int64_t>(head) * per_block + slot % per_block;
-    codes = block + index * D;
-    pair = reinterpret_cast<uint32_t*>(block + cache.residual_params) + index;
+    uint8_t* base = residual_slot(cache, residual_slots, slot, which);
+    codes = base + static_cast<int64_t>(head) * D;
+    pair = reinterpret_cast<uint32_t*>(base + cache.residual_params) + head;
   };
   const int moved_from = last, moved = last > first ? max(0, start - last) : 0;
   uint32_t* staged_pairs = reinterpret_cast<uint32_t*>(staged + 2 * moved * D);
@@ -86,7 +85,7 @@ __global__ void kv_compact_residual_kernel(const KvCacheView cache, const KvBatc
   const int start = batch.start[item], end = start + batch.count[item];
   const int first = paged_count(cache, start), last = paged_count(cache, end);
   const int D = cache.head_dim;
-  const int32_t* residual_blocks = batch.residual_blocks + batch.residual_offset[item];
+  const int32_t* residual_slots = batch.residual_slots + batch.residual_offset[item];
   const KvWindow window = item_window(cache, batch, qkv, qkv_stride, item, head);
 
   // Old rows [last, start) move from slot pos - first to slot pos - last when last > first.
@@ -98,13 +97,13 @@ __global__ void kv_compact_residual_kernel(const KvCacheView cache, const KvBatc
   __syncthreads();
   for (int e = threadIdx.x; e < 2 * moved * D; e += blockDim.x) {
     const int which = e / (moved * D), r = (e / D) % moved, d = e % D;
-    residual_row(cache, residual_blocks, head, moved_from + r - last, which)[d] = staged[e];
+    residual_row(cache, residual_slots, head, moved_from + r - last, which)[d] = staged[e];
   }
   // New rows [max(start, last), end) come from qkv.
   const int new_first = max(start, last), fresh = end - new_first;
   for (int e = threadIdx.x; e < 2 * fresh * D; e += blockDim.x) {
     const int which = e / (fresh * D), r = (e / D) % fresh, d = e % D;
-    residual_row(cache, residual_blocks, head, new_first + r - last, which)[d] =
+    residual_row(cache, residual_slots, head, new_first + r - last, which)[d] =
         window.row(new_first + r, which)[d];
   }
 }

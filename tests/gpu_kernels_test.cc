@@ -1190,7 +1190,8 @@ TEST(GpuKernels, LaunchersRejectBadInputs) {
   kivi.head_dim = 64;
   kivi.page_tokens = kivi.key_group = kivi.value_group = kivi.residual = 32;
   kivi.residual_tokens_per_block = 64;
-  batch.residual_blocks = &dummy;
+  kivi.residual_slot_bytes = 128;
+  batch.residual_slots = &dummy;
   for (int chunk_tokens : {0, 48}) {
     EXPECT_THROW(cuda::kv_quantize_pages(kivi, batch, halves, 192, 100, chunk_tokens, nullptr),
                  std::invalid_argument);

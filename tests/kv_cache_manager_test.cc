@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include "tests/kv_test_models.h"
 
 namespace kvserve {
@@ -136,13 +138,22 @@ TEST(KvCacheManager, Fp8ParamsAndInt8ResidualLayout) {
   EXPECT_EQ(l.block_bytes, 12u * (512 + 128 + 512 + 64));
   // An int8 residual token: 12 heads x (64 codes + a 4-byte fp16 pair).
   EXPECT_EQ(l.residual_token_bytes, 12u * 68);
+  EXPECT_EQ(l.residual_slot_bytes, 816u);      // a multiple of 16 already
   EXPECT_EQ(l.residual_tokens_per_block, 17);  // 14592 / 816
-  EXPECT_EQ(l.residual_params, 12u * 17 * 64);
-  EXPECT_LE(l.residual_params + 12u * 17 * 4, l.block_bytes);
+  EXPECT_EQ(l.residual_params, 12u * 64);      // the pairs follow the codes inside a slot
+  EXPECT_EQ(l.residual_params + 12u * 4, l.residual_token_bytes);
+  // gpt2-xl's 25 heads: 25 x 68 = 1700 bytes, padded to 1712 so every slot starts 16-aligned.
+  ModelConfig xl = gpt2_small();
+  xl.n_head = 25;
+  xl.n_embd = 25 * 64;
+  const KvPageLayout x = make_page_layout(kivi2c(), xl);
+  EXPECT_EQ(x.residual_token_bytes, 1700u);
+  EXPECT_EQ(x.residual_slot_bytes, 1712u);
+  EXPECT_EQ(x.residual_tokens_per_block, static_cast<int>(x.block_bytes / 1712));
 }
 
-// kivi2c at 1024 tokens, every byte counted: 31 pages + 2 key/value block pairs for 32 int8
-// residual tokens (17 a block: 2 slots of slack in each pair).
+// kivi2c at 1024 tokens, every byte counted. One sequence alone: 31 pages + 64 residual slots
+// (32 int8 tokens' keys and values) in 4 blocks of 17 slots, 4 of them empty.
 TEST(KvCacheManager, Kivi2cAccountingAt1024Tokens) {
   const CacheUsage u = usage_at(kivi2c(), 1024);
   EXPECT_EQ(u.blocks_used, 31 + 4);
@@ -152,8 +163,21 @@ TEST(KvCacheManager, Kivi2cAccountingAt1024Tokens) {
   EXPECT_EQ(u.residual_bytes, int64_t{32} * 2 * 816 * 12);
   EXPECT_EQ(u.used_bytes, u.code_bytes + u.param_bytes + u.residual_bytes + u.slack_bytes);
   EXPECT_EQ(u.slack_bytes, int64_t{12} * (4 * 14592 - 32 * 2 * 816));
-  // 6.16x: above kivi2's 4.61x and GV64's 5.03x; 6.23x without the residual's slack.
+  // 6.16x alone: above kivi2's 4.61x and GV64's 5.03x.
   EXPECT_GT(u.compression_ratio(), 6.15);
+  // 17 sequences share their residual blocks: 17 x 64 slots fill 64 blocks exactly, 6.20x.
+  KvCacheManager pool(kivi2c(), gpt2_small(), 1000);
+  for (int id = 0; id < 17; ++id) {
+    pool.add_sequence(id);
+    ASSERT_TRUE(pool.grow(id, 1024));
+  }
+  pool.finish_step();
+  const CacheUsage shared = pool.usage();
+  EXPECT_EQ(shared.blocks_used, 17 * 31 + 64);
+  EXPECT_EQ(shared.used_bytes,
+            shared.code_bytes + shared.param_bytes + shared.residual_bytes + shared.slack_bytes);
+  EXPECT_EQ(shared.slack_bytes, int64_t{12} * 64 * (14592 - 17 * 816));  // 720 B a block
+  EXPECT_GE(shared.compression_ratio(), 6.2);
   for (int tokens : {1, 17, 18, 63, 64, 100, 2048}) {
     const CacheUsage v = usage_at(kivi2c(), tokens);
     EXPECT_EQ(v.used_bytes, v.code_bytes + v.param_bytes + v.residual_bytes + v.slack_bytes);
@@ -180,18 +204,51 @@ TEST(KvCacheManager, OneGibPoolAdmitsFourAndAHalfTimesMoreSequences) {
   EXPECT_GE(kivi2, 4.4 * fp16);
 }
 
-TEST(KvCacheManager, ResidualBlocksFreedOnlyAfterTheStep) {
+TEST(KvCacheManager, ResidualSlotsFreedOnlyAfterTheStep) {
   KvCacheManager m(kivi(KvFormat::kKivi2), gpt2_small(), 100);
   m.add_sequence(7);
-  ASSERT_TRUE(m.grow(7, 63));  // 63 residual tokens: 6 pairs of 12
+  ASSERT_TRUE(m.grow(7, 63));  // 63 residual tokens: 126 slots, 11 blocks of 12
   m.finish_step();
-  EXPECT_EQ(m.sequence(7).residual_blocks.size(), 12u);
-  ASSERT_TRUE(m.grow(7, 64));  // flush: 32 left in the residual, 3 pairs suffice
-  EXPECT_EQ(m.sequence(7).residual_blocks.size(), 12u) << "old residual readable during the step";
+  EXPECT_EQ(m.sequence(7).residual_slots.size(), 126u);
+  EXPECT_EQ(m.residual_blocks_in_use(), 11);
+  ASSERT_TRUE(m.grow(7, 64));  // flush: 32 left in the residual, 64 slots suffice
+  EXPECT_EQ(m.sequence(7).residual_slots.size(), 126u) << "old residual readable during the step";
   EXPECT_EQ(m.sequence(7).pages.size(), 1u);
   m.finish_step();
-  EXPECT_EQ(m.sequence(7).residual_blocks.size(), 6u);
+  EXPECT_EQ(m.sequence(7).residual_slots.size(), 64u);
+  EXPECT_EQ(m.residual_blocks_in_use(), 6);
   EXPECT_EQ(m.num_free_blocks(), 100 - 7);
+}
+
+TEST(KvCacheManager, SequencesShareResidualBlocks) {
+  // kivi2 (12 slots a block): 70 tokens = 32 paged + 38 residual, 76 slots each. Alone a sequence
+  // takes 7 residual blocks (84 slots); three take 19 (228 slots), not 21.
+  KvCacheManager m(kivi(KvFormat::kKivi2), gpt2_small(), 100);
+  EXPECT_EQ(m.blocks_needed(70), 1 + 7);
+  for (int id = 0; id < 3; ++id) {
+    EXPECT_TRUE(m.can_admit(70));
+    m.add_sequence(id);
+    ASSERT_TRUE(m.grow(id, 70));
+    m.finish_step();
+  }
+  EXPECT_EQ(m.residual_blocks_in_use(), 19);
+  EXPECT_EQ(m.usage().blocks_used, 3 + 19);
+  // Every slot is held once.
+  std::vector<int32_t> slots;
+  for (int id = 0; id < 3; ++id) {
+    const auto& own = m.sequence(id).residual_slots;
+    slots.insert(slots.end(), own.begin(), own.end());
+  }
+  std::sort(slots.begin(), slots.end());
+  EXPECT_EQ(std::adjacent_find(slots.begin(), slots.end()), slots.end());
+  // A block goes back to the pool once its last slot is free: sequence 2's 76 slots are left in
+  // 7 blocks.
+  m.remove_sequence(0);
+  m.remove_sequence(1);
+  EXPECT_EQ(m.residual_blocks_in_use(), 7);
+  m.remove_sequence(2);
+  EXPECT_EQ(m.residual_blocks_in_use(), 0);
+  EXPECT_EQ(m.num_free_blocks(), 100);
 }
 
 TEST(KvCacheManager, ExhaustionIsAStatusAndSequencesReturnEverything) {

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine/cpu_backend.h"
@@ -37,6 +38,25 @@ KvCacheConfig format(KvFormat f) {
   KvCacheConfig config;
   config.format = f;
   return config;
+}
+
+// The (source, destination) slot pairs of residual copies, in order: each copy is a run of whole
+// slots.
+std::vector<std::pair<int32_t, int32_t>> copied_slots(const KvCacheManager& m,
+                                                      const std::vector<BlockCopy>& copies) {
+  const int32_t c = m.residual_slots_per_block();
+  const int32_t slot_bytes = static_cast<int32_t>(m.layout().residual_slot_bytes);
+  std::vector<std::pair<int32_t, int32_t>> slots;
+  for (const BlockCopy& copy : copies) {
+    EXPECT_EQ(copy.src_offset % slot_bytes, 0);
+    EXPECT_EQ(copy.dst_offset % slot_bytes, 0);
+    EXPECT_EQ(copy.bytes % slot_bytes, 0);
+    for (int32_t k = 0; k < copy.bytes / slot_bytes; ++k) {
+      slots.emplace_back(copy.src * c + copy.src_offset / slot_bytes + k,
+                         copy.dst * c + copy.dst_offset / slot_bytes + k);
+    }
+  }
+  return slots;
 }
 
 // Token ids first, first+1, ...: two ranges with the same `first` share a prefix.
@@ -212,14 +232,18 @@ TEST(PrefixCacheManager, KiviSnapshotsAreCopiedMatchedPinnedAndEvicted) {
   m.cache_full_pages(1, a);
   EXPECT_TRUE(m.match_prefix(a).pages.empty()) << "pages without a snapshot are not a hit";
   m.snapshot_residual(1, a);
-  const std::vector<int32_t> residual = m.sequence(1).residual_blocks;
-  ASSERT_FALSE(residual.empty());
-  const std::vector<BlockCopy> fill = m.take_block_copies();
+  const std::vector<int32_t> residual = m.sequence(1).residual_slots;
+  ASSERT_EQ(residual.size(), 64u) << "R = 32 tokens' keys and values";
+  const auto fill = copied_slots(m, m.take_block_copies());
   ASSERT_EQ(fill.size(), residual.size());
-  std::vector<int32_t> snapshot;
+  // Into the snapshot's own blocks, slot after slot.
+  const int32_t c = m.residual_slots_per_block();
+  std::vector<int32_t> snapshot_slots, snapshot;
   for (size_t i = 0; i < fill.size(); ++i) {
-    EXPECT_EQ(fill[i].src, residual[i]);
-    snapshot.push_back(fill[i].dst);
+    EXPECT_EQ(fill[i].first, residual[i]);
+    snapshot_slots.push_back(fill[i].second);
+    if (i % c == 0) snapshot.push_back(fill[i].second / c);
+    EXPECT_EQ(fill[i].second, snapshot.back() * c + static_cast<int32_t>(i % c));
   }
   EXPECT_EQ(m.usage().snapshot_blocks, static_cast<int64_t>(snapshot.size()));
   m.finish_step();  // the step that ran the copies
@@ -238,14 +262,16 @@ TEST(PrefixCacheManager, KiviSnapshotsAreCopiedMatchedPinnedAndEvicted) {
   const int32_t free_before = m.num_free_blocks();
   m.add_sequence(2, hit);
   EXPECT_EQ(m.sequence(2).length, 128);
-  const std::vector<BlockCopy> copy = m.take_block_copies();
-  ASSERT_EQ(copy.size(), snapshot.size());
+  const auto copy = copied_slots(m, m.take_block_copies());
+  ASSERT_EQ(copy.size(), snapshot_slots.size());
   for (size_t i = 0; i < copy.size(); ++i) {
-    EXPECT_EQ(copy[i].src, snapshot[i]);
-    EXPECT_EQ(copy[i].dst, m.sequence(2).residual_blocks[i]);
+    EXPECT_EQ(copy[i].first, snapshot_slots[i]);
+    EXPECT_EQ(copy[i].second, m.sequence(2).residual_slots[i]);
   }
-  EXPECT_EQ(m.num_free_blocks(), free_before - 2 * static_cast<int32_t>(snapshot.size()))
-      << "its residual blocks, and the pinned snapshot";
+  // 12 slots a block: sequence 1's 64 slots leave 8 free, so 56 more take 5 blocks.
+  EXPECT_EQ(c, 12);
+  EXPECT_EQ(m.num_free_blocks(), free_before - 5 - static_cast<int32_t>(snapshot.size()))
+      << "its residual slots, and the pinned snapshot";
   EXPECT_EQ(m.match_prefix(a).snapshot_evictable, 0);
 
   // Pressure while pinned: a grow takes every other block but not the snapshot.
@@ -316,7 +342,9 @@ TEST(PrefixCacheManager, TurningItOffDropsCachedPages) {
 class SharingCheckingBackend : public Backend {
  public:
   SharingCheckingBackend(const KvCacheConfig& config, int32_t num_blocks)
-      : config_(config), num_blocks_(num_blocks) {}
+      : config_(config),
+        num_blocks_(num_blocks),
+        slots_per_block_(make_page_layout(config, tiny_model()).residual_tokens_per_block) {}
   std::string name() const override { return "sharing-checking stub"; }
   void copy_blocks(const std::vector<BlockCopy>& copies) override {
     for (const BlockCopy& c : copies) {
@@ -331,7 +359,8 @@ class SharingCheckingBackend : public Backend {
   void forward_sample(const std::vector<ForwardItem>& items, const std::vector<SampleRequest>&,
                       std::vector<SampleResult>& results) override {
     if (lose_device_) throw DeviceLostError("stub: device lost");
-    std::map<int32_t, int> written, read;
+    std::map<int32_t, int> written, read, written_slots;
+    std::set<int32_t> residual_blocks;  // shared by items, slot by slot
     for (const ForwardItem& item : items) {
       EXPECT_GE(item.blocks.length, item.start + static_cast<int>(item.tokens.size()));
       const size_t read_only = paged_token_count(config_, item.start) / config_.page_tokens;
@@ -340,7 +369,17 @@ class SharingCheckingBackend : public Backend {
         EXPECT_TRUE(id >= 0 && id < num_blocks_) << id;
         ++(p < read_only ? read : written)[id];
       }
-      for (int32_t id : item.blocks.residual_blocks) ++written[id];
+      for (int32_t slot : item.blocks.residual_slots) {
+        ++written_slots[slot];
+        residual_blocks.insert(slot / slots_per_block_);
+      }
+    }
+    for (const auto& [slot, count] : written_slots) {
+      EXPECT_EQ(count, 1) << "residual slot " << slot << " written by two items";
+    }
+    for (int32_t id : residual_blocks) {
+      EXPECT_TRUE(id >= 0 && id < num_blocks_) << id;
+      EXPECT_EQ(written.count(id) + read.count(id), 0u) << "block " << id << " a page and residual";
     }
     for (const auto& [id, count] : written) {
       EXPECT_EQ(count, 1) << "block " << id << " written by two items";
@@ -358,6 +397,7 @@ class SharingCheckingBackend : public Backend {
   bool lose_device_ = false;
   KvCacheConfig config_;
   int32_t num_blocks_;
+  int32_t slots_per_block_;
   int shared_reads_ = 0;
   int block_copies_ = 0;
 };
@@ -493,12 +533,13 @@ TEST(PrefixCacheScheduler, KiviChunkEndsAtTheSnapshotPointAndHitsResumeThere) {
   EXPECT_EQ(plan.items[0].tokens.size(), 128u) << "the chunk ends at the snapshot point";
   EXPECT_TRUE(plan.block_copies.empty());
   commit(plan, events);
-  const size_t residual = s.cache().sequence(a).residual_blocks.size();
+  const size_t residual = s.cache().sequence(a).residual_slots.size();
   plan = s.schedule();
-  ASSERT_EQ(plan.block_copies.size(), residual) << "the snapshot's fill, before the forward";
+  const auto fill = copied_slots(s.cache(), plan.block_copies);
+  ASSERT_EQ(fill.size(), residual) << "the snapshot's fill, before the forward";
   EXPECT_EQ(plan.items[0].start, 128);
   for (size_t i = 0; i < residual; ++i) {
-    EXPECT_EQ(plan.block_copies[i].src, plan.items[0].blocks.residual_blocks[i]);
+    EXPECT_EQ(fill[i].first, plan.items[0].blocks.residual_slots[i]);
   }
   commit(plan, events);
   while (s.has_work()) commit(s.schedule(), events);
@@ -509,9 +550,10 @@ TEST(PrefixCacheScheduler, KiviChunkEndsAtTheSnapshotPointAndHitsResumeThere) {
   ASSERT_EQ(plan.items.size(), 1u);
   EXPECT_EQ(plan.items[0].sequence_id, b);
   EXPECT_EQ(plan.items[0].start, 128);
-  ASSERT_EQ(plan.block_copies.size(), residual) << "the snapshot into b's residual blocks";
+  const auto into_b = copied_slots(s.cache(), plan.block_copies);
+  ASSERT_EQ(into_b.size(), residual) << "the snapshot into b's residual slots";
   for (size_t i = 0; i < residual; ++i) {
-    EXPECT_EQ(plan.block_copies[i].dst, plan.items[0].blocks.residual_blocks[i]);
+    EXPECT_EQ(into_b[i].second, plan.items[0].blocks.residual_slots[i]);
   }
   commit(plan, events);
   while (s.has_work()) commit(s.schedule(), events);
@@ -855,7 +897,7 @@ TEST(PrefixCacheCpuEngine, KiviHitsUnderPreemptionAndEvictionStayBitExact) {
   EngineOptions on;
   on.admission = AdmissionPolicy::kPrompt;
   on.max_batch_tokens = 64;
-  auto engine = cpu_engine(config, on, 48);
+  auto engine = cpu_engine(config, on, 30);
   int hits = 0, preemptions = 0;
   run(*engine, {request(std::vector<int32_t>(base.begin(), base.begin() + 160), 8)}, &hits);
   const std::vector<Generated> together = run(*engine, requests, &hits, &preemptions);
@@ -865,7 +907,7 @@ TEST(PrefixCacheCpuEngine, KiviHitsUnderPreemptionAndEvictionStayBitExact) {
   EXPECT_GT(preemptions, 0) << "the pool is meant to be too small";
   EXPECT_GT(hits, 0);
   EXPECT_EQ(engine->cache().usage().blocks_used, 0);
-  EXPECT_EQ(engine->cache().num_free_blocks(), 48);
+  EXPECT_EQ(engine->cache().num_free_blocks(), 30);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <map>
 #include <memory>
+#include <random>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -96,7 +97,9 @@ RunTotals run_to_end(Scheduler& scheduler, int step_limit = 20000) {
 class PlanCheckingBackend : public Backend {
  public:
   PlanCheckingBackend(int32_t num_blocks, const KvCacheConfig& config)
-      : num_blocks_(num_blocks), config_(config) {}
+      : num_blocks_(num_blocks),
+        config_(config),
+        slots_per_block_(make_page_layout(config, tiny_model()).residual_tokens_per_block) {}
   std::string name() const override { return "plan-checking stub"; }
   void copy_blocks(const std::vector<BlockCopy>& copies) override {
     for (const BlockCopy& c : copies) {
@@ -109,7 +112,7 @@ class PlanCheckingBackend : public Backend {
   }
   void forward_sample(const std::vector<ForwardItem>& items, const std::vector<SampleRequest>&,
                       std::vector<SampleResult>& results) override {
-    std::set<int32_t> written, read;
+    std::set<int32_t> written, read, written_slots, residual_blocks;
     for (const ForwardItem& item : items) {
       EXPECT_GE(item.blocks.length, item.start + static_cast<int>(item.tokens.size()));
       const size_t read_only = paged_token_count(config_, item.start) / config_.page_tokens;
@@ -122,13 +125,17 @@ class PlanCheckingBackend : public Backend {
           EXPECT_TRUE(written.insert(id).second) << "block " << id << " in two sequences";
         }
       }
-      for (int32_t id : item.blocks.residual_blocks) {
-        EXPECT_TRUE(id >= 0 && id < num_blocks_) << id;
-        EXPECT_TRUE(written.insert(id).second) << "block " << id << " in two sequences";
+      for (int32_t slot : item.blocks.residual_slots) {
+        EXPECT_TRUE(slot >= 0 && slot / slots_per_block_ < num_blocks_) << slot;
+        EXPECT_TRUE(written_slots.insert(slot).second) << "slot " << slot << " in two sequences";
+        residual_blocks.insert(slot / slots_per_block_);
       }
     }
     for (int32_t id : written)
       EXPECT_EQ(read.count(id), 0u) << "block " << id << " read and written";
+    for (int32_t id : residual_blocks) {
+      EXPECT_EQ(read.count(id) + written.count(id), 0u) << "block " << id << " a page and residual";
+    }
     results.assign(items.size(), SampleResult{});
     for (SampleResult& r : results) r.token = {kToken, -1.0f};
     ++steps_;
@@ -138,6 +145,7 @@ class PlanCheckingBackend : public Backend {
  private:
   int32_t num_blocks_;
   KvCacheConfig config_;
+  int32_t slots_per_block_;
   int steps_ = 0;
 };
 
@@ -193,9 +201,9 @@ TEST(Scheduler, PlanCarriesPositionsAndTheCacheBlockTables) {
     const SequenceCache& held = s->cache().sequence(item.sequence_id);
     EXPECT_EQ(item.blocks.length, start + static_cast<int>(item.tokens.size()));
     EXPECT_EQ(std::vector<int32_t>(item.blocks.pages.begin(), item.blocks.pages.end()), held.pages);
-    EXPECT_EQ(std::vector<int32_t>(item.blocks.residual_blocks.begin(),
-                                   item.blocks.residual_blocks.end()),
-              held.residual_blocks);
+    EXPECT_EQ(
+        std::vector<int32_t>(item.blocks.residual_slots.begin(), item.blocks.residual_slots.end()),
+        held.residual_slots);
     commit(*s, plan);
   }
 }
@@ -235,13 +243,20 @@ TEST(Scheduler, AdmitsWhatTheCompressedPoolHoldsAtFinalLength) {
     // (tests/prefix_cache_test.cc counts that); this counts the pool alone.
     options.prefix_cache = false;
     auto s = make_scheduler(f, blocks, options);
-    const int32_t peak = s->cache().peak_blocks(prompt + new_tokens - 1);
-    const size_t fits = static_cast<size_t>(blocks / peak);
+    // Each sequence's peak pages, and the residual blocks that all their peak residual slots
+    // fill together (slots share blocks).
+    const KvCacheManager& cache = s->cache();
+    const int64_t pages = cache.peak_pages(prompt + new_tokens - 1);
+    const int64_t slots = cache.peak_residual_slots(prompt + new_tokens - 1);
+    const int64_t c = std::max(1, cache.residual_slots_per_block());
+    auto reserve = [&](int64_t n) { return n * pages + (n * slots + c - 1) / c; };
+    size_t fits = 0;
+    while (reserve(fits + 1) <= blocks) ++fits;
     ASSERT_GE(fits, 2u);
     for (size_t i = 0; i < fits + 3; ++i) s->add_request(request(prompt, new_tokens));
     const StepPlan first = s->schedule();
-    EXPECT_EQ(first.admitted.size(), fits) << blocks << " blocks, " << peak << " per sequence";
-    EXPECT_EQ(s->reserved_blocks(), int64_t{peak} * static_cast<int64_t>(fits));
+    EXPECT_EQ(first.admitted.size(), fits) << blocks << " blocks";
+    EXPECT_EQ(s->reserved_blocks(), reserve(fits));
     admitted[f] = first.admitted.size();
     commit(*s, first);
     const RunTotals totals = run_to_end(*s);
@@ -360,6 +375,40 @@ TEST(Scheduler, ARequestThatCanNeverFitEndsWithAnErrorUnderEitherPolicy) {
         << totals.error.at(id);
     EXPECT_EQ(s->cache().num_free_blocks(), 28);
   }
+}
+
+// Residual slots share blocks across sequences (engine/residual_slots.h), and admission reserves
+// the blocks that the running sequences' peak slots fill together: with requests of many lengths
+// arriving while others end, no sequence is ever preempted and every request ends at its length.
+TEST(Scheduler, SharedResidualSlotsNeverPreemptUnderReservedAdmission) {
+  SchedulerOptions options;
+  options.prefix_cache = false;
+  options.max_batch_tokens = 256;
+  const int32_t blocks = 120;
+  auto s = make_scheduler(KvFormat::kKivi2, blocks, options);
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int> prompt(1, 300), fresh(1, 200);
+  const int requests = 300;
+  int added = 0, ended = 0, steps = 0;
+  while (added < requests || s->has_work()) {
+    ASSERT_LT(steps++, 50000) << "the scheduler spins";
+    if (added < requests && rng() % 3 == 0) {
+      s->add_request(request(prompt(rng), fresh(rng)));
+      ++added;
+    }
+    const StepPlan plan = s->schedule();
+    ASSERT_TRUE(plan.preempted.empty()) << "step " << steps;
+    ASSERT_LE(s->reserved_blocks(), blocks);
+    ASSERT_LE(s->cache().usage().blocks_used, blocks);
+    for (const StepEvent& e : commit(*s, plan)) {
+      if (e.finish == FinishReason::kNone) continue;
+      EXPECT_EQ(e.finish, FinishReason::kLength) << e.error;
+      ++ended;
+    }
+  }
+  EXPECT_EQ(ended, requests);
+  EXPECT_EQ(s->cache().residual_blocks_in_use(), 0);
+  EXPECT_EQ(s->cache().num_free_blocks(), blocks);
 }
 
 std::unique_ptr<Engine> stub_engine(KvFormat f, int32_t blocks, EngineOptions options = {}) {

@@ -64,6 +64,10 @@ int max_sequences(const KvCacheConfig& config, const ModelConfig& model, int64_t
 void add_bench_memory_flags(CLI::App* app, BenchMemoryFlags& flags) {
   app->add_option("--models", flags.models, "dummy: geometries to report")->delimiter(',');
   app->add_option("--lengths", flags.lengths, "sequence lengths")->delimiter(',');
+  app->add_option("--sequences", flags.sequences,
+                  "sequences of each length in the pool whose bytes are counted (KIVI residual "
+                  "slots share blocks)")
+      ->check(positive());
   app->add_option("--kv-pool-mb", flags.pool_mb, "KV pool for the capacity figure (MiB)")
       ->check(positive());
   app->add_flag("--markdown", flags.markdown, "print a markdown table instead of JSON");
@@ -78,17 +82,27 @@ int run_bench_memory(const BenchMemoryFlags& flags) {
     for (const NamedFormat& format : formats()) {
       nlohmann::json lengths = nlohmann::json::array();
       for (int tokens : flags.lengths) {
-        KvCacheManager cache(format.config, model, 1 << 20);
-        const CacheUsage u = usage_with(cache, 1, tokens);
-        lengths.push_back({{"tokens", tokens},
-                           {"used_bytes", u.used_bytes},
-                           {"bytes_per_token", static_cast<double>(u.used_bytes) / tokens},
-                           {"fp16_equivalent_bytes", u.fp16_equivalent_bytes},
-                           {"compression_ratio", u.compression_ratio()},
-                           {"code_bytes", u.code_bytes},
-                           {"param_bytes", u.param_bytes},
-                           {"residual_bytes", u.residual_bytes},
-                           {"slack_bytes", u.slack_bytes}});
+        // Per sequence in a pool of flags.sequences of them (KIVI residual slots share blocks),
+        // and of one sequence alone.
+        const int32_t blocks = KvCacheManager(format.config, model, 0).blocks_needed(tokens);
+        KvCacheManager pool(format.config, model, blocks * flags.sequences);
+        const CacheUsage u = usage_with(pool, flags.sequences, tokens);
+        KvCacheManager one(format.config, model, blocks);
+        const CacheUsage alone = usage_with(one, 1, tokens);
+        const double sequence_tokens = static_cast<double>(flags.sequences) * tokens;
+        lengths.push_back(
+            {{"tokens", tokens},
+             {"sequences", flags.sequences},
+             {"used_bytes", u.used_bytes},
+             {"bytes_per_token", static_cast<double>(u.used_bytes) / sequence_tokens},
+             {"fp16_equivalent_bytes", u.fp16_equivalent_bytes},
+             {"compression_ratio", u.compression_ratio()},
+             {"code_bytes", u.code_bytes},
+             {"param_bytes", u.param_bytes},
+             {"residual_bytes", u.residual_bytes},
+             {"slack_bytes", u.slack_bytes},
+             {"alone_bytes_per_token", static_cast<double>(alone.used_bytes) / tokens},
+             {"alone_compression_ratio", alone.compression_ratio()}});
       }
       const int capacity = max_sequences(format.config, model, pool_bytes, 1024);
       if (format.config.format == KvFormat::kFp16) fp16_capacity = capacity;

@@ -39,6 +39,7 @@ cuda::KvCacheView make_view(const KvCacheConfig& c, const ModelConfig& model) {
   v.params_fp8 = is_kivi(c.format) && c.params == KvParamFormat::kFp8;
   v.residual_int8 = is_kivi(c.format) && c.residual_format == KvResidualFormat::kInt8;
   v.residual_params = static_cast<int64_t>(l.residual_params);
+  v.residual_slot_bytes = static_cast<int64_t>(l.residual_slot_bytes);
   return v;
 }
 
@@ -143,7 +144,7 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
     host_meta_[page_offset + i] = static_cast<int32_t>(pages.size());
     host_meta_[residual_offset + i] = static_cast<int32_t>(residual.size());
     pages.insert(pages.end(), seq.pages.begin(), seq.pages.end());
-    residual.insert(residual.end(), seq.residual_blocks.begin(), seq.residual_blocks.end());
+    residual.insert(residual.end(), seq.residual_slots.begin(), seq.residual_slots.end());
     if (i < decode_items_) continue;
     for (int q = 0; q < tokens; q += query_tile) {
       tiles.push_back(i);
@@ -317,12 +318,12 @@ void CudaKvCache::take_errors(KvQuantizationErrors& errors) {
 void CudaKvCache::copy_blocks(const std::vector<BlockCopy>& copies, cudaStream_t stream) {
   const size_t block_bytes = static_cast<size_t>(view_.block_bytes);
   for (const BlockCopy& copy : copies) {
-    if (copy.src < 0 || copy.src >= num_blocks_ || copy.dst < 0 || copy.dst >= num_blocks_) {
-      throw std::out_of_range("KV cache: block copy outside the pool");
-    }
-    KVSERVE_CUDA_CHECK(cudaMemcpy2DAsync(pool_ + copy.dst * block_bytes, layer_bytes_,
-                                         pool_ + copy.src * block_bytes, layer_bytes_, block_bytes,
-                                         n_layer_, cudaMemcpyDeviceToDevice, stream));
+    check_block_copy(copy, num_blocks_, block_bytes);
+    if (copy.bytes == 0) continue;
+    KVSERVE_CUDA_CHECK(
+        cudaMemcpy2DAsync(pool_ + copy.dst * block_bytes + copy.dst_offset, layer_bytes_,
+                          pool_ + copy.src * block_bytes + copy.src_offset, layer_bytes_,
+                          copy.bytes, n_layer_, cudaMemcpyDeviceToDevice, stream));
   }
 }
 
