@@ -190,23 +190,26 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
   // copy has run would hand the previous step this step's block tables.
   KVSERVE_CUDA_CHECK(cudaEventSynchronize(meta_uploaded_));
   int32_t* pinned = pinned_meta_.reserve(host_meta_.size());
-  // Distinct sequences hold distinct blocks, so a step's block ids fit in num_blocks: room for
-  // that many keeps the buffer (and the graphs that address it) in place as contexts grow.
+  // Distinct sequences hold distinct pages and slots, so a step's page ids fit in num_blocks and
+  // its slot ids in num_blocks * c: room for that many keeps the buffer (and the graphs that
+  // address it) in place as contexts grow.
   const size_t ids = pages.size() + residual.size();
-  int32_t* device =
-      device_meta_.reserve(host_meta_.size() + std::max<size_t>(ids, num_blocks_) - ids);
+  const size_t most_ids =
+      static_cast<size_t>(num_blocks_) * (1 + static_cast<size_t>(view_.residual_tokens_per_block));
+  int32_t* device = device_meta_.reserve(host_meta_.size() + std::max(ids, most_ids) - ids);
   std::memcpy(pinned, host_meta_.data(), host_meta_.size() * sizeof(int32_t));
   KVSERVE_CUDA_CHECK(cudaMemcpyAsync(device, pinned, host_meta_.size() * sizeof(int32_t),
                                      cudaMemcpyHostToDevice, stream));
   KVSERVE_CUDA_CHECK(cudaEventRecord(meta_uploaded_, stream));
   batch_.items = n;
+  rows_ = rows;
   batch_.start = device;
   batch_.count = device + n;
   batch_.row = device + 2 * n;
   batch_.page_offset = device + page_offset;
   batch_.residual_offset = device + residual_offset;
   batch_.pages = device + ids_at;
-  batch_.residual_blocks = device + ids_at;
+  batch_.residual_slots = device + ids_at;
   tiles_ = device + tiles_at;
   num_tiles_ = static_cast<int>(tiles.size() / 2);
   batch_.new_codes = nullptr;
@@ -244,7 +247,7 @@ void CudaKvCache::append_and_attend(int layer, const __half* qkv, __half* out,
   cuda::KvCacheView view = view_;
   view.blocks = pool_ + layer * layer_bytes_;
   const int qkv_stride = 3 * channels_;
-  cuda::kv_quantize_residual(view, batch_, qkv, qkv_stride, stream);
+  cuda::kv_quantize_residual(view, batch_, qkv, qkv_stride, rows_, stream);
   quantize_pages(layer, qkv, stream);
   if (measures_errors_) {
     cuda::kv_quantization_error(view, batch_, qkv, qkv_stride, error_bins_.get(), stream);

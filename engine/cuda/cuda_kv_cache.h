@@ -119,6 +119,7 @@ class CudaKvCache {
   // In a geometry decode_attention handles, the step's single-token items (the metadata's first
   // decode_items_) use it, split along the context as decode_split_ says; the other items use the
   // prefill kernel's tiles. decode_: every item is a single-token one (a decode step).
+  int rows_ = 0;  // the prepared step's rows: every item's tokens
   int decode_items_ = 0;
   bool decode_ = false;
   cuda::DecodeSplit decode_split_;
