@@ -36,7 +36,6 @@ int32_t ResidualSlots::blocks_to_take(int64_t count) const {
 bool ResidualSlots::allocate(int64_t count, std::vector<int32_t>& out) {
   if (count <= 0) return count == 0;
   if (slots_per_block_ == 0 || blocks_to_take(count) > pool_.num_free()) return false;
-  out.reserve(out.size() + static_cast<size_t>(count));
   for (int64_t i = 0; i < count; ++i) {
     if (open_.empty()) open_block();
     const int32_t block = open_.back();

@@ -114,11 +114,18 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
   const bool decode_kernel = cuda::decode_attention_supported(view_);
   std::vector<int> order, first_row(n);
   order.reserve(n);
+  size_t page_ids = 0, slot_ids = 0;
   for (int i = 0; i < n; ++i) {
     first_row[i] = rows;
     rows += static_cast<int>(items[i].tokens.size());
     if (decode_kernel && items[i].tokens.size() == 1) order.push_back(i);
+    page_ids += items[i].blocks.pages.size;
+    slot_ids += items[i].blocks.residual_slots.size;
   }
+  // A decode step of hundreds of KIVI sequences carries tens of thousands of slot ids: one
+  // allocation each, not a doubling series.
+  pages.reserve(page_ids);
+  residual.reserve(slot_ids);
   decode_items_ = static_cast<int>(order.size());
   decode_ = n > 0 && decode_items_ == n;
   for (int i = 0; i < n; ++i) {
