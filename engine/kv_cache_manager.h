@@ -97,6 +97,9 @@ struct CacheUsage {
 class KvCacheManager {
  public:
   KvCacheManager(const KvCacheConfig& config, const ModelConfig& model, int32_t num_blocks);
+  // Neither copied nor moved: residual_ refers to pool_.
+  KvCacheManager(const KvCacheManager&) = delete;
+  KvCacheManager& operator=(const KvCacheManager&) = delete;
 
   // How many blocks a pool of `bytes` holds for this format and model.
   static int32_t blocks_in_budget(int64_t bytes, const KvCacheConfig& config,

@@ -251,6 +251,28 @@ TEST(KvCacheManager, SequencesShareResidualBlocks) {
   EXPECT_EQ(m.num_free_blocks(), 100);
 }
 
+// Sequences that grow in lockstep interleave their slots in the same blocks; when all but one
+// end, the survivor's few slots keep many blocks in use. What admission reserves for the residual
+// must count those blocks, not only ceil(reserved slots / c) (engine/residual_slots.h).
+TEST(KvCacheManager, ResidualReservationCountsBlocksThatEndedSequencesLeftShared) {
+  KvCacheManager m(kivi(KvFormat::kKivi2), gpt2_small(), 200);
+  const int sequences = 12, tokens = 40;  // 40 tokens: all residual, 80 slots each
+  for (int id = 0; id < sequences; ++id) m.add_sequence(id);
+  for (int length = 1; length <= tokens; ++length) {
+    for (int id = 0; id < sequences; ++id) ASSERT_TRUE(m.grow(id, length));
+    m.finish_step();
+  }
+  EXPECT_EQ(m.residual_blocks_in_use(), sequences * 2 * tokens / 12);
+  for (int id = 1; id < sequences; ++id) m.remove_sequence(id);
+  const int32_t survivor_peak = m.peak_residual_slots(tokens);
+  const int32_t own_blocks = (survivor_peak + 11) / 12;
+  EXPECT_GT(m.residual_blocks_in_use(), own_blocks) << "the survivor's slots span more blocks";
+  EXPECT_EQ(m.residual_blocks_reserved(survivor_peak), m.residual_blocks_in_use());
+  m.remove_sequence(0);
+  EXPECT_EQ(m.residual_blocks_in_use(), 0);
+  EXPECT_EQ(m.residual_blocks_reserved(0), 0);
+}
+
 TEST(KvCacheManager, ExhaustionIsAStatusAndSequencesReturnEverything) {
   KvCacheManager m(plain(KvFormat::kFp16), gpt2_small(), 10);
   m.add_sequence(1);

@@ -292,6 +292,33 @@ TEST(PrefixCacheManager, KiviSnapshotsAreCopiedMatchedPinnedAndEvicted) {
   EXPECT_EQ(m.usage().blocks_used, 0);
 }
 
+// Two sequences start on one snapshot; one is removed before the step that fills it (an
+// admission that did not fit): only the copies into its own slots are dropped, the other's stay.
+TEST(PrefixCacheManager, RemovingASequenceDropsOnlyTheFillsOfItsOwnSlots) {
+  KvCacheManager m(format(KvFormat::kKivi2), tiny_model(), 64);
+  m.set_prefix_cache(true);
+  const std::vector<int32_t> a = ids(150);
+  m.add_sequence(1);
+  ASSERT_TRUE(m.grow(1, 128));
+  m.finish_step();
+  m.cache_full_pages(1, a);
+  m.snapshot_residual(1, a);
+  m.take_block_copies();
+  m.finish_step();
+  const PrefixMatch hit = m.match_prefix(a);
+  ASSERT_FALSE(hit.snapshot.empty());
+  m.add_sequence(2, hit);
+  m.add_sequence(3, hit);
+  const std::vector<int32_t> kept = m.sequence(3).residual_slots;
+  m.remove_sequence(2);
+  const auto fills = copied_slots(m, m.take_block_copies());
+  ASSERT_EQ(fills.size(), kept.size());
+  for (size_t i = 0; i < fills.size(); ++i) EXPECT_EQ(fills[i].second, kept[i]);
+  m.finish_step();
+  m.remove_sequence(3);
+  m.remove_sequence(1);
+}
+
 // A failed step may not have run its copies: the snapshots it was to fill are dropped, and so is
 // a snapshot that is evicted before its fill was handed to a step (the fill is not run).
 TEST(PrefixCacheManager, KiviSnapshotsOfAFailedStepOrEvictedBeforeTheirFillAreDropped) {
