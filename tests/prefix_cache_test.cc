@@ -226,10 +226,7 @@ TEST(PrefixCacheManager, KiviSnapshotsAreCopiedMatchedPinnedAndEvicted) {
   KvCacheManager m(format(KvFormat::kKivi2), tiny_model(), 64);
   m.set_prefix_cache(true);
   const std::vector<int32_t> a = ids(150);
-  m.add_sequence(1);
-  ASSERT_TRUE(m.grow(1, 128));
-  m.finish_step();
-  m.cache_full_pages(1, a);
+  add_computed(m, 1, ids(128));
   EXPECT_TRUE(m.match_prefix(a).pages.empty()) << "pages without a snapshot are not a hit";
   m.snapshot_residual(1, a);
   const std::vector<int32_t> residual = m.sequence(1).residual_slots;
@@ -298,10 +295,7 @@ TEST(PrefixCacheManager, RemovingASequenceDropsOnlyTheFillsOfItsOwnSlots) {
   KvCacheManager m(format(KvFormat::kKivi2), tiny_model(), 64);
   m.set_prefix_cache(true);
   const std::vector<int32_t> a = ids(150);
-  m.add_sequence(1);
-  ASSERT_TRUE(m.grow(1, 128));
-  m.finish_step();
-  m.cache_full_pages(1, a);
+  add_computed(m, 1, ids(128));
   m.snapshot_residual(1, a);
   m.take_block_copies();
   m.finish_step();
@@ -325,10 +319,7 @@ TEST(PrefixCacheManager, KiviSnapshotsOfAFailedStepOrEvictedBeforeTheirFillAreDr
   KvCacheManager m(format(KvFormat::kKivi2), tiny_model(), 64);
   m.set_prefix_cache(true);
   const std::vector<int32_t> a = ids(150);
-  m.add_sequence(1);
-  ASSERT_TRUE(m.grow(1, 128));
-  m.finish_step();
-  m.cache_full_pages(1, a);
+  add_computed(m, 1, ids(128));
   m.snapshot_residual(1, a);
   EXPECT_FALSE(m.take_block_copies().empty());
   m.finish_step(/*ran=*/false);
