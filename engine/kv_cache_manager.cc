@@ -236,28 +236,17 @@ void KvCacheManager::evict_page(int32_t block) {
   pool_.release({block});
 }
 
-void KvCacheManager::drop_copies_into(const std::vector<int32_t>& blocks) {
-  block_copies_.erase(std::remove_if(block_copies_.begin(), block_copies_.end(),
-                                     [&](const BlockCopy& copy) {
-                                       return std::find(blocks.begin(), blocks.end(), copy.dst) !=
-                                              blocks.end();
-                                     }),
+template <typename Predicate>
+void KvCacheManager::drop_copies_if(Predicate overwrites) {
+  block_copies_.erase(std::remove_if(block_copies_.begin(), block_copies_.end(), overwrites),
                       block_copies_.end());
 }
 
-void KvCacheManager::drop_copies_into_slots(const std::vector<int32_t>& slots) {
-  const int32_t slot_bytes = static_cast<int32_t>(layout_.residual_slot_bytes);
-  block_copies_.erase(
-      std::remove_if(block_copies_.begin(), block_copies_.end(),
-                     [&](const BlockCopy& copy) {
-                       return std::any_of(slots.begin(), slots.end(), [&](int32_t slot) {
-                         const int32_t offset = residual_.index_of(slot) * slot_bytes;
-                         return copy.dst == residual_.block_of(slot) &&
-                                offset < copy.dst_offset + copy.bytes &&
-                                copy.dst_offset < offset + slot_bytes;
-                       });
-                     }),
-      block_copies_.end());
+bool KvCacheManager::overwrites_slot(const BlockCopy& copy, int32_t slot) const {
+  const int64_t slot_bytes = layout_.residual_slot_bytes;
+  const int64_t offset = residual_.index_of(slot) * slot_bytes;
+  return copy.dst == residual_.block_of(slot) && offset < copy.dst_offset + copy.bytes &&
+         copy.dst_offset < offset + slot_bytes;
 }
 
 void KvCacheManager::drop_snapshot(int32_t page_block) {
@@ -270,7 +259,9 @@ void KvCacheManager::drop_snapshot(int32_t page_block) {
   evictable_blocks_ -= count;
   snapshot_blocks_ -= count;
   // A fill not yet handed to a step must not write into blocks that are free again.
-  drop_copies_into(page.snapshot);
+  drop_copies_if([&page](const BlockCopy& copy) {
+    return std::find(page.snapshot.begin(), page.snapshot.end(), copy.dst) != page.snapshot.end();
+  });
   fills_queued_.erase(std::remove(fills_queued_.begin(), fills_queued_.end(), page_block),
                       fills_queued_.end());
   filling_.erase(std::remove(filling_.begin(), filling_.end(), page_block), filling_.end());
@@ -494,7 +485,10 @@ void KvCacheManager::remove_sequence(int64_t id) {
   if (seq.pinned_snapshot >= 0) {
     // Removed in the step that was to fill its residual (an admission that did not fit): its
     // queued copies go, and so does its pin.
-    drop_copies_into_slots(seq.residual_slots);
+    drop_copies_if([this, &seq](const BlockCopy& copy) {
+      return std::any_of(seq.residual_slots.begin(), seq.residual_slots.end(),
+                         [&](int32_t slot) { return overwrites_slot(copy, slot); });
+    });
     pinned_.erase(std::find(pinned_.begin(), pinned_.end(), seq.pinned_snapshot));
     unpin_snapshot(seq.pinned_snapshot);
   }

@@ -213,10 +213,11 @@ class KvCacheManager {
   void evict_front();
   void evict_page(int32_t block);
   void drop_snapshot(int32_t page_block);
-  // Removes queued copies (not yet handed to a step) whose destination is one of `blocks`, or
-  // overlaps one of `slots`.
-  void drop_copies_into(const std::vector<int32_t>& blocks);
-  void drop_copies_into_slots(const std::vector<int32_t>& slots);
+  // Removes the queued copies (not yet handed to a step) for which overwrites(copy) holds.
+  template <typename Predicate>
+  void drop_copies_if(Predicate overwrites);
+  // Whether `copy` writes into residual slot `slot`.
+  bool overwrites_slot(const BlockCopy& copy, int32_t slot) const;
   void unpin_snapshot(int32_t page_block);
 
   struct LruEntry {

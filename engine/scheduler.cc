@@ -127,9 +127,9 @@ bool Scheduler::grow_or_preempt(Sequence& seq, int length, StepPlan& plan) {
   return true;
 }
 
-int64_t Scheduler::reserved_blocks() const {
-  return reserved_pages_ + cache_->hit_pages_in_use() +
-         cache_->residual_blocks_reserved(reserved_residual_slots_);
+int64_t Scheduler::reserved_blocks(int64_t more_pages, int64_t more_residual_slots) const {
+  return reserved_pages_ + more_pages + cache_->hit_pages_in_use() +
+         cache_->residual_blocks_reserved(reserved_residual_slots_ + more_residual_slots);
 }
 
 void Scheduler::release_reservation(const Sequence& seq) {
@@ -141,9 +141,7 @@ bool Scheduler::can_admit(const Sequence& seq, const PrefixMatch& match) const {
   // Its own pages, the shared pages that no running sequence holds as a hit yet, and its residual
   // slots together with everyone else's (slots share blocks).
   const int64_t own_pages = seq.peak_pages - static_cast<int64_t>(match.pages.size());
-  const int64_t reserved =
-      reserved_pages_ + cache_->hit_pages_in_use() + match.newly_shared + own_pages +
-      cache_->residual_blocks_reserved(reserved_residual_slots_ + seq.peak_residual_slots);
+  const int64_t reserved = reserved_blocks(own_pages + match.newly_shared, seq.peak_residual_slots);
   if (options_.admission == AdmissionPolicy::kReserveFinalLength &&
       reserved > cache_->num_blocks()) {
     return false;

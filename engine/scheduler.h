@@ -146,8 +146,9 @@ class Scheduler {
   const SchedulerOptions& options() const { return options_; }
   // Blocks the running sequences may still need at most (kReserveFinalLength counts these): the
   // pages each allocates itself, the pages they share through the prefix cache, once, and the
-  // residual blocks that their residual slots may fill together.
-  int64_t reserved_blocks() const;
+  // residual blocks that their residual slots may fill together; with more_pages and
+  // more_residual_slots, as if a sequence that needs those were running too.
+  int64_t reserved_blocks(int64_t more_pages = 0, int64_t more_residual_slots = 0) const;
 
  private:
   struct Sequence {

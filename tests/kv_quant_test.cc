@@ -256,11 +256,15 @@ TEST(KvQuantFp8, ConstantGroupsAreExactOrWithinTheCoveringPairsError) {
     const Fp8Group g = quantize_fp8(x, 2);
     ASSERT_TRUE(std::isfinite(g.params.scale) && std::isfinite(g.params.zero));
     const bool representable = e4m3_to_float(e4m3_round_down(x[0])) == x[0];
-    if (representable) EXPECT_EQ(g.params.scale, 0.0f) << value;
+    if (representable) {
+      EXPECT_EQ(g.params.scale, 0.0f) << value;
+    }
     const CoveringPair cover = covering_pair(x, 2);
     for (size_t i = 0; i < x.size(); ++i) {
       const float back = dequantize(g.codes[i], g.params.scale, g.params.zero);
-      if (representable) EXPECT_EQ(back, x[i]) << value;
+      if (representable) {
+        EXPECT_EQ(back, x[i]) << value;
+      }
       EXPECT_LE(std::fabs(back - x[i]), cover.max_error + 1e-6) << value;
     }
   }
