@@ -133,15 +133,33 @@ __device__ __forceinline__ void load_scratch_tile(const KvCacheView& c, const __
 
 // Keys and values [from, to) (within [k0, k0 + 64)) of an int8 residual window, dequantized in
 // fp32 as the CPU reads them and split into high and low fp16 parts like dequantized pages; the
-// tile's other rows are zeroed.
+// tile's other rows are zeroed. A thread takes 8 channels of one row of keys or values: one
+// lookup of the row's codes and pair, one 8-byte load of codes (element by element, the lookup
+// and the pair were repeated for every channel).
 __device__ __forceinline__ void load_int8_window_tile(const KvWindow& w, int k0, int from, int to,
                                                       SharedTile& s) {
-#pragma unroll 4
-  for (int e = threadIdx.x; e < kKeyTile * kD; e += kThreads) {
-    const int j = e / kD, d = e % kD, pos = k0 + j;
-    const bool read = pos >= from && pos < to;
-    split_half(read ? w.element(pos, d, 0) : 0.0f, s.keys[j][d], s.keys_low[j][d]);
-    split_half(read ? w.element(pos, d, 1) : 0.0f, s.values[j][d], s.values_low[j][d]);
+  static_assert(kD % 8 == 0, "8 channels a thread");
+#pragma unroll 2
+  for (int e = threadIdx.x; e < 2 * kKeyTile * kD / 8; e += kThreads) {
+    const int which = e / (kKeyTile * kD / 8), j = e / (kD / 8) % kKeyTile;
+    const int d0 = 8 * (e % (kD / 8)), pos = k0 + j;
+    __half* high = which == 0 ? &s.keys[j][d0] : &s.values[j][d0];
+    __half* low = which == 0 ? &s.keys_low[j][d0] : &s.values_low[j][d0];
+    if (pos < from || pos >= to) {
+#pragma unroll
+      for (int d = 0; d < 8; ++d) split_half(0.0f, high[d], low[d]);
+      continue;
+    }
+    const uint8_t* codes;
+    __half2 pair;
+    w.residual_int8_row(pos, which, codes, pair);
+    const uint2 packed = *reinterpret_cast<const uint2*>(codes + d0);
+    const float2 p = __half22float2(pair);
+#pragma unroll
+    for (int d = 0; d < 8; ++d) {
+      const uint32_t word = d < 4 ? packed.x : packed.y;
+      split_half(dequantize((word >> (8 * (d % 4))) & 0xffu, p.x, p.y), high[d], low[d]);
+    }
   }
 }
 
