@@ -277,28 +277,44 @@ __device__ __forceinline__ void quantize_fetched_to_words(Fetch x, int n, int bi
     write_code_words(x, n, bits, __half2float(scale_h), __half2float(zero_h), words);
     return;
   }
+  // The four candidates are scored in one pass over the group: four independent sums, each in
+  // the group's order as the CPU adds it, so the same pair wins; the group is read once, not four
+  // times, and the four divisions of an element overlap.
+  const uint32_t zeros[2] = {e4m3_round_down(lo), e4m3_round_up(lo)};
+  uint32_t candidate_scale[4], candidate_zero[4];
+  float scale[4], zero[4], error[4];
+#pragma unroll
+  for (int z = 0; z < 2; ++z) {
+    const float spread = fmaxf(0.0f, (hi - e4m3_to_float(zeros[z])) / max_code);
+    candidate_scale[2 * z] = e4m3_round_up(spread);
+    candidate_scale[2 * z + 1] = e4m3_round_down(spread);
+    candidate_zero[2 * z] = candidate_zero[2 * z + 1] = zeros[z];
+  }
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    scale[c] = e4m3_to_float(candidate_scale[c]);
+    zero[c] = e4m3_to_float(candidate_zero[c]);
+    error[c] = 0.0f;
+  }
+  for (int i = 0; i < n; ++i) {
+    const float v = x(i);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const float q = scale[c] > 0.0f ? rintf((v - zero[c]) / scale[c]) : 0.0f;
+      const float e = __fsub_rn(
+          dequantize(static_cast<uint32_t>(fminf(fmaxf(q, 0.0f), max_code)), scale[c], zero[c]), v);
+      error[c] = __fadd_rn(error[c], __fmul_rn(e, e));
+    }
+  }
+  // As the CPU: ties keep the first, and a group whose every error is infinite or NaN keeps (0, 0).
   uint32_t best_scale = 0, best_zero = 0;
   float best_error = INFINITY;
-  const uint32_t zeros[2] = {e4m3_round_down(lo), e4m3_round_up(lo)};
-  for (int z = 0; z < 2; ++z) {
-    const float zero = e4m3_to_float(zeros[z]);
-    const float spread = fmaxf(0.0f, (hi - zero) / max_code);
-    const uint32_t scales[2] = {e4m3_round_up(spread), e4m3_round_down(spread)};
-    for (int s = 0; s < 2; ++s) {
-      const float scale = e4m3_to_float(scales[s]);
-      float error = 0.0f;
-      for (int i = 0; i < n; ++i) {
-        const float v = x(i);
-        const float q = scale > 0.0f ? rintf((v - zero) / scale) : 0.0f;
-        const float e = __fsub_rn(
-            dequantize(static_cast<uint32_t>(fminf(fmaxf(q, 0.0f), max_code)), scale, zero), v);
-        error = __fadd_rn(error, __fmul_rn(e, e));
-      }
-      if (error < best_error) {
-        best_error = error;
-        best_scale = scales[s];
-        best_zero = zeros[z];
-      }
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    if (error[c] < best_error) {
+      best_error = error[c];
+      best_scale = candidate_scale[c];
+      best_zero = candidate_zero[c];
     }
   }
   reinterpret_cast<uchar2*>(pairs)[index] =
@@ -307,7 +323,7 @@ __device__ __forceinline__ void quantize_fetched_to_words(Fetch x, int n, int bi
 }
 
 // quantize_fetched_to_words over a group that each thread first copies out of x once: the fp8
-// pair search reads the group six times, and a fetch is several dependent loads (a window element
+// pair search reads the group three times, and a fetch is several dependent loads (a window element
 // of an int8 residual: its block, codes and pair). Groups of up to kCachedGroup values (GPT-2's
 // 32 and 64) are cached; larger ones, rare, fetch every time. The arithmetic, and so every
 // stored byte, is the same either way.
