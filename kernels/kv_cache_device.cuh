@@ -238,17 +238,32 @@ __device__ __forceinline__ float page_element(const KvCacheView& c, const uint8_
   return page_element<KvKind::kKivi, 2>(c, page, head, slot, d, which, D);
 }
 
+// rintf(offset / scale), scale > 0 and inverse = 1 / scale, as far as a code clamped to [0, 255]
+// can tell, without a division for almost every element. While |offset / scale| < 512, offset *
+// inverse lies within 2^-13 of the divided quotient (each is within 2^-23 relative of the exact
+// one), so both round alike unless the product lies within 2^-11 of a half-integer: only then
+// (about one element in a thousand, NaN and infinities too) it divides. From 512 on both clamp to
+// the same end, so the product is returned unrounded.
+__device__ __forceinline__ float rint_quotient(float offset, float scale, float inverse) {
+  const float product = __fmul_rn(offset, inverse);
+  if (fabsf(product) >= 512.0f) return product;
+  if (fabsf(product - floorf(product) - 0.5f) > 0x1p-11f) return rintf(product);
+  return rintf(offset / scale);
+}
+
 // Codes of x(0) .. x(n-1) with (scale, zero), packed `bits` per code into whole 32-bit words (n
 // a multiple of 32 / bits), LSB first: rint((x - zero) / scale) clamped, as the CPU's write_codes.
 template <typename Fetch>
 __device__ __forceinline__ void write_code_words(Fetch x, int n, int bits, float scale, float zero,
                                                  uint32_t* words) {
   const float max_code = static_cast<float>((1 << bits) - 1);
+  const float inverse = 1.0f / scale;
   const int per_word = 32 / bits;
   for (int w = 0; w < n / per_word; ++w) {
     uint32_t word = 0;
     for (int k = 0; k < per_word; ++k) {
-      const float q = scale > 0.0f ? rintf((x(w * per_word + k) - zero) / scale) : 0.0f;
+      const float q =
+          scale > 0.0f ? rint_quotient(x(w * per_word + k) - zero, scale, inverse) : 0.0f;
       word |= static_cast<uint32_t>(fminf(fmaxf(q, 0.0f), max_code)) << (bits * k);
     }
     words[w] = word;
@@ -282,7 +297,7 @@ __device__ __forceinline__ void quantize_fetched_to_words(Fetch x, int n, int bi
   // times, and the four divisions of an element overlap.
   const uint32_t zeros[2] = {e4m3_round_down(lo), e4m3_round_up(lo)};
   uint32_t candidate_scale[4], candidate_zero[4];
-  float scale[4], zero[4], error[4];
+  float scale[4], zero[4], inverse[4], error[4];
 #pragma unroll
   for (int z = 0; z < 2; ++z) {
     const float spread = fmaxf(0.0f, (hi - e4m3_to_float(zeros[z])) / max_code);
@@ -294,13 +309,14 @@ __device__ __forceinline__ void quantize_fetched_to_words(Fetch x, int n, int bi
   for (int c = 0; c < 4; ++c) {
     scale[c] = e4m3_to_float(candidate_scale[c]);
     zero[c] = e4m3_to_float(candidate_zero[c]);
+    inverse[c] = 1.0f / scale[c];
     error[c] = 0.0f;
   }
   for (int i = 0; i < n; ++i) {
     const float v = x(i);
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      const float q = scale[c] > 0.0f ? rintf((v - zero[c]) / scale[c]) : 0.0f;
+      const float q = scale[c] > 0.0f ? rint_quotient(v - zero[c], scale[c], inverse[c]) : 0.0f;
       const float e = __fsub_rn(
           dequantize(static_cast<uint32_t>(fminf(fmaxf(q, 0.0f), max_code)), scale[c], zero[c]), v);
       error[c] = __fadd_rn(error[c], __fmul_rn(e, e));

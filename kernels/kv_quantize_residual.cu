@@ -52,14 +52,14 @@ __global__ void kv_quantize_residual_kernel(const KvCacheView cache, const KvBat
   hi = warp_min_max(hi, true);
   const __half scale_h = __float2half_rn((hi - lo) / 255.0f);
   const __half zero_h = __float2half_rn(lo);
-  const float scale = __half2float(scale_h), zero = __half2float(zero_h);
+  const float scale = __half2float(scale_h), zero = __half2float(zero_h), inverse = 1.0f / scale;
   const int64_t index = (row * 2 + which) * H + head;
   uint8_t* codes = batch.new_codes + index * D;
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
     const int d = lane + 32 * k;
     if (d >= D) continue;
-    const float q = scale > 0.0f ? rintf((v[k] - zero) / scale) : 0.0f;
+    const float q = scale > 0.0f ? rint_quotient(v[k] - zero, scale, inverse) : 0.0f;
     codes[d] = static_cast<uint8_t>(fminf(fmaxf(q, 0.0f), 255.0f));
   }
   if (lane == 0) {
