@@ -25,25 +25,26 @@ constexpr int kThreads = 128;
 // of 32, one key group and one value group per thread, so a block's threads all have work.
 constexpr int kChunkTokens = 64;
 
-// A chunk's window positions, keys and values, staged in shared memory as the window holds them
+// A chunk's window positions, keys or values, staged in shared memory as the window holds them
 // (fp16, or int8 codes and their fp16 pair) and read back as the window reads them: every group
 // then reads its values out of shared memory, where a value group's thread read a row element by
 // element from global memory, and an int8 row's slot lookup and pair load were repeated for every
-// element. Rows are [2 (keys, values)][chunk_tokens][row_words] words, row_words odd so that
-// threads reading one element of consecutive rows hit distinct banks.
-struct StagedWindow {
-  uint32_t* words;  // [2][chunk_tokens][row_words]: fp16 [D] or u8 [D], then padding
-  __half2* pairs;   // int8 residual: fp16 (scale, zero) [2][chunk_tokens]
-  int chunk_tokens, row_words;
+// element. Keys and values take turns, so that a chunk of 256 tokens of 256 channels (the largest
+// key group and head_dim engine/kv_format.cc allows) fits in 132 KiB. Rows are
+// [chunk_tokens][row_words] words, row_words odd so that threads reading one element of
+// consecutive rows hit distinct banks.
+struct StagedRows {
+  uint32_t* words;  // [chunk_tokens][row_words]: fp16 [D] or u8 [D], then padding
+  __half2* pairs;   // int8 residual: fp16 (scale, zero) [chunk_tokens]
+  int row_words;
   bool int8;
 
   // Element d of chunk token t, as KvWindow::element reads it (same arithmetic, same value).
-  __device__ __forceinline__ float element(int t, int d, int which) const {
-    const int row = which * chunk_tokens + t;
-    const uint32_t* w = words + static_cast<int64_t>(row) * row_words;
-    if (!int8) return __half2float(reinterpret_cast<const __half*>(w)[d]);
-    const float2 p = __half22float2(pairs[row]);
-    return dequantize(reinterpret_cast<const uint8_t*>(w)[d], p.x, p.y);
+  __device__ __forceinline__ float element(int t, int d) const {
+    const uint32_t* row = words + static_cast<int64_t>(t) * row_words;
+    if (!int8) return __half2float(reinterpret_cast<const __half*>(row)[d]);
+    const float2 p = __half22float2(pairs[t]);
+    return dequantize(reinterpret_cast<const uint8_t*>(row)[d], p.x, p.y);
   }
 };
 
@@ -53,58 +54,59 @@ __host__ __device__ inline int staged_row_words(int head_dim, bool int8) {
   return words | 1;
 }
 
-// Shared memory of one block: the staged rows, then (int8) their pairs.
-inline size_t staged_bytes(const KvCacheView& cache, int chunk_tokens) {
-  const size_t rows = 2 * static_cast<size_t>(chunk_tokens);
+// Shared memory of one KIVI block: the staged rows, then (int8) their pairs.
+size_t staged_bytes(const KvCacheView& cache, int chunk_tokens) {
+  const size_t rows = static_cast<size_t>(chunk_tokens);
   return rows * staged_row_words(cache.head_dim, cache.residual_int8) * 4 +
          (cache.residual_int8 ? rows * sizeof(__half2) : 0);
 }
 
-// Copies positions [first, first + tokens) of the window into shared memory: one 32-bit word a
-// thread (a warp reads whole rows), the int8 pair by the row's first word.
-__device__ __forceinline__ StagedWindow stage_window(const KvWindow& window, int first, int tokens,
-                                                     int chunk_tokens, uint32_t* shared) {
+// Copies the keys (which = 0) or values (1) of positions [first, first + tokens) of the window
+// into shared memory: one 32-bit word a thread (a warp reads whole rows), the int8 pair by the
+// row's first word.
+__device__ __forceinline__ StagedRows stage_rows(const KvWindow& window, int which, int first,
+                                                 int tokens, int chunk_tokens, uint32_t* shared) {
   const KvCacheView& cache = *window.cache;
   const bool int8 = cache.residual_int8;
   const int row_words = staged_row_words(cache.head_dim, int8);
   const int data_words = cache.head_dim * (int8 ? 1 : 2) / 4;
-  StagedWindow staged{shared, reinterpret_cast<__half2*>(shared + 2 * chunk_tokens * row_words),
-                      chunk_tokens, row_words, int8};
-  for (int e = threadIdx.x; e < 2 * tokens * data_words; e += blockDim.x) {
-    const int which = e / (tokens * data_words), t = e / data_words % tokens;
-    const int w = e % data_words, pos = first + t, row = which * chunk_tokens + t;
+  StagedRows staged{shared, reinterpret_cast<__half2*>(shared + chunk_tokens * row_words),
+                    row_words, int8};
+  for (int e = threadIdx.x; e < tokens * data_words; e += blockDim.x) {
+    const int t = e / data_words, w = e % data_words, pos = first + t;
     const uint32_t* source;
     if (int8) {
       const uint8_t* codes;
       __half2 pair;
       window.residual_int8_row(pos, which, codes, pair);
       source = reinterpret_cast<const uint32_t*>(codes);
-      if (w == 0) staged.pairs[row] = pair;
+      if (w == 0) staged.pairs[t] = pair;
     } else {
       source = reinterpret_cast<const uint32_t*>(window.row(pos, which));
     }
-    staged.words[static_cast<int64_t>(row) * row_words + w] = source[w];
+    staged.words[static_cast<int64_t>(t) * row_words + w] = source[w];
   }
   return staged;
 }
 
-// Per-token groups of positions [first, first + tokens): int8 keys and values (one group of D
-// channels), kivi values and per-token kivi keys (D / GV groups of GV channels). x(pos, d, which)
-// reads the window; kStaged: it reads shared memory, so each thread need not copy its group out
-// first (quantize_to_words). Work item: (token, which, group), which = 1 only where keys go per
-// channel (so no thread draws a skipped item).
+// Per-token groups of positions [first, first + tokens), keys and values for which in
+// [which_begin, which_end): int8 keys and values (one group of D channels), kivi values and
+// per-token kivi keys (D / GV groups of GV channels). x(pos, d, which) reads the window; kStaged:
+// it reads shared memory, so each thread need not copy its group out first (quantize_to_words).
+// Work item: (token, which, group).
 template <bool kStaged, typename Element>
 __device__ __forceinline__ void quantize_token_groups(const KvCacheView& cache,
                                                       const int32_t* pages, int head, int first,
-                                                      int tokens, Element x) {
+                                                      int tokens, int which_begin, int which_end,
+                                                      Element x) {
   const int D = cache.head_dim, P = cache.page_tokens;
-  const bool keys_per_token = cache.kind == KvKind::kInt8 || cache.per_token_keys;
   const int group = cache.kind == KvKind::kInt8 ? D : cache.value_group;
   const int groups = D / group;
-  const int kinds = keys_per_token ? 2 : 1;  // keys and values, or values alone
+  const int kinds = which_end - which_begin;
+  const bool fp8 = cache.kind == KvKind::kKivi && cache.params_fp8;  // int8 pages: fp16 pairs
   for (int e = threadIdx.x; e < tokens * kinds * groups; e += blockDim.x) {
     const int pos = first + e / (kinds * groups), g = e % groups;
-    const int which = keys_per_token ? (e / groups) % 2 : 1;
+    const int which = which_begin + (e / groups) % kinds;
     const int slot = pos % P;
     uint8_t* page = block_ptr(cache, pages[pos / P]);
     const int64_t codes_offset = which == 0 ? cache.key_codes : cache.value_codes;
@@ -112,11 +114,9 @@ __device__ __forceinline__ void quantize_token_groups(const KvCacheView& cache,
     const int64_t token = static_cast<int64_t>(head) * P + slot;
     auto* words = reinterpret_cast<uint32_t*>(page + codes_offset) + token * (D * cache.bits / 32) +
                   g * (group * cache.bits / 32);
-    // int8 pages keep fp16 pairs; kivi pairs follow the view's parameter format.
     const auto group_element = [&x, pos, which, g, group](int i) {
       return x(pos, g * group + i, which);
     };
-    const bool fp8 = cache.kind == KvKind::kKivi && cache.params_fp8;
     if constexpr (kStaged) {
       quantize_fetched_to_words(group_element, group, cache.bits, fp8, words, page + params_offset,
                                 token * groups + g);
@@ -124,6 +124,28 @@ __device__ __forceinline__ void quantize_token_groups(const KvCacheView& cache,
       quantize_to_words(group_element, group, cache.bits, fp8, words, page + params_offset,
                         token * groups + g);
     }
+  }
+}
+
+// KIVI keys of positions [first, first + tokens): per channel over G tokens, packed along tokens.
+// Work item: (group, channel). Groups start at multiples of G and pages hold a multiple of G
+// tokens, so a group never crosses a page.
+__device__ __forceinline__ void quantize_key_channel_groups(const KvCacheView& cache,
+                                                            const int32_t* pages, int head,
+                                                            int first, int tokens,
+                                                            const StagedRows& keys) {
+  const int D = cache.head_dim, P = cache.page_tokens, G = cache.key_group;
+  const int words_per_channel = P * cache.bits / 32;
+  for (int e = threadIdx.x; e < (tokens / G) * D; e += blockDim.x) {
+    const int group_start = first + (e / D) * G, d = e % D, slot = group_start % P;
+    uint8_t* page = block_ptr(cache, pages[group_start / P]);
+    const int64_t channel = static_cast<int64_t>(head) * D + d;
+    auto* words = reinterpret_cast<uint32_t*>(page + cache.key_codes) +
+                  channel * words_per_channel + slot * cache.bits / 32;
+    const int t0 = group_start - first;
+    quantize_fetched_to_words([&keys, t0, d](int i) { return keys.element(t0 + i, d); }, G,
+                              cache.bits, cache.params_fp8, words, page + cache.key_params,
+                              channel * (P / G) + slot / G);
   }
 }
 
@@ -157,34 +179,23 @@ __global__ void kv_quantize_pages_kernel(const KvCacheView cache, const KvBatchV
   }
   if (cache.kind == KvKind::kInt8) {
     quantize_token_groups<false>(
-        cache, pages, head, first, tokens,
+        cache, pages, head, first, tokens, 0, 2,
         [&window](int pos, int d, int which) { return window.element(pos, d, which); });
     return;
   }
 
   extern __shared__ uint32_t shared_words[];
-  const StagedWindow staged = stage_window(window, first, tokens, chunk_tokens, shared_words);
-  __syncthreads();
-  const auto x = [&staged, first](int pos, int d, int which) {
-    return staged.element(pos - first, d, which);
-  };
-  quantize_token_groups<true>(cache, pages, head, first, tokens, x);
-  if (cache.per_token_keys) return;
-
-  // KIVI keys: per channel over G tokens, packed along tokens. Work item: (group, channel).
-  // Groups start at multiples of G and pages hold a multiple of G tokens, so a group never
-  // crosses a page.
-  const int G = cache.key_group;
-  const int words_per_channel = P * cache.bits / 32;
-  for (int e = threadIdx.x; e < (tokens / G) * D; e += blockDim.x) {
-    const int group_start = first + (e / D) * G, d = e % D, slot = group_start % P;
-    uint8_t* page = block_ptr(cache, pages[group_start / P]);
-    const int64_t channel = static_cast<int64_t>(head) * D + d;
-    auto* words = reinterpret_cast<uint32_t*>(page + cache.key_codes) +
-                  channel * words_per_channel + slot * cache.bits / 32;
-    quantize_fetched_to_words([&x, group_start, d](int i) { return x(group_start + i, d, 0); }, G,
-                              cache.bits, cache.params_fp8, words, page + cache.key_params,
-                              channel * (P / G) + slot / G);
+  for (int which = 0; which < 2; ++which) {
+    if (which == 1) __syncthreads();  // the keys' groups are done with the staged rows
+    const StagedRows rows = stage_rows(window, which, first, tokens, chunk_tokens, shared_words);
+    __syncthreads();
+    if (which == 0 && !cache.per_token_keys) {
+      quantize_key_channel_groups(cache, pages, head, first, tokens, rows);
+    } else {
+      quantize_token_groups<true>(
+          cache, pages, head, first, tokens, which, which + 1,
+          [&rows, first](int pos, int d, int) { return rows.element(pos - first, d); });
+    }
   }
 }
 
@@ -214,14 +225,22 @@ void kv_quantize_pages(const KvCacheView& cache, const KvBatchView& batch, const
   if (chunks > 65535) throw std::invalid_argument("kv_quantize_pages: too many token chunks");
   size_t shared_bytes = 0;
   if (cache.kind == KvKind::kKivi) {
-    // The staged window is read in 32-bit words: rows (and int8 pairs) must be 4-byte aligned.
+    // The staged rows are read in 32-bit words: rows (and int8 pairs) must be 4-byte aligned.
     if (qkv_stride % 2 != 0 || cache.block_bytes % 4 != 0 || cache.residual_slot_bytes % 4 != 0)
       throw std::invalid_argument(
           "kv_quantize_pages: qkv stride, block or residual slot size not 4-byte aligned");
     shared_bytes = staged_bytes(cache, chunk_tokens);
-    // Above 48 KiB (key groups of 256, wide heads) a kernel must opt in; the launch fails with
-    // a CUDA error where even that exceeds the device.
-    if (shared_bytes > 48 * 1024) {
+    if (shared_bytes > 48 * 1024) {  // above 48 KiB a kernel must opt in
+      int device = 0, most = 0;
+      KVSERVE_CUDA_CHECK(cudaGetDevice(&device));
+      KVSERVE_CUDA_CHECK(
+          cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+      if (shared_bytes > static_cast<size_t>(most)) {
+        throw std::invalid_argument(
+            "kv_quantize_pages: a chunk of " + std::to_string(chunk_tokens) + " tokens needs " +
+            std::to_string(shared_bytes) + " bytes of shared memory, more than the device's " +
+            std::to_string(most));
+      }
       KVSERVE_CUDA_CHECK(cudaFuncSetAttribute(kv_quantize_pages_kernel,
                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               static_cast<int>(shared_bytes)));
