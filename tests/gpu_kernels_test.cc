@@ -28,6 +28,7 @@
 #include "kernels/gemm.h"
 #include "kernels/kv_dequantize_pages.h"
 #include "kernels/kv_quantize_pages.h"
+#include "kernels/kv_quantize_residual.h"
 #include "kernels/layer_norm.h"
 #include "kernels/paged_attention.h"
 #include "kernels/prefill_attention.h"
@@ -1198,6 +1199,18 @@ TEST(GpuKernels, LaunchersRejectBadInputs) {
   }
   EXPECT_THROW(cuda::kv_quantize_pages(kivi, batch, halves, 192, -1, 64, nullptr),
                std::invalid_argument);
+  // The staged window is read in 32-bit words, the int8 residual's rows in 16-byte loads.
+  EXPECT_THROW(cuda::kv_quantize_pages(kivi, batch, halves, 193, 100, 64, nullptr),
+               std::invalid_argument);
+  uint8_t new_code = 0;
+  uint32_t new_pair = 0;
+  kivi.residual_int8 = true;
+  kivi.residual_params = 64;
+  batch.new_codes = &new_code;
+  batch.new_params = &new_pair;
+  EXPECT_THROW(cuda::kv_quantize_residual(kivi, batch, halves, 196, 1, nullptr),
+               std::invalid_argument);
+  kivi.residual_int8 = false;
   kivi.head_dim = kivi.value_group = 36;
   EXPECT_THROW(cuda::kv_dequantize_pages(kivi, batch, &dummy, 1, halves, nullptr),
                std::invalid_argument);
