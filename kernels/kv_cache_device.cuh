@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "kernels/kv_cache_view.h"
+#include "kernels/rint_quotient.h"
 
 namespace kvserve::cuda {
 
@@ -236,19 +237,6 @@ __device__ __forceinline__ float page_element(const KvCacheView& c, const uint8_
     return page_element<KvKind::kInt8, 8>(c, page, head, slot, d, which, D);
   if (c.bits == 4) return page_element<KvKind::kKivi, 4>(c, page, head, slot, d, which, D);
   return page_element<KvKind::kKivi, 2>(c, page, head, slot, d, which, D);
-}
-
-// rintf(offset / scale), scale > 0 and inverse = 1 / scale, as far as a code clamped to [0, 255]
-// can tell, without a division for almost every element. While |offset / scale| < 512, offset *
-// inverse lies within 2^-13 of the divided quotient (each is within 2^-23 relative of the exact
-// one), so both round alike unless the product lies within 2^-11 of a half-integer: only then
-// (about one element in a thousand, NaN and infinities too) it divides. From 512 on both clamp to
-// the same end, so the product is returned unrounded.
-__device__ __forceinline__ float rint_quotient(float offset, float scale, float inverse) {
-  const float product = __fmul_rn(offset, inverse);
-  if (fabsf(product) >= 512.0f) return product;
-  if (fabsf(product - floorf(product) - 0.5f) > 0x1p-11f) return rintf(product);
-  return rintf(offset / scale);
 }
 
 // Codes of x(0) .. x(n-1) with (scale, zero), packed `bits` per code into whole 32-bit words (n

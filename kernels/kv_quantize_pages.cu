@@ -7,7 +7,7 @@
 // Every group is owned by one thread, which writes whole 32-bit words (and its own parameter
 // pair), so no two threads, of one block or two, touch the same word. Groups never mix sequences:
 // a block sees one item only. KIVI blocks first stage their chunk of the window in shared memory
-// (StagedWindow), from which every group reads its values.
+// (StagedRows), from which every group reads its values.
 #include "kernels/kv_quantize_pages.h"
 
 #include <algorithm>

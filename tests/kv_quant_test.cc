@@ -4,11 +4,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "engine/fp16.h"
+#include "kernels/rint_quotient.h"
 
 namespace kvserve {
 namespace {
@@ -329,6 +332,56 @@ TEST(KvQuant, Int8ResidualRowMatchesADoublePrecisionReference) {
                 scale / 2 + 1e-3 * (hi - lo) / 255.0 + 1e-6);
     }
   }
+}
+
+// The CUDA quantizers round offset * (1 / scale) where that gives the code offset / scale gives
+// (kernels/rint_quotient.h). Every positive finite fp16 and e4m3 scale, offsets at and a few ulps
+// around every half-integer quotient of the codes' range and beyond it, random offsets, and the
+// special values: the clamped codes of 2, 4 and 8 bits must equal the division's.
+TEST(RintQuotient, GivesTheDividedQuotientsCodeForEveryFp16AndE4m3Scale) {
+  std::vector<float> scales;
+  for (uint16_t bits = 1; bits < 0x7c00; ++bits) scales.push_back(half_to_float(bits));
+  for (uint8_t bits = 1; bits < 0x7f; ++bits) scales.push_back(e4m3_to_float(bits));
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> quotient(-3.0f, 300.0f);
+  const float specials[] = {0.0f,
+                            -0.0f,
+                            std::numeric_limits<float>::quiet_NaN(),
+                            std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity(),
+                            3e38f,
+                            -3e38f};
+  int64_t checked = 0, divided = 0, mismatches = 0;
+  std::string first_mismatch;
+  for (const float scale : scales) {
+    const float inverse = 1.0f / scale;
+    auto check = [&](float offset) {
+      const float fast = rint_quotient(offset, scale, inverse);
+      const float exact = rintf(offset / scale);
+      for (const float max_code : {3.0f, 15.0f, 255.0f}) {
+        // Clamped as the kernels clamp (fmaxf takes 0 over NaN).
+        if (fminf(fmaxf(fast, 0.0f), max_code) != fminf(fmaxf(exact, 0.0f), max_code) &&
+            mismatches++ == 0) {
+          char text[96];
+          std::snprintf(text, sizeof text, "offset %a scale %a max code %g", offset, scale,
+                        max_code);
+          first_mismatch = text;
+        }
+      }
+      ++checked;
+      if (std::fabs(offset * inverse - std::floor(offset * inverse) - 0.5f) <= 0x1p-11f) ++divided;
+    };
+    for (int k = -3; k <= 300; ++k) {
+      float offset = (static_cast<float>(k) + 0.5f) * scale;
+      for (int step = 0; step < 3; ++step) offset = std::nextafter(offset, -INFINITY);
+      for (int step = 0; step < 7; ++step, offset = std::nextafter(offset, INFINITY)) check(offset);
+    }
+    for (int i = 0; i < 16; ++i) check(quotient(rng) * scale);
+    for (const float offset : specials) check(offset);
+  }
+  EXPECT_EQ(mismatches, 0) << "first: " << first_mismatch;
+  EXPECT_GT(checked, 50'000'000);
+  EXPECT_GT(divided, 0) << "no offset took the division";
 }
 
 }  // namespace
