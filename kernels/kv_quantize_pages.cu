@@ -48,10 +48,14 @@ struct StagedRows {
   }
 };
 
-// Words of a staged row holding D elements (D a multiple of 8 for kivi), rounded up to odd.
+// Words that D elements of a row take, fp16 or int8 codes (D a multiple of 8 for kivi).
+__host__ __device__ inline int staged_data_words(int head_dim, bool int8) {
+  return head_dim * (int8 ? 1 : 2) / 4;
+}
+
+// Words of a staged row: its data words rounded up to odd.
 __host__ __device__ inline int staged_row_words(int head_dim, bool int8) {
-  const int words = head_dim * (int8 ? 1 : 2) / 4;
-  return words | 1;
+  return staged_data_words(head_dim, int8) | 1;
 }
 
 // Shared memory of one KIVI block: the staged rows, then (int8) their pairs.
@@ -69,7 +73,7 @@ __device__ __forceinline__ StagedRows stage_rows(const KvWindow& window, int whi
   const KvCacheView& cache = *window.cache;
   const bool int8 = cache.residual_int8;
   const int row_words = staged_row_words(cache.head_dim, int8);
-  const int data_words = cache.head_dim * (int8 ? 1 : 2) / 4;
+  const int data_words = staged_data_words(cache.head_dim, int8);
   StagedRows staged{shared, reinterpret_cast<__half2*>(shared + chunk_tokens * row_words),
                     row_words, int8};
   for (int e = threadIdx.x; e < tokens * data_words; e += blockDim.x) {
