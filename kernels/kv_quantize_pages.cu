@@ -21,8 +21,15 @@ namespace kvserve::cuda {
 namespace {
 
 constexpr int kThreads = 128;
+// Resident blocks per SM the registers must allow (64 registers a thread): a prefill step's grid
+// of thousands of blocks runs in fewer waves, and each thread's long serial group work (the fp8
+// pair search: 4 candidates per element) has more warps beside it to hide its latency. At 73
+// registers 6 blocks fitted.
+constexpr int kBlocksPerMultiprocessor = 8;
 // Positions per block before rounding up to a multiple of G: for GPT-2's head_dim 64 and groups
-// of 32, one key group and one value group per thread, so a block's threads all have work.
+// of 32, one key group and one value group per thread, so a block's threads all have work. KIVI
+// chunks grow until their value groups, quantized after the keys', give every thread one (value
+// groups of 64 over head_dim 64: 128 tokens).
 constexpr int kChunkTokens = 64;
 
 // A chunk's window positions, keys or values, staged in shared memory as the window holds them
@@ -155,8 +162,9 @@ __device__ __forceinline__ void quantize_key_channel_groups(const KvCacheView& c
 
 // ---- CUDA kernels
 
-__global__ void kv_quantize_pages_kernel(const KvCacheView cache, const KvBatchView batch,
-                                         const __half* qkv, int qkv_stride, int chunk_tokens) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerMultiprocessor)
+    kv_quantize_pages_kernel(const KvCacheView cache, const KvBatchView batch, const __half* qkv,
+                             int qkv_stride, int chunk_tokens) {
   const int item = blockIdx.x, head = blockIdx.y;
   const int start = batch.start[item], end = start + batch.count[item];
   const int item_first = paged_count(cache, start);
@@ -209,8 +217,15 @@ __global__ void kv_quantize_pages_kernel(const KvCacheView cache, const KvBatchV
 
 int kv_quantize_pages_chunk_tokens(const KvCacheView& cache) {
   if (cache.kind != KvKind::kKivi) return kChunkTokens;
-  if (cache.key_group <= 0) throw std::invalid_argument("kv_quantize_pages: key group must be > 0");
-  return (kChunkTokens + cache.key_group - 1) / cache.key_group * cache.key_group;
+  if (cache.key_group <= 0 || cache.value_group <= 0 || cache.head_dim % cache.value_group != 0) {
+    throw std::invalid_argument("kv_quantize_pages: key and value groups must be > 0 and divide");
+  }
+  const int value_groups_per_token = cache.per_token_keys ? 0 : cache.head_dim / cache.value_group;
+  int tokens = kChunkTokens;
+  if (value_groups_per_token > 0) {
+    tokens = std::max(tokens, (kThreads + value_groups_per_token - 1) / value_groups_per_token);
+  }
+  return (tokens + cache.key_group - 1) / cache.key_group * cache.key_group;
 }
 
 void kv_quantize_pages(const KvCacheView& cache, const KvBatchView& batch, const __half* qkv,
