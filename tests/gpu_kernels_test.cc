@@ -1149,6 +1149,49 @@ TEST(GpuKernels, DecodeAttentionRunsPackedForEveryTwoBitLayout) {
   }
 }
 
+// kv_quantize_pages' chunks (a host function: runs without a GPU): every KIVI chunk holds whole
+// key groups and gives each of a block's 128 threads a value group, so that no thread waits out
+// the value phase (kivi2c's value groups of 64 are one per token: 64-token chunks left half of
+// them idle); int8 and fp16 pages keep 64 positions, and a view whose groups do not divide its
+// head is refused.
+TEST(GpuKernels, QuantizePagesChunksHoldWholeKeyGroupsAndAValueGroupPerThread) {
+  constexpr int kBlockThreads = 128;
+  const int head_dim = cache_test_model().n_embd / cache_test_model().n_head;
+  for (const CacheCase& c : cache_cases()) {
+    const KvCacheConfig& config = c.config;
+    SCOPED_TRACE(c.name);
+    cuda::KvCacheView view;
+    view.head_dim = head_dim;
+    if (config.format != KvFormat::kKivi2 && config.format != KvFormat::kKivi4) {
+      view.kind = config.format == KvFormat::kInt8 ? cuda::KvKind::kInt8 : cuda::KvKind::kFp16;
+      EXPECT_EQ(cuda::kv_quantize_pages_chunk_tokens(view), 64);
+      continue;
+    }
+    view.kind = cuda::KvKind::kKivi;
+    view.key_group = config.key_group;
+    view.value_group = config.value_group;
+    view.per_token_keys = config.per_token_keys;
+    const int chunk = cuda::kv_quantize_pages_chunk_tokens(view);
+    EXPECT_EQ(chunk % config.key_group, 0);
+    EXPECT_GE(chunk, 64);
+    if (!config.per_token_keys) {
+      EXPECT_GE(chunk * (head_dim / config.value_group), kBlockThreads);
+    }
+  }
+  KvCacheConfig kivi2c;
+  ASSERT_TRUE(apply_kv_preset("kivi2c", kivi2c));
+  cuda::KvCacheView view;
+  view.kind = cuda::KvKind::kKivi;
+  view.head_dim = 64;
+  view.key_group = kivi2c.key_group;
+  view.value_group = kivi2c.value_group;
+  EXPECT_EQ(cuda::kv_quantize_pages_chunk_tokens(view), 128);
+  view.value_group = 32;  // kivi2: two value groups a token
+  EXPECT_EQ(cuda::kv_quantize_pages_chunk_tokens(view), 64);
+  view.value_group = 48;
+  EXPECT_THROW(cuda::kv_quantize_pages_chunk_tokens(view), std::invalid_argument);
+}
+
 TEST(GpuKernels, LaunchersRejectBadInputs) {
   SKIP_WITHOUT_GPU();
   cuda::KvCacheView cache;
