@@ -217,14 +217,15 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerMultiprocessor)
 
 int kv_quantize_pages_chunk_tokens(const KvCacheView& cache) {
   if (cache.kind != KvKind::kKivi) return kChunkTokens;
-  if (cache.key_group <= 0 || cache.value_group <= 0 || cache.head_dim % cache.value_group != 0) {
-    throw std::invalid_argument("kv_quantize_pages: key and value groups must be > 0 and divide");
+  if (cache.head_dim <= 0 || cache.key_group <= 0 || cache.value_group <= 0 ||
+      cache.head_dim % cache.value_group != 0) {
+    throw std::invalid_argument(
+        "kv_quantize_pages: head_dim, key and value groups must be > 0, value groups dividing "
+        "head_dim");
   }
-  const int value_groups_per_token = cache.per_token_keys ? 0 : cache.head_dim / cache.value_group;
-  int tokens = kChunkTokens;
-  if (value_groups_per_token > 0) {
-    tokens = std::max(tokens, (kThreads + value_groups_per_token - 1) / value_groups_per_token);
-  }
+  const int value_groups_per_token = cache.head_dim / cache.value_group;
+  const int tokens =
+      std::max(kChunkTokens, (kThreads + value_groups_per_token - 1) / value_groups_per_token);
   return (tokens + cache.key_group - 1) / cache.key_group * cache.key_group;
 }
 

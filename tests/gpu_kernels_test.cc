@@ -1152,11 +1152,12 @@ TEST(GpuKernels, DecodeAttentionRunsPackedForEveryTwoBitLayout) {
 // kv_quantize_pages' chunks (a host function: runs without a GPU): every KIVI chunk holds whole
 // key groups and gives each of a block's 128 threads a value group, so that no thread waits out
 // the value phase (kivi2c's value groups of 64 are one per token: 64-token chunks left half of
-// them idle); int8 and fp16 pages keep 64 positions, and a view whose groups do not divide its
-// head is refused.
+// them idle; per-token keys as well); int8 and fp16 pages keep 64 positions, and a view without a
+// head or whose value groups do not divide it is refused.
 TEST(GpuKernels, QuantizePagesChunksHoldWholeKeyGroupsAndAValueGroupPerThread) {
   constexpr int kBlockThreads = 128;
-  const int head_dim = cache_test_model().n_embd / cache_test_model().n_head;
+  const ModelConfig model = cache_test_model();
+  const int head_dim = model.n_embd / model.n_head;
   for (const CacheCase& c : cache_cases()) {
     const KvCacheConfig& config = c.config;
     SCOPED_TRACE(c.name);
@@ -1174,9 +1175,7 @@ TEST(GpuKernels, QuantizePagesChunksHoldWholeKeyGroupsAndAValueGroupPerThread) {
     const int chunk = cuda::kv_quantize_pages_chunk_tokens(view);
     EXPECT_EQ(chunk % config.key_group, 0);
     EXPECT_GE(chunk, 64);
-    if (!config.per_token_keys) {
-      EXPECT_GE(chunk * (head_dim / config.value_group), kBlockThreads);
-    }
+    EXPECT_GE(chunk * (head_dim / config.value_group), kBlockThreads);
   }
   KvCacheConfig kivi2c;
   ASSERT_TRUE(apply_kv_preset("kivi2c", kivi2c));
@@ -1189,6 +1188,9 @@ TEST(GpuKernels, QuantizePagesChunksHoldWholeKeyGroupsAndAValueGroupPerThread) {
   view.value_group = 32;  // kivi2: two value groups a token
   EXPECT_EQ(cuda::kv_quantize_pages_chunk_tokens(view), 64);
   view.value_group = 48;
+  EXPECT_THROW(cuda::kv_quantize_pages_chunk_tokens(view), std::invalid_argument);
+  view.value_group = 32;
+  view.head_dim = 0;
   EXPECT_THROW(cuda::kv_quantize_pages_chunk_tokens(view), std::invalid_argument);
 }
 
