@@ -40,9 +40,36 @@ __device__ __forceinline__ __half* residual_row(const KvCacheView& c, const int3
          static_cast<int64_t>(head) * c.head_dim;
 }
 
+// A code (< 2^23) as a float: 2^23 + code by its bits, less 2^23, both exact. Plain integer and
+// float operations where a conversion instruction runs at a quarter of the float rate.
+__device__ __forceinline__ float code_to_float(uint32_t code) {
+  return __fsub_rn(__uint_as_float(0x4b000000u | code), 0x1p23f);
+}
+
 // code * scale + zero without FMA contraction, so dequantized values equal the CPU's bit for bit.
 __device__ __forceinline__ float dequantize(uint32_t code, float scale, float zero) {
-  return __fadd_rn(__fmul_rn(static_cast<float>(code), scale), zero);
+  return __fadd_rn(__fmul_rn(code_to_float(code), scale), zero);
+}
+
+// The code of offset = x - zero: rint(offset / scale) clamped to [0, max_code] (0 for a constant
+// group's scale 0, and for NaN), as the CPU's write_codes, kept as a float (an integer value): the
+// dequantization and packing that follow then need no conversion instruction, which runs at a
+// quarter of the float rate.
+__device__ __forceinline__ float quantized_code(float offset, float scale, float inverse,
+                                                float max_code) {
+  const float q = scale > 0.0f ? rint_quotient(offset, scale, inverse) : 0.0f;
+  return fminf(fmaxf(q, 0.0f), max_code);  // fmaxf takes 0 over NaN
+}
+
+// The integer of a code from quantized_code (in [0, 255]): 2^23 + code is exact, and its low
+// mantissa bits are the code.
+__device__ __forceinline__ uint32_t code_integer(float code) {
+  return __float_as_uint(__fadd_rn(code, 0x1p23f)) - 0x4b000000u;
+}
+
+// dequantize of a code from quantized_code: the same value, float(uint(code)) being code.
+__device__ __forceinline__ float dequantize_code(float code, float scale, float zero) {
+  return __fadd_rn(__fmul_rn(code, scale), zero);
 }
 
 // ---- fp8 e4m3 (engine/kv_quant.cc): bias 7, no infinities, 0x7f / 0xff are NaN (read as 448).
@@ -50,7 +77,7 @@ __device__ __forceinline__ float e4m3_to_float(uint32_t bits) {
   const uint32_t magnitude = min(bits & 0x7fu, 0x7eu);
   const uint32_t exponent = magnitude >> 3, mantissa = magnitude & 7u;
   // Exact: a subnormal is mantissa * 2^-9; a normal (8 + mantissa) * 2^(exponent - 10).
-  const float value = exponent == 0 ? static_cast<float>(mantissa) * 0x1p-9f
+  const float value = exponent == 0 ? code_to_float(mantissa) * 0x1p-9f
                                     : __int_as_float(((exponent + 120u) << 23) | (mantissa << 20));
   return (bits & 0x80u) ? -value : value;
 }
@@ -250,9 +277,8 @@ __device__ __forceinline__ void write_code_words(Fetch x, int n, int bits, float
   for (int w = 0; w < n / per_word; ++w) {
     uint32_t word = 0;
     for (int k = 0; k < per_word; ++k) {
-      const float q =
-          scale > 0.0f ? rint_quotient(x(w * per_word + k) - zero, scale, inverse) : 0.0f;
-      word |= static_cast<uint32_t>(fminf(fmaxf(q, 0.0f), max_code)) << (bits * k);
+      const float code = quantized_code(x(w * per_word + k) - zero, scale, inverse, max_code);
+      word |= code_integer(code) << (bits * k);
     }
     words[w] = word;
   }
@@ -304,9 +330,8 @@ __device__ __forceinline__ void quantize_fetched_to_words(Fetch x, int n, int bi
     const float v = x(i);
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      const float q = scale[c] > 0.0f ? rint_quotient(v - zero[c], scale[c], inverse[c]) : 0.0f;
-      const float e = __fsub_rn(
-          dequantize(static_cast<uint32_t>(fminf(fmaxf(q, 0.0f), max_code)), scale[c], zero[c]), v);
+      const float code = quantized_code(v - zero[c], scale[c], inverse[c], max_code);
+      const float e = __fsub_rn(dequantize_code(code, scale[c], zero[c]), v);
       error[c] = __fadd_rn(error[c], __fmul_rn(e, e));
     }
   }

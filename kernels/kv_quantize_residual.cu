@@ -79,8 +79,8 @@ __global__ void kv_quantize_residual_kernel(const KvCacheView cache, const KvBat
   uint32_t packed[2] = {0, 0};
 #pragma unroll
   for (int k = 0; k < 8; ++k) {
-    const float q = scale > 0.0f ? rint_quotient(v[k] - zero, scale, inverse) : 0.0f;
-    packed[k / 4] |= static_cast<uint32_t>(fminf(fmaxf(q, 0.0f), 255.0f)) << (8 * (k % 4));
+    packed[k / 4] |= code_integer(quantized_code(v[k] - zero, scale, inverse, 255.0f))
+                     << (8 * (k % 4));
   }
   const int64_t index = (row * 2 + which) * H + head;
   *reinterpret_cast<uint2*>(batch.new_codes + index * D + 8 * chunk) =

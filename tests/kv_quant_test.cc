@@ -378,6 +378,12 @@ TEST(RintQuotient, GivesTheDividedQuotientsCodeForEveryFp16AndE4m3Scale) {
     }
     for (int i = 0; i < 16; ++i) check(quotient(rng) * scale);
     for (const float offset : specials) check(offset);
+    // Quotients beyond the codes, where the rounding is no longer exact (from 2^22) but must clamp
+    // to the same end.
+    for (const float big : {511.5f, 512.5f, 1000.5f, 0x1p22f + 0.5f, 0x1p23f + 1.0f, 3e7f, 1e30f}) {
+      check(big * scale);
+      check(-big * scale);
+    }
   }
   EXPECT_EQ(mismatches, 0) << "first: " << first_mismatch;
   EXPECT_GT(checked, 50'000'000);
