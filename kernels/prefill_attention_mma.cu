@@ -12,8 +12,10 @@
 // form and others in the other (a flush inside a prefill chunk) is loaded and attended twice, once
 // per form, each pass masking the keys its queries do not read in that form.
 //
-// Precision: q, fp16 pages and the fp16 window are exact in fp16 (an int8 residual's window is
-// dequantized in fp32 and split like dequantized pages). Keys and values dequantized from
+// Precision: q, fp16 pages and the fp16 window are exact in fp16. An int8 residual's window keeps
+// its key codes (integers, exact in fp16) as the keys and each row's (scale, zero) beside them:
+// q . k = scale (q . codes) + zero sum(q), one mma where split keys take two; its values are
+// dequantized in fp32 and split like dequantized pages. Keys and values dequantized from
 // int8 or KIVI pages are fp32 (code * scale + zero, as the CPU computes them) and are not: they are
 // split into a high and a low fp16 part (x = hi + lo to about 2^-22 relative), and Q K and P V take
 // one mma per part. Rounding them to one fp16 moved attention outputs by up to 3.2e-3 where the
@@ -51,9 +53,15 @@ struct SharedTile {
   __half values[kKeyTile][kRowHalves];      // fp16 [key][channel]: B of P V via ldmatrix.trans
   __half keys_low[kKeyTile][kRowHalves];    // fp16 [key][channel]: key - keys, rounded
   __half values_low[kKeyTile][kRowHalves];  // fp16 [key][channel]: value - values, rounded
+  float2 key_pairs[kKeyTile];               // int8 window: (scale, zero) [key] of the key codes
 };
 
 enum class Form { kPage, kWindow };
+
+// How a tile holds its keys and values: exact fp16 (fp16 pages, the fp16 window); both split into
+// high and low parts (dequantized pages); or an int8 window's key codes with their pairs and
+// split values.
+enum class TileParts { kExact, kSplit, kInt8Keys };
 
 // Keys and values [from, to) (within [k0, k0 + 64)) in their page form; the tile's other rows are
 // zeroed, so that masked keys meet finite values (0 * NaN would poison P V).
@@ -131,11 +139,20 @@ __device__ __forceinline__ void load_scratch_tile(const KvCacheView& c, const __
   }
 }
 
-// Keys and values [from, to) (within [k0, k0 + 64)) of an int8 residual window, dequantized in
-// fp32 as the CPU reads them and split into high and low fp16 parts like dequantized pages; the
-// tile's other rows are zeroed. A thread takes 8 channels of one row of keys or values: one
-// lookup of the row's codes and pair, one 8-byte load of codes (element by element, the lookup
-// and the pair were repeated for every channel).
+// Two int8 codes (bytes 0 and 2 of `word`, the others 0) as an fp16 pair: 1024 + code by its bits
+// (0x6400 is 1024), less 1024, both exact.
+__device__ __forceinline__ uint32_t code_pair_to_half2(uint32_t word) {
+  const uint32_t biased = word | 0x64006400u;
+  const __half2 codes = __hsub2(*reinterpret_cast<const __half2*>(&biased),
+                                __float2half2_rn(1024.0f));
+  return *reinterpret_cast<const uint32_t*>(&codes);
+}
+
+// Keys and values [from, to) (within [k0, k0 + 64)) of an int8 residual window: the keys as their
+// codes in fp16 with the row's (scale, zero) in key_pairs, the values dequantized in fp32 as the
+// CPU reads them and split into high and low fp16 parts like dequantized pages. The tile's other
+// rows are zeroed (pair (0, 0) for keys). A thread takes 8 channels of one row of keys or values:
+// one lookup of the row's codes and pair, one 8-byte load of codes.
 __device__ __forceinline__ void load_int8_window_tile(const KvWindow& w, int k0, int from, int to,
                                                       SharedTile& s) {
   static_assert(kD % 8 == 0, "8 channels a thread");
@@ -143,22 +160,30 @@ __device__ __forceinline__ void load_int8_window_tile(const KvWindow& w, int k0,
   for (int e = threadIdx.x; e < 2 * kKeyTile * kD / 8; e += kThreads) {
     const int which = e / (kKeyTile * kD / 8), j = e / (kD / 8) % kKeyTile;
     const int d0 = 8 * (e % (kD / 8)), pos = k0 + j;
-    __half* high = which == 0 ? &s.keys[j][d0] : &s.values[j][d0];
-    __half* low = which == 0 ? &s.keys_low[j][d0] : &s.values_low[j][d0];
-    if (pos < from || pos >= to) {
-#pragma unroll
-      for (int d = 0; d < 8; ++d) split_half(0.0f, high[d], low[d]);
+    uint2 packed = make_uint2(0, 0);
+    float2 p = make_float2(0.0f, 0.0f);
+    if (pos >= from && pos < to) {
+      const uint8_t* codes;
+      __half2 pair;
+      w.residual_int8_row(pos, which, codes, pair);
+      packed = *reinterpret_cast<const uint2*>(codes + d0);
+      p = __half22float2(pair);
+    }
+    if (which == 0) {
+      // Channels d0 .. d0 + 7 in the order of the row: codes 0 and 1 of a word are its bytes 0, 1.
+      const uint4 halves = make_uint4(code_pair_to_half2(__byte_perm(packed.x, 0, 0x7170)),
+                                      code_pair_to_half2(__byte_perm(packed.x, 0, 0x7372)),
+                                      code_pair_to_half2(__byte_perm(packed.y, 0, 0x7170)),
+                                      code_pair_to_half2(__byte_perm(packed.y, 0, 0x7372)));
+      *reinterpret_cast<uint4*>(&s.keys[j][d0]) = halves;
+      if (d0 == 0) s.key_pairs[j] = p;
       continue;
     }
-    const uint8_t* codes;
-    __half2 pair;
-    w.residual_int8_row(pos, which, codes, pair);
-    const uint2 packed = *reinterpret_cast<const uint2*>(codes + d0);
-    const float2 p = __half22float2(pair);
 #pragma unroll
     for (int d = 0; d < 8; ++d) {
       const uint32_t word = d < 4 ? packed.x : packed.y;
-      split_half(dequantize((word >> (8 * (d % 4))) & 0xffu, p.x, p.y), high[d], low[d]);
+      split_half(dequantize((word >> (8 * (d % 4))) & 0xffu, p.x, p.y), s.values[j][d0 + d],
+                 s.values_low[j][d0 + d]);
     }
   }
 }
@@ -192,15 +217,19 @@ struct WarpRows {
   // Running max (of the scores times log2(e) / sqrt(D)) and this lane's part of the running sum
   // of the fp16-rounded probabilities, per row.
   float max[2], sum[2];
+  // sum(q) of each row over its channels, fp32: the zero's term of an int8 window key's score.
+  float q_sum[2];
 };
 
 // Attends one warp's rows to the tile in shared memory (keys k0 .. k0 + 63) in `form`: a key j is
 // read by row r in this form iff j < paged_limit[r] (page form) or paged_limit[r] <= j <= pos[r]
 // (fp16 form). masked: whether some key of the tile is not read by some row (else the mask is
-// skipped). kLow: the tile holds low parts too (dequantized pages), which add their own mma.
-template <Form kForm, bool kLow>
+// skipped). kParts: how the tile holds keys and values; low parts add their own mma.
+template <Form kForm, TileParts kParts>
 __device__ __forceinline__ void attend_tile(WarpRows& w, const SharedTile& s, int k0, bool masked,
                                             int lane) {
+  constexpr bool kLowKeys = kParts == TileParts::kSplit;
+  constexpr bool kLowValues = kParts != TileParts::kExact;
   const int t = lane % 4;
   // Scores S = Q K^T, 16 x 64 in 8 n-tiles of 8 keys: s[nt] is mma.cuh's D layout.
   float scores[kKeyTile / 8][4];
@@ -216,7 +245,7 @@ __device__ __forceinline__ void attend_tile(WarpRows& w, const SharedTile& s, in
       mma_m16n8k16(scores[nt], w.q[kk][0], w.q[kk][1], w.q[kk][2], w.q[kk][3], b[0], b[1]);
       mma_m16n8k16(scores[nt], w.q[kk + 1][0], w.q[kk + 1][1], w.q[kk + 1][2], w.q[kk + 1][3], b[2],
                    b[3]);
-      if constexpr (kLow) {
+      if constexpr (kLowKeys) {
         ldmatrix_x4(b, &s.keys_low[8 * nt + lane % 8][16 * kk + 8 * (lane / 8)]);
         mma_m16n8k16(scores[nt], w.q[kk][0], w.q[kk][1], w.q[kk][2], w.q[kk][3], b[0], b[1]);
         mma_m16n8k16(scores[nt], w.q[kk + 1][0], w.q[kk + 1][1], w.q[kk + 1][2], w.q[kk + 1][3],
@@ -231,7 +260,12 @@ __device__ __forceinline__ void attend_tile(WarpRows& w, const SharedTile& s, in
   for (int nt = 0; nt < kKeyTile / 8; ++nt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      float x = scores[nt][e] * scale;
+      float x = scores[nt][e];
+      if constexpr (kParts == TileParts::kInt8Keys) {
+        const float2 pair = s.key_pairs[8 * nt + 2 * t + e % 2];
+        x = pair.x * x + pair.y * w.q_sum[e / 2];
+      }
+      x *= scale;
       if (masked) {
         const int r = e / 2, key = k0 + 8 * nt + 2 * t + e % 2;
         const bool read = kForm == Form::kPage ? key < w.paged_limit[r]
@@ -290,7 +324,7 @@ __device__ __forceinline__ void attend_tile(WarpRows& w, const SharedTile& s, in
                    b[0], b[1]);
       mma_m16n8k16(w.o[2 * np + 1], p[2 * kk][0], p[2 * kk][1], p[2 * kk + 1][0], p[2 * kk + 1][1],
                    b[2], b[3]);
-      if constexpr (kLow) {
+      if constexpr (kLowValues) {
         ldmatrix_x4_trans(
             b, &s.values_low[16 * kk + lane % 8 + 8 * ((lane / 8) % 2)][8 * (2 * np + lane / 16)]);
         mma_m16n8k16(w.o[2 * np], p[2 * kk][0], p[2 * kk][1], p[2 * kk + 1][0], p[2 * kk + 1][1],
@@ -358,6 +392,22 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 #pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    // This lane's 16 channels of the row (registers a = r and r + 2 of every k-step), then the
+    // row's 4 lanes.
+    float q_sum = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+#pragma unroll
+      for (int a = r; a < 4; a += 2) {
+        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w.q[kk][a]));
+        q_sum += f.x + f.y;
+      }
+    }
+    q_sum += __shfl_xor_sync(0xffffffffu, q_sum, 1);
+    w.q_sum[r] = q_sum + __shfl_xor_sync(0xffffffffu, q_sum, 2);
+  }
+#pragma unroll
   for (int nt = 0; nt < kD / 8; ++nt) w.o[nt][0] = w.o[nt][1] = w.o[nt][2] = w.o[nt][3] = 0.0f;
 
   for (int k0 = 0; k0 <= last_pos; k0 += kKeyTile) {
@@ -374,7 +424,8 @@ __global__ void __launch_bounds__(kThreads)
       if (k0 < warp_page_end) {
         // Unmasked when every row reads every key of the tile from pages.
         const bool masked = k0 + kKeyTile > paged_count(cache, warp_first + 1);
-        attend_tile<Form::kPage, KIND != KvKind::kFp16>(w, tile, k0, masked, lane);
+        attend_tile<Form::kPage, KIND == KvKind::kFp16 ? TileParts::kExact : TileParts::kSplit>(
+            w, tile, k0, masked, lane);
       }
     }
     if (k1 > window_begin) {
@@ -390,9 +441,9 @@ __global__ void __launch_bounds__(kThreads)
         const bool masked =
             k0 < paged_count(cache, warp_last + 1) || k0 + kKeyTile - 1 > warp_first;
         if (int8_window) {
-          attend_tile<Form::kWindow, true>(w, tile, k0, masked, lane);
+          attend_tile<Form::kWindow, TileParts::kInt8Keys>(w, tile, k0, masked, lane);
         } else {
-          attend_tile<Form::kWindow, false>(w, tile, k0, masked, lane);
+          attend_tile<Form::kWindow, TileParts::kExact>(w, tile, k0, masked, lane);
         }
       }
     }

@@ -652,12 +652,13 @@ TEST(GpuKvCache, PrefillAttentionThroughput) {
   model.n_head = 12;
   model.n_embd = 768;
   const int sequences = 16, chunk = 512, C = model.n_embd, rows = sequences * chunk;
-  KvCacheConfig fp16, int8, kivi4, kivi2;
+  KvCacheConfig fp16, int8, kivi4, kivi2, kivi2c;
   fp16.format = KvFormat::kFp16;
   int8.format = KvFormat::kInt8;
   kivi4.format = KvFormat::kKivi4;
+  ASSERT_TRUE(apply_kv_preset("kivi2c", kivi2c));  // its int8 window: key codes and their pairs
   const std::vector<CacheCase> formats = {
-      {"fp16", fp16}, {"int8", int8}, {"kivi4", kivi4}, {"kivi2", kivi2}};
+      {"fp16", fp16}, {"int8", int8}, {"kivi4", kivi4}, {"kivi2", kivi2}, {"kivi2c", kivi2c}};
   std::mt19937 rng(5);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<uint16_t> qkv(static_cast<size_t>(rows) * 3 * C);
