@@ -15,11 +15,12 @@
 #                .device/cuda-bundle.tar.xz && .device/cuda-bundle/gpu-check.sh run --ppl 64")
 #            runs in the checkout's root and writes into $OUT (or the folder given last):
 #            gpu.txt, gpu-tests.log, gpu-tests.json, and with
-#              --ppl N    ppl.jsonl: eval-ppl of every format on the GPU over N windows;
+#              --ppl N    ppl.jsonl: eval-ppl of every format (fp16, int8, kivi4, kivi2 and the
+#                         kivi2c preset) on the GPU over N windows;
 #              --bench    bench.jsonl: `kvserve bench decode` (dummy:gpt2, B = 1, 16, 64, 256,
 #                         context 512, and B = 256 at context 944 + 72 steps for the roofline) in
-#                         fp16 and kivi2, then the transformers baseline (bench/hf_decode.py) in
-#                         the same call;
+#                         fp16, kivi2 and kivi2c, then the transformers baseline
+#                         (bench/hf_decode.py) in the same call;
 #              --models   models.jsonl: dummy:gpt2-medium/-large/-xl at B = 64, context 512, fp16
 #                         and kivi2, each with its transformers baseline;
 #              --serving  serving.json and latency.json: bench/serving.sh (in-process against
@@ -102,7 +103,7 @@ case "$mode" in
         2>&1 | tee "$out/gpu-tests.log" || status=1
     fi
     if [ "$ppl_windows" -gt 0 ]; then
-      for kv in fp16 int8 kivi4 kivi2; do
+      for kv in fp16 int8 kivi4 kivi2 kivi2c; do
         start=$(date +%s%N)
         "$bundle/run" kvserve eval-ppl --model .device/model --text .device/docs-val.txt.xz \
           --windows "$ppl_windows" --device cuda --kv "$kv" | tee -a "$out/ppl.jsonl" || status=1
@@ -110,12 +111,12 @@ case "$mode" in
       done
     fi
     if [ "$bench" = 1 ]; then
-      for kv in fp16 kivi2; do
+      for kv in fp16 kivi2 kivi2c; do
         "$bundle/run" kvserve bench decode --model dummy:gpt2 --device cuda --kv "$kv" \
           --batches 1,16,64,256 --context 512 | tee -a "$out/bench.jsonl" || status=1
       done
       # The roofline shape: B = 256 at a context of about 1024 (944 + 72 steps).
-      for kv in fp16 kivi2; do
+      for kv in fp16 kivi2 kivi2c; do
         "$bundle/run" kvserve bench decode --model dummy:gpt2 --device cuda --kv "$kv" \
           --batches 256 --context 944 | tee -a "$out/bench.jsonl" || status=1
       done
