@@ -4,8 +4,8 @@
 Usage: bench/plot.py [--docs DOCS] [--out OUT]    (defaults: docs, docs/plots)
 
 Reads DOCS/memory.json (kvserve bench memory), DOCS/quality/summary.json (bench/quality.sh),
-DOCS/bench/latency.json (bench/latency.sh) and the GPU_DECODE files below (kvserve bench decode
-and bench/hf_decode.py on the H200), writes one PNG per chart into OUT and prints each path. Needs only Debian's python3-matplotlib; the Agg backend draws without a display.
+DOCS/bench/latency.json (bench/latency.sh) and the GPU_DECODE file below (kvserve bench decode
+and bench/hf_decode.py on one H100, scripts/gpu-check.sh run --bench), writes one PNG per chart into OUT and prints each path. Needs only Debian's python3-matplotlib; the Agg backend draws without a display.
 """
 
 import argparse
@@ -18,9 +18,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 from matplotlib.ticker import LogLocator, ScalarFormatter  # noqa: E402
 
-# Each file holds kvserve bench decode and the transformers baseline measured in the same call.
-GPU_DECODE = [("03bb71a", "gpu/decode-2026-11-29-main-03bb71a.jsonl"),
-              ("b077cc9, CUDA graphs", "gpu/decode-2026-11-29-b077cc9.jsonl")]
+# Each file holds kvserve bench decode and the transformers baseline measured in the same call
+# (one H100, docs/gpu.md, "Eighth session", call f), drawn dashed then solid.
+GPU_DECODE = [("87326fb", "gpu/main-2026-12-07-h100-f-bench.jsonl")]
 # One colour per KV format in every chart, so a format reads the same everywhere.
 COLOURS = {"fp16": "tab:blue", "int8": "tab:orange", "kivi4": "tab:green", "kivi2": "tab:red",
            "kivi2-gv64": "tab:purple", "kivi2-per-token-keys": "tab:brown",
@@ -171,16 +171,22 @@ def plot_latency(docs, out):
 
 def plot_gpu_decode(docs, out):
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for (title, name), style in zip(GPU_DECODE, ("--", "-")):
+    for (title, name), style in zip(GPU_DECODE, ("-", "--")):
         rows = [json.loads(line) for line in (docs / name).read_text().splitlines() if line]
         # Only the batch sweep at context 512 (the same files hold roofline rows at other contexts)
-        # with CUDA graphs where kvserve had them (b077cc9 also holds fp16 rows without).
+        # with CUDA graphs (the files also hold fp16 rows without). The kivi2c preset's rows carry
+        # kv "kivi2" (the format) and its configuration.
         rows = [row for row in rows if row["context"] == 512 and row.get("cuda_graphs", True)]
+        for row in rows:
+            if "int8 residual" in row.get("kv_config", ""):
+                row["kv"] = "kivi2c"
         baseline = {row["batch"]: row["tokens_per_second"] for row in rows if "impl" in row}
         batches = sorted(baseline)
         left.plot(batches, [baseline[b] for b in batches], style, marker="o",
                   color=COLOURS["transformers"], label=f"transformers, {title}")
-        for kv in ("fp16", "kivi2"):
+        # kivi2c's rows only in the files of calls that ran it.
+        for kv in (kv for kv in ("fp16", "kivi2", "kivi2c") if any(row.get("kv") == kv
+                                                                   for row in rows)):
             speed = {row["batch"]: row["tokens_per_second"] for row in rows if row.get("kv") == kv}
             left.plot(batches, [speed[b] for b in batches], style, marker="o", color=COLOURS[kv],
                       label=f"kvserve {kv}, {title}")
@@ -203,7 +209,7 @@ def plot_gpu_decode(docs, out):
     right.set_ylim(bottom=0)
     right.set_title("speed-up over the baseline of the same call")
     right.legend(fontsize=7)
-    fig.suptitle("GPU decode, GPT-2 small geometry, context 512, one H200")
+    fig.suptitle("GPU decode, GPT-2 small geometry, context 512, one H100")
     save(fig, out, "gpu-decode.png")
 
 
