@@ -67,7 +67,8 @@ __device__ __forceinline__ uint32_t code_integer(float code) {
   return __float_as_uint(__fadd_rn(code, 0x1p23f)) - 0x4b000000u;
 }
 
-// dequantize of a code from quantized_code: the same value, float(uint(code)) being code.
+// dequantize of a code from quantized_code: the same value, float(uint(code)) being code, but for
+// the sign of a zero (rintf(-0.5) is -0), which only the fp8 search's error term can see, squared.
 __device__ __forceinline__ float dequantize_code(float code, float scale, float zero) {
   return __fadd_rn(__fmul_rn(code, scale), zero);
 }

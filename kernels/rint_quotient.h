@@ -24,10 +24,11 @@ namespace kvserve {
 // subtracting 1.5 * 2^23 (round to nearest even, as rintf, for |x| < 2^22) and its distance to a
 // half-integer taken from that rounding: plain float additions where rintf and floorf each take
 // the SM's quarter-rate conversion unit, which the fp8 pair search (4 candidates an element) spent
-// most of its time on. Both differences are exact (Sterbenz), so below 512 the test is the same
-// as |product - floor(product) - 0.5| > 2^-11. From 512 on the rounding may be off (beyond 2^22)
-// or divide, but it keeps the sign and |rounded| >= 512, so it clamps to the quotient's end;
-// infinities make the distance NaN and divide.
+// most of its time on. product - rounded is exact (both lie on product's grid, within 0.5 of each
+// other), and subtracting 0.5 from its magnitude rounds only below 0.25, far from the band, so
+// below 512 the test decides as |product - floor(product) - 0.5| > 2^-11. From 512 on the
+// rounding may be off (beyond 2^22) or divide, but it keeps the sign and |rounded| >= 512, so it
+// clamps to the quotient's end; infinities make the distance NaN and divide.
 KVSERVE_HOST_DEVICE inline float rint_quotient(float offset, float scale, float inverse) {
   constexpr float kRoundingShift = 0x1.8p23f;
 #if defined(__CUDA_ARCH__)
