@@ -143,8 +143,8 @@ __device__ __forceinline__ void load_scratch_tile(const KvCacheView& c, const __
 // (0x6400 is 1024), less 1024, both exact.
 __device__ __forceinline__ uint32_t code_pair_to_half2(uint32_t word) {
   const uint32_t biased = word | 0x64006400u;
-  const __half2 codes = __hsub2(*reinterpret_cast<const __half2*>(&biased),
-                                __float2half2_rn(1024.0f));
+  const __half2 codes =
+      __hsub2(*reinterpret_cast<const __half2*>(&biased), __float2half2_rn(1024.0f));
   return *reinterpret_cast<const uint32_t*>(&codes);
 }
 
