@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen befor
 from matplotlib.ticker import LogLocator, ScalarFormatter  # noqa: E402
 
 # Each file holds kvserve bench decode and the transformers baseline measured in the same call
-# (one H100, docs/gpu.md, "Eighth session", call f), drawn dashed then solid.
+# (one H100, docs/gpu.md, "Eighth session", call f); a second file would be drawn dashed.
 GPU_DECODE = [("87326fb", "gpu/main-2026-12-07-h100-f-bench.jsonl")]
 # One colour per KV format in every chart, so a format reads the same everywhere.
 COLOURS = {"fp16": "tab:blue", "int8": "tab:orange", "kivi4": "tab:green", "kivi2": "tab:red",
