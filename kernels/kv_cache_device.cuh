@@ -116,16 +116,6 @@ __device__ __forceinline__ uint32_t e4m3_round_up(float x) {
   return x >= 0.0f ? e4m3_magnitude_up(x) : 0x80u | e4m3_magnitude_down(-x);
 }
 
-// (scale, zero) pair `index` of a pair array in the view's format: fp16 pairs (4 bytes) or fp8
-// e4m3 pairs (2 bytes, kivi with params_fp8).
-__device__ __forceinline__ float2 group_params(const uint8_t* pairs, int64_t index, bool fp8) {
-  if (fp8) {
-    const uchar2 p = reinterpret_cast<const uchar2*>(pairs)[index];
-    return make_float2(e4m3_to_float(p.x), e4m3_to_float(p.y));
-  }
-  return __half22float2(reinterpret_cast<const __half2*>(pairs)[index]);
-}
-
 // An fp8 (scale, zero) pair held in the low 16 bits of `bits` (scale first), as an fp16 pair
 // (exact: every e4m3 value is an fp16), equal to e4m3_to_float's values, signed zeros and the NaN
 // codes (read as 448) included. Without float conversions: an e4m3 magnitude (4 exponent bits, 3
@@ -139,12 +129,20 @@ __device__ __forceinline__ __half2 fp8_pair_to_half2(uint32_t bits) {
   return __hmul2(*reinterpret_cast<const __half2*>(&shifted), __float2half2_rn(256.0f));
 }
 
-// The same pair as an fp16 pair (exact: every e4m3 value is an fp16), for the decode kernels that
-// keep pairs in fp16 registers.
+// (scale, zero) pair `index` of a pair array in the view's format: fp16 pairs (4 bytes) or fp8
+// e4m3 pairs (2 bytes, kivi with params_fp8), as an fp16 pair (exact: every e4m3 value is an
+// fp16), for the decode kernels that keep pairs in fp16 registers.
 __device__ __forceinline__ __half2 group_params_half2(const uint8_t* pairs, int64_t index,
                                                       bool fp8) {
   if (fp8) return fp8_pair_to_half2(reinterpret_cast<const uint16_t*>(pairs)[index]);
   return reinterpret_cast<const __half2*>(pairs)[index];
+}
+
+// The same pair as floats. An fp8 pair goes through fp8_pair_to_half2 (a few integer operations
+// and one multiplication for both values, where e4m3_to_float takes a branch and a dozen
+// operations for each): page readers call this for every element they dequantize.
+__device__ __forceinline__ float2 group_params(const uint8_t* pairs, int64_t index, bool fp8) {
+  return __half22float2(group_params_half2(pairs, index, fp8));
 }
 
 // The window of one item and head at a step: positions [paged(start), start) are the old residual
