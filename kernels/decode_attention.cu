@@ -95,7 +95,8 @@ DecodeSplit decode_attention_split(int items, int n_head, int max_len, int sm_co
 
 void decode_attention(const KvCacheView& cache, const KvBatchView& batch, DecodeSplit split,
                       const __half* qkv, int qkv_stride, __half* out, int out_stride,
-                      float* partial, DecodeAttentionVariant variant, cudaStream_t stream) {
+                      float* partial, DecodeAttentionVariant variant, DecodeNewRows new_rows,
+                      cudaStream_t stream) {
   check_kv_launch("decode_attention", cache, batch, qkv, qkv_stride);
   if (batch.items == 0) return;
   if (!decode_attention_supported(cache)) {
@@ -111,19 +112,26 @@ void decode_attention(const KvCacheView& cache, const KvBatchView& batch, Decode
       split.chunk > kMaxChunk || (split.splits > 1 && partial == nullptr)) {
     throw std::invalid_argument("decode_attention: bad split (chunk a multiple of 32 up to 2048)");
   }
+  if (new_rows.quantize && !(cache.kind == KvKind::kKivi && cache.residual_int8)) {
+    throw std::invalid_argument("decode_attention: quantizing new rows needs an int8 residual");
+  }
+  if (new_rows.store && cache.kind != KvKind::kKivi) {
+    throw std::invalid_argument("decode_attention: storing new rows needs a KIVI residual");
+  }
   float* split_partial = split.splits > 1 ? partial : nullptr;
   switch (cache.kind) {
     case KvKind::kFp16:
-      launch_fp16(cache, batch, split, qkv, qkv_stride, out, out_stride, split_partial, stream);
+      launch_fp16(cache, batch, split, qkv, qkv_stride, out, out_stride, split_partial, new_rows,
+                  stream);
       break;
     case KvKind::kKivi: {
       const DecodeAttentionVariant kernel = decode_attention_kernel(cache, split, variant);
       if (kernel == DecodeAttentionVariant::kPacked) {
         launch_kivi_packed(cache, batch, split, qkv, qkv_stride, out, out_stride, split_partial,
-                           stream);
+                           new_rows, stream);
       } else {
         launch_kivi_online(kernel == DecodeAttentionVariant::kTensor, cache, batch, split, qkv,
-                           qkv_stride, out, out_stride, split_partial, stream);
+                           qkv_stride, out, out_stride, split_partial, new_rows, stream);
       }
       break;
     }

@@ -28,6 +28,23 @@ struct DecodeSplit {
 };
 DecodeSplit decode_attention_split(int items, int n_head, int max_len, int sm_count);
 
+// What decode_attention does in a KIVI decode step with each item's new row (position start, in
+// qkv) besides attending to it, so that the step launches fewer of the write path's kernels. The
+// block that reads the row does it, before it reads the window.
+struct DecodeNewRows {
+  // An int8 residual: quantize the row into batch.new_codes / new_params (byte for byte as
+  // kv_quantize_residual, which the step then does not launch). Right where no kernel before
+  // decode_attention reads the new rows: in a decode step kv_quantize_pages and
+  // kv_quantization_error read only the flushed tokens, older ones (a residual of R >= 1 keeps
+  // the newest).
+  bool quantize = false;
+  // Store the row (fp16, or the int8 codes and pair) into its residual slot, window position
+  // start - paged(start), as kv_compact_residual would: for a step in which no item flushes, which
+  // then launches neither kv_quantize_pages (nothing to page) nor kv_compact_residual (nothing
+  // else to move). Nothing else reads that slot during the step.
+  bool store = false;
+};
+
 // The KIVI kernel decode_attention runs for `variant` on this cache and split: kPacked for 2-bit
 // pages (any value group, fp16 or fp8 pairs, fp16 or int8 window) with chunks of at least 8
 // pages, else kOnline; kTensor for 2-bit pages; 4-bit pages always kOnline. fp16 pages: `variant`
@@ -38,6 +55,7 @@ DecodeAttentionVariant decode_attention_kernel(const KvCacheView& cache, DecodeS
 // Every item of `batch` has count 1 (a decode step): its query (row row[item] of qkv) attends to
 // keys 0 .. start[item], read as paged_attention reads them (pages up to paged(start + 1), then the
 // fp16 window). Runs after kv_quantize_pages and before kv_compact_residual.
+// new_rows: what the kernel does with each item's new row besides reading it (DecodeNewRows).
 //   qkv:     fp16 [items][3C] (row stride qkv_stride, a multiple of 8): q | k | v
 //   out:     fp16 [items][C]  (row stride out_stride)
 //   partial: fp32 [items][n_head][splits][head_dim + 2] scratch (output, max, sum of each
@@ -46,6 +64,7 @@ DecodeAttentionVariant decode_attention_kernel(const KvCacheView& cache, DecodeS
 // need sm_80 or newer); fp16 pages have one kernel and ignore it.
 void decode_attention(const KvCacheView& cache, const KvBatchView& batch, DecodeSplit split,
                       const __half* qkv, int qkv_stride, __half* out, int out_stride,
-                      float* partial, DecodeAttentionVariant variant, cudaStream_t stream);
+                      float* partial, DecodeAttentionVariant variant, DecodeNewRows new_rows,
+                      cudaStream_t stream);
 
 }  // namespace kvserve::cuda

@@ -9,7 +9,9 @@
 #include <cstdint>
 
 #include "kernels/decode_attention.h"
+#include "kernels/kv_cache_device.cuh"
 #include "kernels/kv_cache_view.h"
+#include "kernels/kv_quantize_residual.cuh"
 
 namespace kvserve::cuda::decode_detail {
 
@@ -113,10 +115,48 @@ __device__ __forceinline__ float power_of_two_inverse(int e) {
   return __int_as_float((127 - e) << 23);
 }
 
-// The launchers decode_attention dispatches to. split_partial: null when split.splits == 1.
-#define KVSERVE_DECODE_LAUNCH_ARGS                                                          \
-  const KvCacheView &cache, const KvBatchView &batch, DecodeSplit split, const __half *qkv, \
-      int qkv_stride, __half *out, int out_stride, float *split_partial, cudaStream_t stream
+// decode_attention's DecodeNewRows in a KIVI kernel: the block of the split that holds the item's
+// new token (position len - 1) quantizes it (an int8 residual) into the batch's new rows and, with
+// new_rows.store, stores it into its residual slot, before the barrier after which its warps read
+// the window. Its last warp does it (lanes 0 .. 7 the keys, 8 .. 15 the values, 8 channels each),
+// while warps 0 and 1 load q. row: the item's row in qkv.
+__device__ __forceinline__ void write_item_new_row(const KvCacheView& cache,
+                                                   const KvBatchView& batch, const __half* qkv,
+                                                   int qkv_stride, int item, int64_t row, int head,
+                                                   int split, int chunk, int len,
+                                                   DecodeNewRows new_rows) {
+  static_assert(kD / 8 == 8, "a row of a head is 8 lanes of 8 channels");
+  if (!(new_rows.quantize || new_rows.store)) return;
+  if (threadIdx.x / 32 != kWarps - 1 || split != (len - 1) / chunk) return;
+  const int lane = threadIdx.x % 32, which = lane / 8 % 2, part = lane % 8;
+  const bool active = lane < 16;
+  const __half* x = qkv + row * qkv_stride + (1 + which) * cache.n_head * kD + head * kD + 8 * part;
+  // Its slot: window position len - 1 - paged(len - 1) (no flush moves the window this step).
+  const int pos = len - 1, slot = pos - paged_count(cache, pos);
+  const int32_t* residual_slots = batch.residual_slots + batch.residual_offset[item];
+  if (!cache.residual_int8) {  // an fp16 row: copied as it is
+    if (active && new_rows.store) {
+      *reinterpret_cast<uint4*>(residual_row(cache, residual_slots, head, slot, which) + 8 * part) =
+          *reinterpret_cast<const uint4*>(x);
+    }
+    return;
+  }
+  const Int8RowShare share = quantize_row_share(x, 8, active);
+  if (!active) return;
+  store_new_row_share(cache, batch, row, which, head, part, share);  // read by the window's warp
+  if (new_rows.store) {
+    uint8_t* base = residual_slot(cache, residual_slots, slot, which);
+    *reinterpret_cast<uint2*>(base + head * kD + 8 * part) = share.codes;
+    if (part == 0) reinterpret_cast<uint32_t*>(base + cache.residual_params)[head] = share.pair;
+  }
+}
+
+// The launchers decode_attention dispatches to. split_partial: null when split.splits == 1;
+// new_rows as decode_attention's (the fp16 kernel ignores it: fp16 pages have no residual).
+#define KVSERVE_DECODE_LAUNCH_ARGS                                                               \
+  const KvCacheView &cache, const KvBatchView &batch, DecodeSplit split, const __half *qkv,      \
+      int qkv_stride, __half *out, int out_stride, float *split_partial, DecodeNewRows new_rows, \
+      cudaStream_t stream
 // fp16 pages (decode_attention_fp16.cu).
 void launch_fp16(KVSERVE_DECODE_LAUNCH_ARGS);
 // KIVI pages of 2 or 4 bits, the "online" kernel or (2-bit only) "tensor"

@@ -440,7 +440,7 @@ template <int BITS, bool kTensor>
 __global__ void __launch_bounds__(kThreads, BITS == 2 ? 5 : 4)
     decode_attention_online_kernel(const KvCacheView cache, const KvBatchView batch, int chunk,
                                    int splits, const __half* qkv, int qkv_stride, __half* out,
-                                   int out_stride, float* partial) {
+                                   int out_stride, float* partial, DecodeNewRows new_rows) {
   using L = ValueLanes<KvKind::kKivi, BITS>;
   constexpr int kMaxWarpPages = kMaxChunk / kPage / kWarps;
   static_assert(kMaxWarpPages <= 32, "a warp's block ids fit one per lane");
@@ -482,7 +482,8 @@ __global__ void __launch_bounds__(kThreads, BITS == 2 ? 5 : 4)
   if (threadIdx.x < kD) {
     q_s[threadIdx.x] = __half2float(qkv[row * qkv_stride + head * kD + threadIdx.x]) * kQueryScale;
   }
-  __syncthreads();
+  write_item_new_row(cache, batch, qkv, qkv_stride, item, row, head, split, chunk, len, new_rows);
+  __syncthreads();  // q_s, and an int8 new row's codes in global memory (read by the window's warp)
   float qk[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) qk[i] = kTensor ? q_s[2 * lane + i % 2] : q_s[4 * (lane % 16) + i];
@@ -624,14 +625,17 @@ __global__ void __launch_bounds__(kThreads, BITS == 2 ? 5 : 4)
 void launch_kivi_online(bool tensor, KVSERVE_DECODE_LAUNCH_ARGS) {
   const dim3 grid(split.splits, cache.n_head, batch.items);
   if (cache.bits == 4) {
-    decode_attention_online_kernel<4, false><<<grid, kThreads, 0, stream>>>(
-        cache, batch, split.chunk, split.splits, qkv, qkv_stride, out, out_stride, split_partial);
+    decode_attention_online_kernel<4, false>
+        <<<grid, kThreads, 0, stream>>>(cache, batch, split.chunk, split.splits, qkv, qkv_stride,
+                                        out, out_stride, split_partial, new_rows);
   } else if (tensor) {
-    decode_attention_online_kernel<2, true><<<grid, kThreads, 0, stream>>>(
-        cache, batch, split.chunk, split.splits, qkv, qkv_stride, out, out_stride, split_partial);
+    decode_attention_online_kernel<2, true>
+        <<<grid, kThreads, 0, stream>>>(cache, batch, split.chunk, split.splits, qkv, qkv_stride,
+                                        out, out_stride, split_partial, new_rows);
   } else {
-    decode_attention_online_kernel<2, false><<<grid, kThreads, 0, stream>>>(
-        cache, batch, split.chunk, split.splits, qkv, qkv_stride, out, out_stride, split_partial);
+    decode_attention_online_kernel<2, false>
+        <<<grid, kThreads, 0, stream>>>(cache, batch, split.chunk, split.splits, qkv, qkv_stride,
+                                        out, out_stride, split_partial, new_rows);
   }
   KVSERVE_CUDA_CHECK(cudaGetLastError());
 }

@@ -361,7 +361,7 @@ template <int kGroups, bool kFp8, bool kInt8Window>
 __global__ void __launch_bounds__(kThreads, 6)
     decode_attention_packed_kernel(const KvCacheView cache, const KvBatchView batch, int chunk,
                                    int splits, const __half* qkv, int qkv_stride, __half* out,
-                                   int out_stride, float* partial) {
+                                   int out_stride, float* partial, DecodeNewRows new_rows) {
   using L = ValueLanes<KvKind::kKivi, 2>;
   constexpr int kMaxWarpPages = kMaxChunk / kPage / kWarps;
   static_assert(kMaxWarpPages <= 32, "a warp's block ids fit one per lane");
@@ -404,7 +404,8 @@ __global__ void __launch_bounds__(kThreads, 6)
   if (threadIdx.x < kD) {
     q_s[threadIdx.x] = __half2float(qkv[row * qkv_stride + head * kD + threadIdx.x]) * kQueryScale;
   }
-  __syncthreads();
+  write_item_new_row(cache, batch, qkv, qkv_stride, item, row, head, split, chunk, len, new_rows);
+  __syncthreads();  // q_s, and an int8 new row's codes in global memory (read by the window's warp)
   const float2 qf = make_float2(q_s[2 * lane], q_s[2 * lane + 1]);
   const __half2 qh = __floats2half2_rn(qf.x, qf.y);  // exact: fp16 q times a power of two
 
@@ -575,7 +576,7 @@ void launch_kivi_packed(KVSERVE_DECODE_LAUNCH_ARGS) {
                                  : (cache.residual_int8 ? packed_kernel<false, true>(gv)
                                                         : packed_kernel<false, false>(gv));
   kernel<<<grid, kThreads, 0, stream>>>(cache, batch, split.chunk, split.splits, qkv, qkv_stride,
-                                        out, out_stride, split_partial);
+                                        out, out_stride, split_partial, new_rows);
   KVSERVE_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -9,7 +9,7 @@
 #include <stdexcept>
 
 #include "kernels/cuda_check.h"
-#include "kernels/kv_cache_device.cuh"
+#include "kernels/kv_quantize_residual.cuh"
 
 namespace kvserve::cuda {
 namespace {
@@ -17,30 +17,13 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kMaxHeadDim = 256;  // engine/kv_format.cc's limit: 32 lanes of 8 channels
 
-// Lanes of one head's segment: D / 8 rounded up to a power of two (at most 32).
-__host__ __device__ inline int segment_lanes(int head_dim) {
-  int lanes = 1;
-  while (lanes < head_dim / 8) lanes *= 2;
-  return lanes;
-}
-
-// min (max = false) or max over the `lanes` lanes of this lane's segment (lanes a power of two,
-// segments aligned to it).
-__device__ __forceinline__ float segment_min_max(float v, bool max, int lanes) {
-  for (int o = lanes / 2; o > 0; o >>= 1) {
-    const float other = __shfl_xor_sync(0xffffffffu, v, o);
-    v = max ? fmaxf(v, other) : fminf(v, other);
-  }
-  return v;
-}
-
 // ---- CUDA kernels
 
 __global__ void kv_quantize_residual_kernel(const KvCacheView cache, const KvBatchView batch,
                                             const __half* qkv, int qkv_stride, int rows) {
   const int lane = threadIdx.x % 32;
-  const int D = cache.head_dim, H = cache.n_head, C = H * D;
-  const int lanes = segment_lanes(D), heads_per_warp = 32 / lanes;
+  const int D = cache.head_dim, H = cache.n_head;
+  const int lanes = residual_segment_lanes(D), heads_per_warp = 32 / lanes;
   const int head_groups = (H + heads_per_warp - 1) / heads_per_warp;
   // Warp w: head group w % head_groups, keys or values (w / head_groups) % 2, row
   // w / (2 head_groups): consecutive warps read consecutive heads of one row.
@@ -51,44 +34,9 @@ __global__ void kv_quantize_residual_kernel(const KvCacheView cache, const KvBat
   const int chunk = lane % lanes;  // channels 8 chunk .. 8 chunk + 7
   const int64_t row = warp / (2 * head_groups);
   const bool active = head < H && chunk < D / 8;
-  // fp16 [8] channels of this lane: 16 bytes (qkv_stride, C and D are multiples of 8).
-  float v[8];
-  float lo = INFINITY, hi = -INFINITY;
-  if (active) {
-    const uint4 loaded = *reinterpret_cast<const uint4*>(qkv + row * qkv_stride + (1 + which) * C +
-                                                         head * D + 8 * chunk);
-    const __half2* h = reinterpret_cast<const __half2*>(&loaded);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const float2 f = __half22float2(h[k]);
-      v[2 * k] = f.x;
-      v[2 * k + 1] = f.y;
-    }
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      lo = fminf(lo, v[k]);
-      hi = fmaxf(hi, v[k]);
-    }
-  }
-  lo = segment_min_max(lo, false, lanes);
-  hi = segment_min_max(hi, true, lanes);
-  if (!active) return;
-  const __half scale_h = __float2half_rn((hi - lo) / 255.0f);
-  const __half zero_h = __float2half_rn(lo);
-  const float scale = __half2float(scale_h), zero = __half2float(zero_h), inverse = 1.0f / scale;
-  uint32_t packed[2] = {0, 0};
-#pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    packed[k / 4] |= code_integer(quantized_code(v[k] - zero, scale, inverse, 255.0f))
-                     << (8 * (k % 4));
-  }
-  const int64_t index = (row * 2 + which) * H + head;
-  *reinterpret_cast<uint2*>(batch.new_codes + index * D + 8 * chunk) =
-      make_uint2(packed[0], packed[1]);
-  if (chunk == 0) {
-    const __half2 pair = __halves2half2(scale_h, zero_h);
-    batch.new_params[index] = *reinterpret_cast<const uint32_t*>(&pair);
-  }
+  const Int8RowShare share = quantize_row_share(
+      qkv + row * qkv_stride + (1 + which) * H * D + head * D + 8 * chunk, lanes, active);
+  if (active) store_new_row_share(cache, batch, row, which, head, chunk, share);
 }
 
 }  // namespace
@@ -108,7 +56,7 @@ void kv_quantize_residual(const KvCacheView& cache, const KvBatchView& batch, co
   if (rows < batch.items) {
     throw std::invalid_argument("kv_quantize_residual: fewer rows than items");
   }
-  const int heads_per_warp = 32 / segment_lanes(cache.head_dim);
+  const int heads_per_warp = 32 / residual_segment_lanes(cache.head_dim);
   const int64_t head_groups = (cache.n_head + heads_per_warp - 1) / heads_per_warp;
   const int64_t warps = static_cast<int64_t>(rows) * 2 * head_groups;
   const int64_t blocks = (warps + kWarps - 1) / kWarps;

@@ -429,8 +429,8 @@ void expect_graphs_replay_eager_steps(const std::string& format, int joins, int 
   const json& prompts = fixture()["prompts"];
   SamplingParams greedy;
   greedy.temperature = 0.0f;
-  KvCacheManager cache_eager(fixture_format(format), model, pool_blocks),
-      cache_graphs(fixture_format(format), model, pool_blocks);
+  KvCacheManager cache_eager(test_format(format), model, pool_blocks),
+      cache_graphs(test_format(format), model, pool_blocks);
   CudaBackend eager(shared_weights(), cache_eager.config(), cache_eager.num_blocks(),
                     CudaBackendOptions{false}),
       graphs(shared_weights(), cache_graphs.config(), cache_graphs.num_blocks(),
@@ -512,7 +512,9 @@ void expect_graphs_replay_eager_steps(const std::string& format, int joins, int 
 
 TEST(GpuBackend, DecodeGraphsReplayTheEagerStepsBitForBit) {
   SKIP_WITHOUT_GPU();
-  for (const std::string format : {"fp16", "kivi2"}) {
+  // kivi2c: decode steps that quantize an int8 residual's rows in attention, and store them there
+  // where no sequence flushes (graphs of both kinds).
+  for (const std::string format : {"fp16", "kivi2", "kivi2c"}) {
     // Few sequences: every context is split, into twice as many pieces as the context doubles.
     expect_graphs_replay_eager_steps(format, 10, 4, 9, 256);
     // Many: from 48 sequences down to 1 as they finish, most steps a new batch size.

@@ -192,6 +192,23 @@ std::vector<float> random_channel_scale(int C, std::mt19937& rng) {
   return channel_scale;
 }
 
+// A decode step of a KIVI cache hands decode_attention the new rows' write path: it quantizes an
+// int8 residual's rows and, where no item moves tokens into pages, stores them into their slots
+// (the step then launches neither kv_quantize_pages nor kv_compact_residual). Other caches keep it.
+void check_decode_new_rows(const KvCacheConfig& config, const CudaKvCache& gpu,
+                           const std::vector<ForwardItem>& items, int step) {
+  bool flushes = false;
+  for (const ForwardItem& item : items) {
+    flushes = flushes ||
+              paged_token_count(config, item.start + 1) > paged_token_count(config, item.start);
+  }
+  const bool kivi = is_kivi(config.format);
+  EXPECT_EQ(gpu.decode_new_rows().quantize,
+            kivi && config.residual_format == KvResidualFormat::kInt8)
+      << "step " << step;
+  EXPECT_EQ(gpu.decode_new_rows().store, kivi && !flushes) << "step " << step;
+}
+
 // One step of `items` (sequences already grown) through both caches with random fp16 q/k/v in
 // every layer: the attention outputs must agree and the pools be equal byte for byte.
 void check_step(const KvCacheManager& manager, CpuKvCache& cpu, CudaKvCache& gpu,
@@ -236,14 +253,19 @@ void check_step(const KvCacheManager& manager, CpuKvCache& cpu, CudaKvCache& gpu
           << ": " << g << " vs " << expected[i];
     }
   }
+  // Pools of the decode tests reach hundreds of MB: compared by memcmp, not an assertion a byte
+  // (which took most of those tests' minutes on the GPU machine).
   const std::vector<uint8_t> pool = gpu.download(stream);
-  for (size_t b = 0; b < pool.size(); ++b) {
-    ASSERT_EQ(pool[b], cpu.data()[b])
-        << "step " << steps << ": first pool byte that differs at " << b << " (layer "
-        << b / (manager.layout().block_bytes * manager.num_blocks()) << ", block "
-        << (b / manager.layout().block_bytes) % manager.num_blocks() << ", byte "
-        << b % manager.layout().block_bytes << ")";
-  }
+  ASSERT_EQ(pool.size(), cpu.bytes());
+  const uint8_t* expected_pool = cpu.data();
+  if (std::memcmp(pool.data(), expected_pool, pool.size()) == 0) return;
+  const size_t b = static_cast<size_t>(
+      std::mismatch(pool.begin(), pool.end(), expected_pool).first - pool.begin());
+  FAIL() << "step " << steps << ": first pool byte that differs at " << b << " (layer "
+         << b / (manager.layout().block_bytes * manager.num_blocks()) << ", block "
+         << (b / manager.layout().block_bytes) % manager.num_blocks() << ", byte "
+         << b % manager.layout().block_bytes << "): " << int{pool[b]} << " vs "
+         << int{expected_pool[b]};
 }
 
 // Several sequences grow step by step in one batch (prompt chunks of random length and single-
@@ -360,6 +382,9 @@ void check_prefill_steps(const CacheCase& c, PrefillAttentionVariant prefill,
     for (const ForwardItem& item : items) single_token_items += item.tokens.size() == 1 ? 1 : 0;
     EXPECT_EQ(gpu.decode_items(), gpu.decode_attention_supported() ? single_token_items : 0)
         << "step " << step;
+    // Steps with prompt chunks run the whole write path (kv_quantize_residual included).
+    EXPECT_FALSE(gpu.decode_new_rows().quantize) << "step " << step;
+    EXPECT_FALSE(gpu.decode_new_rows().store) << "step " << step;
     if (failures() != failures_before) break;
     manager.finish_step();
   }
@@ -413,6 +438,7 @@ TEST(GpuKvCache, DecodeStepsMatchTheCpuCacheSplitAndUnsplit) {
     KVSERVE_CUDA_CHECK(cudaStreamCreate(&stream));
     const std::vector<float> channel_scale = random_channel_scale(model.n_embd, rng);
     double worst = 0.0;
+    int stored_steps = 0;
     std::vector<int64_t> ids;
     std::vector<ForwardItem> prefill;
     for (int i = 0; i < many; ++i) {
@@ -434,10 +460,16 @@ TEST(GpuKvCache, DecodeStepsMatchTheCpuCacheSplitAndUnsplit) {
       ASSERT_NO_FATAL_FAILURE(grow_one_token(manager, ids, items));
       ASSERT_NO_FATAL_FAILURE(
           check_step(manager, cpu, gpu, items, channel_scale, rng, stream, step, worst));
+      ASSERT_NO_FATAL_FAILURE(check_decode_new_rows(manager.config(), gpu, items, step));
+      stored_steps += gpu.decode_new_rows().store ? 1 : 0;
       manager.finish_step();
     }
-    std::printf("%-34s decode steps agree, worst |attention difference| %.2e\n", test.name.c_str(),
-                worst);
+    // The split steps of 3 sequences mostly flush nothing: decode_attention stored their rows.
+    if (is_kivi(test.config.format)) EXPECT_GT(stored_steps, 20);
+    std::printf(
+        "%-34s decode steps agree (%d stored their rows in attention), worst |attention "
+        "difference| %.2e\n",
+        test.name.c_str(), stored_steps, worst);
     KVSERVE_CUDA_CHECK(cudaStreamDestroy(stream));
   }
 }
@@ -498,6 +530,7 @@ TEST(GpuKvCache, PackedDecodeMatchesTheCpuCacheInEveryTwoBitLayout) {
       ASSERT_NO_FATAL_FAILURE(
           check_step(manager, cpu, gpu, items, channel_scale, rng, stream, step, worst));
       ASSERT_EQ(gpu.decode_attention_kernel(), DecodeAttentionVariant::kPacked) << "step " << step;
+      ASSERT_NO_FATAL_FAILURE(check_decode_new_rows(manager.config(), gpu, items, step));
       ASSERT_EQ(gpu.decode_split().splits, step < 34 ? 1 : 2) << "step " << step;
       split_steps += gpu.decode_split().splits > 1 ? 1 : 0;
       manager.finish_step();
@@ -1248,6 +1281,25 @@ TEST(GpuKernels, LaunchersRejectBadInputs) {
   // The staged window is read in 32-bit words, the int8 residual's rows in 16-byte loads.
   EXPECT_THROW(cuda::kv_quantize_pages(kivi, batch, halves, 193, 100, 64, nullptr),
                std::invalid_argument);
+  // decode_attention quantizes the new rows of an int8 residual only (checked before any launch).
+  // Nothing is launched: an fp16 residual's rows are not quantized, and fp16 pages (decode
+  // attention's geometry otherwise) have no residual slots to store rows in.
+  alignas(16) __half out_halves[64] = {};
+  auto expect_new_rows_refused = [&](const cuda::KvCacheView& view, cuda::DecodeNewRows new_rows,
+                                     const std::string& message) {
+    try {
+      cuda::decode_attention(view, batch, {32, 1}, halves, 192, out_halves, 64, nullptr,
+                             DecodeAttentionVariant::kPacked, new_rows, nullptr);
+      ADD_FAILURE() << "decode_attention took new rows it cannot write: " << message;
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find(message), std::string::npos) << e.what();
+    }
+  };
+  expect_new_rows_refused(kivi, {true, false}, "quantizing new rows needs an int8 residual");
+  cuda::KvCacheView fp16_pages = kivi;
+  fp16_pages.kind = cuda::KvKind::kFp16;
+  fp16_pages.bits = 16;
+  expect_new_rows_refused(fp16_pages, {false, true}, "storing new rows needs a KIVI residual");
   uint8_t new_code = 0;
   uint32_t new_pair = 0;
   kivi.residual_int8 = true;

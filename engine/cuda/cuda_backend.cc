@@ -199,8 +199,13 @@ void CudaBackend::replay_decode(int items, const int32_t* index) {
     graphs_buffer_moves_ = buffer_moves();
   }
   const cuda::DecodeSplit split = cache_.decode_split();
-  const DecodeGraphKey key{items, split.chunk, split.splits,
-                           static_cast<int>(cache_.decode_attention_variant())};
+  const cuda::DecodeNewRows new_rows = cache_.decode_new_rows();
+  const DecodeGraphKey key{items,
+                           split.chunk,
+                           split.splits,
+                           static_cast<int>(cache_.decode_attention_variant()),
+                           new_rows.quantize,
+                           new_rows.store};
   if (auto it = decode_graphs_.find(key); it != decode_graphs_.end()) {
     it->second.last_used = ++graph_clock_;
     KVSERVE_CUDA_CHECK(cudaGraphLaunch(it->second.exec.get(), stream_));

@@ -180,6 +180,15 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
   for (int i = 0; i < n; ++i) host_meta_[residual_offset + i] += static_cast<int32_t>(pages.size());
   host_meta_[residual_offset + n] = static_cast<int32_t>(pages.size() + residual.size());
   measures_errors_ = kv_error_step_sampled(error_sample_rate_, ++step_);
+  // In a decode step only decode_attention reads the new rows before kv_compact_residual moves
+  // them (kv_quantize_pages and the error sampler read the flushed, older tokens), so it can
+  // quantize them where it reads them; where no item flushes, kv_compact_residual would only
+  // store them into their slots, which decode_attention can do too. That is one to three launches
+  // a layer fewer. Steps that measure errors (rare, and run without graphs) keep every launch.
+  const bool new_rows_in_attention =
+      decode_ && view_.kind == cuda::KvKind::kKivi && !measures_errors_;
+  decode_new_rows_.quantize = new_rows_in_attention && view_.residual_int8;
+  decode_new_rows_.store = new_rows_in_attention && max_paged_tokens_ == 0;
   host_meta_.insert(host_meta_.end(), step_indices.begin(), step_indices.end());
   host_meta_.insert(host_meta_.end(), pages.begin(), pages.end());
   host_meta_.insert(host_meta_.end(), residual.begin(), residual.end());
@@ -254,8 +263,10 @@ void CudaKvCache::append_and_attend(int layer, const __half* qkv, __half* out,
   cuda::KvCacheView view = view_;
   view.blocks = pool_ + layer * layer_bytes_;
   const int qkv_stride = 3 * channels_;
-  cuda::kv_quantize_residual(view, batch_, qkv, qkv_stride, rows_, stream);
-  quantize_pages(layer, qkv, stream);
+  if (!decode_new_rows_.quantize) {
+    cuda::kv_quantize_residual(view, batch_, qkv, qkv_stride, rows_, stream);
+  }
+  if (!decode_new_rows_.store) quantize_pages(layer, qkv, stream);
   if (measures_errors_) {
     cuda::kv_quantization_error(view, batch_, qkv, qkv_stride, error_bins_.get(), stream);
     if (layer == n_layer_ - 1) {  // the step's errors, read by take_errors after its sync
@@ -267,7 +278,7 @@ void CudaKvCache::append_and_attend(int layer, const __half* qkv, __half* out,
     }
   }
   attend(layer, qkv, out, stream);
-  cuda::kv_compact_residual(view, batch_, qkv, qkv_stride, stream);
+  if (!decode_new_rows_.store) cuda::kv_compact_residual(view, batch_, qkv, qkv_stride, stream);
 }
 
 void CudaKvCache::quantize_pages(int layer, const __half* qkv, cudaStream_t stream,
@@ -289,7 +300,7 @@ void CudaKvCache::attend(int layer, const __half* qkv, __half* out, cudaStream_t
     cuda::KvBatchView decode_batch = batch_;
     decode_batch.items = decode_items_;
     cuda::decode_attention(view, decode_batch, decode_split_, qkv, qkv_stride, out, channels_,
-                           decode_partial_.get(), decode_variant_, stream);
+                           decode_partial_.get(), decode_variant_, decode_new_rows_, stream);
   }
   if (num_tiles_ == 0) return;
   if (prefill_variant_ == cuda::PrefillAttentionVariant::kTensor) {

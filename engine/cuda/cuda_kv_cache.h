@@ -66,6 +66,11 @@ class CudaKvCache {
   // The prepared step's items that decode_attention attends (its single-token items, where the
   // geometry allows the kernel), the rest going to the prefill kernel.
   int decode_items() const { return decode_items_; }
+  // What the prepared step's decode_attention does with the new rows besides attending (a KIVI
+  // decode step that does not measure errors): quantize an int8 residual's, in place of a
+  // kv_quantize_residual launch; and, where no item flushes, store them into their residual slots,
+  // in place of kv_quantize_pages and kv_compact_residual. What a CUDA graph of the step bakes in.
+  cuda::DecodeNewRows decode_new_rows() const { return decode_new_rows_; }
   cuda::DecodeSplit decode_split() const { return decode_split_; }
   cuda::DecodeAttentionVariant decode_attention_variant() const { return decode_variant_; }
   // The KIVI kernel that the prepared step's decode_attention runs (the variant asked for, or
@@ -122,6 +127,7 @@ class CudaKvCache {
   int rows_ = 0;  // the prepared step's rows: every item's tokens
   int decode_items_ = 0;
   bool decode_ = false;
+  cuda::DecodeNewRows decode_new_rows_;
   cuda::DecodeSplit decode_split_;
   cuda::DecodeAttentionVariant decode_variant_;
   cuda::PrefillAttentionVariant prefill_variant_;
