@@ -50,8 +50,9 @@ struct KvBatchView {
   // kivi: slot ids (block * c + index) [keys 0, values 0, keys 1, ...], items concatenated
   const int32_t* residual_slots = nullptr;
   // int8 residual: the step's new keys and values quantized to int8 as they enter the window
-  // (kv_quantize_residual), read by every kernel of the step before kv_compact_residual moves
-  // them into the residual blocks. Indexed by the step's rows (row[i] + position - start[i]).
+  // (kv_quantize_residual, or in a decode step decode_attention: DecodeNewRows), read by every
+  // kernel of the step before kv_compact_residual moves them into the residual blocks. Indexed by
+  // the step's rows (row[i] + position - start[i]).
   uint8_t* new_codes = nullptr;    // u8 [rows][2 (keys, values)][H][D]
   uint32_t* new_params = nullptr;  // fp16 (scale, zero) pairs [rows][2][H]
 };

@@ -17,7 +17,7 @@ constexpr int kThreads = 128;
 // ---- CUDA kernels
 
 // The int8 residual: codes u8 [D] and an fp16 (scale, zero) pair per row, moved as they are (the
-// new rows from the batch's new rows, quantized by kv_quantize_residual).
+// new rows from the batch's new rows, quantized by kv_quantize_residual or decode_attention).
 //   staged: u8 [2][rows][D] codes, then [2][rows] pairs (4 bytes each)
 __device__ void compact_int8(const KvCacheView& cache, const KvBatchView& batch, uint8_t* staged,
                              int item, int head) {

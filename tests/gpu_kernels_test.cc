@@ -185,6 +185,24 @@ void grow_one_token(KvCacheManager& manager, const std::vector<int64_t>& ids,
   }
 }
 
+// Runs body(0) .. body(n - 1) on up to one thread per core. The decode tests' cases are
+// independent (each its own caches and stream) and spend their time in the CPU reference and in
+// copying pools of hundreds of MB: one after the other they took minutes of a GPU call.
+// Assertions in body report from its thread (googletest is thread-safe with pthreads).
+template <typename Body>
+void for_each_case_in_parallel(size_t n, Body body) {
+  const size_t threads =
+      std::max<size_t>(1, std::min<size_t>(n, std::thread::hardware_concurrency()));
+  std::atomic<size_t> next{0};
+  std::vector<std::thread> pool;
+  for (size_t t = 0; t < threads; ++t) {
+    pool.emplace_back([&] {
+      for (size_t i = next++; i < n; i = next++) body(i);
+    });
+  }
+  for (std::thread& thread : pool) thread.join();
+}
+
 std::vector<float> random_channel_scale(int C, std::mt19937& rng) {
   std::vector<float> channel_scale(3 * C);
   for (float& s : channel_scale) s = std::uniform_real_distribution<float>(0.2f, 2.0f)(rng);
@@ -427,10 +445,12 @@ TEST(GpuKvCache, DecodeStepsMatchTheCpuCacheSplitAndUnsplit) {
   const int sm_count = multiprocessor_count();
   // decode_attention_split leaves the context whole from 8 blocks per SM on.
   const int many = (8 * sm_count + model.n_head - 1) / model.n_head;
-  for (const VariantCase& test : variant_cases(cache_cases())) {
+  const std::vector<VariantCase> cases = variant_cases(cache_cases());
+  for_each_case_in_parallel(cases.size(), [&](size_t case_index) {
+    const VariantCase& test = cases[case_index];
     KvCacheManager manager(test.config, model, many * 16);
     CudaKvCache gpu(manager.config(), manager.num_blocks(), model, test.variant);
-    if (!gpu.decode_attention_supported()) continue;
+    if (!gpu.decode_attention_supported()) return;
     SCOPED_TRACE(test.name);
     std::mt19937 rng(99);
     CpuKvCache cpu(manager.config(), manager.num_blocks(), model);
@@ -465,13 +485,15 @@ TEST(GpuKvCache, DecodeStepsMatchTheCpuCacheSplitAndUnsplit) {
       manager.finish_step();
     }
     // The split steps of 3 sequences mostly flush nothing: decode_attention stored their rows.
-    if (is_kivi(test.config.format)) EXPECT_GT(stored_steps, 20);
+    if (is_kivi(test.config.format)) {
+      EXPECT_GT(stored_steps, 20);
+    }
     std::printf(
         "%-34s decode steps agree (%d stored their rows in attention), worst |attention "
         "difference| %.2e\n",
         test.name.c_str(), stored_steps, worst);
     KVSERVE_CUDA_CHECK(cudaStreamDestroy(stream));
-  }
+  });
 }
 
 // The packed kernel in every 2-bit layout decode_attention takes (kivi2; issue 16's fp8 pairs,
@@ -481,6 +503,9 @@ TEST(GpuKvCache, DecodeStepsMatchTheCpuCacheSplitAndUnsplit) {
 // each sequence past R + G tokens flushes one), then 8 of half as many, one of them about 600
 // tokens long, so that each context is cut in two chunks of 320 and the splits are merged (the
 // second chunk empty for the others).
+// Each layout runs twice: sequences of random lengths, so that nearly every step flushes some of
+// them; and lengths of 1 more than a multiple of the group, so that they all flush in one step of
+// 32 and decode_attention stores the new rows in the others (DecodeNewRows::store).
 // Pools byte-identical to the CPU's and attention within the GPU tests' tolerance after each.
 TEST(GpuKvCache, PackedDecodeMatchesTheCpuCacheInEveryTwoBitLayout) {
   SKIP_WITHOUT_GPU();
@@ -489,16 +514,23 @@ TEST(GpuKvCache, PackedDecodeMatchesTheCpuCacheInEveryTwoBitLayout) {
   const int sm_count = multiprocessor_count();
   // decode_attention_split: one split from 8 blocks per SM on, two from 4 (contexts permitting).
   const int many = (8 * sm_count + H - 1) / H, half = (4 * sm_count + H - 1) / H;
-  int layouts = 0;
+  std::vector<std::pair<CacheCase, bool>> runs;  // (layout, lengths aligned to the group)
   for (const CacheCase& c : cache_cases()) {
     const KvCacheConfig& config = c.config;
-    if (config.format != KvFormat::kKivi2 || config.page_tokens != 32 || config.key_group != 32 ||
-        config.per_token_keys) {
-      continue;
+    if (config.format == KvFormat::kKivi2 && config.page_tokens == 32 && config.key_group == 32 &&
+        !config.per_token_keys) {
+      for (bool aligned : {false, true}) runs.push_back({c, aligned});
     }
-    ++layouts;
-    SCOPED_TRACE(c.name);
-    KvCacheManager manager(config, model, many * 16 + 64);
+  }
+  ASSERT_EQ(runs.size(), 12u);  // kivi2, gv16, kivi2c, fp8, gv64, int8 residual; twice each
+  for_each_case_in_parallel(runs.size(), [&](size_t run) {
+    const CacheCase& c = runs[run].first;
+    const bool aligned = runs[run].second;
+    const std::string name = std::string(c.name) + (aligned ? " aligned" : "");
+    SCOPED_TRACE(name);
+    // 24 blocks a sequence: kivi2_fp8's small blocks hold 10 fp16 residual slots each, and an
+    // aligned window of up to 63 tokens takes 13 of them for its keys and values.
+    KvCacheManager manager(c.config, model, many * 24 + 64);
     CudaKvCache gpu(manager.config(), manager.num_blocks(), model, DecodeAttentionVariant::kPacked);
     ASSERT_TRUE(gpu.decode_attention_supported());
     std::mt19937 rng(5);
@@ -512,14 +544,17 @@ TEST(GpuKvCache, PackedDecodeMatchesTheCpuCacheInEveryTwoBitLayout) {
     for (int i = 0; i < many; ++i) {
       ids.push_back(i);
       manager.add_sequence(i);
-      const int length = i == 0 ? 560 : 1 + static_cast<int>(rng() % 150);
+      // Aligned: 65 .. 193 and 545, each 1 past a multiple of G = 32, so that step s flushes
+      // (position 32 k + 31 entering) at s = 31 only.
+      const int length = aligned ? (i == 0 ? 545 : 65 + 32 * static_cast<int>(rng() % 5))
+                                 : (i == 0 ? 560 : 1 + static_cast<int>(rng() % 150));
       ASSERT_TRUE(manager.grow(i, length));
       prefill.push_back({i, 0, std::vector<int32_t>(length, 0), false, {}});
     }
     ASSERT_NO_FATAL_FAILURE(
         check_step(manager, cpu, gpu, prefill, channel_scale, rng, stream, 0, worst));
     manager.finish_step();
-    int split_steps = 0;
+    int split_steps = 0, stored_steps = 0;
     for (int step = 1; step <= 41; ++step) {
       if (step == 34) {
         for (size_t i = half; i < ids.size(); ++i) manager.remove_sequence(ids[i]);
@@ -533,15 +568,18 @@ TEST(GpuKvCache, PackedDecodeMatchesTheCpuCacheInEveryTwoBitLayout) {
       ASSERT_NO_FATAL_FAILURE(check_decode_new_rows(manager.config(), gpu, items, step));
       ASSERT_EQ(gpu.decode_split().splits, step < 34 ? 1 : 2) << "step " << step;
       split_steps += gpu.decode_split().splits > 1 ? 1 : 0;
+      stored_steps += gpu.decode_new_rows().store ? 1 : 0;
       manager.finish_step();
     }
+    if (aligned) {
+      EXPECT_EQ(stored_steps, 40);  // every step but the 31st, split ones too
+    }
     std::printf(
-        "%-34s packed decode steps agree (%d of them split), worst |attention "
-        "difference| %.2e\n",
-        c.name, split_steps, worst);
+        "%-34s packed decode steps agree (%d of them split, %d stored their rows in attention), "
+        "worst |attention difference| %.2e\n",
+        name.c_str(), split_steps, stored_steps, worst);
     KVSERVE_CUDA_CHECK(cudaStreamDestroy(stream));
-  }
-  EXPECT_EQ(layouts, 6);  // kivi2, gv16, kivi2c, fp8, gv64, int8 residual
+  });
 }
 
 // Median of `repeats` timings (events around each call) of `run` on `stream`, in seconds.

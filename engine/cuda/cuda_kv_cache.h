@@ -50,8 +50,9 @@ class CudaKvCache {
   // One layer: quantizes the positions that enter pages, attends, compacts the residual.
   //   qkv: fp16 [rows][3C] (q | k | v, biases added)   out: fp16 [rows][C]
   void append_and_attend(int layer, const __half* qkv, __half* out, cudaStream_t stream);
-  // The attention of append_and_attend alone, without the write path, for benchmarks of the
-  // attention kernels: right only once append_and_attend has run for the prepared step.
+  // The attention of append_and_attend alone, for benchmarks of the attention kernels: right only
+  // once append_and_attend has run for the prepared step. The write path stays out, but for what
+  // a KIVI decode step hands decode_attention (decode_new_rows(): its new rows, written again).
   void attend(int layer, const __half* qkv, __half* out, cudaStream_t stream);
   // The page write of append_and_attend alone (kv_quantize_pages), for benchmarks: chunks of
   // chunk_tokens positions per block (0: the kernel's default, as append_and_attend runs it; else
