@@ -6,6 +6,9 @@
 // written (the decode case: one row per item and head).
 #include "kernels/kv_compact_residual.h"
 
+#include <cstdint>
+#include <stdexcept>
+
 #include "kernels/cuda_check.h"
 #include "kernels/kv_cache_device.cuh"
 
@@ -16,95 +19,92 @@ constexpr int kThreads = 128;
 
 // ---- CUDA kernels
 
+// Rows move in units of 8 channels: 16 bytes of an fp16 row, 8 of an int8 row's codes (KIVI's
+// value groups divide head_dim and are multiples of 8, so D / 8 units fill a row, each aligned).
+// Element by element, a flushing item's block (about 31 old rows to move, keys and values) took 32
+// rounds of its 128 threads, each a chain of dependent loads (slot id, then the element).
+
 // The int8 residual: codes u8 [D] and an fp16 (scale, zero) pair per row, moved as they are (the
-// new rows from the batch's new rows, quantized by kv_quantize_residual or decode_attention).
-//   staged: u8 [2][rows][D] codes, then [2][rows] pairs (4 bytes each)
-__device__ void compact_int8(const KvCacheView& cache, const KvBatchView& batch, uint8_t* staged,
+// new rows from the batch's new rows, quantized by kv_quantize_residual or decode_attention), as
+// D / 8 + 1 units of 8 bytes a row: its codes, then its pair (in the low 4 bytes).
+//   staged: [2][rows][D / 8 + 1] such units
+__device__ void compact_int8(const KvCacheView& cache, const KvBatchView& batch, uint2* staged,
                              int item, int head) {
   const int start = batch.start[item], end = start + batch.count[item];
   const int first = paged_count(cache, start), last = paged_count(cache, end);
-  const int D = cache.head_dim;
+  const int D = cache.head_dim, units = D / 8 + 1;
   const int32_t* residual_slots = batch.residual_slots + batch.residual_offset[item];
   const KvWindow window = item_window(cache, batch, nullptr, 0, item, head);
-  // Destination of residual slot `slot`: its codes and its pair.
-  auto destination = [&](int slot, int which, uint8_t*& codes, uint32_t*& pair) {
-    uint8_t* base = residual_slot(cache, residual_slots, slot, which);
-    codes = base + static_cast<int64_t>(head) * D;
-    pair = reinterpret_cast<uint32_t*>(base + cache.residual_params) + head;
-  };
-  const int moved_from = last, moved = last > first ? max(0, start - last) : 0;
-  uint32_t* staged_pairs = reinterpret_cast<uint32_t*>(staged + 2 * moved * D);
-  for (int e = threadIdx.x; e < 2 * moved * (D + 1); e += blockDim.x) {
-    const int which = e / (moved * (D + 1)), r = (e / (D + 1)) % moved, d = e % (D + 1);
+  auto read_unit = [&](int pos, int which, int u) {
     const uint8_t* codes;
     __half2 pair;
-    window.residual_int8_row(moved_from + r, which, codes, pair);
-    if (d < D) {
-      staged[(which * moved + r) * D + d] = codes[d];
+    window.residual_int8_row(pos, which, codes, pair);
+    if (u + 1 < units) return reinterpret_cast<const uint2*>(codes)[u];
+    return make_uint2(*reinterpret_cast<const uint32_t*>(&pair), 0u);
+  };
+  auto write_unit = [&](int slot, int which, int u, uint2 value) {
+    uint8_t* base = residual_slot(cache, residual_slots, slot, which);
+    if (u + 1 < units) {
+      reinterpret_cast<uint2*>(base + static_cast<int64_t>(head) * D)[u] = value;
     } else {
-      staged_pairs[which * moved + r] = *reinterpret_cast<const uint32_t*>(&pair);
+      reinterpret_cast<uint32_t*>(base + cache.residual_params)[head] = value.x;
     }
+  };
+  const int moved_from = last, moved = last > first ? max(0, start - last) : 0;
+  for (int e = threadIdx.x; e < 2 * moved * units; e += blockDim.x) {
+    const int which = e / (moved * units), r = (e / units) % moved, u = e % units;
+    staged[e] = read_unit(moved_from + r, which, u);
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < 2 * moved * (D + 1); e += blockDim.x) {
-    const int which = e / (moved * (D + 1)), r = (e / (D + 1)) % moved, d = e % (D + 1);
-    uint8_t* codes;
-    uint32_t* pair;
-    destination(moved_from + r - last, which, codes, pair);
-    if (d < D) {
-      codes[d] = staged[(which * moved + r) * D + d];
-    } else {
-      *pair = staged_pairs[which * moved + r];
-    }
+  for (int e = threadIdx.x; e < 2 * moved * units; e += blockDim.x) {
+    const int which = e / (moved * units), r = (e / units) % moved, u = e % units;
+    write_unit(moved_from + r - last, which, u, staged[e]);
   }
   const int new_first = max(start, last), fresh = end - new_first;
-  for (int e = threadIdx.x; e < 2 * fresh * (D + 1); e += blockDim.x) {
-    const int which = e / (fresh * (D + 1)), r = (e / (D + 1)) % fresh, d = e % (D + 1);
-    const uint8_t* from;
-    __half2 from_pair;
-    window.residual_int8_row(new_first + r, which, from, from_pair);
-    uint8_t* codes;
-    uint32_t* pair;
-    destination(new_first + r - last, which, codes, pair);
-    if (d < D) {
-      codes[d] = from[d];
-    } else {
-      *pair = *reinterpret_cast<const uint32_t*>(&from_pair);
-    }
+  for (int e = threadIdx.x; e < 2 * fresh * units; e += blockDim.x) {
+    const int which = e / (fresh * units), r = (e / units) % fresh, u = e % units;
+    write_unit(new_first + r - last, which, u, read_unit(new_first + r, which, u));
   }
 }
 
 __global__ void kv_compact_residual_kernel(const KvCacheView cache, const KvBatchView batch,
                                            const __half* qkv, int qkv_stride) {
-  extern __shared__ __half staged[];  // [2][rows][D]: the old rows that move (keys, values)
+  // The old rows that move, keys then values: fp16 [2][rows][D / 8] units of 16 bytes, or the
+  // int8 residual's [2][rows][D / 8 + 1] units of 8 bytes (compact_int8).
+  extern __shared__ uint4 staged[];
   const int item = blockIdx.x, head = blockIdx.y;
   if (cache.residual_int8) {
-    compact_int8(cache, batch, reinterpret_cast<uint8_t*>(staged), item, head);
+    compact_int8(cache, batch, reinterpret_cast<uint2*>(staged), item, head);
     return;
   }
   const int start = batch.start[item], end = start + batch.count[item];
   const int first = paged_count(cache, start), last = paged_count(cache, end);
-  const int D = cache.head_dim;
+  const int units = cache.head_dim / 8;  // 16 bytes each
   const int32_t* residual_slots = batch.residual_slots + batch.residual_offset[item];
   const KvWindow window = item_window(cache, batch, qkv, qkv_stride, item, head);
+  auto row_units = [&](int pos, int which) {
+    return reinterpret_cast<const uint4*>(window.row(pos, which));
+  };
+  auto slot_units = [&](int slot, int which) {
+    return reinterpret_cast<uint4*>(residual_row(cache, residual_slots, head, slot, which));
+  };
 
   // Old rows [last, start) move from slot pos - first to slot pos - last when last > first.
   const int moved_from = last, moved = last > first ? max(0, start - last) : 0;
-  for (int e = threadIdx.x; e < 2 * moved * D; e += blockDim.x) {
-    const int which = e / (moved * D), r = (e / D) % moved, d = e % D;
-    staged[e] = window.row(moved_from + r, which)[d];
+  for (int e = threadIdx.x; e < 2 * moved * units; e += blockDim.x) {
+    const int which = e / (moved * units), r = (e / units) % moved, u = e % units;
+    staged[e] = row_units(moved_from + r, which)[u];
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < 2 * moved * D; e += blockDim.x) {
-    const int which = e / (moved * D), r = (e / D) % moved, d = e % D;
-    residual_row(cache, residual_slots, head, moved_from + r - last, which)[d] = staged[e];
+  for (int e = threadIdx.x; e < 2 * moved * units; e += blockDim.x) {
+    const int which = e / (moved * units), r = (e / units) % moved, u = e % units;
+    slot_units(moved_from + r - last, which)[u] = staged[e];
   }
   // New rows [max(start, last), end) come from qkv.
   const int new_first = max(start, last), fresh = end - new_first;
-  for (int e = threadIdx.x; e < 2 * fresh * D; e += blockDim.x) {
-    const int which = e / (fresh * D), r = (e / D) % fresh, d = e % D;
-    residual_row(cache, residual_slots, head, new_first + r - last, which)[d] =
-        window.row(new_first + r, which)[d];
+  for (int e = threadIdx.x; e < 2 * fresh * units; e += blockDim.x) {
+    const int which = e / (fresh * units), r = (e / units) % fresh, u = e % units;
+    slot_units(new_first + r - last, which)[u] = row_units(new_first + r, which)[u];
   }
 }
 
@@ -116,7 +116,14 @@ void kv_compact_residual(const KvCacheView& cache, const KvBatchView& batch, con
                          int qkv_stride, cudaStream_t stream) {
   check_kv_launch("kv_compact_residual", cache, batch, qkv, qkv_stride);
   if (batch.items == 0 || cache.kind != KvKind::kKivi) return;
-  // At most R + G - 1 old rows survive a step (the residual holds fewer than R + G tokens).
+  if (cache.head_dim % 8 != 0) {
+    throw std::invalid_argument("kv_compact_residual: head_dim not a multiple of 8");
+  }
+  if (qkv_stride % 8 != 0 || reinterpret_cast<uintptr_t>(qkv) % 16 != 0) {
+    throw std::invalid_argument("kv_compact_residual: qkv rows must be 16-byte aligned");
+  }
+  // At most R + G - 1 old rows survive a step (the residual holds fewer than R + G tokens); an
+  // int8 row's units (D + 8 bytes) take no more than an fp16 row (2 D, D >= 8).
   const size_t shared_bytes =
       2 * static_cast<size_t>(cache.residual + cache.key_group) * cache.head_dim * sizeof(__half);
   KVSERVE_CUDA_CHECK(cudaFuncSetAttribute(kv_compact_residual_kernel,

@@ -26,6 +26,7 @@
 #include "kernels/device_info.h"
 #include "kernels/embedding.h"
 #include "kernels/gemm.h"
+#include "kernels/kv_compact_residual.h"
 #include "kernels/kv_dequantize_pages.h"
 #include "kernels/kv_quantize_pages.h"
 #include "kernels/kv_quantize_residual.h"
@@ -1316,8 +1317,12 @@ TEST(GpuKernels, LaunchersRejectBadInputs) {
   }
   EXPECT_THROW(cuda::kv_quantize_pages(kivi, batch, halves, 192, -1, 64, nullptr),
                std::invalid_argument);
-  // The staged window is read in 32-bit words, the int8 residual's rows in 16-byte loads.
+  // The staged window is read in 32-bit words, the int8 residual's rows in 16-byte loads; the
+  // compaction moves rows 16 bytes at a time.
   EXPECT_THROW(cuda::kv_quantize_pages(kivi, batch, halves, 193, 100, 64, nullptr),
+               std::invalid_argument);
+  EXPECT_THROW(cuda::kv_compact_residual(kivi, batch, halves, 196, nullptr), std::invalid_argument);
+  EXPECT_THROW(cuda::kv_compact_residual(kivi, batch, halves + 1, 192, nullptr),
                std::invalid_argument);
   // decode_attention quantizes the new rows of an int8 residual only (checked before any launch).
   // Nothing is launched: an fp16 residual's rows are not quantized, and fp16 pages (decode
