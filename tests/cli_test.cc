@@ -188,6 +188,24 @@ TEST(Cli, CudaGraphsOffReachesTheBackendOfEveryCommand) {
   EXPECT_EQ(nlohmann::json::parse(engine.out)["cuda_graphs"], false);
 }
 
+// bench decode --context-spread: sequence i starts at context + i % spread tokens, so a step of 4
+// sequences with spread 3 reads 0 + 1 + 2 + 0 more cached tokens than with every one at the
+// context: fp16 keys and values of 256 channels in 6 layers, 6,144 bytes a token.
+TEST(Cli, BenchDecodeSpreadsTheContexts) {
+  const std::string command =
+      "bench decode " + model_flag() +
+      " --device cpu --kv fp16 --batches 4 --context 8 --steps 2 --warmup 0";
+  const CommandResult equal = run_kvserve(command);
+  const CommandResult spread = run_kvserve(command + " --context-spread 3");
+  ASSERT_EQ(equal.status, 0) << equal.err;
+  ASSERT_EQ(spread.status, 0) << spread.err;
+  const nlohmann::json a = nlohmann::json::parse(equal.out), b = nlohmann::json::parse(spread.out);
+  EXPECT_EQ(a["context_spread"], 1);
+  EXPECT_EQ(b["context_spread"], 3);
+  EXPECT_DOUBLE_EQ(b["bytes_per_step"].get<double>() - a["bytes_per_step"].get<double>(),
+                   3.0 * 6144.0);
+}
+
 CommandResult run_cli(const std::string& args) {
   return testing::run_command(testing::kvserve_cli_binary() + " " + args);
 }
@@ -296,6 +314,12 @@ TEST(Cli, OneFlagVocabularyAcrossBothBinaries) {
                                  "--kv-value-group 48"),
                      "--kv-value-group", "bench decode --kv-value-group 48");
   expect_usage_error(run_kvserve("bench decode --kv kivi3"), "--kv", "bench decode --kv kivi3");
+  expect_usage_error(run_kvserve("bench decode --context-spread 0"), "--context-spread",
+                     "bench decode --context-spread 0");
+  // The spread counts toward the model's context (dummy:gpt2's is 1024).
+  expect_usage_error(run_kvserve("bench decode --model dummy:gpt2 --device cpu --context 900 "
+                                 "--context-spread 64 --steps 64"),
+                     "--context-spread", "bench decode past the model's context");
   const CommandResult decode =
       run_kvserve("bench decode " + model_flag() +
                   " --device cpu --kv kivi2 --kv-value-group 64 --batches 1 --context 8 --steps 2 "

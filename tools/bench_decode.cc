@@ -15,6 +15,9 @@ void add_bench_decode_flags(CLI::App* app, BenchDecodeFlags& flags) {
   app->add_option("--batches", flags.batches, "batch sizes")->delimiter(',');
   app->add_option("--context", flags.context, "cached tokens per sequence before timing")
       ->check(positive());
+  app->add_option("--context-spread", flags.context_spread,
+                  "sequence i starts at context + i % this many tokens (1: all equal)")
+      ->check(positive());
   app->add_option("--steps", flags.steps, "timed decode steps")->check(positive());
   app->add_option("--warmup", flags.warmup, "untimed decode steps first")->check(non_negative());
 }
@@ -53,10 +56,11 @@ int run_bench_decode(const BenchDecodeFlags& flags) {
   const KvCacheConfig& config = spec.kv;
   int max_batch = 0;
   for (int b : flags.batches) max_batch = std::max(max_batch, b);
-  const int length = flags.context + flags.warmup + flags.steps;
+  const int length = flags.context + flags.context_spread - 1 + flags.warmup + flags.steps;
   if (length > model.n_positions) {
-    throw UsageError("--context + --warmup + --steps = " + std::to_string(length) +
-                     " exceeds the model's context of " + std::to_string(model.n_positions));
+    throw UsageError(
+        "--context + --context-spread - 1 + --warmup + --steps = " + std::to_string(length) +
+        " exceeds the model's context of " + std::to_string(model.n_positions));
   }
   // A KIVI sequence holds the most blocks just before a flush, not at its final length, and one
   // step holds both its old and new residual blocks.
@@ -82,13 +86,16 @@ int run_bench_decode(const BenchDecodeFlags& flags) {
       ids.push_back(next_id++);
       cache->add_sequence(ids.back());
     }
+    auto start_length = [&](int i) { return flags.context + i % flags.context_spread; };
     // Prefill in groups of 16 sequences, so activations stay small.
     for (int first = 0; first < batch; first += 16) {
       std::vector<ForwardItem> items;
       for (int i = first; i < std::min(batch, first + 16); ++i) {
-        cache->grow(ids[i], flags.context);
-        std::vector<int32_t> tokens(flags.context);
-        for (int t = 0; t < flags.context; ++t) tokens[t] = (i * 131 + t * 7) % model.vocab_size;
+        cache->grow(ids[i], start_length(i));
+        std::vector<int32_t> tokens(start_length(i));
+        for (int t = 0; t < start_length(i); ++t) {
+          tokens[t] = (i * 131 + t * 7) % model.vocab_size;
+        }
         items.push_back({ids[i], 0, tokens, false, cache->block_table(ids[i])});
       }
       backend->forward(items, logits);
@@ -105,20 +112,19 @@ int run_bench_decode(const BenchDecodeFlags& flags) {
         start = Clock::now();
         graphs_before = backend->graph_counters();
       }
-      const int pos = flags.context + step;
       std::vector<ForwardItem> items;
       std::vector<SampleRequest> requests;
       for (int i = 0; i < batch; ++i) {
+        const int pos = start_length(i) + step;
         if (!cache->grow(ids[i], pos + 1)) throw std::runtime_error("bench: KV pool too small");
         items.push_back({ids[i], pos, {next[i]}, false, cache->block_table(ids[i])});
         requests.push_back({&greedy, &no_history, static_cast<uint64_t>(step)});
+        if (step >= flags.warmup) bytes += kv_bytes_read(config, cache->layout(), model, pos + 1);
       }
       backend->forward_sample(items, requests, picked);
       cache->finish_step();
       for (int i = 0; i < batch; ++i) next[i] = picked[i].token.id;
-      if (step >= flags.warmup) {
-        bytes += weights_read + batch * kv_bytes_read(config, cache->layout(), model, pos + 1);
-      }
+      if (step >= flags.warmup) bytes += weights_read;
     }
     const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
     const GraphCounters graphs = backend->graph_counters();
@@ -134,6 +140,7 @@ int run_bench_decode(const BenchDecodeFlags& flags) {
         {"prefill_attention", flags.model.prefill_attention},
         {"batch", batch},
         {"context", flags.context},
+        {"context_spread", flags.context_spread},
         {"steps", flags.steps},
         // Timed steps replayed from CUDA graphs, and graphs captured during them.
         {"cuda_graphs", graphs.replayed > graphs_before.replayed},
