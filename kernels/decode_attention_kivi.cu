@@ -510,19 +510,29 @@ __global__ void __launch_bounds__(kThreads, BITS == 2 ? 5 : 4)
     const int t = t0 + sub;
     const bool valid = t < c1;
     // The lane's channels of token t: fp16 rows read 16 bytes at a time, or an int8 residual's
-    // rows dequantized as the CPU reads them.
+    // rows, its L::kChannels codes in one load (16 or 8 aligned bytes, where byte loads took 16
+    // instructions and their latency), dequantized as the CPU reads them.
     float kf[L::kChannels] = {}, vf[L::kChannels] = {};
     if (valid && cache.residual_int8) {
+      static_assert(L::kChannels == 16 || L::kChannels == 8, "16 or 8 codes a lane");
 #pragma unroll
       for (int which = 0; which < 2; ++which) {
         const uint8_t* codes;
         __half2 pair;
         window.residual_int8_row(t, which, codes, pair);
+        uint32_t words[4] = {};
+        if constexpr (L::kChannels == 16) {
+          const uint4 raw = *reinterpret_cast<const uint4*>(codes + L::kChannels * group);
+          words[0] = raw.x, words[1] = raw.y, words[2] = raw.z, words[3] = raw.w;
+        } else {
+          const uint2 raw = *reinterpret_cast<const uint2*>(codes + L::kChannels * group);
+          words[0] = raw.x, words[1] = raw.y;
+        }
         const float2 sz = __half22float2(pair);
         float* f = which == 0 ? kf : vf;
 #pragma unroll
         for (int j = 0; j < L::kChannels; ++j) {
-          f[j] = dequantize(codes[L::kChannels * group + j], sz.x, sz.y);
+          f[j] = dequantize((words[j / 4] >> (8 * (j % 4))) & 0xffu, sz.x, sz.y);
         }
       }
     } else if (valid) {

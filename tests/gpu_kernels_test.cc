@@ -128,7 +128,9 @@ std::vector<CacheCase> cache_cases() {
            kivi(KvFormat::kKivi2, 32, 32, 32, 32, false, KvParamFormat::kFp16, kInt8Residual)},
           {"kivi2_per_token_keys_fp8", kivi(KvFormat::kKivi2, 32, 32, 32, 32, true, kFp8)},
           {"kivi4_g16_gv16_r16_p48_fp8_int8",
-           kivi(KvFormat::kKivi4, 16, 16, 16, 48, false, kFp8, kInt8Residual)}};
+           kivi(KvFormat::kKivi4, 16, 16, 16, 48, false, kFp8, kInt8Residual)},
+          // An int8 window under the online kernel's 4-bit lanes (8 codes a lane) in decode steps.
+          {"kivi4_fp8_int8", kivi(KvFormat::kKivi4, 32, 32, 32, 32, false, kFp8, kInt8Residual)}};
 }
 
 using cuda::DecodeAttentionVariant;
