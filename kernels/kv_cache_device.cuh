@@ -265,15 +265,45 @@ __device__ __forceinline__ float page_element(const KvCacheView& c, const uint8_
   return page_element<KvKind::kKivi, 2>(c, page, head, slot, d, which, D);
 }
 
+// The kLanes consecutive lanes of a warp (1, 2 or 4) that share one group's work, this thread
+// being lane `index` of them: the element ranges of min/max and the code words are split among
+// them, and so are the fp8 pair search's candidates, each still summed over the whole group in its
+// order, so the CPU's pair wins. Where a chunk has fewer groups than the block has threads (a
+// decode step's flush: 32 tokens of an item), a group's serial chain is that much shorter.
+template <int kLanes>
+struct GroupLanes {
+  static_assert(kLanes == 1 || kLanes == 2 || kLanes == 4, "1, 2 or 4 lanes a group");
+  int index;      // this thread's lane among the group's lanes
+  unsigned mask;  // the group's lanes in the warp
+
+  // For a thread whose work item is e (items numbered group * kLanes + lane, blockDim.x a
+  // multiple of 32).
+  __device__ __forceinline__ explicit GroupLanes(int e)
+      : index(e % kLanes),
+        mask(((1u << kLanes) - 1u) << ((threadIdx.x % 32) & ~(kLanes - 1))) {}
+
+  __device__ __forceinline__ float min(float v) const {
+#pragma unroll
+    for (int o = 1; o < kLanes; o *= 2) v = fminf(v, __shfl_xor_sync(mask, v, o));
+    return v;
+  }
+  __device__ __forceinline__ float max(float v) const {
+#pragma unroll
+    for (int o = 1; o < kLanes; o *= 2) v = fmaxf(v, __shfl_xor_sync(mask, v, o));
+    return v;
+  }
+};
+
 // Codes of x(0) .. x(n-1) with (scale, zero), packed `bits` per code into whole 32-bit words (n
 // a multiple of 32 / bits), LSB first: rint((x - zero) / scale) clamped, as the CPU's write_codes.
-template <typename Fetch>
+// Each of the group's lanes writes the words w = index mod kLanes.
+template <int kLanes, typename Fetch>
 __device__ __forceinline__ void write_code_words(Fetch x, int n, int bits, float scale, float zero,
-                                                 uint32_t* words) {
+                                                 uint32_t* words, const GroupLanes<kLanes>& lanes) {
   const float max_code = static_cast<float>((1 << bits) - 1);
   const float inverse = 1.0f / scale;
   const int per_word = 32 / bits;
-  for (int w = 0; w < n / per_word; ++w) {
+  for (int w = lanes.index; w < n / per_word; w += kLanes) {
     uint32_t word = 0;
     for (int k = 0; k < per_word; ++k) {
       const float code = quantized_code(x(w * per_word + k) - zero, scale, inverse, max_code);
@@ -287,67 +317,85 @@ __device__ __forceinline__ void write_code_words(Fetch x, int n, int bits, float
 // pair `index` of `pairs`: an fp16 pair, or with fp8 the e4m3 pair engine/kv_quant.cc's
 // quantize_group_fp8 picks (of zero in {down(min), up(min)} x scale in {up, down} of (max - zero)
 // / max_code, the least squared error, summed in order without contraction; ties keep the first).
-template <typename Fetch>
+// The group's kLanes lanes call it together.
+template <int kLanes, typename Fetch>
 __device__ __forceinline__ void quantize_fetched_to_words(Fetch x, int n, int bits, bool fp8,
                                                           uint32_t* words, uint8_t* pairs,
-                                                          int64_t index) {
-  float lo = x(0), hi = lo;
-  for (int i = 1; i < n; ++i) {
+                                                          int64_t index,
+                                                          const GroupLanes<kLanes>& lanes) {
+  float lo = x(lanes.index), hi = lo;
+  for (int i = lanes.index + kLanes; i < n; i += kLanes) {
     const float v = x(i);
     lo = fminf(lo, v);
     hi = fmaxf(hi, v);
   }
+  lo = lanes.min(lo);
+  hi = lanes.max(hi);
   const float max_code = static_cast<float>((1 << bits) - 1);
   if (!fp8) {
     const __half scale_h = __float2half_rn((hi - lo) / max_code);
     const __half zero_h = __float2half_rn(lo);
-    reinterpret_cast<__half2*>(pairs)[index] = __halves2half2(scale_h, zero_h);
-    write_code_words(x, n, bits, __half2float(scale_h), __half2float(zero_h), words);
+    if (lanes.index == 0) reinterpret_cast<__half2*>(pairs)[index] = __halves2half2(scale_h, zero_h);
+    write_code_words(x, n, bits, __half2float(scale_h), __half2float(zero_h), words, lanes);
     return;
   }
-  // The four candidates are scored in one pass over the group: four independent sums, each in
-  // the group's order as the CPU adds it, so the same pair wins; the group is read once, not four
-  // times, and the four divisions of an element overlap.
+  // A lane's candidates are scored in one pass over the group: independent sums, each in the
+  // group's order as the CPU adds it, so the same pair wins; the group is read once a lane, and
+  // the divisions of an element overlap. Candidate k is (zeros[k / 2], up (k even) or down of
+  // (max - zero) / max_code); this lane's are kFirst .. kFirst + kPerLane - 1.
+  constexpr int kPerLane = 4 / kLanes;
+  const int first = lanes.index * kPerLane;
   const uint32_t zeros[2] = {e4m3_round_down(lo), e4m3_round_up(lo)};
-  uint32_t candidate_scale[4], candidate_zero[4];
-  float scale[4], zero[4], inverse[4], error[4];
+  uint32_t candidate_scale[kPerLane], candidate_zero[kPerLane];
+  float scale[kPerLane], zero[kPerLane], inverse[kPerLane], error[kPerLane];
 #pragma unroll
-  for (int z = 0; z < 2; ++z) {
-    const float spread = fmaxf(0.0f, (hi - e4m3_to_float(zeros[z])) / max_code);
-    candidate_scale[2 * z] = e4m3_round_up(spread);
-    candidate_scale[2 * z + 1] = e4m3_round_down(spread);
-    candidate_zero[2 * z] = candidate_zero[2 * z + 1] = zeros[z];
-  }
-#pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    scale[c] = e4m3_to_float(candidate_scale[c]);
+  for (int c = 0; c < kPerLane; ++c) {
+    const int k = first + c;
+    candidate_zero[c] = k < 2 ? zeros[0] : zeros[1];
     zero[c] = e4m3_to_float(candidate_zero[c]);
+    // The spread of a zero is computed as before for each of its two scales: the same value.
+    const float spread = fmaxf(0.0f, (hi - zero[c]) / max_code);
+    candidate_scale[c] = k % 2 == 0 ? e4m3_round_up(spread) : e4m3_round_down(spread);
+    scale[c] = e4m3_to_float(candidate_scale[c]);
     inverse[c] = 1.0f / scale[c];
     error[c] = 0.0f;
   }
   for (int i = 0; i < n; ++i) {
     const float v = x(i);
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
+    for (int c = 0; c < kPerLane; ++c) {
       const float code = quantized_code(v - zero[c], scale[c], inverse[c], max_code);
       const float e = __fsub_rn(dequantize_code(code, scale[c], zero[c]), v);
       error[c] = __fadd_rn(error[c], __fmul_rn(e, e));
     }
   }
-  // As the CPU: ties keep the first, and a group whose every error is infinite or NaN keeps (0, 0).
-  uint32_t best_scale = 0, best_zero = 0;
+  // As the CPU: ties keep the first, and a group whose every error is infinite or NaN keeps (0, 0)
+  // (candidate 4: none). Then the lanes' bests, the lower candidate winning a tie.
+  uint32_t best = 4u << 16;  // candidate << 16 | zero bits << 8 | scale bits
   float best_error = INFINITY;
 #pragma unroll
-  for (int c = 0; c < 4; ++c) {
+  for (int c = 0; c < kPerLane; ++c) {
     if (error[c] < best_error) {
       best_error = error[c];
-      best_scale = candidate_scale[c];
-      best_zero = candidate_zero[c];
+      best = static_cast<uint32_t>(first + c) << 16 | candidate_zero[c] << 8 | candidate_scale[c];
     }
   }
-  reinterpret_cast<uchar2*>(pairs)[index] =
-      make_uchar2(static_cast<unsigned char>(best_scale), static_cast<unsigned char>(best_zero));
-  write_code_words(x, n, bits, e4m3_to_float(best_scale), e4m3_to_float(best_zero), words);
+#pragma unroll
+  for (int o = 1; o < kLanes; o *= 2) {
+    const float other_error = __shfl_xor_sync(lanes.mask, best_error, o);
+    const uint32_t other = __shfl_xor_sync(lanes.mask, best, o);
+    if (other_error < best_error || (other_error == best_error && other < best)) {
+      best_error = other_error;
+      best = other;
+    }
+  }
+  if ((best >> 16) == 4u) best = 0;  // no candidate: the pair (0, 0)
+  const uint32_t best_scale = best & 0xffu, best_zero = (best >> 8) & 0xffu;
+  if (lanes.index == 0) {
+    reinterpret_cast<uchar2*>(pairs)[index] =
+        make_uchar2(static_cast<unsigned char>(best_scale), static_cast<unsigned char>(best_zero));
+  }
+  write_code_words(x, n, bits, e4m3_to_float(best_scale), e4m3_to_float(best_zero), words, lanes);
 }
 
 // quantize_fetched_to_words over a group that each thread first copies out of x once: the fp8
@@ -359,14 +407,15 @@ constexpr int kCachedGroup = 64;
 template <typename Fetch>
 __device__ __forceinline__ void quantize_to_words(Fetch x, int n, int bits, bool fp8,
                                                   uint32_t* words, uint8_t* pairs, int64_t index) {
+  const GroupLanes<1> one_lane(0);
   if (n > kCachedGroup) {
-    quantize_fetched_to_words(x, n, bits, fp8, words, pairs, index);
+    quantize_fetched_to_words(x, n, bits, fp8, words, pairs, index, one_lane);
     return;
   }
   float group[kCachedGroup];
   for (int i = 0; i < n; ++i) group[i] = x(i);
   quantize_fetched_to_words([&group](int i) { return group[i]; }, n, bits, fp8, words, pairs,
-                            index);
+                            index, one_lane);
 }
 
 }  // namespace kvserve::cuda

@@ -4,10 +4,12 @@
 // positions per item spread over the whole GPU instead of one block per (item, head). Chunks start
 // at multiples of the chunk size from the item's first paged position, itself a multiple of G
 // (kivi), and the chunk size is a multiple of G, so every quantization group lies in one chunk.
-// Every group is owned by one thread, which writes whole 32-bit words (and its own parameter
-// pair), so no two threads, of one block or two, touch the same word. Groups never mix sequences:
-// a block sees one item only. KIVI blocks first stage their chunk of the window in shared memory
-// (StagedRows), from which every group reads its values.
+// Every group is owned by one thread, or by 2 or 4 lanes of a warp where a chunk has fewer groups
+// than a block has threads (GroupLanes: a decode step's flush), which write whole 32-bit words,
+// each its own, and one of them the group's parameter pair, so no two threads, of one block or
+// two, touch the same word. Groups never mix sequences: a block sees one item only. KIVI blocks
+// first stage their chunk of the window in shared memory (StagedRows), from which every group
+// reads its values.
 #include "kernels/kv_quantize_pages.h"
 
 #include <algorithm>
@@ -103,21 +105,25 @@ __device__ __forceinline__ StagedRows stage_rows(const KvWindow& window, int whi
 // Per-token groups of positions [first, first + tokens), keys and values for which in
 // [which_begin, which_end): int8 keys and values (one group of D channels), kivi values and
 // per-token kivi keys (D / GV groups of GV channels). x(pos, d, which) reads the window; kStaged:
-// it reads shared memory, so each thread need not copy its group out first (quantize_to_words).
-// Work item: (token, which, group).
-template <bool kStaged, typename Element>
+// it reads shared memory, so each thread need not copy its group out first (quantize_to_words), and
+// kLanes lanes share a group (GroupLanes; unstaged groups take one). Work item: (token, which,
+// group, lane).
+template <bool kStaged, int kLanes, typename Element>
 __device__ __forceinline__ void quantize_token_groups(const KvCacheView& cache,
                                                       const int32_t* pages, int head, int first,
                                                       int tokens, int which_begin, int which_end,
                                                       Element x) {
+  static_assert(kStaged || kLanes == 1, "unstaged groups take one lane");
   const int D = cache.head_dim, P = cache.page_tokens;
   const int group = cache.kind == KvKind::kInt8 ? D : cache.value_group;
   const int groups = D / group;
   const int kinds = which_end - which_begin;
   const bool fp8 = cache.kind == KvKind::kKivi && cache.params_fp8;  // int8 pages: fp16 pairs
-  for (int e = threadIdx.x; e < tokens * kinds * groups; e += blockDim.x) {
-    const int pos = first + e / (kinds * groups), g = e % groups;
-    const int which = which_begin + (e / groups) % kinds;
+  for (int e = threadIdx.x; e < tokens * kinds * groups * kLanes; e += blockDim.x) {
+    const GroupLanes<kLanes> lanes(e);
+    const int item = e / kLanes;
+    const int pos = first + item / (kinds * groups), g = item % groups;
+    const int which = which_begin + (item / groups) % kinds;
     const int slot = pos % P;
     uint8_t* page = block_ptr(cache, pages[pos / P]);
     const int64_t codes_offset = which == 0 ? cache.key_codes : cache.value_codes;
@@ -130,7 +136,7 @@ __device__ __forceinline__ void quantize_token_groups(const KvCacheView& cache,
     };
     if constexpr (kStaged) {
       quantize_fetched_to_words(group_element, group, cache.bits, fp8, words, page + params_offset,
-                                token * groups + g);
+                                token * groups + g, lanes);
     } else {
       quantize_to_words(group_element, group, cache.bits, fp8, words, page + params_offset,
                         token * groups + g);
@@ -139,16 +145,19 @@ __device__ __forceinline__ void quantize_token_groups(const KvCacheView& cache,
 }
 
 // KIVI keys of positions [first, first + tokens): per channel over G tokens, packed along tokens.
-// Work item: (group, channel). Groups start at multiples of G and pages hold a multiple of G
-// tokens, so a group never crosses a page.
+// Work item: (group, channel, lane), kLanes lanes a group (GroupLanes). Groups start at multiples
+// of G and pages hold a multiple of G tokens, so a group never crosses a page.
+template <int kLanes>
 __device__ __forceinline__ void quantize_key_channel_groups(const KvCacheView& cache,
                                                             const int32_t* pages, int head,
                                                             int first, int tokens,
                                                             const StagedRows& keys) {
   const int D = cache.head_dim, P = cache.page_tokens, G = cache.key_group;
   const int words_per_channel = P * cache.bits / 32;
-  for (int e = threadIdx.x; e < (tokens / G) * D; e += blockDim.x) {
-    const int group_start = first + (e / D) * G, d = e % D, slot = group_start % P;
+  for (int e = threadIdx.x; e < (tokens / G) * D * kLanes; e += blockDim.x) {
+    const GroupLanes<kLanes> lanes(e);
+    const int item = e / kLanes;
+    const int group_start = first + (item / D) * G, d = item % D, slot = group_start % P;
     uint8_t* page = block_ptr(cache, pages[group_start / P]);
     const int64_t channel = static_cast<int64_t>(head) * D + d;
     auto* words = reinterpret_cast<uint32_t*>(page + cache.key_codes) +
@@ -156,8 +165,15 @@ __device__ __forceinline__ void quantize_key_channel_groups(const KvCacheView& c
     const int t0 = group_start - first;
     quantize_fetched_to_words([&keys, t0, d](int i) { return keys.element(t0 + i, d); }, G,
                               cache.bits, cache.params_fp8, words, page + cache.key_params,
-                              channel * (P / G) + slot / G);
+                              channel * (P / G) + slot / G, lanes);
   }
+}
+
+// Lanes a group takes when a chunk has `groups` of them: as many as keep every group in one pass
+// of the block (1, 2 or 4).
+__device__ __forceinline__ int lanes_per_group(int groups) {
+  if (4 * groups <= static_cast<int>(blockDim.x)) return 4;
+  return 2 * groups <= static_cast<int>(blockDim.x) ? 2 : 1;
 }
 
 // ---- CUDA kernels
@@ -190,7 +206,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerMultiprocessor)
     return;
   }
   if (cache.kind == KvKind::kInt8) {
-    quantize_token_groups<false>(
+    quantize_token_groups<false, 1>(
         cache, pages, head, first, tokens, 0, 2,
         [&window](int pos, int d, int which) { return window.element(pos, d, which); });
     return;
@@ -202,11 +218,26 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerMultiprocessor)
     const StagedRows rows = stage_rows(window, which, first, tokens, chunk_tokens, shared_words);
     __syncthreads();
     if (which == 0 && !cache.per_token_keys) {
-      quantize_key_channel_groups(cache, pages, head, first, tokens, rows);
+      const int lanes = lanes_per_group(tokens / cache.key_group * D);
+      if (lanes == 4) {
+        quantize_key_channel_groups<4>(cache, pages, head, first, tokens, rows);
+      } else if (lanes == 2) {
+        quantize_key_channel_groups<2>(cache, pages, head, first, tokens, rows);
+      } else {
+        quantize_key_channel_groups<1>(cache, pages, head, first, tokens, rows);
+      }
     } else {
-      quantize_token_groups<true>(
-          cache, pages, head, first, tokens, which, which + 1,
-          [&rows, first](int pos, int d, int) { return rows.element(pos - first, d); });
+      const auto staged = [&rows, first](int pos, int d, int) {
+        return rows.element(pos - first, d);
+      };
+      const int lanes = lanes_per_group(tokens * (D / cache.value_group));
+      if (lanes == 4) {
+        quantize_token_groups<true, 4>(cache, pages, head, first, tokens, which, which + 1, staged);
+      } else if (lanes == 2) {
+        quantize_token_groups<true, 2>(cache, pages, head, first, tokens, which, which + 1, staged);
+      } else {
+        quantize_token_groups<true, 1>(cache, pages, head, first, tokens, which, which + 1, staged);
+      }
     }
   }
 }
