@@ -18,9 +18,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 from matplotlib.ticker import LogLocator, ScalarFormatter  # noqa: E402
 
-# Each file holds kvserve bench decode and the transformers baseline measured in the same call
-# (one H100, docs/gpu.md, "Eighth session", call f); a second file would be drawn dashed.
-GPU_DECODE = [("87326fb", "gpu/main-2026-12-07-h100-f-bench.jsonl")]
+# kvserve bench decode and the transformers baseline measured in the same call (one H100,
+# docs/gpu.md, "Tenth session", call e): (title, file, context spread) per line style, solid
+# then dashed. The file holds the batch sweep with every sequence at context 512 (spread 1) and
+# again with contexts spread over 32 tokens (--context-spread 32: some KIVI sequences flush at
+# every step); the baseline (equal contexts) is drawn once.
+GPU_DECODE = [("0a2096c, equal contexts", "gpu/main-2026-12-07-h100-m-bench.jsonl", 1),
+              ("0a2096c, contexts 512-543", "gpu/main-2026-12-07-h100-m-bench.jsonl", 32)]
 # One colour per KV format in every chart, so a format reads the same everywhere.
 COLOURS = {"fp16": "tab:blue", "int8": "tab:orange", "kivi4": "tab:green", "kivi2": "tab:red",
            "kivi2-gv64": "tab:purple", "kivi2-per-token-keys": "tab:brown",
@@ -171,19 +175,22 @@ def plot_latency(docs, out):
 
 def plot_gpu_decode(docs, out):
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for (title, name), style in zip(GPU_DECODE, ("-", "--")):
+    for (title, name, spread), style in zip(GPU_DECODE, ("-", "--")):
         rows = [json.loads(line) for line in (docs / name).read_text().splitlines() if line]
         # Only the batch sweep at context 512 (the same files hold roofline rows at other contexts)
-        # with CUDA graphs (the files also hold fp16 rows without). The kivi2c preset's rows carry
-        # kv "kivi2" (the format) and its configuration.
-        rows = [row for row in rows if row["context"] == 512 and row.get("cuda_graphs", True)]
+        # with CUDA graphs (the files also hold fp16 rows without) and this line's spread (the
+        # baseline's rows have none). The kivi2c preset's rows carry kv "kivi2" (the format) and
+        # its configuration.
+        rows = [row for row in rows if row["context"] == 512 and row.get("cuda_graphs", True)
+                and row.get("context_spread", spread) == spread]
         for row in rows:
             if "int8 residual" in row.get("kv_config", ""):
                 row["kv"] = "kivi2c"
         baseline = {row["batch"]: row["tokens_per_second"] for row in rows if "impl" in row}
         batches = sorted(baseline)
-        left.plot(batches, [baseline[b] for b in batches], style, marker="o",
-                  color=COLOURS["transformers"], label=f"transformers, {title}")
+        if style == "-":
+            left.plot(batches, [baseline[b] for b in batches], style, marker="o",
+                      color=COLOURS["transformers"], label="transformers (equal contexts)")
         # kivi2c's rows only in the files of calls that ran it.
         for kv in (kv for kv in ("fp16", "kivi2", "kivi2c") if any(row.get("kv") == kv
                                                                    for row in rows)):

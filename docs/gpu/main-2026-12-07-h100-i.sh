@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Tenth session, call a: base = 15b3da3 (main); new = eb935e3 (decode_attention quantizes an int8
+# residual's new rows and, in steps where no item flushes, stores them into their slots: no
+# kv_quantize_residual, and then no kv_quantize_pages / kv_compact_residual launch).
+# GPU tests of new; decode at context 512 (B = 1, 16, 64, 256) base/new/base/new in kivi2c and kivi2,
+# fp16 of new; end to end P512 N128; ncu per kernel of new's decode steps at B = 16.
+set -uo pipefail
+o=${OUT:?}/r; mkdir -p $o; root=$PWD
+T0=$(date +%s); t() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+left() { local l=$(( ${BUDGET:-540} - ($(date +%s) - T0) )); [ "$l" -gt "$1" ] && l=$1; [ "$l" -lt 1 ] && l=1; echo "$l"; }
+W="base new"
+for w in $W; do mkdir -p /tmp/$w; tar -C /tmp/$w -xJf .device/s12/$w/cuda-bundle.tar.xz & done; wait
+B() { echo /tmp/$1/cuda-bundle; }
+{ nvidia-smi --query-gpu=name,driver_version --format=csv; for w in $W; do echo "$w: $(cat $(B $w)/COMMIT)"; done; } | tee $o/gpu.txt
+export KVSERVE_TEST_SOURCE_DIR=$root KVSERVE_TEST_MODEL=$root/.device/model
+tests() { local w=$1 name=$2 f=$3 l=$4; KVSERVE_TEST_BINARY=$(B $w)/kvserve timeout $(left $l) $(B $w)/run kvserve_tests --gtest_filter="$f" > $o/$w-tests-$name.log 2>&1
+  t "$w tests $name rc=$?"; grep -E "^\[  (PASSED|FAILED) |^\[  FAILED|^\[       OK|Failure|first pool byte|prefill steps agree|decode steps agree|pools equal|graph replays" $o/$w-tests-$name.log | cut -c1-170; }
+tests new decode 'GpuKvCache.DecodeSteps*:GpuBackend.DecodeGraphsReplayTheEagerStepsBitForBit:GpuKernels.LaunchersRejectBadInputs' 150
+dec() { local w=$1 kv=$2; shift 2; timeout $(left 40) $(B $w)/run kvserve bench decode --model dummy:gpt2 --device cuda --kv $kv "$@" 2>/dev/null | sed "s/^{/{\"binary\": \"$w\", /" | tee -a $o/bench.jsonl | python3 -c "
+import json,sys
+for l in sys.stdin: r=json.loads(l); print(r['binary'],r['kv'],'B',r['batch'],'ctx',r['context'],'%.0f tok/s'%r['tokens_per_second'],'%.3f ms/step'%r['ms_per_step'],'roofline %.2f'%r['fraction_of_roofline'])"; }
+for kv in kivi2c kivi2; do for w in base new base new; do dec $w $kv --context 512; done; done
+dec new fp16 --context 512
+t sweep
+e2e() { local name=$1 who=$2 kv=$3; shift 3
+  local line; line=$(timeout $(left 45) $(B $who)/run kvserve bench engine --device cuda --kv $kv "$@" 2>/dev/null)
+  local rec="{\"case\":\"$name\",\"binary\":\"$who\",\"flags\":\"$*\",\"result\":${line:-null}}"
+  echo "$rec" >> $o/e2e.jsonl
+  python3 -c "import json,sys; r=json.loads(sys.argv[1]); x=r['result'] or {}; print(r['case'],r['binary'],x.get('kv'),'out %.0f'%x.get('output_throughput',0),'prompt %.0f'%x.get('prompt_throughput',0),'pre',x.get('preemptions'))" "$rec"; }
+P512="--model dummy:gpt2 --kv-pool-mb 16384 --requests 512 --concurrency 256 --prompt-len 512 --max-new-tokens 128"
+for kv in kivi2c kivi2; do for w in new base; do e2e p512n128 $w $kv $P512; done; done
+t e2e
+tests new rest 'GpuKvCache.MatchesTheCpu*:GpuKvCache.PackedDecodeMatches*:GpuKvCache.PrefillSteps*:GpuBackend.GreedyTokensMatchTheCpuBackend:GpuKvQuantizationError.*' 150
+for kv in kivi2c kivi2; do
+timeout $(left 50) ncu --clock-control none -k regex:'decode_attention|kv_quantize|kv_compact' --launch-count 400 --metrics gpu__time_duration.sum,launch__grid_size --csv --page raw \
+  $(B new)/run kvserve bench decode --model dummy:gpt2 --device cuda --kv $kv --batches 16 --context 512 --steps 8 --cuda-graphs off > $o/ncu-decode-new-$kv.csv 2>&1
+t "ncu decode new $kv rc=$?"
+python3 - $o/ncu-decode-new-$kv.csv <<'PY'
+import csv,sys,collections
+lines=[l for l in open(sys.argv[1]) if l.startswith('"')]
+rows=list(csv.reader(lines))
+if not rows: sys.exit()
+h=rows[0]; k=h.index('Kernel Name'); g=h.index('launch__grid_size'); d=h.index('gpu__time_duration.sum')
+acc=collections.defaultdict(list); print('unit', rows[1][d])
+for r in rows[2:]:
+    try: acc[(r[k].split('(KvCache')[0].split('::')[-1][:60], r[g])].append(float(r[d].replace(',','')))
+    except (ValueError, IndexError): pass
+for (name,grid),v in sorted(acc.items()): print(name, 'grid', grid, 'n', len(v), 'mean %.2f' % (sum(v)/len(v)), 'last12 mean %.2f' % (sum(v[-12:])/len(v[-12:])))
+PY
+done
+t done
+cd ${OUT} && tar -czf r.tgz r && rm -rf r
