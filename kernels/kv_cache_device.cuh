@@ -279,8 +279,7 @@ struct GroupLanes {
   // For a thread whose work item is e (items numbered group * kLanes + lane, blockDim.x a
   // multiple of 32).
   __device__ __forceinline__ explicit GroupLanes(int e)
-      : index(e % kLanes),
-        mask(((1u << kLanes) - 1u) << ((threadIdx.x % 32) & ~(kLanes - 1))) {}
+      : index(e % kLanes), mask(((1u << kLanes) - 1u) << ((threadIdx.x % 32) & ~(kLanes - 1))) {}
 
   __device__ __forceinline__ float min(float v) const {
 #pragma unroll
@@ -335,7 +334,8 @@ __device__ __forceinline__ void quantize_fetched_to_words(Fetch x, int n, int bi
   if (!fp8) {
     const __half scale_h = __float2half_rn((hi - lo) / max_code);
     const __half zero_h = __float2half_rn(lo);
-    if (lanes.index == 0) reinterpret_cast<__half2*>(pairs)[index] = __halves2half2(scale_h, zero_h);
+    if (lanes.index == 0)
+      reinterpret_cast<__half2*>(pairs)[index] = __halves2half2(scale_h, zero_h);
     write_code_words(x, n, bits, __half2float(scale_h), __half2float(zero_h), words, lanes);
     return;
   }
@@ -414,8 +414,8 @@ __device__ __forceinline__ void quantize_to_words(Fetch x, int n, int bits, bool
   }
   float group[kCachedGroup];
   for (int i = 0; i < n; ++i) group[i] = x(i);
-  quantize_fetched_to_words([&group](int i) { return group[i]; }, n, bits, fp8, words, pairs,
-                            index, one_lane);
+  quantize_fetched_to_words([&group](int i) { return group[i]; }, n, bits, fp8, words, pairs, index,
+                            one_lane);
 }
 
 }  // namespace kvserve::cuda
