@@ -206,6 +206,26 @@ TEST(Cli, BenchDecodeSpreadsTheContexts) {
                    3.0 * 6144.0);
 }
 
+// bench engine --prompt-len-spread: request i's prompt has prompt-len + i % spread tokens (the
+// warm-up requests prompt-len), counted in prompt_tokens and the prompt throughput.
+TEST(Cli, BenchEngineSpreadsThePromptLengths) {
+  const std::string command =
+      "bench engine " + model_flag() +
+      " --device cpu --kv kivi2 --requests 4 --concurrency 4 --prompt-len 4 "
+      "--max-new-tokens 2 --warmup-requests 1";
+  const CommandResult equal = run_kvserve(command);
+  const CommandResult spread = run_kvserve(command + " --prompt-len-spread 3");
+  ASSERT_EQ(equal.status, 0) << equal.err;
+  ASSERT_EQ(spread.status, 0) << spread.err;
+  const nlohmann::json a = nlohmann::json::parse(equal.out), b = nlohmann::json::parse(spread.out);
+  EXPECT_EQ(a["prompt_len_spread"], 1);
+  EXPECT_EQ(a["prompt_tokens"], 16);
+  EXPECT_EQ(b["prompt_len_spread"], 3);
+  EXPECT_EQ(b["prompt_tokens"], 4 + 5 + 6 + 4);
+  EXPECT_NEAR(b["prompt_throughput"].get<double>() * b["duration_s"].get<double>(), 19.0, 1e-6);
+  EXPECT_EQ(b["output_tokens"], 8);
+}
+
 CommandResult run_cli(const std::string& args) {
   return testing::run_command(testing::kvserve_cli_binary() + " " + args);
 }
@@ -316,6 +336,8 @@ TEST(Cli, OneFlagVocabularyAcrossBothBinaries) {
   expect_usage_error(run_kvserve("bench decode --kv kivi3"), "--kv", "bench decode --kv kivi3");
   expect_usage_error(run_kvserve("bench decode --context-spread 0"), "--context-spread",
                      "bench decode --context-spread 0");
+  expect_usage_error(run_kvserve("bench engine --prompt-len-spread 0"), "--prompt-len-spread",
+                     "bench engine --prompt-len-spread 0");
   // The spread counts toward the model's context (dummy:gpt2's is 1024).
   expect_usage_error(run_kvserve("bench decode --model dummy:gpt2 --device cpu --context 900 "
                                  "--context-spread 64 --steps 64"),

@@ -24,6 +24,10 @@ void add_bench_engine_flags(CLI::App* app, BenchEngineFlags& flags) {
       ->check(positive());
   app->add_option("--prompt-len", flags.prompt_len, "prompt length in tokens (random ids)")
       ->check(positive());
+  app->add_option("--prompt-len-spread", flags.prompt_len_spread,
+                  "request i's prompt has prompt-len + i % this many tokens (1: all equal)")
+      ->check(positive())
+      ->capture_default_str();
   app->add_option("--max-new-tokens", flags.max_new_tokens, "tokens generated per request")
       ->check(positive());
   app->add_option("--temperature", flags.temperature, "sampling temperature, 0 for greedy")
@@ -52,8 +56,13 @@ int run_bench_engine(const BenchEngineFlags& flags) {
   // The last id is left out, as the load generator leaves it out: GPT-2 puts <|endoftext|> there.
   std::uniform_int_distribution<int32_t> token(0, std::max(0, model.vocab_size - 2));
   std::vector<GenerationRequest> requests(flags.warmup_requests + flags.requests);
-  for (GenerationRequest& r : requests) {
-    for (int k = 0; k < flags.prompt_len; ++k) r.prompt.push_back(token(rng));
+  int64_t prompt_tokens = 0;  // of the timed requests
+  for (size_t i = 0; i < requests.size(); ++i) {
+    GenerationRequest& r = requests[i];
+    const int timed = static_cast<int>(i) - flags.warmup_requests;
+    const int length = flags.prompt_len + std::max(0, timed) % flags.prompt_len_spread;
+    for (int k = 0; k < length; ++k) r.prompt.push_back(token(rng));
+    if (timed >= 0) prompt_tokens += length;
     r.sampling.temperature = flags.temperature;
     r.sampling.seed = flags.seed;
     r.max_new_tokens = flags.max_new_tokens;
@@ -118,7 +127,6 @@ int run_bench_engine(const BenchEngineFlags& flags) {
   }
   const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
   const GraphCounters graphs = engine.backend().graph_counters();
-  const double prompt_tokens = static_cast<double>(flags.requests) * flags.prompt_len;
   // The sampled quantization error of the timed part, as the metric's buckets give it.
   auto summary = [](const std::vector<float>& single, KvErrorBins bins) {
     bins.add(bin_errors(single));
@@ -146,6 +154,8 @@ int run_bench_engine(const BenchEngineFlags& flags) {
                               {"requests", flags.requests},
                               {"concurrency", flags.concurrency},
                               {"prompt_len", flags.prompt_len},
+                              {"prompt_len_spread", flags.prompt_len_spread},
+                              {"prompt_tokens", prompt_tokens},
                               {"max_new_tokens", flags.max_new_tokens},
                               {"temperature", flags.temperature},
                               {"warmup_requests", flags.warmup_requests},
@@ -160,7 +170,7 @@ int run_bench_engine(const BenchEngineFlags& flags) {
                               {"duration_s", seconds},
                               {"output_tokens", output_tokens},
                               {"output_throughput", output_tokens / seconds},
-                              {"prompt_throughput", prompt_tokens / seconds},
+                              {"prompt_throughput", static_cast<double>(prompt_tokens) / seconds},
                               {"request_throughput", flags.requests / seconds},
                               {"kv_error_sample_rate", spec.engine.kv_error_sample_rate},
                               {"kv_quantization_error",

@@ -19,6 +19,10 @@ struct BenchEngineFlags {
   int requests = 256;
   int concurrency = 256;
   int prompt_len = 512;  // random token ids, drawn as kvserve-cli load draws them
+  // Request i's prompt has prompt_len + i % prompt_len_spread tokens: 1 keeps them equal, so a
+  // KIVI batch admitted together flushes together; 32 (a group) spreads the flushes over steps,
+  // as prompts of mixed lengths do.
+  int prompt_len_spread = 1;
   int max_new_tokens = 128;
   float temperature = 0.0f;  // greedy; bench/serving.sh asks the same of `kvserve-cli load`
   // Untimed requests first, all at once (first-touch of the pool, buffer growth, CUDA graph
