@@ -19,7 +19,9 @@
 #                         kivi2c preset) on the GPU over N windows;
 #              --bench    bench.jsonl: `kvserve bench decode` (dummy:gpt2, B = 1, 16, 64, 256,
 #                         context 512, and B = 256 at context 944 + 72 steps for the roofline) in
-#                         fp16, kivi2 and kivi2c, then the transformers baseline
+#                         fp16, kivi2 and kivi2c, the same sweep with contexts spread over 32
+#                         tokens (--context-spread 32: KIVI sequences flush at different steps,
+#                         as mixed lengths do), then the transformers baseline
 #                         (bench/hf_decode.py) in the same call;
 #              --models   models.jsonl: dummy:gpt2-medium/-large/-xl at B = 64, context 512, fp16
 #                         and kivi2, each with its transformers baseline;
@@ -31,9 +33,11 @@
 #                         forward of 256 x 512 (bench/hf_prefill.py); with --baseline DIR the
 #                         kvserve runs repeat with DIR's binaries (default kernel, fp16 and kivi2);
 #              --e2e      e2e.jsonl: the end-to-end table of docs/gpu.md with default flags:
-#                         `kvserve bench engine` P512 N128 (512 requests, concurrency 256), the
+#                         `kvserve bench engine` P512 N128 (512 requests, concurrency 256; again
+#                         with --prompt-len-spread 32, prompts of 512 to 543 tokens), the
 #                         capacity-bound runs (gpt2 in a 2 GiB pool, P512 N512, 512 requests at
-#                         concurrency 512; gpt2-xl in 40 GiB, 256 requests), fp16 and kivi2, then
+#                         concurrency 512; gpt2-xl in 40 GiB, 256 requests), fp16, kivi2 and
+#                         kivi2c, then
 #                         transformers' batch generate of the same shape (bench/hf_generate.py);
 #                         with --baseline DIR (another unpacked bundle) the kvserve runs repeat
 #                         with DIR's binaries in the same call, marked "binary": "baseline";
@@ -115,6 +119,12 @@ case "$mode" in
         "$bundle/run" kvserve bench decode --model dummy:gpt2 --device cuda --kv "$kv" \
           --batches 1,16,64,256 --context 512 | tee -a "$out/bench.jsonl" || status=1
       done
+      # Equal contexts flush a KIVI batch all at once, one step in G; spread ones every step.
+      for kv in fp16 kivi2 kivi2c; do
+        "$bundle/run" kvserve bench decode --model dummy:gpt2 --device cuda --kv "$kv" \
+          --batches 1,16,64,256 --context 512 --context-spread 32 | tee -a "$out/bench.jsonl" ||
+          status=1
+      done
       # The roofline shape: B = 256 at a context of about 1024 (944 + 72 steps).
       for kv in fp16 kivi2 kivi2c; do
         "$bundle/run" kvserve bench decode --model dummy:gpt2 --device cuda --kv "$kv" \
@@ -156,20 +166,24 @@ case "$mode" in
         tee -a "$out/prefill.jsonl" || status=1
     fi
     if [ "$e2e" = 1 ]; then
-      # name model pool-mb requests concurrency prompt new
-      cases=("p512n128 dummy:gpt2 16384 512 256 512 128"
-             "capacity-gpt2 dummy:gpt2 2048 512 512 512 512"
-             "capacity-gpt2-xl dummy:gpt2-xl 40960 256 256 512 512")
+      # name model pool-mb requests concurrency prompt new prompt-spread
+      cases=("p512n128 dummy:gpt2 16384 512 256 512 128 1"
+             "p512n128-spread32 dummy:gpt2 16384 512 256 512 128 32"
+             "capacity-gpt2 dummy:gpt2 2048 512 512 512 512 1"
+             "capacity-gpt2-xl dummy:gpt2-xl 40960 256 256 512 512 1")
       binaries=("new $bundle")
       [ -n "$baseline" ] && binaries+=("baseline $baseline")
       for c in "${cases[@]}"; do
-        read -r name model pool requests concurrency prompt new <<<"$c"
+        read -r name model pool requests concurrency prompt new spread <<<"$c"
+        # Only where it spreads: a baseline bundle older than the flag refuses it.
+        spread_flag=()
+        [ "$spread" != 1 ] && spread_flag=(--prompt-len-spread "$spread")
         for b in "${binaries[@]}"; do
           read -r which dir <<<"$b"
-          for kv in fp16 kivi2; do
+          for kv in fp16 kivi2 kivi2c; do
             line=$("$dir/run" kvserve bench engine --model "$model" --device cuda --kv "$kv" \
               --kv-pool-mb "$pool" --requests "$requests" --concurrency "$concurrency" \
-              --prompt-len "$prompt" --max-new-tokens "$new") || status=1
+              --prompt-len "$prompt" --max-new-tokens "$new" "${spread_flag[@]}") || status=1
             echo "{\"case\":\"$name\",\"binary\":\"$which\",\"result\":${line:-null}}" |
               tee -a "$out/e2e.jsonl"
           done
