@@ -34,16 +34,6 @@ struct ValueLanes {
 inline constexpr float kQueryScale = 0.125f;
 static_assert(kQueryScale * kQueryScale * kD == 1.0f, "kQueryScale is 1/sqrt(kD)");
 
-__device__ __forceinline__ void unpack8(const uint4& raw, float* out) {
-  const __half2* h = reinterpret_cast<const __half2*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __half22float2(h[i]);
-    out[2 * i] = f.x;
-    out[2 * i + 1] = f.y;
-  }
-}
-
 // What one lane reads of one page (one head) for the values, in registers (fp16 values; the KIVI
 // values lanes of the online kernel). Loading is split from the arithmetic so that a warp has the
 // next page's loads in flight while it computes the current page.
@@ -145,9 +135,9 @@ __device__ __forceinline__ void write_item_new_row(const KvCacheView& cache,
   if (!active) return;
   store_new_row_share(cache, batch, row, which, head, part, share);  // read by the window's warp
   if (new_rows.store) {
-    uint8_t* base = residual_slot(cache, residual_slots, slot, which);
-    *reinterpret_cast<uint2*>(base + head * kD + 8 * part) = share.codes;
-    if (part == 0) reinterpret_cast<uint32_t*>(base + cache.residual_params)[head] = share.pair;
+    const Int8ResidualRow destination = int8_residual_row(cache, residual_slots, head, slot, which);
+    reinterpret_cast<uint2*>(destination.codes)[part] = share.codes;
+    if (part == 0) *destination.pair = share.pair;
   }
 }
 

@@ -40,6 +40,31 @@ __device__ __forceinline__ __half* residual_row(const KvCacheView& c, const int3
          static_cast<int64_t>(head) * c.head_dim;
 }
 
+// int8 residual: one head's row in the slot of window position `slot`, its codes u8 [D] and its
+// fp16 (scale, zero) pair (the slot's pairs follow its codes, at residual_params).
+struct Int8ResidualRow {
+  uint8_t* codes;
+  uint32_t* pair;
+};
+__device__ __forceinline__ Int8ResidualRow int8_residual_row(const KvCacheView& c,
+                                                             const int32_t* residual_slots,
+                                                             int head, int slot, int which) {
+  uint8_t* base = residual_slot(c, residual_slots, slot, which);
+  return {base + static_cast<int64_t>(head) * c.head_dim,
+          reinterpret_cast<uint32_t*>(base + c.residual_params) + head};
+}
+
+// 8 fp16 values (one 16-byte load) as floats.
+__device__ __forceinline__ void unpack8(const uint4& raw, float* out) {
+  const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(h[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
 // A code (< 2^23) as a float: 2^23 + code by its bits, less 2^23, both exact. Plain integer and
 // float operations where a conversion instruction runs at a quarter of the float rate.
 __device__ __forceinline__ float code_to_float(uint32_t code) {
@@ -180,9 +205,10 @@ struct KvWindow {
                                                     __half2& pair) const {
     const int D = cache->head_dim;
     if (pos < start) {
-      const uint8_t* slot = residual_slot(*cache, residual_slots, pos - window_start, which);
-      codes = slot + static_cast<int64_t>(head) * D;
-      pair = reinterpret_cast<const __half2*>(slot + cache->residual_params)[head];
+      const Int8ResidualRow row =
+          int8_residual_row(*cache, residual_slots, head, pos - window_start, which);
+      codes = row.codes;
+      pair = *reinterpret_cast<const __half2*>(row.pair);
       return;
     }
     const int64_t index = (static_cast<int64_t>(pos - start) * 2 + which) * cache->n_head + head;

@@ -43,11 +43,11 @@ __device__ void compact_int8(const KvCacheView& cache, const KvBatchView& batch,
     return make_uint2(*reinterpret_cast<const uint32_t*>(&pair), 0u);
   };
   auto write_unit = [&](int slot, int which, int u, uint2 value) {
-    uint8_t* base = residual_slot(cache, residual_slots, slot, which);
+    const Int8ResidualRow row = int8_residual_row(cache, residual_slots, head, slot, which);
     if (u + 1 < units) {
-      reinterpret_cast<uint2*>(base + static_cast<int64_t>(head) * D)[u] = value;
+      reinterpret_cast<uint2*>(row.codes)[u] = value;
     } else {
-      reinterpret_cast<uint32_t*>(base + cache.residual_params)[head] = value.x;
+      *row.pair = value.x;
     }
   };
   const int moved_from = last, moved = last > first ? max(0, start - last) : 0;

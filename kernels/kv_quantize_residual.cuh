@@ -49,14 +49,8 @@ __device__ __forceinline__ Int8RowShare quantize_row_share(const __half* x, int 
   float v[8];
   float lo = INFINITY, hi = -INFINITY;
   if (active) {
-    const uint4 loaded = *reinterpret_cast<const uint4*>(x);
-    const __half2* h = reinterpret_cast<const __half2*>(&loaded);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const float2 f = __half22float2(h[k]);
-      v[2 * k] = f.x;
-      v[2 * k + 1] = f.y;
-    }
+    const uint4 loaded = *reinterpret_cast<const uint4*>(x);  // one 16-byte load
+    unpack8(loaded, v);
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       lo = fminf(lo, v[k]);
