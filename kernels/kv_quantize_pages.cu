@@ -1,7 +1,8 @@
 // KV write path, part 1: quantize and pack the positions that enter the pages at this step.
 //
-// One block per (item, head, chunk of the item's paged positions): a prefill step's hundreds of
-// positions per item spread over the whole GPU instead of one block per (item, head). Chunks start
+// One block per (item, head, chunk of the item's paged positions, and with KIVI keys or values):
+// a prefill step's hundreds of positions per item spread over the whole GPU instead of one block
+// per (item, head), and a decode step's flush runs its keys and values side by side. Chunks start
 // at multiples of the chunk size from the item's first paged position, itself a multiple of G
 // (kivi), and the chunk size is a multiple of G, so every quantization group lies in one chunk.
 // Every group is owned by one thread, or by 2 or 4 lanes of a warp where a chunk has fewer groups
@@ -184,8 +185,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerMultiprocessor)
   const int item = blockIdx.x, head = blockIdx.y;
   const int start = batch.start[item], end = start + batch.count[item];
   const int item_first = paged_count(cache, start);
-  // This block's positions: chunk blockIdx.z of [paged(start), paged(end)).
-  const int first = item_first + blockIdx.z * chunk_tokens;
+  // KIVI: the keys (which = 0) or the values (1) of a chunk, each its own block, so that a decode
+  // step's flush (one chunk of an item) runs as two chains half as long. fp16 and int8: both.
+  const int kinds = cache.kind == KvKind::kKivi ? 2 : 1, which = blockIdx.z % kinds;
+  // This block's positions: chunk blockIdx.z / kinds of [paged(start), paged(end)).
+  const int first = item_first + blockIdx.z / kinds * chunk_tokens;
   const int last = min(paged_count(cache, end), first + chunk_tokens);
   if (first >= last) return;
   const int32_t* pages = batch.pages + batch.page_offset[item];
@@ -213,31 +217,28 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerMultiprocessor)
   }
 
   extern __shared__ uint32_t shared_words[];
-  for (int which = 0; which < 2; ++which) {
-    if (which == 1) __syncthreads();  // the keys' groups are done with the staged rows
-    const StagedRows rows = stage_rows(window, which, first, tokens, chunk_tokens, shared_words);
-    __syncthreads();
-    if (which == 0 && !cache.per_token_keys) {
-      const int lanes = lanes_per_group(tokens / cache.key_group * D);
-      if (lanes == 4) {
-        quantize_key_channel_groups<4>(cache, pages, head, first, tokens, rows);
-      } else if (lanes == 2) {
-        quantize_key_channel_groups<2>(cache, pages, head, first, tokens, rows);
-      } else {
-        quantize_key_channel_groups<1>(cache, pages, head, first, tokens, rows);
-      }
+  const StagedRows rows = stage_rows(window, which, first, tokens, chunk_tokens, shared_words);
+  __syncthreads();
+  if (which == 0 && !cache.per_token_keys) {
+    const int lanes = lanes_per_group(tokens / cache.key_group * D);
+    if (lanes == 4) {
+      quantize_key_channel_groups<4>(cache, pages, head, first, tokens, rows);
+    } else if (lanes == 2) {
+      quantize_key_channel_groups<2>(cache, pages, head, first, tokens, rows);
     } else {
-      const auto staged = [&rows, first](int pos, int d, int) {
-        return rows.element(pos - first, d);
-      };
-      const int lanes = lanes_per_group(tokens * (D / cache.value_group));
-      if (lanes == 4) {
-        quantize_token_groups<true, 4>(cache, pages, head, first, tokens, which, which + 1, staged);
-      } else if (lanes == 2) {
-        quantize_token_groups<true, 2>(cache, pages, head, first, tokens, which, which + 1, staged);
-      } else {
-        quantize_token_groups<true, 1>(cache, pages, head, first, tokens, which, which + 1, staged);
-      }
+      quantize_key_channel_groups<1>(cache, pages, head, first, tokens, rows);
+    }
+  } else {
+    const auto staged = [&rows, first](int pos, int d, int) {
+      return rows.element(pos - first, d);
+    };
+    const int lanes = lanes_per_group(tokens * (D / cache.value_group));
+    if (lanes == 4) {
+      quantize_token_groups<true, 4>(cache, pages, head, first, tokens, which, which + 1, staged);
+    } else if (lanes == 2) {
+      quantize_token_groups<true, 2>(cache, pages, head, first, tokens, which, which + 1, staged);
+    } else {
+      quantize_token_groups<true, 1>(cache, pages, head, first, tokens, which, which + 1, staged);
     }
   }
 }
@@ -273,7 +274,10 @@ void kv_quantize_pages(const KvCacheView& cache, const KvBatchView& batch, const
   // At least one chunk: a decode step's grid, which a CUDA graph replays, must not depend on
   // whether some item flushes a group at the captured step.
   const int chunks = std::max(1, (max_paged_tokens + chunk_tokens - 1) / chunk_tokens);
-  if (chunks > 65535) throw std::invalid_argument("kv_quantize_pages: too many token chunks");
+  const int kinds = cache.kind == KvKind::kKivi ? 2 : 1;  // KIVI: keys and values apart
+  if (chunks * kinds > 65535) {
+    throw std::invalid_argument("kv_quantize_pages: too many token chunks");
+  }
   size_t shared_bytes = 0;
   if (cache.kind == KvKind::kKivi) {
     // The staged rows are read in 32-bit words: rows (and int8 pairs) must be 4-byte aligned.
@@ -297,8 +301,8 @@ void kv_quantize_pages(const KvCacheView& cache, const KvBatchView& batch, const
                                               static_cast<int>(shared_bytes)));
     }
   }
-  kv_quantize_pages_kernel<<<dim3(batch.items, cache.n_head, chunks), kThreads, shared_bytes,
-                             stream>>>(cache, batch, qkv, qkv_stride, chunk_tokens);
+  kv_quantize_pages_kernel<<<dim3(batch.items, cache.n_head, chunks * kinds), kThreads,
+                             shared_bytes, stream>>>(cache, batch, qkv, qkv_stride, chunk_tokens);
   KVSERVE_CUDA_CHECK(cudaGetLastError());
 }
 
