@@ -39,10 +39,11 @@ struct DecodeNewRows {
   // the newest).
   bool quantize = false;
   // Store the row (fp16, or the int8 codes and pair) into its residual slot, window position
-  // start - paged(start), as kv_compact_residual would: for a step in which no item flushes, which
-  // then launches neither kv_quantize_pages (nothing to page) nor kv_compact_residual (nothing
-  // else to move). Nothing else reads that slot during the step. With an int8 residual the row is
-  // quantized for it, into the batch's new rows too, whatever `quantize` says.
+  // start - paged(start), as kv_compact_residual would, for every item that flushes no group at
+  // this step: the step runs kv_quantize_pages and kv_compact_residual for its flushing items alone
+  // (KvBatchView::flushing), or not at all where none flushes. Nothing else reads that slot during
+  // the step. With an int8 residual the row is quantized for it, into the batch's new rows too,
+  // whatever `quantize` says.
   bool store = false;
 };
 
@@ -55,8 +56,8 @@ DecodeAttentionVariant decode_attention_kernel(const KvCacheView& cache, DecodeS
 
 // Every item of `batch` has count 1 (a decode step): its query (row row[item] of qkv) attends to
 // keys 0 .. start[item], read as paged_attention reads them (pages up to paged(start + 1), then the
-// fp16 window). Runs after kv_quantize_pages and before kv_compact_residual (neither of which a
-// step that stores its new rows here launches).
+// fp16 window). Runs after kv_quantize_pages and before kv_compact_residual (which a step that
+// stores its new rows here runs for its flushing items only, if any).
 // new_rows: what the kernel does with each item's new row besides reading it (DecodeNewRows).
 //   qkv:     fp16 [items][3C] (row stride qkv_stride, a multiple of 8): q | k | v
 //   out:     fp16 [items][C]  (row stride out_stride)

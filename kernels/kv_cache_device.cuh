@@ -4,8 +4,10 @@
 
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
 
+#include "kernels/cuda_check.h"
 #include "kernels/kv_cache_view.h"
 #include "kernels/rint_quotient.h"
 
@@ -16,6 +18,19 @@ __device__ __forceinline__ int paged_count(const KvCacheView& c, int n) {
   if (c.kind != KvKind::kKivi) return n;
   if (n < c.residual + c.key_group) return 0;
   return c.key_group * ((n - c.residual) / c.key_group);
+}
+
+// Blocks of a write-path kernel that walks a decode step's flushing items
+// (KvBatchView::flushing), each block taking units blockIdx.x, blockIdx.x + gridDim.x, ...:
+// as many as the device holds at once at blocks_per_multiprocessor, or max_units (every item
+// flushing) where fewer. It depends on the batch's size alone, so a captured decode graph stays
+// right whatever flushes at a replayed step.
+inline int flushing_grid(int max_units, int blocks_per_multiprocessor) {
+  int device = 0, multiprocessors = 0;
+  KVSERVE_CUDA_CHECK(cudaGetDevice(&device));
+  KVSERVE_CUDA_CHECK(
+      cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
+  return std::max(1, std::min(max_units, multiprocessors * blocks_per_multiprocessor));
 }
 
 __device__ __forceinline__ uint8_t* block_ptr(const KvCacheView& c, int32_t id) {

@@ -55,6 +55,11 @@ struct KvBatchView {
   // the step's rows (row[i] + position - start[i]).
   uint8_t* new_codes = nullptr;    // u8 [rows][2 (keys, values)][H][D]
   uint32_t* new_params = nullptr;  // fp16 (scale, zero) pairs [rows][2][H]
+  // A decode step whose write path (kv_quantize_pages, kv_compact_residual) runs for the items
+  // that flush a group at this step alone, decode_attention storing the others' new rows
+  // (DecodeNewRows::store): [1 + items], the count, then those items in ascending order. Null:
+  // the write path runs for every item.
+  const int32_t* flushing = nullptr;
 };
 
 // Launcher precondition check shared by the KV cache kernels: throws std::invalid_argument naming

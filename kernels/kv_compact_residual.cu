@@ -1,6 +1,8 @@
 // KV write path, part 2: compact the residual (fp16 rows, or int8 rows with their fp16 pairs).
 //
-// One block per (item, head). A flush moves the surviving old-residual rows down by a multiple of
+// One block per (item, head), or in a decode step that lists its flushing items
+// (KvBatchView::flushing) per (flushing item, head): the others' new rows are stored by
+// decode_attention. A flush moves the surviving old-residual rows down by a multiple of
 // G slots inside the same blocks, so the block first stages them in shared memory and only then
 // writes; when nothing was flushed, old rows stay where they are and only the new rows are
 // written (the decode case: one row per item and head).
@@ -16,6 +18,9 @@ namespace kvserve::cuda {
 namespace {
 
 constexpr int kThreads = 128;
+// Blocks an SM holds of a flushing-items grid (flushing_grid): the staged rows take 16 KiB for
+// GPT-2 (R + G = 64 rows of head_dim 64, keys and values), so 8 fit with room to spare.
+constexpr int kBlocksPerMultiprocessor = 8;
 
 // ---- CUDA kernels
 
@@ -67,12 +72,11 @@ __device__ void compact_int8(const KvCacheView& cache, const KvBatchView& batch,
   }
 }
 
-__global__ void kv_compact_residual_kernel(const KvCacheView cache, const KvBatchView batch,
-                                           const __half* qkv, int qkv_stride) {
-  // The old rows that move, keys then values: fp16 [2][rows][D / 8] units of 16 bytes, or the
-  // int8 residual's [2][rows][D / 8 + 1] units of 8 bytes (compact_int8).
-  extern __shared__ uint4 staged[];
-  const int item = blockIdx.x, head = blockIdx.y;
+// The residual of (item, head): one block's work.
+//   staged: the old rows that move, keys then values: fp16 [2][rows][D / 8] units of 16 bytes, or
+//   the int8 residual's [2][rows][D / 8 + 1] units of 8 bytes (compact_int8).
+__device__ void compact(const KvCacheView& cache, const KvBatchView& batch, const __half* qkv,
+                        int qkv_stride, uint4* staged, int item, int head) {
   if (cache.residual_int8) {
     compact_int8(cache, batch, reinterpret_cast<uint2*>(staged), item, head);
     return;
@@ -108,6 +112,24 @@ __global__ void kv_compact_residual_kernel(const KvCacheView cache, const KvBatc
   }
 }
 
+// Every item (batch.flushing null): block (item, head). A decode step's flushing items
+// (batch.flushing = [count, item...]): each block takes units (list entry, head) from blockIdx.x
+// on, gridDim.x apart.
+__global__ void kv_compact_residual_kernel(const KvCacheView cache, const KvBatchView batch,
+                                           const __half* qkv, int qkv_stride) {
+  extern __shared__ uint4 staged[];
+  if (batch.flushing == nullptr) {
+    compact(cache, batch, qkv, qkv_stride, staged, blockIdx.x, blockIdx.y);
+    return;
+  }
+  const int units = batch.flushing[0] * cache.n_head;
+  for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
+    if (unit != blockIdx.x) __syncthreads();  // the previous unit's rows are written
+    compact(cache, batch, qkv, qkv_stride, staged, batch.flushing[1 + unit / cache.n_head],
+            unit % cache.n_head);
+  }
+}
+
 }  // namespace
 
 // ---- kernel launchers
@@ -129,8 +151,11 @@ void kv_compact_residual(const KvCacheView& cache, const KvBatchView& batch, con
   KVSERVE_CUDA_CHECK(cudaFuncSetAttribute(kv_compact_residual_kernel,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(shared_bytes)));
-  kv_compact_residual_kernel<<<dim3(batch.items, cache.n_head), kThreads, shared_bytes, stream>>>(
-      cache, batch, qkv, qkv_stride);
+  const dim3 grid = batch.flushing != nullptr
+                        ? dim3(flushing_grid(batch.items * cache.n_head, kBlocksPerMultiprocessor))
+                        : dim3(batch.items, cache.n_head);
+  kv_compact_residual_kernel<<<grid, kThreads, shared_bytes, stream>>>(cache, batch, qkv,
+                                                                       qkv_stride);
   KVSERVE_CUDA_CHECK(cudaGetLastError());
 }
 

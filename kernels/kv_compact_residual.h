@@ -11,6 +11,8 @@ namespace kvserve::cuda {
 
 // qkv: fp16 [rows][3C] (row stride qkv_stride elements): q | k | v. The old residual is read and
 // overwritten in place, so this runs after every reader of it (kv_quantize_pages, attention).
+// Where batch.flushing lists the items that flush a group (a decode step), only those items'
+// residuals are written, the others' new rows being stored by decode_attention (DecodeNewRows).
 // A no-op for fp16 and int8. Throws std::invalid_argument / std::runtime_error.
 void kv_compact_residual(const KvCacheView& cache, const KvBatchView& batch, const __half* qkv,
                          int qkv_stride, cudaStream_t stream);

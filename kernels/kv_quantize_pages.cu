@@ -2,7 +2,10 @@
 //
 // One block per (item, head, chunk of the item's paged positions, and with KIVI keys or values):
 // a prefill step's hundreds of positions per item spread over the whole GPU instead of one block
-// per (item, head), and a decode step's flush runs its keys and values side by side. Chunks start
+// per (item, head), and a decode step's flush runs its keys and values side by side. A decode
+// step that lists its flushing items (KvBatchView::flushing: about one in G at mixed lengths)
+// runs blocks for them alone, where a grid over every item left thousands of blocks with nothing
+// to do but read their item's lengths and return, and cost more than the flush. Chunks start
 // at multiples of the chunk size from the item's first paged position, itself a multiple of G
 // (kivi), and the chunk size is a multiple of G, so every quantization group lies in one chunk.
 // Every group is owned by one thread, or by 2 or 4 lanes of a warp where a chunk has fewer groups
@@ -177,19 +180,15 @@ __device__ __forceinline__ int lanes_per_group(int groups) {
   return 2 * groups <= static_cast<int>(blockDim.x) ? 2 : 1;
 }
 
-// ---- CUDA kernels
-
-__global__ void __launch_bounds__(kThreads, kBlocksPerMultiprocessor)
-    kv_quantize_pages_kernel(const KvCacheView cache, const KvBatchView batch, const __half* qkv,
-                             int qkv_stride, int chunk_tokens) {
-  const int item = blockIdx.x, head = blockIdx.y;
+// One block's work: chunk `chunk` of item `item`'s positions that enter the pages at this step,
+// for head `head`, KIVI keys (which = 0) or values (1), fp16 and int8 both (which = 0).
+__device__ __forceinline__ void quantize_chunk(const KvCacheView& cache, const KvBatchView& batch,
+                                               const __half* qkv, int qkv_stride, int chunk_tokens,
+                                               int item, int head, int chunk, int which,
+                                               uint32_t* shared_words) {
   const int start = batch.start[item], end = start + batch.count[item];
-  const int item_first = paged_count(cache, start);
-  // KIVI: the keys (which = 0) or the values (1) of a chunk, each its own block, so that a decode
-  // step's flush (one chunk of an item) runs as two chains half as long. fp16 and int8: both.
-  const int kinds = cache.kind == KvKind::kKivi ? 2 : 1, which = blockIdx.z % kinds;
-  // This block's positions: chunk blockIdx.z / kinds of [paged(start), paged(end)).
-  const int first = item_first + blockIdx.z / kinds * chunk_tokens;
+  // This block's positions: chunk `chunk` of [paged(start), paged(end)).
+  const int first = paged_count(cache, start) + chunk * chunk_tokens;
   const int last = min(paged_count(cache, end), first + chunk_tokens);
   if (first >= last) return;
   const int32_t* pages = batch.pages + batch.page_offset[item];
@@ -216,7 +215,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerMultiprocessor)
     return;
   }
 
-  extern __shared__ uint32_t shared_words[];
   const StagedRows rows = stage_rows(window, which, first, tokens, chunk_tokens, shared_words);
   __syncthreads();
   if (which == 0 && !cache.per_token_keys) {
@@ -240,6 +238,38 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerMultiprocessor)
     } else {
       quantize_token_groups<true, 1>(cache, pages, head, first, tokens, which, which + 1, staged);
     }
+  }
+}
+
+// Unit kinds a chunk is cut into: KIVI keys and values each in a block of their own, so that a
+// decode step's flush (one chunk of an item) runs as two chains half as long; fp16 and int8: one.
+__host__ __device__ inline int unit_kinds(const KvCacheView& cache) {
+  return cache.kind == KvKind::kKivi ? 2 : 1;
+}
+
+// ---- CUDA kernels
+
+// Every item (kListed false, batch.flushing null): block (item, head, chunk * kinds + which). A
+// decode step's flushing items (kListed, batch.flushing = [count, item...]): each block takes
+// units (list entry, head, which) from blockIdx.x on, gridDim.x apart. Two kernels, so that the
+// loop's registers do not spill the grid kernel's.
+template <bool kListed>
+__global__ void __launch_bounds__(kThreads, kBlocksPerMultiprocessor)
+    kv_quantize_pages_kernel(const KvCacheView cache, const KvBatchView batch, const __half* qkv,
+                             int qkv_stride, int chunk_tokens) {
+  extern __shared__ uint32_t shared_words[];
+  const int kinds = unit_kinds(cache);
+  if constexpr (!kListed) {
+    quantize_chunk(cache, batch, qkv, qkv_stride, chunk_tokens, blockIdx.x, blockIdx.y,
+                   blockIdx.z / kinds, blockIdx.z % kinds, shared_words);
+    return;
+  }
+  const int per_item = cache.n_head * kinds;
+  const int units = batch.flushing[0] * per_item;
+  for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
+    if (unit != blockIdx.x) __syncthreads();  // the previous unit is done with the staged rows
+    quantize_chunk(cache, batch, qkv, qkv_stride, chunk_tokens, batch.flushing[1 + unit / per_item],
+                   unit / kinds % cache.n_head, 0, unit % kinds, shared_words);
   }
 }
 
@@ -271,12 +301,16 @@ void kv_quantize_pages(const KvCacheView& cache, const KvBatchView& batch, const
     throw std::invalid_argument("kv_quantize_pages: chunk of " + std::to_string(chunk_tokens) +
                                 " tokens is not a positive multiple of the key group");
   }
+  const int kinds = unit_kinds(cache);
   // At least one chunk: a decode step's grid, which a CUDA graph replays, must not depend on
   // whether some item flushes a group at the captured step.
   const int chunks = std::max(1, (max_paged_tokens + chunk_tokens - 1) / chunk_tokens);
-  const int kinds = cache.kind == KvKind::kKivi ? 2 : 1;  // KIVI: keys and values apart
   if (chunks * kinds > 65535) {
     throw std::invalid_argument("kv_quantize_pages: too many token chunks");
+  }
+  if (batch.flushing != nullptr && chunks > 1) {
+    throw std::invalid_argument(
+        "kv_quantize_pages: a step that lists its flushing items pages one chunk an item at most");
   }
   size_t shared_bytes = 0;
   if (cache.kind == KvKind::kKivi) {
@@ -296,13 +330,22 @@ void kv_quantize_pages(const KvCacheView& cache, const KvBatchView& batch, const
             std::to_string(shared_bytes) + " bytes of shared memory, more than the device's " +
             std::to_string(most));
       }
-      KVSERVE_CUDA_CHECK(cudaFuncSetAttribute(kv_quantize_pages_kernel,
-                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              static_cast<int>(shared_bytes)));
+      for (const void* kernel : {reinterpret_cast<const void*>(kv_quantize_pages_kernel<false>),
+                                 reinterpret_cast<const void*>(kv_quantize_pages_kernel<true>)}) {
+        KVSERVE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                static_cast<int>(shared_bytes)));
+      }
     }
   }
-  kv_quantize_pages_kernel<<<dim3(batch.items, cache.n_head, chunks * kinds), kThreads,
-                             shared_bytes, stream>>>(cache, batch, qkv, qkv_stride, chunk_tokens);
+  if (batch.flushing != nullptr) {
+    const int blocks = flushing_grid(batch.items * cache.n_head * kinds, kBlocksPerMultiprocessor);
+    kv_quantize_pages_kernel<true>
+        <<<blocks, kThreads, shared_bytes, stream>>>(cache, batch, qkv, qkv_stride, chunk_tokens);
+  } else {
+    kv_quantize_pages_kernel<false>
+        <<<dim3(batch.items, cache.n_head, chunks * kinds), kThreads, shared_bytes, stream>>>(
+            cache, batch, qkv, qkv_stride, chunk_tokens);
+  }
   KVSERVE_CUDA_CHECK(cudaGetLastError());
 }
 

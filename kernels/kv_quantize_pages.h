@@ -15,10 +15,12 @@ int kv_quantize_pages_chunk_tokens(const KvCacheView& cache);
 // qkv: fp16 [rows][3C] (row stride qkv_stride elements), C = n_head * head_dim: q | k | v.
 // max_paged_tokens: the most positions any item pages at this step (paged(end) - paged(start),
 // known on the host), which sizes the grid: each item's positions are split into chunks of
-// chunk_tokens (a positive multiple of the key group for kivi), one block per (item, head, chunk),
-// at least one chunk; blocks past an item's positions return at once. Decode steps page at most
-// one key group per item, so they run one chunk per (item, head) whatever they flush, and a
-// captured decode graph stays right. Reads the old residual, so it runs before
+// chunk_tokens (a positive multiple of the key group for kivi), one block per (item, head, chunk,
+// and for kivi keys or values), at least one chunk; blocks past an item's positions return at
+// once. Where batch.flushing lists the items that page positions (a decode step: one chunk an item
+// at most), blocks go to those alone, the grid sized by the batch (flushing_grid). Decode steps
+// page at most one key group per item, so either way their grid does not depend on what they
+// flush, and a captured decode graph stays right. Reads the old residual, so it runs before
 // kv_compact_residual. Throws std::invalid_argument on an inconsistent view, std::runtime_error on
 // a CUDA error.
 void kv_quantize_pages(const KvCacheView& cache, const KvBatchView& batch, const __half* qkv,

@@ -214,20 +214,23 @@ std::vector<float> random_channel_scale(int C, std::mt19937& rng) {
 }
 
 // A decode step of a KIVI cache hands decode_attention the new rows' write path: it quantizes an
-// int8 residual's rows and, where no item moves tokens into pages, stores them into their slots
-// (the step then launches neither kv_quantize_pages nor kv_compact_residual). Other caches keep it.
-void check_decode_new_rows(const KvCacheConfig& config, const CudaKvCache& gpu,
-                           const std::vector<ForwardItem>& items, int step) {
-  bool flushes = false;
+// int8 residual's rows and stores the rows of the items that move no tokens into pages into their
+// slots, kv_quantize_pages and kv_compact_residual running for the others alone (none: neither
+// launches). Other caches keep it. Returns the step's flushing items.
+int check_decode_new_rows(const KvCacheConfig& config, const CudaKvCache& gpu,
+                          const std::vector<ForwardItem>& items, int step) {
+  int flushing = 0;
   for (const ForwardItem& item : items) {
-    flushes = flushes ||
-              paged_token_count(config, item.start + 1) > paged_token_count(config, item.start);
+    flushing +=
+        paged_token_count(config, item.start + 1) > paged_token_count(config, item.start) ? 1 : 0;
   }
   const bool kivi = is_kivi(config.format);
   EXPECT_EQ(gpu.decode_new_rows().quantize,
             kivi && config.residual_format == KvResidualFormat::kInt8)
       << "step " << step;
-  EXPECT_EQ(gpu.decode_new_rows().store, kivi && !flushes) << "step " << step;
+  EXPECT_EQ(gpu.decode_new_rows().store, kivi) << "step " << step;
+  EXPECT_EQ(gpu.flushing_items(), flushing) << "step " << step;
+  return flushing;
 }
 
 // One step of `items` (sequences already grown) through both caches with random fp16 q/k/v in
@@ -461,7 +464,7 @@ TEST(GpuKvCache, DecodeStepsMatchTheCpuCacheSplitAndUnsplit) {
     KVSERVE_CUDA_CHECK(cudaStreamCreate(&stream));
     const std::vector<float> channel_scale = random_channel_scale(model.n_embd, rng);
     double worst = 0.0;
-    int stored_steps = 0;
+    int mixed_steps = 0, quiet_steps = 0;
     std::vector<int64_t> ids;
     std::vector<ForwardItem> prefill;
     for (int i = 0; i < many; ++i) {
@@ -483,18 +486,22 @@ TEST(GpuKvCache, DecodeStepsMatchTheCpuCacheSplitAndUnsplit) {
       ASSERT_NO_FATAL_FAILURE(grow_one_token(manager, ids, items));
       ASSERT_NO_FATAL_FAILURE(
           check_step(manager, cpu, gpu, items, channel_scale, rng, stream, step, worst));
-      ASSERT_NO_FATAL_FAILURE(check_decode_new_rows(manager.config(), gpu, items, step));
-      stored_steps += gpu.decode_new_rows().store ? 1 : 0;
+      const int flushing = check_decode_new_rows(manager.config(), gpu, items, step);
+      quiet_steps += flushing == 0 ? 1 : 0;
+      mixed_steps += flushing > 0 && flushing < static_cast<int>(items.size()) ? 1 : 0;
       manager.finish_step();
     }
-    // The split steps of 3 sequences mostly flush nothing: decode_attention stored their rows.
+    // The steps of many sequences of random lengths mostly flush some of them and not others (the
+    // write path runs for those alone); the split steps of 3 sequences mostly flush none
+    // (decode_attention stored their rows, no write path ran).
     if (is_kivi(test.config.format)) {
-      EXPECT_GT(stored_steps, 20);
+      EXPECT_GT(mixed_steps, 20);
+      EXPECT_GT(quiet_steps, 20);
     }
     std::printf(
-        "%-34s decode steps agree (%d stored their rows in attention), worst |attention "
+        "%-34s decode steps agree (%d flushed some items, %d none), worst |attention "
         "difference| %.2e\n",
-        test.name.c_str(), stored_steps, worst);
+        test.name.c_str(), mixed_steps, quiet_steps, worst);
     KVSERVE_CUDA_CHECK(cudaStreamDestroy(stream));
   });
 }
@@ -508,7 +515,8 @@ TEST(GpuKvCache, DecodeStepsMatchTheCpuCacheSplitAndUnsplit) {
 // second chunk empty for the others).
 // Each layout runs twice: sequences of random lengths, so that nearly every step flushes some of
 // them; and lengths of 1 more than a multiple of the group, so that they all flush in one step of
-// 32 and decode_attention stores the new rows in the others (DecodeNewRows::store).
+// 32 and run no write path in the others, decode_attention storing the new rows
+// (DecodeNewRows::store).
 // Pools byte-identical to the CPU's and attention within the GPU tests' tolerance after each.
 TEST(GpuKvCache, PackedDecodeMatchesTheCpuCacheInEveryTwoBitLayout) {
   SKIP_WITHOUT_GPU();
@@ -557,7 +565,7 @@ TEST(GpuKvCache, PackedDecodeMatchesTheCpuCacheInEveryTwoBitLayout) {
     ASSERT_NO_FATAL_FAILURE(
         check_step(manager, cpu, gpu, prefill, channel_scale, rng, stream, 0, worst));
     manager.finish_step();
-    int split_steps = 0, stored_steps = 0;
+    int split_steps = 0, mixed_steps = 0, quiet_steps = 0;
     for (int step = 1; step <= 41; ++step) {
       if (step == 34) {
         for (size_t i = half; i < ids.size(); ++i) manager.remove_sequence(ids[i]);
@@ -568,19 +576,22 @@ TEST(GpuKvCache, PackedDecodeMatchesTheCpuCacheInEveryTwoBitLayout) {
       ASSERT_NO_FATAL_FAILURE(
           check_step(manager, cpu, gpu, items, channel_scale, rng, stream, step, worst));
       ASSERT_EQ(gpu.decode_attention_kernel(), DecodeAttentionVariant::kPacked) << "step " << step;
-      ASSERT_NO_FATAL_FAILURE(check_decode_new_rows(manager.config(), gpu, items, step));
+      const int flushing = check_decode_new_rows(manager.config(), gpu, items, step);
       ASSERT_EQ(gpu.decode_split().splits, step < 34 ? 1 : 2) << "step " << step;
       split_steps += gpu.decode_split().splits > 1 ? 1 : 0;
-      stored_steps += gpu.decode_new_rows().store ? 1 : 0;
+      quiet_steps += flushing == 0 ? 1 : 0;
+      mixed_steps += flushing > 0 && flushing < static_cast<int>(items.size()) ? 1 : 0;
       manager.finish_step();
     }
     if (aligned) {
-      EXPECT_EQ(stored_steps, 40);  // every step but the 31st, split ones too
+      EXPECT_EQ(quiet_steps, 40);  // every step but the 31st, split ones too
+    } else {
+      EXPECT_GT(mixed_steps, 30);
     }
     std::printf(
-        "%-34s packed decode steps agree (%d of them split, %d stored their rows in attention), "
+        "%-34s packed decode steps agree (%d of them split; %d flushed some items, %d none), "
         "worst |attention difference| %.2e\n",
-        name.c_str(), split_steps, stored_steps, worst);
+        name.c_str(), split_steps, mixed_steps, quiet_steps, worst);
     KVSERVE_CUDA_CHECK(cudaStreamDestroy(stream));
   });
 }
@@ -1319,6 +1330,12 @@ TEST(GpuKernels, LaunchersRejectBadInputs) {
   }
   EXPECT_THROW(cuda::kv_quantize_pages(kivi, batch, halves, 192, -1, 64, nullptr),
                std::invalid_argument);
+  {  // a step that lists its flushing items (a decode step) pages one chunk an item at most
+    cuda::KvBatchView listed = batch;
+    listed.flushing = &dummy;
+    EXPECT_THROW(cuda::kv_quantize_pages(kivi, listed, halves, 192, 100, 64, nullptr),
+                 std::invalid_argument);
+  }
   // The staged window is read in 32-bit words, the int8 residual's rows in 16-byte loads; the
   // compaction moves rows 16 bytes at a time.
   EXPECT_THROW(cuda::kv_quantize_pages(kivi, batch, halves, 193, 100, 64, nullptr),

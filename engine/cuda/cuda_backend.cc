@@ -205,7 +205,8 @@ void CudaBackend::replay_decode(int items, const int32_t* index) {
                            split.splits,
                            static_cast<int>(cache_.decode_attention_variant()),
                            new_rows.quantize,
-                           new_rows.store};
+                           new_rows.store,
+                           cache_.flushing_items() > 0};
   if (auto it = decode_graphs_.find(key); it != decode_graphs_.end()) {
     it->second.last_used = ++graph_clock_;
     KVSERVE_CUDA_CHECK(cudaGraphLaunch(it->second.exec.get(), stream_));

@@ -114,9 +114,10 @@ class CudaBackend : public Backend {
   };
   // What a decode graph bakes in besides buffer addresses: items (= T = R), the decode split
   // (chunk, splits), the decode attention variant (fixed for a backend today, but a graph
-  // captured with one kernel must never replay for another) and the cache's decode_new_rows()
-  // flags (a step in which no item flushes launches fewer kernels than one in which some do).
-  using DecodeGraphKey = std::tuple<int, int, int, int, bool, bool>;
+  // captured with one kernel must never replay for another), the cache's decode_new_rows()
+  // flags and whether any item flushes (a step in which none does launches no write path; one in
+  // which some do reads which from the step's metadata).
+  using DecodeGraphKey = std::tuple<int, int, int, int, bool, bool, bool>;
 
   // Device pointers into weights_, GPT-2 layout (Conv1D weights [in][out]).
   struct Layer {

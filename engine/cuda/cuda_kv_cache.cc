@@ -87,20 +87,20 @@ CudaKvCache::~CudaKvCache() {
 const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaStream_t stream,
                                     const std::vector<int32_t>& step_indices) {
   const int n = static_cast<int>(items.size());
-  // Layout of the metadata buffer: start, count, row [n] each; page_offset, residual_offset
-  // [n + 1] each; step_indices; block ids (every item's pages, then
-  // every item's residual blocks, so one base pointer serves both and the offsets hold the variable
-  // part); tiles [num_tiles][2] (the items the prefill kernel attends); where dequantized pages are
-  // used, the items' first scratch pages [n] and the scratch pages' (item, logical page) pairs.
-  // Every region's address up to the block ids depends on n and step_indices.size() alone, never on
-  // the block tables' lengths.
-  const size_t header = 5 * static_cast<size_t>(n) + 2;
+  // Layout of the metadata buffer: start, count, row [n] each; page_offset, residual_offset,
+  // flushing (KvBatchView::flushing, used or not) [n + 1] each; step_indices; block ids (every
+  // item's pages, then every item's residual blocks, so one base pointer serves both and the
+  // offsets hold the variable part); tiles [num_tiles][2] (the items the prefill kernel attends);
+  // where dequantized pages are used, the items' first scratch pages [n] and the scratch pages'
+  // (item, logical page) pairs. Every region's address up to the block ids depends on n and
+  // step_indices.size() alone, never on the block tables' lengths.
+  const size_t header = 6 * static_cast<size_t>(n) + 3;
   const size_t ids_at = header + step_indices.size();
   host_meta_.assign(header, 0);
   int32_t* start = host_meta_.data();
   int32_t* count = start + n;
   int32_t* row = count + n;
-  const int page_offset = 3 * n, residual_offset = 4 * n + 1;
+  const int page_offset = 3 * n, residual_offset = 4 * n + 1, flushing = 5 * n + 2;
   std::vector<int32_t> pages, residual, tiles;
   int rows = 0, max_len = 0;
   const int query_tile = prefill_variant_ == cuda::PrefillAttentionVariant::kTensor
@@ -141,9 +141,14 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
       throw std::logic_error("KV cache: append beyond the reserved length of the sequence");
     }
     max_len = std::max(max_len, item.start + tokens);
-    max_paged_tokens_ =
-        std::max(max_paged_tokens_, paged_token_count(config_, item.start + tokens) -
-                                        paged_token_count(config_, item.start));
+    const int paged_tokens =
+        paged_token_count(config_, item.start + tokens) - paged_token_count(config_, item.start);
+    max_paged_tokens_ = std::max(max_paged_tokens_, paged_tokens);
+    if (paged_tokens > 0) {
+      int32_t& listed = host_meta_[flushing];
+      host_meta_[flushing + 1 + listed] = i;
+      ++listed;
+    }
     if (i < decode_items_) decode_max_len = max_len;
     start[i] = item.start;
     count[i] = tokens;
@@ -182,13 +187,17 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
   measures_errors_ = kv_error_step_sampled(error_sample_rate_, ++step_);
   // In a decode step only decode_attention reads the new rows before kv_compact_residual moves
   // them (kv_quantize_pages and the error sampler read the flushed, older tokens), so it can
-  // quantize them where it reads them; where no item flushes, kv_compact_residual would only
-  // store them into their slots, which decode_attention can do too. That is one to three launches
-  // a layer fewer. Steps that measure errors (rare, and run without graphs) keep every launch.
+  // quantize them where it reads them; and for an item that flushes nothing, kv_compact_residual
+  // would only store its row into its slot, which decode_attention can do too. The write path
+  // then runs for the flushing items alone (about one in G at mixed lengths; none in most steps of
+  // a batch of equal lengths, which launch no write path at all): a grid over every item cost more
+  // in blocks that found nothing to do than the flush itself. Steps that measure errors (rare, and
+  // run without graphs) keep every launch for every item.
   const bool new_rows_in_attention =
       decode_ && view_.kind == cuda::KvKind::kKivi && !measures_errors_;
   decode_new_rows_.quantize = new_rows_in_attention && view_.residual_int8;
-  decode_new_rows_.store = new_rows_in_attention && max_paged_tokens_ == 0;
+  decode_new_rows_.store = new_rows_in_attention;
+  flushing_items_ = host_meta_[flushing];
   host_meta_.insert(host_meta_.end(), step_indices.begin(), step_indices.end());
   host_meta_.insert(host_meta_.end(), pages.begin(), pages.end());
   host_meta_.insert(host_meta_.end(), residual.begin(), residual.end());
@@ -224,6 +233,7 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
   batch_.row = device + 2 * n;
   batch_.page_offset = device + page_offset;
   batch_.residual_offset = device + residual_offset;
+  batch_.flushing = decode_new_rows_.store ? device + flushing : nullptr;
   batch_.pages = device + ids_at;
   batch_.residual_slots = device + ids_at;
   tiles_ = device + tiles_at;
@@ -266,7 +276,8 @@ void CudaKvCache::append_and_attend(int layer, const __half* qkv, __half* out,
   if (!decode_new_rows_.quantize) {
     cuda::kv_quantize_residual(view, batch_, qkv, qkv_stride, rows_, stream);
   }
-  if (!decode_new_rows_.store) quantize_pages(layer, qkv, stream);
+  const bool write_path = !decode_new_rows_.store || flushing_items_ > 0;
+  if (write_path) quantize_pages(layer, qkv, stream);
   if (measures_errors_) {
     cuda::kv_quantization_error(view, batch_, qkv, qkv_stride, error_bins_.get(), stream);
     if (layer == n_layer_ - 1) {  // the step's errors, read by take_errors after its sync
@@ -278,7 +289,7 @@ void CudaKvCache::append_and_attend(int layer, const __half* qkv, __half* out,
     }
   }
   attend(layer, qkv, out, stream);
-  if (!decode_new_rows_.store) cuda::kv_compact_residual(view, batch_, qkv, qkv_stride, stream);
+  if (write_path) cuda::kv_compact_residual(view, batch_, qkv, qkv_stride, stream);
 }
 
 void CudaKvCache::quantize_pages(int layer, const __half* qkv, cudaStream_t stream,

@@ -69,9 +69,14 @@ class CudaKvCache {
   int decode_items() const { return decode_items_; }
   // What the prepared step's decode_attention does with the new rows besides attending (a KIVI
   // decode step that does not measure errors): quantize an int8 residual's, in place of a
-  // kv_quantize_residual launch; and, where no item flushes, store them into their residual slots,
-  // in place of kv_quantize_pages and kv_compact_residual. What a CUDA graph of the step bakes in.
+  // kv_quantize_residual launch; and store those of the items that flush nothing into their
+  // residual slots, kv_quantize_pages and kv_compact_residual then running for the flushing items
+  // alone (flushing_items()), or not at all where there are none. What a CUDA graph of the step
+  // bakes in, with whether flushing_items() is 0.
   cuda::DecodeNewRows decode_new_rows() const { return decode_new_rows_; }
+  // The prepared step's items that move positions into pages (flush a group, in a KIVI decode
+  // step).
+  int flushing_items() const { return flushing_items_; }
   cuda::DecodeSplit decode_split() const { return decode_split_; }
   cuda::DecodeAttentionVariant decode_attention_variant() const { return decode_variant_; }
   // The KIVI kernel that the prepared step's decode_attention runs (the variant asked for, or
@@ -113,6 +118,7 @@ class CudaKvCache {
   uint8_t* pool_ = nullptr;
   cuda::KvBatchView batch_;
   int max_paged_tokens_ = 0;  // max over the step's items of paged(start + count) - paged(start)
+  int flushing_items_ = 0;    // items with paged(start + count) > paged(start)
   int num_tiles_ = 0;
   const int32_t* tiles_ = nullptr;  // [num_tiles][2]: (item, first query) of the prefill kernel
   // The step's pages that kv_dequantize_pages dequantizes for prefill_attention at each layer:
