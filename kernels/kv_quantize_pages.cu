@@ -11,9 +11,9 @@
 // Every group is owned by one thread, or by 2 or 4 lanes of a warp where a chunk has fewer groups
 // than a block has threads (GroupLanes: a decode step's flush), which write whole 32-bit words,
 // each its own, and one of them the group's parameter pair, so no two threads, of one block or
-// two, touch the same word. Groups never mix sequences: a block sees one item only. KIVI blocks
-// first stage their chunk of the window in shared memory (StagedRows), from which every group
-// reads its values.
+// two, touch the same word. Groups never mix sequences: a unit of work sees one item only. KIVI
+// blocks first stage their chunk of the window in shared memory (StagedRows), from which every
+// group reads its values.
 #include "kernels/kv_quantize_pages.h"
 
 #include <algorithm>
@@ -42,9 +42,9 @@ constexpr int kChunkTokens = 64;
 // (fp16, or int8 codes and their fp16 pair) and read back as the window reads them: every group
 // then reads its values out of shared memory, where a value group's thread read a row element by
 // element from global memory, and an int8 row's slot lookup and pair load were repeated for every
-// element. Keys and values take turns, so that a chunk of 256 tokens of 256 channels (the largest
-// key group and head_dim engine/kv_format.cc allows) fits in 132 KiB. Rows are
-// [chunk_tokens][row_words] words, row_words odd so that threads reading one element of
+// element. Keys and values are staged by blocks of their own, so that a chunk of 256 tokens of 256
+// channels (the largest key group and head_dim engine/kv_format.cc allows) fits in 132 KiB. Rows
+// are [chunk_tokens][row_words] words, row_words odd so that threads reading one element of
 // consecutive rows hit distinct banks.
 struct StagedRows {
   uint32_t* words;  // [chunk_tokens][row_words]: fp16 [D] or u8 [D], then padding

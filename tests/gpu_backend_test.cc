@@ -512,8 +512,9 @@ void expect_graphs_replay_eager_steps(const std::string& format, int joins, int 
 
 TEST(GpuBackend, DecodeGraphsReplayTheEagerStepsBitForBit) {
   SKIP_WITHOUT_GPU();
-  // kivi2c: decode steps that quantize an int8 residual's rows in attention, and store them there
-  // where no sequence flushes (graphs of both kinds).
+  // KIVI: decode steps whose attention stores the rows of the sequences that flush nothing, with a
+  // write path for those that do or none (graphs of both kinds); kivi2c's attention also
+  // quantizes its int8 residual's rows.
   for (const std::string format : {"fp16", "kivi2", "kivi2c"}) {
     // Few sequences: every context is split, into twice as many pieces as the context doubles.
     expect_graphs_replay_eager_steps(format, 10, 4, 9, 256);

@@ -541,7 +541,10 @@ TEST(GpuKvCache, PackedDecodeMatchesTheCpuCacheInEveryTwoBitLayout) {
     SCOPED_TRACE(name);
     // 24 blocks a sequence: kivi2_fp8's small blocks hold 10 fp16 residual slots each, and an
     // aligned window of up to 63 tokens takes 13 of them for its keys and values.
-    KvCacheManager manager(c.config, model, many * 24 + 64);
+    // Aligned runs take twice as many sequences: when they all flush, the write path's kernels,
+    // which walk the flushing items from a grid of 8 blocks an SM, run several items a block.
+    const int sequences = aligned ? 2 * many : many;
+    KvCacheManager manager(c.config, model, sequences * 24 + 64);
     CudaKvCache gpu(manager.config(), manager.num_blocks(), model, DecodeAttentionVariant::kPacked);
     ASSERT_TRUE(gpu.decode_attention_supported());
     std::mt19937 rng(5);
@@ -552,7 +555,7 @@ TEST(GpuKvCache, PackedDecodeMatchesTheCpuCacheInEveryTwoBitLayout) {
     double worst = 0.0;
     std::vector<int64_t> ids;
     std::vector<ForwardItem> prefill;
-    for (int i = 0; i < many; ++i) {
+    for (int i = 0; i < sequences; ++i) {
       ids.push_back(i);
       manager.add_sequence(i);
       // Aligned: 65 .. 193 and 545, each 1 past a multiple of G = 32, so that step s flushes
