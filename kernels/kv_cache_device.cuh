@@ -33,6 +33,19 @@ inline int flushing_grid(int max_units, int blocks_per_multiprocessor) {
   return std::max(1, std::min(max_units, multiprocessors * blocks_per_multiprocessor));
 }
 
+// The units of a flushing_grid block: per_item units for each item batch.flushing lists, this
+// block's being blockIdx.x, blockIdx.x + gridDim.x, ...; unit(item, u) with u in [0, per_item).
+// A barrier between two units: they reuse the block's shared memory.
+template <typename Unit>
+__device__ __forceinline__ void for_each_flushing_unit(const KvBatchView& batch, int per_item,
+                                                       Unit unit) {
+  const int units = batch.flushing[0] * per_item;
+  for (int u = blockIdx.x; u < units; u += gridDim.x) {
+    if (u != blockIdx.x) __syncthreads();
+    unit(batch.flushing[1 + u / per_item], u % per_item);
+  }
+}
+
 __device__ __forceinline__ uint8_t* block_ptr(const KvCacheView& c, int32_t id) {
   return c.blocks + static_cast<int64_t>(id) * c.block_bytes;
 }

@@ -122,12 +122,9 @@ __global__ void kv_compact_residual_kernel(const KvCacheView cache, const KvBatc
     compact(cache, batch, qkv, qkv_stride, staged, blockIdx.x, blockIdx.y);
     return;
   }
-  const int units = batch.flushing[0] * cache.n_head;
-  for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
-    if (unit != blockIdx.x) __syncthreads();  // the previous unit's rows are written
-    compact(cache, batch, qkv, qkv_stride, staged, batch.flushing[1 + unit / cache.n_head],
-            unit % cache.n_head);
-  }
+  for_each_flushing_unit(batch, cache.n_head, [&](int item, int head) {
+    compact(cache, batch, qkv, qkv_stride, staged, item, head);
+  });
 }
 
 }  // namespace

@@ -264,13 +264,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerMultiprocessor)
                    blockIdx.z / kinds, blockIdx.z % kinds, shared_words);
     return;
   }
-  const int per_item = cache.n_head * kinds;
-  const int units = batch.flushing[0] * per_item;
-  for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
-    if (unit != blockIdx.x) __syncthreads();  // the previous unit is done with the staged rows
-    quantize_chunk(cache, batch, qkv, qkv_stride, chunk_tokens, batch.flushing[1 + unit / per_item],
-                   unit / kinds % cache.n_head, 0, unit % kinds, shared_words);
-  }
+  for_each_flushing_unit(batch, cache.n_head * kinds, [&](int item, int unit) {
+    quantize_chunk(cache, batch, qkv, qkv_stride, chunk_tokens, item, unit / kinds, 0, unit % kinds,
+                   shared_words);
+  });
 }
 
 }  // namespace
