@@ -414,6 +414,8 @@ __device__ __forceinline__ void quantize_fetched_to_words(Fetch x, int n, int bi
     inverse[c] = 1.0f / scale[c];
     error[c] = 0.0f;
   }
+  // Four elements a pass: their codes and errors overlap, the sums still add them in order.
+#pragma unroll 4
   for (int i = 0; i < n; ++i) {
     const float v = x(i);
 #pragma unroll

@@ -18,98 +18,106 @@ namespace kvserve::cuda {
 namespace {
 
 constexpr int kThreads = 128;
-// Blocks an SM holds of a flushing-items grid (flushing_grid): the staged rows take 16 KiB for
-// GPT-2 (R + G = 64 rows of head_dim 64, keys and values), so 8 fit with room to spare.
+// Blocks an SM holds of a flushing-items grid (flushing_grid): the row table and staged rows take
+// 20 KiB for GPT-2 (2 x (R + G) = 128 rows of head_dim 64 and 32 bytes of addresses each), so 8
+// fit with room to spare.
 constexpr int kBlocksPerMultiprocessor = 8;
 
 // ---- CUDA kernels
 
-// Rows move in units of 8 channels: 16 bytes of an fp16 row, 8 of an int8 row's codes (KIVI's
-// value groups divide head_dim and are multiples of 8, so D / 8 units fill a row, each aligned).
-// Element by element, a flushing item's block (about 31 old rows to move, keys and values) took 32
-// rounds of its 128 threads, each a chain of dependent loads (slot id, then the element).
+// A compaction moves whole rows: the surviving old-residual rows from slot pos - first down to
+// slot pos - last (when the step flushed, last > first), and the step's new rows from qkv (or
+// the batch's int8 new rows) to slot pos - last. A row's addresses take dependent loads (its slot
+// id, then, int8, its pair), so each row's are looked up once, by a thread of its own, into a
+// table in shared memory; the rows are then read into shared memory in units of 8 channels (16
+// bytes fp16, 8 bytes int8: KIVI's value groups divide head_dim and are multiples of 8, so D / 8
+// units fill a row, each aligned), several loads a thread in flight, and written after a barrier,
+// since a row's destination may be another's source. Row by row, a flushing item's block (about
+// 31 old rows to move, keys and values) took five rounds of its 128 threads, each a chain of
+// dependent loads (slot id, then the row), and as long again for the writes.
+struct RowCopy {
+  const uint8_t* from;  // fp16 [D], or int8 codes u8 [D]
+  uint8_t* to;
+  uint32_t* to_pair;  // int8: the destination's fp16 (scale, zero) pair
+  uint32_t pair;      // int8: the row's pair
+};
 
-// The int8 residual: codes u8 [D] and an fp16 (scale, zero) pair per row, moved as they are (the
-// new rows from the batch's new rows, quantized by kv_quantize_residual or decode_attention), as
-// D / 8 + 1 units of 8 bytes a row: its codes, then its pair (in the low 4 bytes).
-//   staged: [2][rows][D / 8 + 1] such units
-__device__ void compact_int8(const KvCacheView& cache, const KvBatchView& batch, uint2* staged,
-                             int item, int head) {
-  const int start = batch.start[item], end = start + batch.count[item];
-  const int first = paged_count(cache, start), last = paged_count(cache, end);
-  const int D = cache.head_dim, units = D / 8 + 1;
-  const int32_t* residual_slots = batch.residual_slots + batch.residual_offset[item];
-  const KvWindow window = item_window(cache, batch, nullptr, 0, item, head);
-  auto read_unit = [&](int pos, int which, int u) {
-    const uint8_t* codes;
-    __half2 pair;
-    window.residual_int8_row(pos, which, codes, pair);
-    if (u + 1 < units) return reinterpret_cast<const uint2*>(codes)[u];
-    return make_uint2(*reinterpret_cast<const uint32_t*>(&pair), 0u);
-  };
-  auto write_unit = [&](int slot, int which, int u, uint2 value) {
-    const Int8ResidualRow row = int8_residual_row(cache, residual_slots, head, slot, which);
-    if (u + 1 < units) {
-      reinterpret_cast<uint2*>(row.codes)[u] = value;
-    } else {
-      *row.pair = value.x;
+// Units a thread of copy_rows loads before it stores any.
+constexpr int kUnitsInFlight = 4;
+
+// Copies `rows` rows of `units` Units each as `table` lists them (filled, and published by a
+// barrier, by the caller) through `staged` ([rows][units]).
+template <typename Unit>
+__device__ void copy_rows(const RowCopy* table, int rows, int units, bool int8, Unit* staged) {
+  const int total = rows * units;
+  for (int base = threadIdx.x; base < total; base += kUnitsInFlight * blockDim.x) {
+    Unit loaded[kUnitsInFlight];
+#pragma unroll
+    for (int k = 0; k < kUnitsInFlight; ++k) {
+      const int e = base + k * blockDim.x;
+      if (e < total) loaded[k] = reinterpret_cast<const Unit*>(table[e / units].from)[e % units];
     }
-  };
-  const int moved_from = last, moved = last > first ? max(0, start - last) : 0;
-  for (int e = threadIdx.x; e < 2 * moved * units; e += blockDim.x) {
-    const int which = e / (moved * units), r = (e / units) % moved, u = e % units;
-    staged[e] = read_unit(moved_from + r, which, u);
+#pragma unroll
+    for (int k = 0; k < kUnitsInFlight; ++k) {
+      const int e = base + k * blockDim.x;
+      if (e < total) staged[e] = loaded[k];
+    }
   }
-  __syncthreads();
-  for (int e = threadIdx.x; e < 2 * moved * units; e += blockDim.x) {
-    const int which = e / (moved * units), r = (e / units) % moved, u = e % units;
-    write_unit(moved_from + r - last, which, u, staged[e]);
+  __syncthreads();  // every row read before any is written
+  for (int e = threadIdx.x; e < total; e += blockDim.x) {
+    reinterpret_cast<Unit*>(table[e / units].to)[e % units] = staged[e];
   }
-  const int new_first = max(start, last), fresh = end - new_first;
-  for (int e = threadIdx.x; e < 2 * fresh * units; e += blockDim.x) {
-    const int which = e / (fresh * units), r = (e / units) % fresh, u = e % units;
-    write_unit(new_first + r - last, which, u, read_unit(new_first + r, which, u));
+  if (int8) {
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) *table[r].to_pair = table[r].pair;
   }
 }
 
 // The residual of (item, head): one block's work.
-//   staged: the old rows that move, keys then values: fp16 [2][rows][D / 8] units of 16 bytes, or
-//   the int8 residual's [2][rows][D / 8 + 1] units of 8 bytes (compact_int8).
+//   shared: the row table (RowCopy [2][rows]: moved rows, keys then values, then new rows), then
+//   the staged rows' units (fp16 uint4 [2][rows][D / 8], int8 uint2 [2][rows][D / 8]).
 __device__ void compact(const KvCacheView& cache, const KvBatchView& batch, const __half* qkv,
-                        int qkv_stride, uint4* staged, int item, int head) {
-  if (cache.residual_int8) {
-    compact_int8(cache, batch, reinterpret_cast<uint2*>(staged), item, head);
-    return;
-  }
+                        int qkv_stride, RowCopy* table, void* staged, int item, int head) {
   const int start = batch.start[item], end = start + batch.count[item];
   const int first = paged_count(cache, start), last = paged_count(cache, end);
-  const int units = cache.head_dim / 8;  // 16 bytes each
   const int32_t* residual_slots = batch.residual_slots + batch.residual_offset[item];
   const KvWindow window = item_window(cache, batch, qkv, qkv_stride, item, head);
-  auto row_units = [&](int pos, int which) {
-    return reinterpret_cast<const uint4*>(window.row(pos, which));
-  };
-  auto slot_units = [&](int slot, int which) {
-    return reinterpret_cast<uint4*>(residual_row(cache, residual_slots, head, slot, which));
-  };
-
-  // Old rows [last, start) move from slot pos - first to slot pos - last when last > first.
-  const int moved_from = last, moved = last > first ? max(0, start - last) : 0;
-  for (int e = threadIdx.x; e < 2 * moved * units; e += blockDim.x) {
-    const int which = e / (moved * units), r = (e / units) % moved, u = e % units;
-    staged[e] = row_units(moved_from + r, which)[u];
+  // Old rows [last, start) move when last > first; new rows [max(start, last), end) arrive.
+  const int moved = last > first ? max(0, start - last) : 0;
+  const int new_first = max(start, last), fresh = end - new_first;
+  const int rows = 2 * (moved + fresh);
+  for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+    const bool old = r < 2 * moved;
+    const int count = old ? moved : fresh, i = old ? r : r - 2 * moved;
+    const int which = i / count, pos = (old ? last : new_first) + i % count;
+    RowCopy copy{};
+    if (cache.residual_int8) {
+      const uint8_t* codes;
+      __half2 pair;
+      window.residual_int8_row(pos, which, codes, pair);
+      const Int8ResidualRow to = int8_residual_row(cache, residual_slots, head, pos - last, which);
+      copy = {codes, to.codes, to.pair, *reinterpret_cast<const uint32_t*>(&pair)};
+    } else {
+      copy.from = reinterpret_cast<const uint8_t*>(window.row(pos, which));
+      copy.to =
+          reinterpret_cast<uint8_t*>(residual_row(cache, residual_slots, head, pos - last, which));
+    }
+    table[r] = copy;
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < 2 * moved * units; e += blockDim.x) {
-    const int which = e / (moved * units), r = (e / units) % moved, u = e % units;
-    slot_units(moved_from + r - last, which)[u] = staged[e];
+  const int units = cache.head_dim / 8;
+  if (cache.residual_int8) {
+    copy_rows(table, rows, units, true, static_cast<uint2*>(staged));
+  } else {
+    copy_rows(table, rows, units, false, static_cast<uint4*>(staged));
   }
-  // New rows [max(start, last), end) come from qkv.
-  const int new_first = max(start, last), fresh = end - new_first;
-  for (int e = threadIdx.x; e < 2 * fresh * units; e += blockDim.x) {
-    const int which = e / (fresh * units), r = (e / units) % fresh, u = e % units;
-    slot_units(new_first + r - last, which)[u] = row_units(new_first + r, which)[u];
-  }
+}
+
+// Shared memory of a block: at most R + G - 1 rows of keys and as many of values survive a step
+// (the residual holds fewer than R + G tokens), each a RowCopy and its units, an fp16 row's (2 D
+// bytes) no fewer than an int8 row's (D).
+size_t compact_shared_bytes(const KvCacheView& cache) {
+  const size_t rows = 2 * static_cast<size_t>(cache.residual + cache.key_group);
+  return rows * (sizeof(RowCopy) + cache.head_dim * sizeof(__half));
 }
 
 // Every item (batch.flushing null): block (item, head). A decode step's flushing items
@@ -117,13 +125,15 @@ __device__ void compact(const KvCacheView& cache, const KvBatchView& batch, cons
 // on, gridDim.x apart.
 __global__ void kv_compact_residual_kernel(const KvCacheView cache, const KvBatchView batch,
                                            const __half* qkv, int qkv_stride) {
-  extern __shared__ uint4 staged[];
+  extern __shared__ uint4 shared[];
+  auto* table = reinterpret_cast<RowCopy*>(shared);
+  void* staged = table + 2 * (cache.residual + cache.key_group);
   if (batch.flushing == nullptr) {
-    compact(cache, batch, qkv, qkv_stride, staged, blockIdx.x, blockIdx.y);
+    compact(cache, batch, qkv, qkv_stride, table, staged, blockIdx.x, blockIdx.y);
     return;
   }
   for_each_flushing_unit(batch, cache.n_head, [&](int item, int head) {
-    compact(cache, batch, qkv, qkv_stride, staged, item, head);
+    compact(cache, batch, qkv, qkv_stride, table, staged, item, head);
   });
 }
 
@@ -141,10 +151,7 @@ void kv_compact_residual(const KvCacheView& cache, const KvBatchView& batch, con
   if (qkv_stride % 8 != 0 || reinterpret_cast<uintptr_t>(qkv) % 16 != 0) {
     throw std::invalid_argument("kv_compact_residual: qkv rows must be 16-byte aligned");
   }
-  // At most R + G - 1 old rows survive a step (the residual holds fewer than R + G tokens); an
-  // int8 row's units (D + 8 bytes) take no more than an fp16 row (2 D, D >= 8).
-  const size_t shared_bytes =
-      2 * static_cast<size_t>(cache.residual + cache.key_group) * cache.head_dim * sizeof(__half);
+  const size_t shared_bytes = compact_shared_bytes(cache);
   KVSERVE_CUDA_CHECK(cudaFuncSetAttribute(kv_compact_residual_kernel,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(shared_bytes)));

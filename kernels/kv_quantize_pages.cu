@@ -32,6 +32,10 @@ constexpr int kThreads = 128;
 // pair search: 4 candidates per element) has more warps beside it to hide its latency. At 73
 // registers 6 blocks fitted.
 constexpr int kBlocksPerMultiprocessor = 8;
+// The same for the kernel of a decode step's flushing items, whose few units (about 8 items a
+// step at B = 256) leave most of the GPU idle: latency, not occupancy, bounds it, and 128
+// registers let its loops keep several elements in flight without spilling.
+constexpr int kListedBlocksPerMultiprocessor = 4;
 // Positions per block before rounding up to a multiple of G: for GPT-2's head_dim 64 and groups
 // of 32, one key group and one value group per thread, so a block's threads all have work. KIVI
 // chunks grow until their value groups, quantized after the keys', give every thread one (value
@@ -43,7 +47,7 @@ constexpr int kChunkTokens = 64;
 // then reads its values out of shared memory, where a value group's thread read a row element by
 // element from global memory, and an int8 row's slot lookup and pair load were repeated for every
 // element. Keys and values are staged by blocks of their own, so that a chunk of 256 tokens of 256
-// channels (the largest key group and head_dim engine/kv_format.cc allows) fits in 132 KiB. Rows
+// channels (the largest key group and head_dim engine/kv_format.cc allows) fits in 131 KiB. Rows
 // are [chunk_tokens][row_words] words, row_words odd so that threads reading one element of
 // consecutive rows hit distinct banks.
 struct StagedRows {
@@ -71,37 +75,57 @@ __host__ __device__ inline int staged_row_words(int head_dim, bool int8) {
   return staged_data_words(head_dim, int8) | 1;
 }
 
-// Shared memory of one KIVI block: the staged rows, then (int8) their pairs.
+// Shared memory of one KIVI block: the rows' addresses (stage_rows), the staged rows, then
+// (int8) their pairs.
 size_t staged_bytes(const KvCacheView& cache, int chunk_tokens) {
   const size_t rows = static_cast<size_t>(chunk_tokens);
-  return rows * staged_row_words(cache.head_dim, cache.residual_int8) * 4 +
+  return rows * sizeof(const uint32_t*) +
+         rows * staged_row_words(cache.head_dim, cache.residual_int8) * 4 +
          (cache.residual_int8 ? rows * sizeof(__half2) : 0);
 }
 
+// Words a thread of stage_rows loads before it stores any: the loads of one thread overlap
+// instead of each waiting for the one before.
+constexpr int kStagedWordsInFlight = 4;
+
 // Copies the keys (which = 0) or values (1) of positions [first, first + tokens) of the window
-// into shared memory: one 32-bit word a thread (a warp reads whole rows), the int8 pair by the
-// row's first word.
+// into shared memory. A row's address takes dependent loads (its slot id, then the slot), so
+// each row's is looked up once, by a thread of its own, and the rows' words are then copied one
+// 32-bit word a thread (a warp reads whole rows), kStagedWordsInFlight loads before their stores.
+// The caller synchronizes the block before it reads the rows.
 __device__ __forceinline__ StagedRows stage_rows(const KvWindow& window, int which, int first,
                                                  int tokens, int chunk_tokens, uint32_t* shared) {
   const KvCacheView& cache = *window.cache;
   const bool int8 = cache.residual_int8;
   const int row_words = staged_row_words(cache.head_dim, int8);
   const int data_words = staged_data_words(cache.head_dim, int8);
-  StagedRows staged{shared, reinterpret_cast<__half2*>(shared + chunk_tokens * row_words),
-                    row_words, int8};
-  for (int e = threadIdx.x; e < tokens * data_words; e += blockDim.x) {
-    const int t = e / data_words, w = e % data_words, pos = first + t;
-    const uint32_t* source;
+  const auto** sources = reinterpret_cast<const uint32_t**>(shared);  // [chunk_tokens]
+  uint32_t* words = shared + chunk_tokens * (sizeof(const uint32_t*) / 4);
+  StagedRows staged{words, reinterpret_cast<__half2*>(words + chunk_tokens * row_words), row_words,
+                    int8};
+  for (int t = threadIdx.x; t < tokens; t += blockDim.x) {
     if (int8) {
       const uint8_t* codes;
-      __half2 pair;
-      window.residual_int8_row(pos, which, codes, pair);
-      source = reinterpret_cast<const uint32_t*>(codes);
-      if (w == 0) staged.pairs[t] = pair;
+      window.residual_int8_row(first + t, which, codes, staged.pairs[t]);
+      sources[t] = reinterpret_cast<const uint32_t*>(codes);
     } else {
-      source = reinterpret_cast<const uint32_t*>(window.row(pos, which));
+      sources[t] = reinterpret_cast<const uint32_t*>(window.row(first + t, which));
     }
-    staged.words[static_cast<int64_t>(t) * row_words + w] = source[w];
+  }
+  __syncthreads();
+  const int total = tokens * data_words;
+  for (int base = threadIdx.x; base < total; base += kStagedWordsInFlight * blockDim.x) {
+    uint32_t loaded[kStagedWordsInFlight];
+#pragma unroll
+    for (int k = 0; k < kStagedWordsInFlight; ++k) {
+      const int e = base + k * blockDim.x;
+      if (e < total) loaded[k] = sources[e / data_words][e % data_words];
+    }
+#pragma unroll
+    for (int k = 0; k < kStagedWordsInFlight; ++k) {
+      const int e = base + k * blockDim.x;
+      if (e < total) words[(e / data_words) * row_words + e % data_words] = loaded[k];
+    }
   }
   return staged;
 }
@@ -254,10 +278,11 @@ __host__ __device__ inline int unit_kinds(const KvCacheView& cache) {
 // units (list entry, head, which) from blockIdx.x on, gridDim.x apart. Two kernels, so that the
 // loop's registers do not spill the grid kernel's.
 template <bool kListed>
-__global__ void __launch_bounds__(kThreads, kBlocksPerMultiprocessor)
+__global__ void __launch_bounds__(kThreads, kListed ? kListedBlocksPerMultiprocessor
+                                                    : kBlocksPerMultiprocessor)
     kv_quantize_pages_kernel(const KvCacheView cache, const KvBatchView batch, const __half* qkv,
                              int qkv_stride, int chunk_tokens) {
-  extern __shared__ uint32_t shared_words[];
+  extern __shared__ __align__(16) uint32_t shared_words[];  // stage_rows: addresses first
   const int kinds = unit_kinds(cache);
   if constexpr (!kListed) {
     quantize_chunk(cache, batch, qkv, qkv_stride, chunk_tokens, blockIdx.x, blockIdx.y,
@@ -335,7 +360,8 @@ void kv_quantize_pages(const KvCacheView& cache, const KvBatchView& batch, const
     }
   }
   if (batch.flushing != nullptr) {
-    const int blocks = flushing_grid(batch.items * cache.n_head * kinds, kBlocksPerMultiprocessor);
+    const int blocks =
+        flushing_grid(batch.items * cache.n_head * kinds, kListedBlocksPerMultiprocessor);
     kv_quantize_pages_kernel<true>
         <<<blocks, kThreads, shared_bytes, stream>>>(cache, batch, qkv, qkv_stride, chunk_tokens);
   } else {
