@@ -205,7 +205,9 @@ __device__ __forceinline__ int lanes_per_group(int groups) {
 }
 
 // One block's work: chunk `chunk` of item `item`'s positions that enter the pages at this step,
-// for head `head`, KIVI keys (which = 0) or values (1), fp16 and int8 both (which = 0).
+// for head `head`, KIVI keys (which = 0) or values (1), fp16 and int8 both (which = 0). kKivi:
+// the cache is KIVI (a decode step's flushing items), so the kernel carries no other path.
+template <bool kKivi>
 __device__ __forceinline__ void quantize_chunk(const KvCacheView& cache, const KvBatchView& batch,
                                                const __half* qkv, int qkv_stride, int chunk_tokens,
                                                int item, int head, int chunk, int which,
@@ -222,7 +224,7 @@ __device__ __forceinline__ void quantize_chunk(const KvCacheView& cache, const K
   const int D = cache.head_dim, P = cache.page_tokens;
   const int tokens = last - first;
 
-  if (cache.kind == KvKind::kFp16) {
+  if (!kKivi && cache.kind == KvKind::kFp16) {
     for (int e = threadIdx.x; e < tokens * D; e += blockDim.x) {
       const int pos = first + e / D, d = e % D, slot = pos % P;
       uint8_t* page = block_ptr(cache, pages[pos / P]);
@@ -232,7 +234,7 @@ __device__ __forceinline__ void quantize_chunk(const KvCacheView& cache, const K
     }
     return;
   }
-  if (cache.kind == KvKind::kInt8) {
+  if (!kKivi && cache.kind == KvKind::kInt8) {
     quantize_token_groups<false, 1>(
         cache, pages, head, first, tokens, 0, 2,
         [&window](int pos, int d, int which) { return window.element(pos, d, which); });
@@ -285,13 +287,13 @@ __global__ void __launch_bounds__(kThreads, kListed ? kListedBlocksPerMultiproce
   extern __shared__ __align__(16) uint32_t shared_words[];  // stage_rows: addresses first
   const int kinds = unit_kinds(cache);
   if constexpr (!kListed) {
-    quantize_chunk(cache, batch, qkv, qkv_stride, chunk_tokens, blockIdx.x, blockIdx.y,
-                   blockIdx.z / kinds, blockIdx.z % kinds, shared_words);
+    quantize_chunk<false>(cache, batch, qkv, qkv_stride, chunk_tokens, blockIdx.x, blockIdx.y,
+                          blockIdx.z / kinds, blockIdx.z % kinds, shared_words);
     return;
   }
   for_each_flushing_unit(batch, cache.n_head * kinds, [&](int item, int unit) {
-    quantize_chunk(cache, batch, qkv, qkv_stride, chunk_tokens, item, unit / kinds, 0, unit % kinds,
-                   shared_words);
+    quantize_chunk<true>(cache, batch, qkv, qkv_stride, chunk_tokens, item, unit / kinds, 0,
+                         unit % kinds, shared_words);
   });
 }
 
@@ -330,9 +332,10 @@ void kv_quantize_pages(const KvCacheView& cache, const KvBatchView& batch, const
   if (chunks * kinds > 65535) {
     throw std::invalid_argument("kv_quantize_pages: too many token chunks");
   }
-  if (batch.flushing != nullptr && chunks > 1) {
+  if (batch.flushing != nullptr && (chunks > 1 || cache.kind != KvKind::kKivi)) {
     throw std::invalid_argument(
-        "kv_quantize_pages: a step that lists its flushing items pages one chunk an item at most");
+        "kv_quantize_pages: a step that lists its flushing items is a KIVI decode step, paging "
+        "one chunk an item at most");
   }
   size_t shared_bytes = 0;
   if (cache.kind == KvKind::kKivi) {

@@ -1333,11 +1333,20 @@ TEST(GpuKernels, LaunchersRejectBadInputs) {
   }
   EXPECT_THROW(cuda::kv_quantize_pages(kivi, batch, halves, 192, -1, 64, nullptr),
                std::invalid_argument);
-  {  // a step that lists its flushing items (a decode step) pages one chunk an item at most
+  {  // a step that lists its flushing items is a KIVI decode step: one chunk an item at most
     cuda::KvBatchView listed = batch;
     listed.flushing = &dummy;
     EXPECT_THROW(cuda::kv_quantize_pages(kivi, listed, halves, 192, 100, 64, nullptr),
                  std::invalid_argument);
+    cuda::KvCacheView int8 = kivi;  // a valid int8 view: only the listing is wrong
+    int8.kind = cuda::KvKind::kInt8;
+    int8.bits = 8;
+    try {
+      cuda::kv_quantize_pages(int8, listed, halves, 192, 32, 64, nullptr);
+      ADD_FAILURE() << "kv_quantize_pages took a listed step of int8 pages";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find("KIVI decode step"), std::string::npos) << e.what();
+    }
   }
   // The staged window is read in 32-bit words, the int8 residual's rows in 16-byte loads; the
   // compaction moves rows 16 bytes at a time.
