@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "kernels/cuda_check.h"
+#include "kernels/e4m3_rounding.h"
 #include "kernels/kv_cache_view.h"
 #include "kernels/rint_quotient.h"
 
@@ -134,39 +135,6 @@ __device__ __forceinline__ float e4m3_to_float(uint32_t bits) {
   const float value = exponent == 0 ? code_to_float(mantissa) * 0x1p-9f
                                     : __int_as_float(((exponent + 120u) << 23) | (mantissa << 20));
   return (bits & 0x80u) ? -value : value;
-}
-
-// The code of the largest magnitude <= m (down) or the smallest >= m (up, saturating at 448), for
-// m >= 0: e4m3 magnitudes ascend with their code, as the CPU's table.
-__device__ __forceinline__ uint32_t e4m3_magnitude_down(float m) {
-  uint32_t lo = 0, hi = 0x7e;  // the answer lies in [lo, hi]
-  while (lo < hi) {
-    const uint32_t mid = (lo + hi + 1) / 2;
-    if (e4m3_to_float(mid) <= m)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo;
-}
-__device__ __forceinline__ uint32_t e4m3_magnitude_up(float m) {
-  uint32_t lo = 0, hi = 0x7e;
-  while (lo < hi) {
-    const uint32_t mid = (lo + hi) / 2;
-    if (e4m3_to_float(mid) >= m)
-      hi = mid;
-    else
-      lo = mid + 1;
-  }
-  return lo;
-}
-__device__ __forceinline__ uint32_t e4m3_round_down(float x) {
-  if (isnan(x)) return 0;
-  return x >= 0.0f ? e4m3_magnitude_down(x) : 0x80u | e4m3_magnitude_up(-x);
-}
-__device__ __forceinline__ uint32_t e4m3_round_up(float x) {
-  if (isnan(x)) return 0;
-  return x >= 0.0f ? e4m3_magnitude_up(x) : 0x80u | e4m3_magnitude_down(-x);
 }
 
 // An fp8 (scale, zero) pair held in the low 16 bits of `bits` (scale first), as an fp16 pair
@@ -399,7 +367,7 @@ __device__ __forceinline__ void quantize_fetched_to_words(Fetch x, int n, int bi
   // (max - zero) / max_code); this lane's are kFirst .. kFirst + kPerLane - 1.
   constexpr int kPerLane = 4 / kLanes;
   const int first = lanes.index * kPerLane;
-  const uint32_t zeros[2] = {e4m3_round_down(lo), e4m3_round_up(lo)};
+  const uint32_t zeros[2] = {e4m3_code_down(lo), e4m3_code_up(lo)};
   uint32_t candidate_scale[kPerLane], candidate_zero[kPerLane];
   float scale[kPerLane], zero[kPerLane], inverse[kPerLane], error[kPerLane];
 #pragma unroll
@@ -409,7 +377,7 @@ __device__ __forceinline__ void quantize_fetched_to_words(Fetch x, int n, int bi
     zero[c] = e4m3_to_float(candidate_zero[c]);
     // The spread of a zero is computed as before for each of its two scales: the same value.
     const float spread = fmaxf(0.0f, (hi - zero[c]) / max_code);
-    candidate_scale[c] = k % 2 == 0 ? e4m3_round_up(spread) : e4m3_round_down(spread);
+    candidate_scale[c] = k % 2 == 0 ? e4m3_code_up(spread) : e4m3_code_down(spread);
     scale[c] = e4m3_to_float(candidate_scale[c]);
     inverse[c] = 1.0f / scale[c];
     error[c] = 0.0f;

@@ -5,12 +5,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "engine/fp16.h"
+#include "kernels/e4m3_rounding.h"
 #include "kernels/rint_quotient.h"
 
 namespace kvserve {
@@ -162,6 +164,46 @@ TEST(E4m3, RoundDownAndUpBracketEveryValueTightlyAndSaturate) {
       EXPECT_TRUE(std::isfinite(e4m3_to_float(code)));
     }
   }
+}
+
+// The device quantizers read e4m3 codes off a float's bits (kernels/e4m3_rounding.h); they must
+// pick the codes the table search above picks, for every float a group's minimum or spread can
+// be: every float whose magnitude lies within 2^-40 .. 2^20 (the e4m3 range and far beyond it
+// both ways) at a stride of 37 mantissa steps, every float within 64 ulps of each e4m3 value and
+// of the midpoints between neighbours, and the special values.
+TEST(E4m3, CodesFromTheFloatsBitsMatchTheTableSearch) {
+  auto check = [](float x) {
+    ASSERT_EQ(e4m3_code_down(x), e4m3_round_down(x)) << "down " << x;
+    ASSERT_EQ(e4m3_code_up(x), e4m3_round_up(x)) << "up " << x;
+  };
+  auto check_around = [&](float x) {
+    float below = x, above = x;
+    for (int i = 0; i < 64; ++i) {
+      check(below = std::nextafter(below, -INFINITY));
+      check(above = std::nextafter(above, INFINITY));
+    }
+    check(x);
+  };
+  for (uint32_t bits = (127u - 40u) << 23; bits < (127u + 20u) << 23; bits += 37u) {
+    float x;
+    std::memcpy(&x, &bits, sizeof(x));
+    check(x);
+    check(-x);
+  }
+  const std::vector<float> values = all_e4m3_values();
+  for (size_t i = 0; i < values.size(); ++i) {
+    check_around(values[i]);
+    if (i + 1 < values.size()) check_around(values[i] / 2 + values[i + 1] / 2);
+  }
+  for (float x : {0.0f, -0.0f, std::numeric_limits<float>::denorm_min(),
+                  -std::numeric_limits<float>::denorm_min(), std::numeric_limits<float>::min(),
+                  std::numeric_limits<float>::max(), -std::numeric_limits<float>::max(),
+                  std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                  449.0f, -449.0f, 464.0f, 480.0f, 1e30f}) {
+    check(x);
+  }
+  EXPECT_EQ(e4m3_code_down(std::numeric_limits<float>::quiet_NaN()), 0u);
+  EXPECT_EQ(e4m3_code_up(std::numeric_limits<float>::quiet_NaN()), 0u);
 }
 
 struct Fp8Group {
