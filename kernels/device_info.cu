@@ -1,5 +1,9 @@
 #include "kernels/device_info.h"
 
+#include <mutex>
+#include <set>
+#include <stdexcept>
+
 #include "kernels/cuda_check.h"
 
 namespace kvserve::cuda {
@@ -48,6 +52,27 @@ double copy_bandwidth(size_t bytes) {
   cudaFree(src);
   cudaFree(dst);
   return 2.0 * static_cast<double>(bytes) / (best_ms * 1e-3);
+}
+
+void allow_dynamic_shared_memory(const char* op, const void* kernel, size_t bytes) {
+  constexpr size_t kWithoutOptIn = 48 * 1024;
+  if (bytes <= kWithoutOptIn) return;
+  int device = 0, most = 0;
+  KVSERVE_CUDA_CHECK(cudaGetDevice(&device));
+  KVSERVE_CUDA_CHECK(
+      cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (bytes > static_cast<size_t>(most)) {
+    throw std::invalid_argument(std::string(op) + ": needs " + std::to_string(bytes) +
+                                " bytes of shared memory a block, more than the device's " +
+                                std::to_string(most));
+  }
+  static std::mutex mutex;
+  static std::set<const void*> opted_in;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (opted_in.count(kernel) != 0) return;
+  KVSERVE_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most));
+  opted_in.insert(kernel);
 }
 
 }  // namespace kvserve::cuda

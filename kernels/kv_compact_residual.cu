@@ -12,6 +12,7 @@
 #include <stdexcept>
 
 #include "kernels/cuda_check.h"
+#include "kernels/device_info.h"
 #include "kernels/kv_cache_device.cuh"
 
 namespace kvserve::cuda {
@@ -152,9 +153,9 @@ void kv_compact_residual(const KvCacheView& cache, const KvBatchView& batch, con
     throw std::invalid_argument("kv_compact_residual: qkv rows must be 16-byte aligned");
   }
   const size_t shared_bytes = compact_shared_bytes(cache);
-  KVSERVE_CUDA_CHECK(cudaFuncSetAttribute(kv_compact_residual_kernel,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(shared_bytes)));
+  allow_dynamic_shared_memory("kv_compact_residual",
+                              reinterpret_cast<const void*>(kv_compact_residual_kernel),
+                              shared_bytes);
   const dim3 grid = batch.flushing != nullptr
                         ? dim3(flushing_grid(batch.items * cache.n_head, kBlocksPerMultiprocessor))
                         : dim3(batch.items, cache.n_head);

@@ -21,6 +21,7 @@
 #include <string>
 
 #include "kernels/cuda_check.h"
+#include "kernels/device_info.h"
 #include "kernels/kv_cache_device.cuh"
 
 namespace kvserve::cuda {
@@ -344,22 +345,9 @@ void kv_quantize_pages(const KvCacheView& cache, const KvBatchView& batch, const
       throw std::invalid_argument(
           "kv_quantize_pages: qkv stride, block or residual slot size not 4-byte aligned");
     shared_bytes = staged_bytes(cache, chunk_tokens);
-    if (shared_bytes > 48 * 1024) {  // above 48 KiB a kernel must opt in
-      int device = 0, most = 0;
-      KVSERVE_CUDA_CHECK(cudaGetDevice(&device));
-      KVSERVE_CUDA_CHECK(
-          cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-      if (shared_bytes > static_cast<size_t>(most)) {
-        throw std::invalid_argument(
-            "kv_quantize_pages: a chunk of " + std::to_string(chunk_tokens) + " tokens needs " +
-            std::to_string(shared_bytes) + " bytes of shared memory, more than the device's " +
-            std::to_string(most));
-      }
-      for (const void* kernel : {reinterpret_cast<const void*>(kv_quantize_pages_kernel<false>),
-                                 reinterpret_cast<const void*>(kv_quantize_pages_kernel<true>)}) {
-        KVSERVE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                static_cast<int>(shared_bytes)));
-      }
+    for (const void* kernel : {reinterpret_cast<const void*>(kv_quantize_pages_kernel<false>),
+                               reinterpret_cast<const void*>(kv_quantize_pages_kernel<true>)}) {
+      allow_dynamic_shared_memory("kv_quantize_pages", kernel, shared_bytes);
     }
   }
   if (batch.flushing != nullptr) {
