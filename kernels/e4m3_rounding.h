@@ -10,13 +10,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#ifndef KVSERVE_HOST_DEVICE
-#if defined(__CUDACC__)
-#define KVSERVE_HOST_DEVICE __host__ __device__
-#else
-#define KVSERVE_HOST_DEVICE
-#endif
-#endif
+#include "kernels/host_device.h"
 
 namespace kvserve {
 

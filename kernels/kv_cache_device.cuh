@@ -47,6 +47,26 @@ __device__ __forceinline__ void for_each_flushing_unit(const KvBatchView& batch,
   }
 }
 
+// Copies elements [0, total) with the block's threads, store(e, load(e)), each thread issuing
+// kInFlight loads before it stores any: where each load waited for the one before, a thread's
+// share of a copy cost as many memory latencies as it had elements.
+template <int kInFlight, typename Load, typename Store>
+__device__ __forceinline__ void copy_loads_in_flight(int total, Load load, Store store) {
+  for (int base = threadIdx.x; base < total; base += kInFlight * blockDim.x) {
+    decltype(load(0)) loaded[kInFlight];
+#pragma unroll
+    for (int k = 0; k < kInFlight; ++k) {
+      const int e = base + k * blockDim.x;
+      if (e < total) loaded[k] = load(e);
+    }
+#pragma unroll
+    for (int k = 0; k < kInFlight; ++k) {
+      const int e = base + k * blockDim.x;
+      if (e < total) store(e, loaded[k]);
+    }
+  }
+}
+
 __device__ __forceinline__ uint8_t* block_ptr(const KvCacheView& c, int32_t id) {
   return c.blocks + static_cast<int64_t>(id) * c.block_bytes;
 }

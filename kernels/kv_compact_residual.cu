@@ -43,7 +43,7 @@ struct RowCopy {
   uint32_t pair;      // int8: the row's pair
 };
 
-// Units a thread of copy_rows loads before it stores any.
+// Units a thread of copy_rows loads before it stores any (copy_loads_in_flight).
 constexpr int kUnitsInFlight = 4;
 
 // Copies `rows` rows of `units` Units each as `table` lists them (filled, and published by a
@@ -51,19 +51,9 @@ constexpr int kUnitsInFlight = 4;
 template <typename Unit>
 __device__ void copy_rows(const RowCopy* table, int rows, int units, bool int8, Unit* staged) {
   const int total = rows * units;
-  for (int base = threadIdx.x; base < total; base += kUnitsInFlight * blockDim.x) {
-    Unit loaded[kUnitsInFlight];
-#pragma unroll
-    for (int k = 0; k < kUnitsInFlight; ++k) {
-      const int e = base + k * blockDim.x;
-      if (e < total) loaded[k] = reinterpret_cast<const Unit*>(table[e / units].from)[e % units];
-    }
-#pragma unroll
-    for (int k = 0; k < kUnitsInFlight; ++k) {
-      const int e = base + k * blockDim.x;
-      if (e < total) staged[e] = loaded[k];
-    }
-  }
+  copy_loads_in_flight<kUnitsInFlight>(
+      total, [&](int e) { return reinterpret_cast<const Unit*>(table[e / units].from)[e % units]; },
+      [&](int e, const Unit& unit) { staged[e] = unit; });
   __syncthreads();  // every row read before any is written
   for (int e = threadIdx.x; e < total; e += blockDim.x) {
     reinterpret_cast<Unit*>(table[e / units].to)[e % units] = staged[e];

@@ -85,8 +85,7 @@ size_t staged_bytes(const KvCacheView& cache, int chunk_tokens) {
          (cache.residual_int8 ? rows * sizeof(__half2) : 0);
 }
 
-// Words a thread of stage_rows loads before it stores any: the loads of one thread overlap
-// instead of each waiting for the one before.
+// Words a thread of stage_rows loads before it stores any (copy_loads_in_flight).
 constexpr int kStagedWordsInFlight = 4;
 
 // Copies the keys (which = 0) or values (1) of positions [first, first + tokens) of the window
@@ -114,20 +113,9 @@ __device__ __forceinline__ StagedRows stage_rows(const KvWindow& window, int whi
     }
   }
   __syncthreads();
-  const int total = tokens * data_words;
-  for (int base = threadIdx.x; base < total; base += kStagedWordsInFlight * blockDim.x) {
-    uint32_t loaded[kStagedWordsInFlight];
-#pragma unroll
-    for (int k = 0; k < kStagedWordsInFlight; ++k) {
-      const int e = base + k * blockDim.x;
-      if (e < total) loaded[k] = sources[e / data_words][e % data_words];
-    }
-#pragma unroll
-    for (int k = 0; k < kStagedWordsInFlight; ++k) {
-      const int e = base + k * blockDim.x;
-      if (e < total) words[(e / data_words) * row_words + e % data_words] = loaded[k];
-    }
-  }
+  copy_loads_in_flight<kStagedWordsInFlight>(
+      tokens * data_words, [&](int e) { return sources[e / data_words][e % data_words]; },
+      [&](int e, uint32_t word) { words[(e / data_words) * row_words + e % data_words] = word; });
   return staged;
 }
 
