@@ -3,6 +3,7 @@
 #include <mutex>
 #include <set>
 #include <stdexcept>
+#include <utility>
 
 #include "kernels/cuda_check.h"
 
@@ -61,18 +62,21 @@ void allow_dynamic_shared_memory(const char* op, const void* kernel, size_t byte
   KVSERVE_CUDA_CHECK(cudaGetDevice(&device));
   KVSERVE_CUDA_CHECK(
       cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (bytes > static_cast<size_t>(most)) {
+  cudaFuncAttributes attributes{};
+  KVSERVE_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  const size_t most_dynamic = static_cast<size_t>(most) - attributes.sharedSizeBytes;
+  if (bytes > most_dynamic) {
     throw std::invalid_argument(std::string(op) + ": needs " + std::to_string(bytes) +
                                 " bytes of shared memory a block, more than the device's " +
-                                std::to_string(most));
+                                std::to_string(most_dynamic));
   }
   static std::mutex mutex;
-  static std::set<const void*> opted_in;
+  static std::set<std::pair<int, const void*>> opted_in;  // (device, kernel)
   const std::lock_guard<std::mutex> lock(mutex);
-  if (opted_in.count(kernel) != 0) return;
-  KVSERVE_CUDA_CHECK(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most));
-  opted_in.insert(kernel);
+  if (opted_in.count({device, kernel}) != 0) return;
+  KVSERVE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(most_dynamic)));
+  opted_in.insert({device, kernel});
 }
 
 }  // namespace kvserve::cuda

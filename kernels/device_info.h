@@ -23,10 +23,11 @@ DeviceInfo device_info(int index);
 // The roofline's memory rate: a kernel that only reads moves data no faster than this.
 double copy_bandwidth(size_t bytes);
 // Lets `kernel` launch on the current device with up to `bytes` of dynamic shared memory. Above
-// the 48 KiB any kernel may take, it opts in, once per kernel and to the device's largest: a
-// launcher that set the limit to its own launch's size could lower it under another thread's
-// launch of a larger size (the GPU tests run their cases on several threads), which then fails.
-// Throws std::invalid_argument, naming `op`, where the device has less.
+// the 48 KiB any kernel may take, it opts in, once per device and kernel, to all the device
+// allows it (its largest block's less the kernel's static shared memory): a launcher that set
+// the limit to its own launch's size could lower it under another thread's launch of a larger
+// size (the GPU tests run their cases on several threads), which then fails. Throws
+// std::invalid_argument, naming `op`, where the device has less.
 void allow_dynamic_shared_memory(const char* op, const void* kernel, size_t bytes);
 
 }  // namespace kvserve::cuda

@@ -3,9 +3,9 @@
 // One block per (item, head), or in a decode step that lists its flushing items
 // (KvBatchView::flushing) per (flushing item, head): the others' new rows are stored by
 // decode_attention. A flush moves the surviving old-residual rows down by a multiple of
-// G slots inside the same blocks, so the block first stages them in shared memory and only then
-// writes; when nothing was flushed, old rows stay where they are and only the new rows are
-// written (the decode case: one row per item and head).
+// G slots inside the same blocks, so the block first stages every row it writes (moved and new)
+// in shared memory and only then writes; when nothing was flushed, old rows stay where they are
+// and only the new rows are written (the decode case: one row per item and head).
 #include "kernels/kv_compact_residual.h"
 
 #include <cstdint>
@@ -33,15 +33,17 @@ constexpr int kBlocksPerMultiprocessor = 8;
 // table in shared memory; the rows are then read into shared memory in units of 8 channels (16
 // bytes fp16, 8 bytes int8: KIVI's value groups divide head_dim and are multiples of 8, so D / 8
 // units fill a row, each aligned), several loads a thread in flight, and written after a barrier,
-// since a row's destination may be another's source. Row by row, a flushing item's block (about
-// 31 old rows to move, keys and values) took five rounds of its 128 threads, each a chain of
-// dependent loads (slot id, then the row), and as long again for the writes.
+// since a row's destination may be another's source. (Before, each unit of a row looked its slot
+// up again: a flushing item's block, about 31 old rows of keys and values to move, took five
+// rounds of its 128 threads, each a chain of dependent loads, slot id then unit, and as long
+// again for the writes.)
 struct RowCopy {
   const uint8_t* from;  // fp16 [D], or int8 codes u8 [D]
   uint8_t* to;
   uint32_t* to_pair;  // int8: the destination's fp16 (scale, zero) pair
   uint32_t pair;      // int8: the row's pair
 };
+static_assert(sizeof(RowCopy) % 16 == 0, "the staged units after the table stay 16-byte aligned");
 
 // Units a thread of copy_rows loads before it stores any (copy_loads_in_flight).
 constexpr int kUnitsInFlight = 4;

@@ -1,5 +1,6 @@
-// KV write path, part 2 (KIVI formats): writes the residual of each item after the step, fp16
-// keys and values of positions [paged(end), end), compacted at slot 0 of its residual blocks.
+// KV write path, part 2 (KIVI formats): writes the residual of each item after the step, the keys
+// and values (fp16 rows, or int8 rows with their pairs) of positions [paged(end), end), compacted
+// at slot 0 of its residual slots.
 #pragma once
 
 #include <cuda_fp16.h>

@@ -1348,8 +1348,8 @@ TEST(GpuKernels, LaunchersRejectBadInputs) {
       EXPECT_NE(std::string(e.what()).find("KIVI decode step"), std::string::npos) << e.what();
     }
   }
-  // The staged window is read in 32-bit words, the int8 residual's rows in 16-byte loads; the
-  // compaction moves rows 16 bytes at a time.
+  // The staged window is read in 32-bit words; the compaction moves rows 8 channels at a time
+  // (16 bytes of an fp16 row), reading new rows straight from qkv.
   EXPECT_THROW(cuda::kv_quantize_pages(kivi, batch, halves, 193, 100, 64, nullptr),
                std::invalid_argument);
   EXPECT_THROW(cuda::kv_compact_residual(kivi, batch, halves, 196, nullptr), std::invalid_argument);
