@@ -1,7 +1,7 @@
 #include "kernels/device_info.h"
 
+#include <map>
 #include <mutex>
-#include <set>
 #include <stdexcept>
 #include <utility>
 
@@ -58,25 +58,34 @@ double copy_bandwidth(size_t bytes) {
 void allow_dynamic_shared_memory(const char* op, const void* kernel, size_t bytes) {
   constexpr size_t kWithoutOptIn = 48 * 1024;
   if (bytes <= kWithoutOptIn) return;
-  int device = 0, most = 0;
+  int device = 0;
   KVSERVE_CUDA_CHECK(cudaGetDevice(&device));
-  KVSERVE_CUDA_CHECK(
-      cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  cudaFuncAttributes attributes{};
-  KVSERVE_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-  const size_t most_dynamic = static_cast<size_t>(most) - attributes.sharedSizeBytes;
+  // What each (device, kernel) may take, opted in at its first launch above 48 KiB: later
+  // launches look it up instead of asking the runtime again.
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, size_t> allowed;
+  size_t most_dynamic = 0;
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    auto it = allowed.find({device, kernel});
+    if (it == allowed.end()) {
+      int most = 0;
+      KVSERVE_CUDA_CHECK(
+          cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+      cudaFuncAttributes attributes{};
+      KVSERVE_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+      const size_t dynamic = static_cast<size_t>(most) - attributes.sharedSizeBytes;
+      KVSERVE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(dynamic)));
+      it = allowed.emplace(std::make_pair(device, kernel), dynamic).first;
+    }
+    most_dynamic = it->second;
+  }
   if (bytes > most_dynamic) {
     throw std::invalid_argument(std::string(op) + ": needs " + std::to_string(bytes) +
                                 " bytes of shared memory a block, more than the device's " +
                                 std::to_string(most_dynamic));
   }
-  static std::mutex mutex;
-  static std::set<std::pair<int, const void*>> opted_in;  // (device, kernel)
-  const std::lock_guard<std::mutex> lock(mutex);
-  if (opted_in.count({device, kernel}) != 0) return;
-  KVSERVE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(most_dynamic)));
-  opted_in.insert({device, kernel});
 }
 
 }  // namespace kvserve::cuda

@@ -49,9 +49,10 @@ static_assert(sizeof(RowCopy) % 16 == 0, "the staged units after the table stay 
 constexpr int kUnitsInFlight = 4;
 
 // Copies `rows` rows of `units` Units each as `table` lists them (filled, and published by a
-// barrier, by the caller) through `staged` ([rows][units]).
+// barrier, by the caller) through `staged` ([rows][units]); returns after the barrier between
+// the reads and the writes, so that the caller may write more.
 template <typename Unit>
-__device__ void copy_rows(const RowCopy* table, int rows, int units, bool int8, Unit* staged) {
+__device__ void copy_rows(const RowCopy* table, int rows, int units, Unit* staged) {
   const int total = rows * units;
   copy_loads_in_flight<kUnitsInFlight>(
       total, [&](int e) { return reinterpret_cast<const Unit*>(table[e / units].from)[e % units]; },
@@ -59,9 +60,6 @@ __device__ void copy_rows(const RowCopy* table, int rows, int units, bool int8, 
   __syncthreads();  // every row read before any is written
   for (int e = threadIdx.x; e < total; e += blockDim.x) {
     reinterpret_cast<Unit*>(table[e / units].to)[e % units] = staged[e];
-  }
-  if (int8) {
-    for (int r = threadIdx.x; r < rows; r += blockDim.x) *table[r].to_pair = table[r].pair;
   }
 }
 
@@ -98,11 +96,12 @@ __device__ void compact(const KvCacheView& cache, const KvBatchView& batch, cons
   }
   __syncthreads();
   const int units = cache.head_dim / 8;
-  if (cache.residual_int8) {
-    copy_rows(table, rows, units, true, static_cast<uint2*>(staged));
-  } else {
-    copy_rows(table, rows, units, false, static_cast<uint4*>(staged));
+  if (!cache.residual_int8) {
+    copy_rows(table, rows, units, static_cast<uint4*>(staged));
+    return;
   }
+  copy_rows(table, rows, units, static_cast<uint2*>(staged));
+  for (int r = threadIdx.x; r < rows; r += blockDim.x) *table[r].to_pair = table[r].pair;
 }
 
 // Shared memory of a block: at most R + G - 1 rows of keys and as many of values survive a step

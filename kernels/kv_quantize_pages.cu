@@ -333,10 +333,10 @@ void kv_quantize_pages(const KvCacheView& cache, const KvBatchView& batch, const
       throw std::invalid_argument(
           "kv_quantize_pages: qkv stride, block or residual slot size not 4-byte aligned");
     shared_bytes = staged_bytes(cache, chunk_tokens);
-    for (const void* kernel : {reinterpret_cast<const void*>(kv_quantize_pages_kernel<false>),
-                               reinterpret_cast<const void*>(kv_quantize_pages_kernel<true>)}) {
-      allow_dynamic_shared_memory("kv_quantize_pages", kernel, shared_bytes);
-    }
+    const void* kernel = batch.flushing != nullptr
+                             ? reinterpret_cast<const void*>(kv_quantize_pages_kernel<true>)
+                             : reinterpret_cast<const void*>(kv_quantize_pages_kernel<false>);
+    allow_dynamic_shared_memory("kv_quantize_pages", kernel, shared_bytes);
   }
   if (batch.flushing != nullptr) {
     const int blocks =
