@@ -17,6 +17,7 @@
 #include "kernels/kv_quantize_pages.h"
 
 #include <algorithm>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 
@@ -43,70 +44,59 @@ constexpr int kListedBlocksPerMultiprocessor = 4;
 // groups of 64 over head_dim 64: 128 tokens).
 constexpr int kChunkTokens = 64;
 
-// A chunk's window positions, keys or values, staged in shared memory as the window holds them
-// (fp16, or int8 codes and their fp16 pair) and read back as the window reads them: every group
-// then reads its values out of shared memory, where a value group's thread read a row element by
-// element from global memory, and an int8 row's slot lookup and pair load were repeated for every
-// element. Keys and values are staged by blocks of their own, so that a chunk of 256 tokens of 256
-// channels (the largest key group and head_dim engine/kv_format.cc allows) fits in 131 KiB. Rows
-// are [chunk_tokens][row_words] words, row_words odd so that threads reading one element of
-// consecutive rows hit distinct banks.
+// A chunk's window positions, keys or values, staged in shared memory as the floats attention
+// reads (KvWindow::element: an fp16 value, or an int8 residual code dequantized with its row's
+// pair): every group then reads its values out of shared memory with one load each, where a
+// value group's thread read a row element by element from global memory, and where a staged int8
+// row was dequantized again each of the three times a group reads it (min and max, the fp8 pair
+// search, the codes). Keys and values are staged by blocks of their own. Rows are
+// [chunk_tokens][row_floats], row_floats odd so that threads reading one element of consecutive
+// rows hit distinct banks.
 struct StagedRows {
-  uint32_t* words;  // [chunk_tokens][row_words]: fp16 [D] or u8 [D], then padding
-  __half2* pairs;   // int8 residual: fp16 (scale, zero) [chunk_tokens]
-  int row_words;
-  bool int8;
+  const float* values;  // [chunk_tokens][row_floats]: f32 [D], then padding
+  int row_floats;
 
-  // Element d of chunk token t, as KvWindow::element reads it (same arithmetic, same value).
+  // Element d of chunk token t, as KvWindow::element reads it (the same value).
   __device__ __forceinline__ float element(int t, int d) const {
-    const uint32_t* row = words + static_cast<int64_t>(t) * row_words;
-    if (!int8) return __half2float(reinterpret_cast<const __half*>(row)[d]);
-    const float2 p = __half22float2(pairs[t]);
-    return dequantize(reinterpret_cast<const uint8_t*>(row)[d], p.x, p.y);
+    return values[static_cast<int64_t>(t) * row_floats + d];
   }
 };
 
-// Words that D elements of a row take, fp16 or int8 codes (D a multiple of 8 for kivi).
-__host__ __device__ inline int staged_data_words(int head_dim, bool int8) {
-  return head_dim * (int8 ? 1 : 2) / 4;
+// Floats of a staged row: head_dim rounded up to odd.
+__host__ __device__ inline int staged_row_floats(int head_dim) {
+  return head_dim | 1;
 }
 
-// Words of a staged row: its data words rounded up to odd.
-__host__ __device__ inline int staged_row_words(int head_dim, bool int8) {
-  return staged_data_words(head_dim, int8) | 1;
-}
-
-// Shared memory of one KIVI block: the rows' addresses (stage_rows), the staged rows, then
-// (int8) their pairs.
+// Shared memory of one KIVI block: the rows' addresses and (int8) pairs (stage_rows), then the
+// staged rows.
 size_t staged_bytes(const KvCacheView& cache, int chunk_tokens) {
   const size_t rows = static_cast<size_t>(chunk_tokens);
-  return rows * sizeof(const uint32_t*) +
-         rows * staged_row_words(cache.head_dim, cache.residual_int8) * 4 +
-         (cache.residual_int8 ? rows * sizeof(__half2) : 0);
+  return rows * (sizeof(const uint32_t*) + (cache.residual_int8 ? sizeof(__half2) : 0)) +
+         rows * staged_row_floats(cache.head_dim) * sizeof(float);
 }
 
 // Words a thread of stage_rows loads before it stores any (copy_loads_in_flight).
 constexpr int kStagedWordsInFlight = 4;
 
 // Copies the keys (which = 0) or values (1) of positions [first, first + tokens) of the window
-// into shared memory. A row's address takes dependent loads (its slot id, then the slot), so
-// each row's is looked up once, by a thread of its own, and the rows' words are then copied one
-// 32-bit word a thread (a warp reads whole rows), kStagedWordsInFlight loads before their stores.
-// The caller synchronizes the block before it reads the rows.
+// into shared memory as floats. A row's address takes dependent loads (its slot id, then the
+// slot), so each row's is looked up once, by a thread of its own, with its int8 pair; the rows'
+// 32-bit words (two fp16 values or four int8 codes) are then copied one a thread (a warp reads
+// whole rows), kStagedWordsInFlight loads before their stores, which convert them. The caller
+// synchronizes the block before it reads the rows.
 __device__ __forceinline__ StagedRows stage_rows(const KvWindow& window, int which, int first,
                                                  int tokens, int chunk_tokens, uint32_t* shared) {
   const KvCacheView& cache = *window.cache;
   const bool int8 = cache.residual_int8;
-  const int row_words = staged_row_words(cache.head_dim, int8);
-  const int data_words = staged_data_words(cache.head_dim, int8);
+  const int row_floats = staged_row_floats(cache.head_dim);
+  const int data_words = cache.head_dim * (int8 ? 1 : 2) / 4;         // D a multiple of 8 for kivi
   const auto** sources = reinterpret_cast<const uint32_t**>(shared);  // [chunk_tokens]
-  uint32_t* words = shared + chunk_tokens * (sizeof(const uint32_t*) / 4);
-  StagedRows staged{words, reinterpret_cast<__half2*>(words + chunk_tokens * row_words), row_words,
-                    int8};
+  auto* pairs = reinterpret_cast<__half2*>(sources + chunk_tokens);   // int8: [chunk_tokens]
+  float* values = reinterpret_cast<float*>(pairs + (int8 ? chunk_tokens : 0));
   for (int t = threadIdx.x; t < tokens; t += blockDim.x) {
     if (int8) {
       const uint8_t* codes;
-      window.residual_int8_row(first + t, which, codes, staged.pairs[t]);
+      window.residual_int8_row(first + t, which, codes, pairs[t]);
       sources[t] = reinterpret_cast<const uint32_t*>(codes);
     } else {
       sources[t] = reinterpret_cast<const uint32_t*>(window.row(first + t, which));
@@ -115,8 +105,21 @@ __device__ __forceinline__ StagedRows stage_rows(const KvWindow& window, int whi
   __syncthreads();
   copy_loads_in_flight<kStagedWordsInFlight>(
       tokens * data_words, [&](int e) { return sources[e / data_words][e % data_words]; },
-      [&](int e, uint32_t word) { words[(e / data_words) * row_words + e % data_words] = word; });
-  return staged;
+      [&](int e, uint32_t word) {
+        const int t = e / data_words, w = e % data_words;
+        float* row = values + t * row_floats;
+        if (int8) {
+          const float2 p = __half22float2(pairs[t]);
+#pragma unroll
+          for (int k = 0; k < 4; ++k)
+            row[4 * w + k] = dequantize((word >> (8 * k)) & 0xffu, p.x, p.y);
+        } else {
+          const float2 v = __half22float2(*reinterpret_cast<const __half2*>(&word));
+          row[2 * w] = v.x;
+          row[2 * w + 1] = v.y;
+        }
+      });
+  return StagedRows{values, row_floats};
 }
 
 // Per-token groups of positions [first, first + tokens), keys and values for which in
@@ -302,6 +305,23 @@ int kv_quantize_pages_chunk_tokens(const KvCacheView& cache) {
   const int tokens =
       std::max(kChunkTokens, (kThreads + value_groups_per_token - 1) / value_groups_per_token);
   return (tokens + cache.key_group - 1) / cache.key_group * cache.key_group;
+}
+
+void kv_quantize_pages_prepare(const KvCacheView& cache) {
+  if (cache.kind != KvKind::kKivi) return;
+  const int chunk_tokens = kv_quantize_pages_chunk_tokens(cache);
+  const size_t bytes = staged_bytes(cache, chunk_tokens);
+  try {
+    for (const void* kernel : {reinterpret_cast<const void*>(kv_quantize_pages_kernel<false>),
+                               reinterpret_cast<const void*>(kv_quantize_pages_kernel<true>)}) {
+      allow_dynamic_shared_memory("kv_quantize_pages", kernel, bytes);
+    }
+  } catch (const std::invalid_argument& problem) {
+    throw std::invalid_argument(std::string(problem.what()) + " (a chunk of " +
+                                std::to_string(chunk_tokens) + " tokens of head_dim " +
+                                std::to_string(cache.head_dim) +
+                                " staged as floats): use a smaller --kv-group");
+  }
 }
 
 void kv_quantize_pages(const KvCacheView& cache, const KvBatchView& batch, const __half* qkv,

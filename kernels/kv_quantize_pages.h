@@ -12,6 +12,13 @@ namespace kvserve::cuda {
 // The default chunk_tokens of kv_quantize_pages for this view: a multiple of the key group (kivi).
 int kv_quantize_pages_chunk_tokens(const KvCacheView& cache);
 
+// Checks, for a cache about to be used, that the default chunk's staged rows (KIVI: a chunk of at
+// least one key group of a head, as floats) fit the device's shared memory a block, and opts the
+// kernels in to it, so that a format the device cannot write fails when the cache is built, not
+// at its first step. Throws std::invalid_argument naming the sizes, std::runtime_error on a CUDA
+// error.
+void kv_quantize_pages_prepare(const KvCacheView& cache);
+
 // qkv: fp16 [rows][3C] (row stride qkv_stride elements), C = n_head * head_dim: q | k | v.
 // max_paged_tokens: the most positions any item pages at this step (paged(end) - paged(start),
 // known on the host), which sizes the grid: each item's positions are split into chunks of

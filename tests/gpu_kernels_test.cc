@@ -1348,6 +1348,19 @@ TEST(GpuKernels, LaunchersRejectBadInputs) {
       EXPECT_NE(std::string(e.what()).find("KIVI decode step"), std::string::npos) << e.what();
     }
   }
+  {  // a chunk the device cannot stage fails when a cache is built, naming the remedy
+    cuda::KvCacheView widest = kivi;  // groups of 256 tokens of head_dim 256: 266 KB of floats
+    widest.head_dim = widest.value_group = 256;
+    widest.page_tokens = widest.key_group = widest.residual = 256;
+    try {
+      cuda::kv_quantize_pages_prepare(widest);
+      ADD_FAILURE() << "kv_quantize_pages_prepare took a chunk beyond the device's shared memory";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find("use a smaller --kv-group"), std::string::npos)
+          << e.what();
+    }
+    EXPECT_NO_THROW(cuda::kv_quantize_pages_prepare(kivi));
+  }
   // The staged window is read in 32-bit words; the compaction moves rows 8 channels at a time
   // (16 bytes of an fp16 row), reading new rows straight from qkv.
   EXPECT_THROW(cuda::kv_quantize_pages(kivi, batch, halves, 193, 100, 64, nullptr),
