@@ -55,7 +55,8 @@ double copy_bandwidth(size_t bytes) {
   return 2.0 * static_cast<double>(bytes) / (best_ms * 1e-3);
 }
 
-void allow_dynamic_shared_memory(const char* op, const void* kernel, size_t bytes) {
+void allow_dynamic_shared_memory(const char* op, const void* kernel, size_t bytes,
+                                 const std::string& remedy) {
   constexpr size_t kWithoutOptIn = 48 * 1024;
   if (bytes <= kWithoutOptIn) return;
   int device = 0;
@@ -84,7 +85,8 @@ void allow_dynamic_shared_memory(const char* op, const void* kernel, size_t byte
   if (bytes > most_dynamic) {
     throw std::invalid_argument(std::string(op) + ": needs " + std::to_string(bytes) +
                                 " bytes of shared memory a block, more than the device's " +
-                                std::to_string(most_dynamic));
+                                std::to_string(most_dynamic) +
+                                (remedy.empty() ? "" : ": " + remedy));
   }
 }
 

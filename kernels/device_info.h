@@ -27,7 +27,9 @@ double copy_bandwidth(size_t bytes);
 // allows it (its largest block's less the kernel's static shared memory): a launcher that set
 // the limit to its own launch's size could lower it under another thread's launch of a larger
 // size (the GPU tests run their cases on several threads), which then fails. Throws
-// std::invalid_argument, naming `op`, where the device has less.
-void allow_dynamic_shared_memory(const char* op, const void* kernel, size_t bytes);
+// std::invalid_argument, naming `op` and ending with `remedy` (what the user can change), where
+// the device has less.
+void allow_dynamic_shared_memory(const char* op, const void* kernel, size_t bytes,
+                                 const std::string& remedy = "");
 
 }  // namespace kvserve::cuda

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 
 #include "kernels/cuda_check.h"
 #include "kernels/device_info.h"
@@ -132,6 +133,16 @@ __global__ void kv_compact_residual_kernel(const KvCacheView cache, const KvBatc
 }  // namespace
 
 // ---- kernel launchers
+
+void kv_compact_residual_prepare(const KvCacheView& cache) {
+  if (cache.kind != KvKind::kKivi) return;
+  allow_dynamic_shared_memory(
+      "kv_compact_residual", reinterpret_cast<const void*>(kv_compact_residual_kernel),
+      compact_shared_bytes(cache),
+      "a residual of up to " + std::to_string(cache.residual + cache.key_group) +
+          " tokens of head_dim " + std::to_string(cache.head_dim) +
+          " is staged; use a smaller --kv-residual");
+}
 
 void kv_compact_residual(const KvCacheView& cache, const KvBatchView& batch, const __half* qkv,
                          int qkv_stride, cudaStream_t stream) {

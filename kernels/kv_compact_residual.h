@@ -18,4 +18,10 @@ namespace kvserve::cuda {
 void kv_compact_residual(const KvCacheView& cache, const KvBatchView& batch, const __half* qkv,
                          int qkv_stride, cudaStream_t stream);
 
+// Checks, for a cache about to be used, that a block's staged rows (every row of a residual of R +
+// G tokens, keys and values) fit the device's shared memory a block, and opts the kernel in to
+// it, so that a residual too long for the device fails when the cache is built, not at its first
+// step. A no-op for fp16 and int8. Throws std::invalid_argument naming the sizes.
+void kv_compact_residual_prepare(const KvCacheView& cache);
+
 }  // namespace kvserve::cuda

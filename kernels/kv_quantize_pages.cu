@@ -311,16 +311,12 @@ void kv_quantize_pages_prepare(const KvCacheView& cache) {
   if (cache.kind != KvKind::kKivi) return;
   const int chunk_tokens = kv_quantize_pages_chunk_tokens(cache);
   const size_t bytes = staged_bytes(cache, chunk_tokens);
-  try {
-    for (const void* kernel : {reinterpret_cast<const void*>(kv_quantize_pages_kernel<false>),
-                               reinterpret_cast<const void*>(kv_quantize_pages_kernel<true>)}) {
-      allow_dynamic_shared_memory("kv_quantize_pages", kernel, bytes);
-    }
-  } catch (const std::invalid_argument& problem) {
-    throw std::invalid_argument(std::string(problem.what()) + " (a chunk of " +
-                                std::to_string(chunk_tokens) + " tokens of head_dim " +
-                                std::to_string(cache.head_dim) +
-                                " staged as floats): use a smaller --kv-group");
+  const std::string remedy = "a chunk of " + std::to_string(chunk_tokens) + " tokens of head_dim " +
+                             std::to_string(cache.head_dim) +
+                             " is staged as floats; use a smaller --kv-group";
+  for (const void* kernel : {reinterpret_cast<const void*>(kv_quantize_pages_kernel<false>),
+                             reinterpret_cast<const void*>(kv_quantize_pages_kernel<true>)}) {
+    allow_dynamic_shared_memory("kv_quantize_pages", kernel, bytes, remedy);
   }
 }
 

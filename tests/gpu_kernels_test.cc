@@ -1348,7 +1348,7 @@ TEST(GpuKernels, LaunchersRejectBadInputs) {
       EXPECT_NE(std::string(e.what()).find("KIVI decode step"), std::string::npos) << e.what();
     }
   }
-  {  // a chunk the device cannot stage fails when a cache is built, naming the remedy
+  {  // a chunk or residual the device cannot stage fails when a cache is built, naming the remedy
     cuda::KvCacheView widest = kivi;  // groups of 256 tokens of head_dim 256: 266 KB of floats
     widest.head_dim = widest.value_group = 256;
     widest.page_tokens = widest.key_group = widest.residual = 256;
@@ -1360,6 +1360,16 @@ TEST(GpuKernels, LaunchersRejectBadInputs) {
           << e.what();
     }
     EXPECT_NO_THROW(cuda::kv_quantize_pages_prepare(kivi));
+    cuda::KvCacheView longest = kivi;  // 2 x 4128 rows of 160 bytes
+    longest.residual = 4096;
+    try {
+      cuda::kv_compact_residual_prepare(longest);
+      ADD_FAILURE() << "kv_compact_residual_prepare took a residual beyond the shared memory";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find("use a smaller --kv-residual"), std::string::npos)
+          << e.what();
+    }
+    EXPECT_NO_THROW(cuda::kv_compact_residual_prepare(kivi));
   }
   // The staged window is read in 32-bit words; the compaction moves rows 8 channels at a time
   // (16 bytes of an fp16 row), reading new rows straight from qkv.

@@ -56,7 +56,9 @@ CudaKvCache::CudaKvCache(const KvCacheConfig& config, int32_t num_blocks, const 
       layer_bytes_(static_cast<size_t>(num_blocks) * static_cast<size_t>(view_.block_bytes)),
       bytes_(layer_bytes_ * model.n_layer),
       decode_variant_(variant) {
-  cuda::kv_quantize_pages_prepare(view_);  // before anything a throw here would leak
+  // Before anything a throw here would leak.
+  cuda::kv_quantize_pages_prepare(view_);
+  cuda::kv_compact_residual_prepare(view_);
   size_t free_bytes = 0, total_bytes = 0;
   KVSERVE_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
   if (bytes_ > free_bytes) {
