@@ -32,7 +32,9 @@ constexpr int kThreads = 128;
 // Resident blocks per SM the registers must allow (64 registers a thread): a prefill step's grid
 // of thousands of blocks runs in fewer waves, and each thread's long serial group work (the fp8
 // pair search: 4 candidates per element) has more warps beside it to hide its latency. At 73
-// registers 6 blocks fitted.
+// registers 6 blocks fitted. (Shared memory then bounds kivi2c's blocks: its 128-token chunks
+// staged as floats take 34 KiB, 6 blocks an SM; its prompt steps measured no slower for it,
+// H100, docs/gpu.md "Thirteenth session".)
 constexpr int kBlocksPerMultiprocessor = 8;
 // The same for the kernel of a decode step's flushing items, whose few units (about 8 items a
 // step at B = 256) leave most of the GPU idle: latency, not occupancy, bounds it, and 128

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Thirteenth session, call t (on call s's warm machine): prefill alone, P512 N1, twice more for
+# kivi2c and kivi2, new (7bd8b20) and main (dbd572b) alternating: call s's one run each moved by
+# up to 7% between repeats.
+o=$OUT/r; mkdir -p $o; for w in main new; do mkdir -p /tmp/$w; tar -C /tmp/$w -xJf .device/s16/$w/cuda-bundle.tar.xz & done; wait; ln -sfn /tmp/new/cuda-bundle/lib /tmp/main/cuda-bundle/lib; nvidia-smi --query-gpu=name --format=csv,noheader | tee $o/gpu.txt; P1="--model dummy:gpt2 --kv-pool-mb 16384 --requests 512 --concurrency 256 --prompt-len 512 --max-new-tokens 1"; for rep in 1 2; do for kv in kivi2c kivi2; do for w in new main; do l=$(timeout 30 /tmp/$w/cuda-bundle/run kvserve bench engine --device cuda --kv $kv $P1 2>/dev/null); echo "{\"case\":\"p512n1\",\"binary\":\"$w\",\"rep\":$rep,\"result\":${l:-null}}" >> $o/e2e.jsonl; echo "$w $kv $(echo "$l" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["prompt_throughput"]))')"; done; done; done

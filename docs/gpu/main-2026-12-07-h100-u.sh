@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Thirteenth session, call u (on call s's warm machine): ncu --set full of one listed
+# kv_quantize_pages launch of new (7bd8b20), kivi2c, B = 256, context 512 spread 32; the stall
+# summary is main-2026-12-07-h100-o-stalls.py's, run on the SASS export here.
+o=$OUT/r; mkdir -p $o /tmp/new; tar -C /tmp/new -xJf .device/s16/new/cuda-bundle.tar.xz; timeout 120 ncu --set full --import-source yes -k regex:'kv_quantize_pages' --launch-skip 250 --launch-count 1 -o /tmp/full /tmp/new/cuda-bundle/run kvserve bench decode --model dummy:gpt2 --device cuda --kv kivi2c --batches 256 --context 512 --context-spread 32 --steps 12 --cuda-graphs off > /dev/null 2>&1; echo rc=$?; ncu --import /tmp/full.ncu-rep --page details > $o/full-details.txt 2>&1; ncu --import /tmp/full.ncu-rep --page source --csv --print-source sass 2>&1 | xz > $o/full-sass.csv.xz; python3 docs/gpu/main-2026-12-07-h100-o-stalls.py <(xz -dc $o/full-sass.csv.xz) 2>&1 | head -12; grep -E "Duration|Registers Per|Achieved Occ|Executed Ipc A" $o/full-details.txt
