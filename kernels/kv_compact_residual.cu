@@ -136,12 +136,13 @@ __global__ void kv_compact_residual_kernel(const KvCacheView cache, const KvBatc
 
 void kv_compact_residual_prepare(const KvCacheView& cache) {
   if (cache.kind != KvKind::kKivi) return;
-  allow_dynamic_shared_memory(
-      "kv_compact_residual", reinterpret_cast<const void*>(kv_compact_residual_kernel),
-      compact_shared_bytes(cache),
-      "a residual of up to " + std::to_string(cache.residual + cache.key_group) +
-          " tokens of head_dim " + std::to_string(cache.head_dim) +
-          " is staged; use a smaller --kv-residual");
+  allow_dynamic_shared_memory("kv_compact_residual",
+                              reinterpret_cast<const void*>(kv_compact_residual_kernel),
+                              compact_shared_bytes(cache),
+                              "the keys and values of a residual of up to " +
+                                  std::to_string(cache.residual + cache.key_group) +
+                                  " tokens of head_dim " + std::to_string(cache.head_dim) +
+                                  " are staged; use a smaller --kv-residual or --kv-group");
 }
 
 void kv_compact_residual(const KvCacheView& cache, const KvBatchView& batch, const __half* qkv,

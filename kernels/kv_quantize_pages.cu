@@ -315,7 +315,7 @@ void kv_quantize_pages_prepare(const KvCacheView& cache) {
   const size_t bytes = staged_bytes(cache, chunk_tokens);
   const std::string remedy = "a chunk of " + std::to_string(chunk_tokens) + " tokens of head_dim " +
                              std::to_string(cache.head_dim) +
-                             " is staged as floats; use a smaller --kv-group";
+                             " is staged as floats; use a smaller --kv-group or --kv-value-group";
   for (const void* kernel : {reinterpret_cast<const void*>(kv_quantize_pages_kernel<false>),
                              reinterpret_cast<const void*>(kv_quantize_pages_kernel<true>)}) {
     allow_dynamic_shared_memory("kv_quantize_pages", kernel, bytes, remedy);
@@ -346,7 +346,7 @@ void kv_quantize_pages(const KvCacheView& cache, const KvBatchView& batch, const
   }
   size_t shared_bytes = 0;
   if (cache.kind == KvKind::kKivi) {
-    // The staged rows are read in 32-bit words: rows (and int8 pairs) must be 4-byte aligned.
+    // The window's rows are read in 32-bit words: rows (and int8 pairs) must be 4-byte aligned.
     if (qkv_stride % 2 != 0 || cache.block_bytes % 4 != 0 || cache.residual_slot_bytes % 4 != 0)
       throw std::invalid_argument(
           "kv_quantize_pages: qkv stride, block or residual slot size not 4-byte aligned");

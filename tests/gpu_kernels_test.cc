@@ -1349,7 +1349,7 @@ TEST(GpuKernels, LaunchersRejectBadInputs) {
     }
   }
   {  // a chunk or residual the device cannot stage fails when a cache is built, naming the remedy
-    cuda::KvCacheView widest = kivi;  // groups of 256 tokens of head_dim 256: 266 KB of floats
+    cuda::KvCacheView widest = kivi;  // groups of 256 tokens of head_dim 256: 265 KB of floats
     widest.head_dim = widest.value_group = 256;
     widest.page_tokens = widest.key_group = widest.residual = 256;
     try {
