@@ -483,8 +483,11 @@ TEST(LoadOpenLoop, InfiniteRateHoldsAll256StreamsInFlightAtOnce) {
   EXPECT_EQ(r["completed"], 256);
   EXPECT_EQ(r["total_output_tokens"], 256 * 30);
   EXPECT_EQ(server.service().max_in_flight(), 256);
+  // All at once, not one after another (256 stream_s). Not stream_s + 1 s: under ASan on a loaded
+  // 2-core CI machine the run took 2.58 s of a 1.36 s stream, in a run whose every stream was in
+  // flight at once (max_in_flight above is the check of concurrency; this one bounds stalls).
   const double stream_s = (kFirstTokenMs + 29 * kTokenGapMs) / 1e3;
-  expect_between(r, "duration", stream_s, stream_s + 1.0);
+  expect_between(r, "duration", stream_s, 4 * stream_s);
 }
 
 TEST(LoadErrors, FailuresAreCountedByStatusCode) {
