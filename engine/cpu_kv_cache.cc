@@ -10,6 +10,7 @@
 #include "engine/fp16.h"
 #include "engine/kv_quant.h"
 #include "kernels/kv_error_sample.h"
+#include "kernels/residual_order.h"
 
 namespace kvserve {
 namespace {
@@ -210,14 +211,14 @@ void CpuKvCache::append_and_attend(int layer, int head, const BlockTableView& se
 
   // The window: keys/values of positions [paged_before, end), i.e. the old residual and the new
   // tokens, as attention reads them (fp16, or an int8 residual's dequantized values). Copying the
-  // old residual first makes the in-place flush and compaction safe.
+  // old residual first lets the new rows take the flushed rows' slots.
   const int window_start = paged_before;
   const int window_len = end - window_start;
   std::vector<float> window_k(static_cast<size_t>(window_len) * D);  // [window_len][D]
   std::vector<float> window_v(static_cast<size_t>(window_len) * D);  // [window_len][D]
   float* window[2] = {window_k.data(), window_v.data()};             // kind 0: keys, 1: values
   // int8 residual: each window row's codes and (scale, zero), computed once as the token enters
-  // the window and only moved by the compaction.
+  // the window.
   const bool int8_residual = config_.residual_format == KvResidualFormat::kInt8;
   const size_t int8_rows = int8_residual ? static_cast<size_t>(window_len) : 0;
   std::vector<uint8_t> window_codes[2] = {std::vector<uint8_t>(int8_rows * D),
@@ -287,8 +288,11 @@ void CpuKvCache::append_and_attend(int layer, int head, const BlockTableView& se
     }
   }
   if (is_kivi(config_.format)) {
-    for (int pos = paged_after; pos < end; ++pos) {
-      const int row = pos - window_start, slot = pos - paged_after;
+    // The new rows that stay go to the entries kernels/residual_order.h gives them; the old rows
+    // that stay are where they were.
+    const ResidualStep step = ResidualStep::of(start, end, paged_before, paged_after);
+    for (int k = 0; k < step.new_rows; ++k) {
+      const int row = end - step.new_rows + k - window_start, slot = step.new_row_entry(k);
       for (int kind = 0; kind < 2; ++kind) {
         if (int8_residual) {
           std::copy_n(&window_codes[kind][row * D], D, residual_row(slot, kind));

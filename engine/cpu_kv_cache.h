@@ -1,5 +1,5 @@
 // The paged KV cache of the CPU backend: host memory in the exact format of kv_format.h, the
-// write path (append, flush a key group, compact the residual) and attention that dequantizes
+// write path (append, flush a key group, store the residual rows) and attention that dequantizes
 // page by page inside the loop, never materialising a dequantized copy of the cache.
 #pragma once
 

@@ -5,6 +5,8 @@
 #include <string>
 #include <utility>
 
+#include "kernels/residual_order.h"
+
 namespace kvserve {
 namespace {
 
@@ -449,9 +451,43 @@ bool KvCacheManager::grow(int64_t id, int new_length) {
   pool_.allocate(new_pages, seq.pages);
   for (size_t i = first_new_page; i < seq.pages.size(); ++i) page_refs_[seq.pages[i]] = 1;
   residual_.allocate(new_slots, seq.residual_slots);
+  if (seq.step_start < 0) {
+    seq.step_start = seq.length;
+    grown_this_step_.push_back(id);
+  }
   seq.length = new_length;
-  grown_this_step_.push_back(id);
   return true;
+}
+
+void KvCacheManager::reorder_residual(SequenceCache& seq) {
+  if (!is_kivi(config_.format)) return;
+  const int start = seq.step_start, end = seq.length;
+  const ResidualStep step = ResidualStep::of(start, end, paged_token_count(config_, start),
+                                             paged_token_count(config_, end));
+  if (step.flushed_old_rows() == 0) {  // most decode steps: the new rows follow the old ones
+    const size_t keep = 2 * static_cast<size_t>(step.old_rows + step.new_rows);
+    if (seq.residual_slots.size() > keep) {
+      residual_.release(seq.residual_slots.data() + keep, seq.residual_slots.size() - keep);
+      seq.residual_slots.resize(keep);
+    }
+    return;
+  }
+  const std::vector<int32_t> held = std::move(seq.residual_slots);
+  std::vector<bool> taken(held.size() / 2, false);
+  seq.residual_slots.clear();
+  auto take = [&](int entry) {
+    if (entry < 0 || static_cast<size_t>(entry) >= taken.size()) {
+      throw std::logic_error("KV cache: a residual entry beyond the slots grow reserved");
+    }
+    seq.residual_slots.push_back(held[2 * entry]);
+    seq.residual_slots.push_back(held[2 * entry + 1]);
+    taken[entry] = true;
+  };
+  for (int e = step.flushed_old_rows(); e < step.old_rows; ++e) take(e);
+  for (int k = 0; k < step.new_rows; ++k) take(step.new_row_entry(k));
+  for (size_t e = 0; e < taken.size(); ++e) {
+    if (!taken[e]) residual_.release(&held[2 * e], 2);
+  }
 }
 
 void KvCacheManager::finish_step(bool ran) {
@@ -467,11 +503,8 @@ void KvCacheManager::finish_step(bool ran) {
     auto it = sequences_.find(id);
     if (it == sequences_.end()) continue;  // removed during the step
     SequenceCache& seq = it->second;
-    const size_t keep = residual_slots_for(seq.length);
-    if (seq.residual_slots.size() > keep) {
-      residual_.release(seq.residual_slots.data() + keep, seq.residual_slots.size() - keep);
-      seq.residual_slots.resize(keep);
-    }
+    reorder_residual(seq);
+    seq.step_start = -1;
   }
   grown_this_step_.clear();
 }

@@ -5,7 +5,8 @@
 // finish_step(). Residual slots that a flush frees stay reserved until finish_step(), so the
 // forward can still read the old residual while it writes the new one, and no other sequence can
 // be handed a slot that is being read in the same step. KIVI residual tokens take single slots of
-// residual blocks that sequences share (engine/residual_slots.h).
+// residual blocks that sequences share (engine/residual_slots.h); no residual row ever moves:
+// finish_step reorders each grown sequence's slot list as kernels/residual_order.h says.
 //
 // Prefix caching (set_prefix_cache): a full page whose contents are final is content-addressed by
 // a hash chained over every token id up to its end and the cache configuration
@@ -50,6 +51,7 @@ struct SequenceCache {
   int32_t hit_pages = 0;              // pages 0 .. hit_pages-1 came from the prefix cache
   std::vector<uint64_t> page_hashes;  // chained hash of each full page hashed so far
   int32_t pinned_snapshot = -1;  // the page whose snapshot this step's copies read (kivi), or -1
+  int step_start = -1;           // the length before this step's first grow, or -1 (not grown)
 };
 
 // The longest run of cached pages that starts a token sequence (KvCacheManager::match_prefix).
@@ -183,8 +185,9 @@ class KvCacheManager {
   // Reserves the blocks for the sequence to grow to `new_length` tokens this step. Returns false,
   // changing nothing, when the pool has too few free blocks.
   bool grow(int64_t id, int new_length);
-  // Ends a step: releases residual blocks that the grown sequences no longer need and unpins the
-  // snapshots the step copied. `ran` false (the step failed): snapshots the step was to fill are
+  // Ends a step: puts each grown sequence's residual slots in window order again
+  // (kernels/residual_order.h), releases those it no longer needs and unpins the snapshots the
+  // step copied. `ran` false (the step failed): snapshots the step was to fill are
   // dropped, as their copy may not have run.
   void finish_step(bool ran = true);
   // Frees every block of the sequence (finished, cancelled or preempted); its cached pages stay
@@ -219,6 +222,9 @@ class KvCacheManager {
   // Whether `copy` writes into residual slot `slot`.
   bool overwrites_slot(const BlockCopy& copy, int32_t slot) const;
   void unpin_snapshot(int32_t page_block);
+  // At the end of a step that grew `seq` from seq.step_start to seq.length tokens: lists its
+  // residual slots in window order and releases the others (kernels/residual_order.h).
+  void reorder_residual(SequenceCache& seq);
 
   struct LruEntry {
     int32_t block = 0;      // the page's block

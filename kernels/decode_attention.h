@@ -38,12 +38,13 @@ struct DecodeNewRows {
   // kv_quantization_error read only the flushed tokens, older ones (a residual of R >= 1 keeps
   // the newest).
   bool quantize = false;
-  // Store the row (fp16, or the int8 codes and pair) into its residual slot, window position
-  // start - paged(start), as kv_compact_residual would, for every item that flushes no group at
-  // this step: the step runs kv_quantize_pages and kv_compact_residual for its flushing items alone
-  // (KvBatchView::flushing), or not at all where none flushes. Nothing else reads that slot during
-  // the step. With an int8 residual the row is quantized for it, into the batch's new rows too,
-  // whatever `quantize` says.
+  // Store the row (fp16, or the int8 codes and pair) into its residual slot as kv_store_residual
+  // would (kernels/residual_order.h), for every item: the step then launches no
+  // kv_store_residual, and kv_quantize_pages for its flushing items alone
+  // (KvBatchView::flushing), or not at all where none flushes. Nothing else reads that slot later
+  // in the step (a flushing item's is the newest flushed token's, which kv_quantize_pages has
+  // read before and attention reads from its page). With an int8 residual the row is quantized
+  // for it, into the batch's new rows too, whatever `quantize` says.
   bool store = false;
 };
 
@@ -56,8 +57,8 @@ DecodeAttentionVariant decode_attention_kernel(const KvCacheView& cache, DecodeS
 
 // Every item of `batch` has count 1 (a decode step): its query (row row[item] of qkv) attends to
 // keys 0 .. start[item], read as paged_attention reads them (pages up to paged(start + 1), then the
-// fp16 window). Runs after kv_quantize_pages and before kv_compact_residual (which a step that
-// stores its new rows here runs for its flushing items only, if any).
+// fp16 window). Runs after kv_quantize_pages and before kv_store_residual (which a step that
+// stores its new rows here does not launch).
 // new_rows: what the kernel does with each item's new row besides reading it (DecodeNewRows).
 //   qkv:     fp16 [items][3C] (row stride qkv_stride, a multiple of 8): q | k | v
 //   out:     fp16 [items][C]  (row stride out_stride)

@@ -12,6 +12,7 @@
 #include "kernels/kv_cache_device.cuh"
 #include "kernels/kv_cache_view.h"
 #include "kernels/kv_quantize_residual.cuh"
+#include "kernels/residual_order.h"
 
 namespace kvserve::cuda::decode_detail {
 
@@ -107,10 +108,11 @@ __device__ __forceinline__ float power_of_two_inverse(int e) {
 
 // decode_attention's DecodeNewRows in a KIVI kernel: the block of the split that holds the item's
 // new token (position len - 1) quantizes it (an int8 residual) into the batch's new rows and, with
-// new_rows.store, stores it into its residual slot unless the item flushes a group at this step
-// (kv_compact_residual moves its window and writes the row), before the barrier after which its
-// warps read the window. Its last warp does it (lanes 0 .. 7 the keys, 8 .. 15 the values, 8
-// channels each), while warps 0 and 1 load q. row: the item's row in qkv.
+// new_rows.store, stores it into its residual slot (kernels/residual_order.h: the next entry of
+// the window, or where the item flushes a group at this step, the entry of the newest flushed
+// token, which kv_quantize_pages has read and attention reads from the page), before the barrier
+// after which its warps read the window. Its last warp does it (lanes 0 .. 7 the keys, 8 .. 15 the
+// values, 8 channels each), while warps 0 and 1 load q. row: the item's row in qkv.
 __device__ __forceinline__ void write_item_new_row(const KvCacheView& cache,
                                                    const KvBatchView& batch, const __half* qkv,
                                                    int qkv_stride, int item, int64_t row, int head,
@@ -122,9 +124,11 @@ __device__ __forceinline__ void write_item_new_row(const KvCacheView& cache,
   const int lane = threadIdx.x % 32, which = lane / 8 % 2, part = lane % 8;
   const bool active = lane < 16;
   const __half* x = qkv + row * qkv_stride + (1 + which) * cache.n_head * kD + head * kD + 8 * part;
-  // Its slot: window position len - 1 - paged(len - 1), where no flush moves the window.
-  const int pos = len - 1, window_start = paged_count(cache, pos), slot = pos - window_start;
-  const bool store = new_rows.store && paged_count(cache, len) == window_start;
+  const int pos = len - 1;
+  const ResidualStep step =
+      ResidualStep::of(pos, len, paged_count(cache, pos), paged_count(cache, len));
+  const int slot = step.new_row_entry(0);
+  const bool store = new_rows.store && step.new_rows == 1;
   const int32_t* residual_slots = batch.residual_slots + batch.residual_offset[item];
   if (!cache.residual_int8) {  // an fp16 row: copied as it is
     if (active && store) {

@@ -187,9 +187,10 @@ __device__ __forceinline__ float2 group_params(const uint8_t* pairs, int64_t ind
 }
 
 // The window of one item and head at a step: positions [paged(start), start) are the old residual
-// (valid until kv_compact_residual runs), positions [start, end) the step's new keys and values,
-// in qkv ([rows][3C]: q | k | v) or, with an int8 residual, quantized in the batch's new rows.
-// As the CPU attends them: fp16 values, or an int8 residual's dequantized values (new rows too).
+// (valid until kv_store_residual, or decode_attention, stores new rows in flushed rows' slots),
+// positions [start, end) the step's new keys and values, in qkv ([rows][3C]: q | k | v) or, with
+// an int8 residual, quantized in the batch's new rows. As the CPU attends them: fp16 values, or an
+// int8 residual's dequantized values (new rows too).
 struct KvWindow {
   const KvCacheView* cache;
   const int32_t* residual_slots;

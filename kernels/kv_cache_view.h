@@ -51,14 +51,13 @@ struct KvBatchView {
   const int32_t* residual_slots = nullptr;
   // int8 residual: the step's new keys and values quantized to int8 as they enter the window
   // (kv_quantize_residual, or in a decode step decode_attention: DecodeNewRows), read by every
-  // kernel of the step before kv_compact_residual moves them into the residual blocks. Indexed by
+  // kernel of the step before kv_store_residual stores them into the residual blocks. Indexed by
   // the step's rows (row[i] + position - start[i]).
   uint8_t* new_codes = nullptr;    // u8 [rows][2 (keys, values)][H][D]
   uint32_t* new_params = nullptr;  // fp16 (scale, zero) pairs [rows][2][H]
-  // A decode step whose write path (kv_quantize_pages, kv_compact_residual) runs for the items
-  // that flush a group at this step alone, decode_attention storing the others' new rows
-  // (DecodeNewRows::store): [1 + items], the count, then those items in ascending order. Null:
-  // the write path runs for every item.
+  // A decode step whose kv_quantize_pages runs for the items that flush a group at this step
+  // alone, decode_attention storing every item's new row (DecodeNewRows::store): [1 + items], the
+  // count, then those items in ascending order. Null: the write path runs for every item.
   const int32_t* flushing = nullptr;
 };
 

@@ -1,9 +1,10 @@
 // The sampled quantization error of the groups that entered the pages at this step.
 //
 // One block per (item, head), one thread per group that kv_quantize_pages wrote at this step. A
-// group's fp16 source is read from the step's window (the residual, not yet compacted,
-// or qkv), its reconstruction through page_element; the error is computed in double in the
-// order the CPU cache computes it, rounded to float, and counted into its bucket.
+// group's fp16 source is read from the step's window (the residual, whose flushed slots the
+// step's new rows have not yet taken, or qkv), its reconstruction through page_element; the error
+// is computed in double in the order the CPU cache computes it, rounded to float, and counted into
+// its bucket.
 #include "kernels/kv_quantization_error.h"
 
 #include <stdexcept>

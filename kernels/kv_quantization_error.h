@@ -22,7 +22,7 @@ struct KvErrorDeviceBins {
 
 // qkv: fp16 [rows][3C] (row stride qkv_stride elements), C = n_head * head_dim: q | k | v.
 // Runs, on the steps kv_error_step_sampled picks, after kv_quantize_pages and before
-// kv_compact_residual (the fp16 source of the flushed positions is still in the residual).
+// kv_store_residual (the source of the flushed positions is still in the residual).
 // Adds the errors of every group the step flushed to `bins`. Throws std::invalid_argument on an
 // inconsistent view or null bins, std::runtime_error on a CUDA error.
 void kv_quantization_error(const KvCacheView& cache, const KvBatchView& batch, const __half* qkv,

@@ -28,8 +28,8 @@ void kv_quantize_pages_prepare(const KvCacheView& cache);
 // at most), blocks go to those alone, the grid sized by the batch (flushing_grid). Decode steps
 // page at most one key group per item, so either way their grid does not depend on what they
 // flush, and a captured decode graph stays right. Reads the old residual, so it runs before
-// kv_compact_residual. Throws std::invalid_argument on an inconsistent view, std::runtime_error on
-// a CUDA error.
+// kv_store_residual and decode_attention (which may store a new row in a flushed row's slot).
+// Throws std::invalid_argument on an inconsistent view, std::runtime_error on a CUDA error.
 void kv_quantize_pages(const KvCacheView& cache, const KvBatchView& batch, const __half* qkv,
                        int qkv_stride, int max_paged_tokens, int chunk_tokens, cudaStream_t stream);
 

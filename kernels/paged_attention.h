@@ -17,7 +17,7 @@ constexpr int kAttentionQueryTile = 16;
 //   qkv:   fp16 [rows][3C] (row stride qkv_stride): q | k | v, C = n_head * head_dim
 //   out:   fp16 [rows][C]  (row stride out_stride)
 //   tiles: int32 [num_tiles][2] device memory: (item, first query index inside the item)
-// Runs after kv_quantize_pages and before kv_compact_residual. head_dim 64 only (GPT-2).
+// Runs after kv_quantize_pages and before kv_store_residual. head_dim 64 only (GPT-2).
 void paged_attention(const KvCacheView& cache, const KvBatchView& batch, const int32_t* tiles,
                      int num_tiles, const __half* qkv, int qkv_stride, __half* out, int out_stride,
                      cudaStream_t stream);

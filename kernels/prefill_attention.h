@@ -41,7 +41,7 @@ bool prefill_attention_supported(const KvCacheView& cache, int compute_capabilit
 //   dequantized: int8/KIVI items whose page-form keys and values are read from the scratch
 //          (every page below the item's paged(start + count) must be there), the others' pages
 //          are dequantized per block; the results are the same bit for bit.
-// Runs after kv_quantize_pages (and kv_dequantize_pages) and before kv_compact_residual.
+// Runs after kv_quantize_pages (and kv_dequantize_pages) and before kv_store_residual.
 void prefill_attention(const KvCacheView& cache, const KvBatchView& batch, const int32_t* tiles,
                        int num_tiles, const DequantizedPages& dequantized, const __half* qkv,
                        int qkv_stride, __half* out, int out_stride, cudaStream_t stream);

@@ -26,10 +26,10 @@
 #include "kernels/device_info.h"
 #include "kernels/embedding.h"
 #include "kernels/gemm.h"
-#include "kernels/kv_compact_residual.h"
 #include "kernels/kv_dequantize_pages.h"
 #include "kernels/kv_quantize_pages.h"
 #include "kernels/kv_quantize_residual.h"
+#include "kernels/kv_store_residual.h"
 #include "kernels/layer_norm.h"
 #include "kernels/paged_attention.h"
 #include "kernels/prefill_attention.h"
@@ -214,9 +214,9 @@ std::vector<float> random_channel_scale(int C, std::mt19937& rng) {
 }
 
 // A decode step of a KIVI cache hands decode_attention the new rows' write path: it quantizes an
-// int8 residual's rows and stores the rows of the items that move no tokens into pages into their
-// slots, kv_quantize_pages and kv_compact_residual running for the others alone (none: neither
-// launches). Other caches keep it. Returns the step's flushing items.
+// int8 residual's rows and stores every item's row into its slot (kv_store_residual does not
+// launch), kv_quantize_pages running for the items that move tokens into pages alone (none: it
+// does not launch). Other caches keep it. Returns the step's flushing items.
 int check_decode_new_rows(const KvCacheConfig& config, const CudaKvCache& gpu,
                           const std::vector<ForwardItem>& items, int step) {
   int flushing = 0;
@@ -1348,7 +1348,7 @@ TEST(GpuKernels, LaunchersRejectBadInputs) {
       EXPECT_NE(std::string(e.what()).find("KIVI decode step"), std::string::npos) << e.what();
     }
   }
-  {  // a chunk or residual the device cannot stage fails when a cache is built, naming the remedy
+  {  // a chunk the device cannot stage fails when a cache is built, naming the remedy
     cuda::KvCacheView widest = kivi;  // groups of 256 tokens of head_dim 256: 265 KB of floats
     widest.head_dim = widest.value_group = 256;
     widest.page_tokens = widest.key_group = widest.residual = 256;
@@ -1360,23 +1360,13 @@ TEST(GpuKernels, LaunchersRejectBadInputs) {
           << e.what();
     }
     EXPECT_NO_THROW(cuda::kv_quantize_pages_prepare(kivi));
-    cuda::KvCacheView longest = kivi;  // 2 x 4128 rows of 160 bytes
-    longest.residual = 4096;
-    try {
-      cuda::kv_compact_residual_prepare(longest);
-      ADD_FAILURE() << "kv_compact_residual_prepare took a residual beyond the shared memory";
-    } catch (const std::invalid_argument& e) {
-      EXPECT_NE(std::string(e.what()).find("use a smaller --kv-residual"), std::string::npos)
-          << e.what();
-    }
-    EXPECT_NO_THROW(cuda::kv_compact_residual_prepare(kivi));
   }
-  // The staged window is read in 32-bit words; the compaction moves rows 8 channels at a time
+  // The staged window is read in 32-bit words; kv_store_residual copies rows 8 channels at a time
   // (16 bytes of an fp16 row), reading new rows straight from qkv.
   EXPECT_THROW(cuda::kv_quantize_pages(kivi, batch, halves, 193, 100, 64, nullptr),
                std::invalid_argument);
-  EXPECT_THROW(cuda::kv_compact_residual(kivi, batch, halves, 196, nullptr), std::invalid_argument);
-  EXPECT_THROW(cuda::kv_compact_residual(kivi, batch, halves + 1, 192, nullptr),
+  EXPECT_THROW(cuda::kv_store_residual(kivi, batch, halves, 196, nullptr), std::invalid_argument);
+  EXPECT_THROW(cuda::kv_store_residual(kivi, batch, halves + 1, 192, nullptr),
                std::invalid_argument);
   // decode_attention quantizes the new rows of an int8 residual only (checked before any launch).
   // Nothing is launched: an fp16 residual's rows are not quantized, and fp16 pages (decode

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "kernels/residual_order.h"
 #include "tests/kv_test_models.h"
 
 namespace kvserve {
@@ -218,6 +219,67 @@ TEST(KvCacheManager, ResidualSlotsFreedOnlyAfterTheStep) {
   EXPECT_EQ(m.sequence(7).residual_slots.size(), 64u);
   EXPECT_EQ(m.residual_blocks_in_use(), 6);
   EXPECT_EQ(m.num_free_blocks(), 100 - 7);
+}
+
+// kernels/residual_order.h: where a step's rows go in the residual slot list (R = G = 32).
+TEST(ResidualOrder, NoRowMovesAndNewRowsTakeTheNewestFlushedEntries) {
+  // A decode step that flushes: 63 old rows, 32 flushed, the new token into entry 31.
+  ResidualStep step = ResidualStep::of(63, 64, 0, 32);
+  EXPECT_EQ(step.old_rows, 63);
+  EXPECT_EQ(step.kept, 31);
+  EXPECT_EQ(step.new_rows, 1);
+  EXPECT_EQ(step.flushed_old_rows(), 32);
+  EXPECT_EQ(step.new_row_entry(0), 31);
+  // A decode step that flushes nothing: the next entry.
+  step = ResidualStep::of(40, 41, 0, 0);
+  EXPECT_EQ(step.kept, 40);
+  EXPECT_EQ(step.new_row_entry(0), 40);
+  // A prompt chunk from 40 to 140: paged 0 -> 96; old rows 0..39 all flushed, 44 new rows stay;
+  // they take the 40 flushed entries, then 4 the grow added.
+  step = ResidualStep::of(40, 140, 0, 96);
+  EXPECT_EQ(step.kept, 0);
+  EXPECT_EQ(step.new_rows, 44);
+  EXPECT_EQ(step.new_row_entry(0), 0);
+  EXPECT_EQ(step.new_row_entry(39), 39);
+  EXPECT_EQ(step.new_row_entry(43), 43);
+  // A chunk of 8 from 60 that flushes one group: 28 old rows kept (entries 32..59), the 8 new rows
+  // take the newest 8 flushed entries (24..31).
+  step = ResidualStep::of(60, 68, 0, 32);
+  EXPECT_EQ(step.kept, 28);
+  EXPECT_EQ(step.new_rows, 8);
+  EXPECT_EQ(step.new_row_entry(0), 24);
+  EXPECT_EQ(step.new_row_entry(7), 31);
+  // A chunk that flushes nothing appends after the old rows.
+  step = ResidualStep::of(10, 20, 0, 0);
+  EXPECT_EQ(step.new_row_entry(0), 10);
+  EXPECT_EQ(step.new_row_entry(9), 19);
+}
+
+// finish_step lists the slots in window order without moving a row: the kept rows' slots, then
+// the slots the step's new rows were written to; the others are released.
+TEST(KvCacheManager, FlushKeepsEveryRowInItsSlot) {
+  KvCacheManager m(kivi(KvFormat::kKivi2), gpt2_small(), 100);
+  m.add_sequence(7);
+  ASSERT_TRUE(m.grow(7, 63));
+  m.finish_step();
+  const std::vector<int32_t> before = m.sequence(7).residual_slots;  // entries 0..62
+  ASSERT_TRUE(m.grow(7, 64));  // flushes tokens 0..31; token 63 goes to entry 31
+  m.finish_step();
+  std::vector<int32_t> expected(before.begin() + 2 * 32, before.end());  // tokens 32..62
+  expected.push_back(before[2 * 31]);
+  expected.push_back(before[2 * 31 + 1]);
+  EXPECT_EQ(m.sequence(7).residual_slots, expected);
+  // The released entries were allocated together: whole blocks went back to the pool.
+  EXPECT_EQ(m.residual_blocks_in_use(), 6);
+  // A chunk from 64 to 100 (paged 32 -> 64): rows 32..63 flushed, tokens 64..99 stay; tokens
+  // 64..95 take the flushed entries 0..31, 96..99 the four entries the grow added.
+  const std::vector<int32_t> window = m.sequence(7).residual_slots;
+  ASSERT_TRUE(m.grow(7, 100));
+  const std::vector<int32_t> grown = m.sequence(7).residual_slots;
+  ASSERT_EQ(grown.size(), 2u * 36);
+  m.finish_step();
+  EXPECT_EQ(m.sequence(7).residual_slots, grown) << "every entry taken in order";
+  EXPECT_TRUE(std::equal(window.begin(), window.end(), grown.begin()));
 }
 
 TEST(KvCacheManager, SequencesShareResidualBlocks) {

@@ -6,10 +6,10 @@
 #include <string>
 
 #include "kernels/cuda_check.h"
-#include "kernels/kv_compact_residual.h"
 #include "kernels/kv_dequantize_pages.h"
 #include "kernels/kv_quantize_pages.h"
 #include "kernels/kv_quantize_residual.h"
+#include "kernels/kv_store_residual.h"
 #include "kernels/paged_attention.h"
 #include "kernels/prefill_attention.h"
 
@@ -58,7 +58,6 @@ CudaKvCache::CudaKvCache(const KvCacheConfig& config, int32_t num_blocks, const 
       decode_variant_(variant) {
   // Before anything a throw here would leak.
   cuda::kv_quantize_pages_prepare(view_);
-  cuda::kv_compact_residual_prepare(view_);
   size_t free_bytes = 0, total_bytes = 0;
   KVSERVE_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
   if (bytes_ > free_bytes) {
@@ -188,14 +187,14 @@ const int32_t* CudaKvCache::prepare(const std::vector<ForwardItem>& items, cudaS
   for (int i = 0; i < n; ++i) host_meta_[residual_offset + i] += static_cast<int32_t>(pages.size());
   host_meta_[residual_offset + n] = static_cast<int32_t>(pages.size() + residual.size());
   measures_errors_ = kv_error_step_sampled(error_sample_rate_, ++step_);
-  // In a decode step only decode_attention reads the new rows before kv_compact_residual moves
+  // In a decode step only decode_attention reads the new rows before kv_store_residual stores
   // them (kv_quantize_pages and the error sampler read the flushed, older tokens), so it can
-  // quantize them where it reads them; and for an item that flushes nothing, kv_compact_residual
-  // would only store its row into its slot, which decode_attention can do too. The write path
-  // then runs for the flushing items alone (about one in G at mixed lengths; none in most steps of
-  // a batch of equal lengths, which launch no write path at all): a grid over every item cost more
-  // in blocks that found nothing to do than the flush itself. Steps that measure errors (rare, and
-  // run without graphs) keep every launch for every item.
+  // quantize them where it reads them, and store them: kv_store_residual only copies each item's
+  // row into its slot (kernels/residual_order.h), no row moving. kv_quantize_pages then runs for
+  // the flushing items alone (about one in G at mixed lengths; none in most steps of a batch of
+  // equal lengths, which launch no write path at all): a grid over every item cost more in blocks
+  // that found nothing to do than the flush itself. Steps that measure errors (rare, and run
+  // without graphs) keep every launch for every item.
   const bool new_rows_in_attention =
       decode_ && view_.kind == cuda::KvKind::kKivi && !measures_errors_;
   decode_new_rows_.quantize = new_rows_in_attention && view_.residual_int8;
@@ -279,8 +278,7 @@ void CudaKvCache::append_and_attend(int layer, const __half* qkv, __half* out,
   if (!decode_new_rows_.quantize) {
     cuda::kv_quantize_residual(view, batch_, qkv, qkv_stride, rows_, stream);
   }
-  const bool write_path = !decode_new_rows_.store || flushing_items_ > 0;
-  if (write_path) quantize_pages(layer, qkv, stream);
+  if (!decode_new_rows_.store || flushing_items_ > 0) quantize_pages(layer, qkv, stream);
   if (measures_errors_) {
     cuda::kv_quantization_error(view, batch_, qkv, qkv_stride, error_bins_.get(), stream);
     if (layer == n_layer_ - 1) {  // the step's errors, read by take_errors after its sync
@@ -292,7 +290,7 @@ void CudaKvCache::append_and_attend(int layer, const __half* qkv, __half* out,
     }
   }
   attend(layer, qkv, out, stream);
-  if (write_path) cuda::kv_compact_residual(view, batch_, qkv, qkv_stride, stream);
+  if (!decode_new_rows_.store) cuda::kv_store_residual(view, batch_, qkv, qkv_stride, stream);
 }
 
 void CudaKvCache::quantize_pages(int layer, const __half* qkv, cudaStream_t stream,

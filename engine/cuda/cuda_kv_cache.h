@@ -47,7 +47,7 @@ class CudaKvCache {
   // Copies each pair's src block over its dst block at every layer, in order, on `stream`
   // (one strided device-to-device copy per pair: the layers are layer_bytes_ apart).
   void copy_blocks(const std::vector<BlockCopy>& copies, cudaStream_t stream);
-  // One layer: quantizes the positions that enter pages, attends, compacts the residual.
+  // One layer: quantizes the positions that enter pages, attends, stores the new residual rows.
   //   qkv: fp16 [rows][3C] (q | k | v, biases added)   out: fp16 [rows][C]
   void append_and_attend(int layer, const __half* qkv, __half* out, cudaStream_t stream);
   // The attention of append_and_attend alone, for benchmarks of the attention kernels: right only
@@ -69,10 +69,10 @@ class CudaKvCache {
   int decode_items() const { return decode_items_; }
   // What the prepared step's decode_attention does with the new rows besides attending (a KIVI
   // decode step that does not measure errors): quantize an int8 residual's, in place of a
-  // kv_quantize_residual launch; and store those of the items that flush nothing into their
-  // residual slots, kv_quantize_pages and kv_compact_residual then running for the flushing items
-  // alone (flushing_items()), or not at all where there are none. What a CUDA graph of the step
-  // bakes in, with whether flushing_items() is 0.
+  // kv_quantize_residual launch; and store every item's into its residual slot, in place of a
+  // kv_store_residual launch, kv_quantize_pages then running for the flushing items alone
+  // (flushing_items()), or not at all where there are none. What a CUDA graph of the step bakes
+  // in, with whether flushing_items() is 0.
   cuda::DecodeNewRows decode_new_rows() const { return decode_new_rows_; }
   // The prepared step's items that move positions into pages (flush a group, in a KIVI decode
   // step).
