@@ -503,6 +503,7 @@ void KvCacheManager::finish_step(bool ran) {
     auto it = sequences_.find(id);
     if (it == sequences_.end()) continue;  // removed during the step
     SequenceCache& seq = it->second;
+    if (seq.step_start < 0) continue;  // removed and added again during the step
     reorder_residual(seq);
     seq.step_start = -1;
   }

@@ -71,9 +71,11 @@ __device__ __forceinline__ uint8_t* block_ptr(const KvCacheView& c, int32_t id) 
   return c.blocks + static_cast<int64_t>(id) * c.block_bytes;
 }
 
-// The slot of window position `slot` (0 = oldest residual token), keys (which = 0) or values
-// (1): residual_slots is the item's [keys 0, values 0, keys 1, ...] of slot ids (block * c +
-// index, engine/residual_slots.h); a slot is fp16 [H][D], or u8 [H][D] then fp16 pairs [H].
+// The slot of entry `slot` of the item's list (before the step, window position `slot`: 0 = oldest
+// residual token; a step's new rows go to the entries kernels/residual_order.h gives them), keys
+// (which = 0) or values (1): residual_slots is the item's [keys 0, values 0, keys 1, ...] of slot
+// ids (block * c + index, engine/residual_slots.h); a slot is fp16 [H][D], or u8 [H][D] then fp16
+// pairs [H].
 __device__ __forceinline__ uint8_t* residual_slot(const KvCacheView& c,
                                                   const int32_t* residual_slots, int slot,
                                                   int which) {
@@ -82,14 +84,14 @@ __device__ __forceinline__ uint8_t* residual_slot(const KvCacheView& c,
   return block_ptr(c, block) + (id - block * c.residual_tokens_per_block) * c.residual_slot_bytes;
 }
 
-// fp16 [D] row of one head in the slot of window position `slot` (fp16 residual).
+// fp16 [D] row of one head in the slot of list entry `slot` (fp16 residual).
 __device__ __forceinline__ __half* residual_row(const KvCacheView& c, const int32_t* residual_slots,
                                                 int head, int slot, int which) {
   return reinterpret_cast<__half*>(residual_slot(c, residual_slots, slot, which)) +
          static_cast<int64_t>(head) * c.head_dim;
 }
 
-// int8 residual: one head's row in the slot of window position `slot`, its codes u8 [D] and its
+// int8 residual: one head's row in the slot of list entry `slot`, its codes u8 [D] and its
 // fp16 (scale, zero) pair (the slot's pairs follow its codes, at residual_params).
 struct Int8ResidualRow {
   uint8_t* codes;

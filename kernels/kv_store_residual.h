@@ -16,8 +16,8 @@ namespace kvserve::cuda {
 // may take the slot of a flushed old row, so this runs after every reader of the old residual
 // (kv_quantize_pages, the error sampler, attention). Every item of the batch, whatever
 // batch.flushing lists: a decode step whose decode_attention stores the new rows (DecodeNewRows)
-// does not launch it. A no-op for fp16 and int8. Throws std::invalid_argument /
-// std::runtime_error.
+// does not launch it. A no-op for the fp16 and int8 page formats (no residual). Throws
+// std::invalid_argument / std::runtime_error.
 void kv_store_residual(const KvCacheView& cache, const KvBatchView& batch, const __half* qkv,
                        int qkv_stride, cudaStream_t stream);
 

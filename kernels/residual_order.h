@@ -10,9 +10,10 @@
 // newest flushed old rows (as many as there are new rows, at most all of them) and then the
 // entries the grow added. After the step the manager lists the kept old rows' entries, then the
 // new rows', and releases the rest: the window is in order again. A decode step that flushes puts
-// its token in the entry of the newest flushed token, next to the kept ones in the pool, and
-// releases the older ones, whole residual blocks where they were allocated together. (Before, the
-// kept rows were copied down to entry 0: a kernel launch of its own at every flushing step.)
+// its token in the entry of the newest flushed token, next to the kept ones in the pool where they
+// were allocated together, and releases the older ones, whole residual blocks where they were.
+// (Before, the kept rows were copied down to entry 0: a kernel launch of its own at every flushing
+// step.)
 #pragma once
 
 #include "kernels/host_device.h"
