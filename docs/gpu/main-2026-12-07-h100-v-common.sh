@@ -1,5 +1,6 @@
-# Recorded as it ran (fifteenth session, calls v-z, H100): .device/s17/common.sh, sourced by call v and w's scripts
-# and by the one-line commands of calls x, y and z (docs/gpu.md, "Fifteenth session").
+# Recorded as it ran (fifteenth session, calls v-z, H100): .device/s17/common.sh, sourced by
+# call v and w's scripts and by the one-line commands of calls x, y and z (docs/gpu.md,
+# "Fifteenth session").
 # Fourteenth session: sourced by a.sh and b.sh. main = 7bd8b20 (kvserve only: main's kernels);
 # rip = residual-in-place (no compaction kernel; full bundle); win = rip + window-codes
 # (decode_attention_packed scores an int8 window row from its codes; kvserve + kvserve_tests).

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Recorded as it ran (fifteenth session, call v, H100): .device/s17/c.sh, sourcing .device/s17/common.sh
-# (main-2026-12-07-h100-v-common.sh); run(carry=[".device/model", ".device/s17"],
+# Recorded as it ran (fifteenth session, call v, H100): .device/s17/c.sh, sourcing
+# .device/s17/common.sh (main-2026-12-07-h100-v-common.sh); run(carry=[".device/model",
+# ".device/s17"],
 # command="BUDGET=580 bash .device/s17/c.sh"). Bundles under .device/s17/{main,rip,win}.
 # Fourteenth session, call c (one call of a and b's essentials): rip's GPU tests (all Gpu*), win's
 # decode-attention tests; decode spread 32 main/rip/win, kivi2c and kivi2; ncu per kernel at

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Recorded as it ran (fifteenth session, call w, H100, the machine of call v): .device/s17/d.sh,
-# command="WHO=win BUDGET=420 bash .device/s17/d.sh". Its eval-ppl found no text (.device/docs-val.txt.xz
-# was not carried); call x ran it (docs/gpu.md, "Fifteenth session").
+# command="WHO=win BUDGET=420 bash .device/s17/d.sh". Its eval-ppl found no text
+# (.device/docs-val.txt.xz was not carried); call x ran it (docs/gpu.md, "Fifteenth session").
 # Fifteenth session, call d (after c): win's (or rip's, WHO=rip) whole GPU suite, GPU eval-ppl of
 # kivi2c and kivi2 at 64 windows, and the performance table: decode sweep and end to end of fp16,
 # kivi2 and kivi2c in one call.
